@@ -1,0 +1,52 @@
+"""ToMe's generic helpers over any merge callable: ``merge_wavg`` and ``merge_source`` (spec 1.9, 1.10).
+
+They accept the merges of ``bipartite_soft_matching`` (ToMe) and ``bipartite_diff_matching`` (FPET)
+and run the fused op for them; any other ``merge(x, mode)`` callable goes through the generic
+formula, so ToMe-style code keeps working unchanged.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _backend, _checks
+from .ops.fpet import FPETMerge
+from .ops.tome import ToMeMerge, compute_dtype
+
+
+def merge_wavg(merge, x: Tensor, size: Optional[Tensor] = None):
+    """Size-weighted merge: ``x' = merge(x * size, "sum") / merge(size, "sum")``, ``size' = merge(size, "sum")``.
+
+    Sizes are float32 (float64 for float64 inputs) whatever ``x.dtype``. Returns ``(x', size')``."""
+    _checks.tokens("x", x)
+    if size is not None:
+        _checks.tokens("size", size, last=1)
+        _checks.same_tokens("x", x, "size", size)
+    if isinstance(merge, ToMeMerge):
+        if x.shape[1] != merge.matching.token_map.shape[1]:
+            raise ValueError(f"x has {x.shape[1]} tokens but the matching was built for "
+                             f"{merge.matching.token_map.shape[1]}")
+        if merge.r == 0:
+            s = torch.ones(*x.shape[:2], 1, dtype=compute_dtype(x, size), device=x.device) if size is None \
+                else size.to(compute_dtype(x, size))
+            return x, s
+        be = _backend.resolve(merge.backend, x.device, (x.dtype,) + (() if size is None else (size.dtype,)))
+        return torch.ops.fpet.merge_wavg(x, size, merge.matching.token_map, merge.n_out, be)
+    if isinstance(merge, FPETMerge):
+        from .ops.fpet import fpet_merge_op_call
+        return fpet_merge_op_call(merge, x, size)
+    cdt = compute_dtype(x, size)
+    s = torch.ones(*x.shape[:2], 1, dtype=cdt, device=x.device) if size is None else size.to(cdt)
+    num = merge(x.to(cdt) * s, mode="sum")
+    den = merge(s, mode="sum")
+    return (num / den).to(x.dtype), den
+
+
+def merge_source(merge, x: Tensor, source: Optional[Tensor] = None) -> Tensor:
+    """ToMe-compatible dense source tracking: ``source`` starts as the identity [B, N, N] and becomes
+    ``merge(source, "amax")`` ([B, N', N0]). For O(N) memory use ``compose_token_map`` instead."""
+    _checks.tokens("x", x)
+    if source is None:
+        n = x.shape[1]
+        source = torch.eye(n, device=x.device, dtype=x.dtype)[None].expand(x.shape[0], n, n)
+    return merge(source, mode="amax")

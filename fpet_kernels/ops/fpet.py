@@ -1,0 +1,274 @@
+"""FPET differentiable checkerboard matching and merge (spec section 2).
+
+Read top to bottom:
+  1. reference: the dense straight-through formulation in plain PyTorch (fallback and oracle),
+     and the analytic backward that the kernels implement;
+  2. registered ops ``torch.ops.fpet.{fpet_merge, fpet_merge_backward}``, fake kernels, autograd;
+  3. the public API: ``fpet_merge``, ``bipartite_diff_matching`` (closure API).
+
+The forward matching matrix ``M`` is one-hot per A row (or empty on a tie), so the forward merge
+is a gather; the backward needs the dense ``dL/dM`` (Na x Nb per image), passed through the
+straight-through estimator ``M = soft + (hard - soft).detach()`` with ``soft = sigmoid(S - t)``.
+"""
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend, _checks
+from .tome import NORM_EPS, compute_dtype, normalize, size_dtype
+
+
+# ----------------------------------------------------------------------------- 1. reference
+def resolve_grid(n: int, num_prefix: int, grid=None) -> tuple[int, int]:
+    """Spec 2.1: the ``N - p`` grid tokens as a row-major ``(H, W)`` grid."""
+    m = n - num_prefix
+    if m <= 0:
+        raise ValueError(f"metric has N={n} tokens, no grid tokens after the {num_prefix} prefix tokens")
+    if grid is None:
+        if m == 196:
+            h, w = 14, 14
+        else:
+            w = math.isqrt(m)
+            if m % w:
+                raise ValueError(f"N - prefix = {m} tokens do not form a grid with W = floor(sqrt({m})) = {w}; "
+                                 "pass grid=(H, W)")
+            h = m // w
+    else:
+        if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in grid)):
+            raise TypeError(f"grid must be a pair of ints (H, W), got {grid!r}")
+        h, w = grid
+        if h <= 0 or w <= 0 or h * w != m:
+            raise ValueError(f"grid={tuple(grid)} has {h * w} cells but N - prefix = {m} tokens")
+    n_b_grid = (h // 2) * ((w + 1) // 2) + ((h + 1) // 2) * (w // 2)
+    if n_b_grid < 2:
+        raise ValueError(f"grid ({h}, {w}) has {n_b_grid} destination cells; FPET matching needs at least 2")
+    return h, w
+
+
+def checkerboard(num_prefix: int, h: int, w: int, device=None) -> tuple[Tensor, Tensor]:
+    """Spec 2.2: positions of set A and set B (prefix tokens first in B)."""
+    pos = num_prefix + torch.arange(h * w, device=device).view(h, w)
+    a = torch.cat([pos[0::2, 0::2].flatten(), pos[1::2, 1::2].flatten()])
+    b = torch.cat([torch.arange(num_prefix, device=device), pos[1::2, 0::2].flatten(), pos[0::2, 1::2].flatten()])
+    return a, b
+
+
+def _scores(metric: Tensor, num_prefix: int, h: int, w: int):
+    a_idx, b_idx = checkerboard(num_prefix, h, w, metric.device)
+    m = normalize(metric.to(compute_dtype(metric)))
+    scores = m[:, a_idx] @ m[:, b_idx].transpose(-1, -2)
+    if num_prefix:
+        col = torch.arange(scores.shape[-1], device=metric.device) < num_prefix
+        scores = scores.masked_fill(col, -torch.inf)
+    return scores, a_idx, b_idx
+
+
+def diff_matching_reference(metric: Tensor, num_prefix: int, h: int, w: int):
+    """Spec 2.3-2.4: the straight-through matching matrix ``M`` [B, Na, Nb] and the index sets."""
+    scores, a_idx, b_idx = _scores(metric, num_prefix, h, w)
+    t = scores.topk(2, dim=-1).values.mean(dim=-1, keepdim=True)
+    soft = torch.sigmoid(scores - t)
+    hard = (soft > 0.5).to(soft.dtype)
+    return soft + (hard - soft).detach(), a_idx, b_idx
+
+
+def token_map_from_matching(m: Tensor, a_idx: Tensor, b_idx: Tensor, n: int) -> Tensor:
+    """Output row (B order) of every token; -1 for an A token that matched nothing (a tie)."""
+    bsz, _, nb = m.shape
+    hard = m.detach()
+    match = torch.where(hard.amax(dim=-1) > 0.5, hard.argmax(dim=-1), torch.full_like(hard[..., 0], -1).long())
+    tmap = torch.empty(bsz, n, dtype=torch.int64, device=m.device)
+    tmap[:, a_idx] = match
+    tmap[:, b_idx] = torch.arange(nb, device=m.device)
+    return tmap
+
+
+def fpet_merge_reference(x: Tensor, metric: Tensor, size: Optional[Tensor], num_prefix: int, h: int, w: int):
+    """Spec 2.5 dense: ``x' = (z_B + M^T z_A) / (s_B + M^T s_A)``, ``z = x * s``. Returns (x', size', token_map)."""
+    m, a_idx, b_idx = diff_matching_reference(metric, num_prefix, h, w)
+    cdt = compute_dtype(x, metric, size)
+    s = torch.ones(*x.shape[:2], 1, dtype=cdt, device=x.device) if size is None else size.to(cdt)
+    z = x.to(cdt) * s
+    mt = m.transpose(1, 2).to(cdt)
+    num = z[:, b_idx] + mt @ z[:, a_idx]
+    den = s[:, b_idx] + mt @ s[:, a_idx]
+    return (num / den).to(x.dtype), den.to(size_dtype(x, size)), token_map_from_matching(m, a_idx, b_idx, x.shape[1])
+
+
+def fpet_merge_backward_reference(grad_out, grad_size, x, metric, size, out, out_size, token_map,
+                                  num_prefix: int, h: int, w: int):
+    """The straight-through backward in closed form (what the kernels compute; see csrc/README.md)."""
+    cdt = compute_dtype(x, metric, size)
+    a_idx, b_idx = checkerboard(num_prefix, h, w, x.device)
+    m = metric.to(cdt)
+    norms = m.norm(dim=-1, keepdim=True)
+    mn = m / norms.clamp_min(NORM_EPS)
+    a, b = mn[:, a_idx], mn[:, b_idx]
+    scores = a @ b.transpose(-1, -2)
+    if num_prefix:
+        scores[..., :num_prefix] = -torch.inf
+    top = scores.topk(2, dim=-1)
+    soft = torch.sigmoid(scores - top.values.mean(dim=-1, keepdim=True))
+
+    s = torch.ones(*x.shape[:2], 1, dtype=cdt, device=x.device) if size is None else size.to(cdt)
+    xs = x.to(cdt)
+    z = xs * s
+    den = out_size.to(cdt)
+    g_num = grad_out.to(cdt) / den
+    g_den = -(grad_out.to(cdt) * out.to(cdt)).sum(-1, keepdim=True) / den
+    if grad_size is not None:
+        g_den = g_den + grad_size.to(cdt)
+    dm = z[:, a_idx] @ g_num.transpose(1, 2) + s[:, a_idx] @ g_den.transpose(1, 2)  # dL/dM [B, Na, Nb]
+    p = dm * soft * (1 - soft)
+    tops = torch.zeros_like(p).scatter_(-1, top.indices, 1.0)
+    ds = p - 0.5 * p.sum(-1, keepdim=True) * tops
+    dn = torch.zeros_like(mn)
+    dn[:, a_idx] = ds @ b
+    dn[:, b_idx] = ds.transpose(1, 2) @ a
+    big = norms > NORM_EPS
+    grad_metric = torch.where(big, (dn - mn * (mn * dn).sum(-1, keepdim=True)) / norms.clamp_min(NORM_EPS),
+                              dn / NORM_EPS)
+
+    match = token_map[:, a_idx]
+    hit = (match >= 0).unsqueeze(-1)
+    idx = match.clamp_min(0).unsqueeze(-1)
+    g_z = torch.empty_like(z)
+    g_z[:, a_idx] = g_num.gather(1, idx.expand(-1, -1, g_num.shape[-1])) * hit
+    g_z[:, b_idx] = g_num
+    g_s = (g_z * xs).sum(-1, keepdim=True)
+    g_s[:, a_idx] += g_den.gather(1, idx) * hit
+    g_s[:, b_idx] += g_den
+    return (g_z * s).to(x.dtype), grad_metric.to(metric.dtype), g_s.to(out_size.dtype)
+
+
+# ----------------------------------------------------------------------------- 2. registered ops
+@torch.library.custom_op("fpet::fpet_merge", mutates_args=(),
+                         schema="(Tensor x, Tensor metric, Tensor? size, int num_prefix, int H, int W, str backend) "
+                                "-> (Tensor, Tensor, Tensor)")
+def _fpet_merge_op(x, metric, size, num_prefix, H, W, backend):
+    if backend == "reference":
+        with torch.no_grad():
+            out, den, tmap = fpet_merge_reference(x, metric, size, num_prefix, H, W)
+        return out.contiguous(), den.contiguous(), tmap
+    return tuple(torch.ops.fpet_C.fpet_merge(x.contiguous(), metric.contiguous(),
+                                             None if size is None else size.contiguous(), num_prefix, H, W))
+
+
+@_fpet_merge_op.register_fake
+def _(x, metric, size, num_prefix, H, W, backend):
+    bsz, n, c = x.shape
+    nb = num_prefix + (H // 2) * ((W + 1) // 2) + ((H + 1) // 2) * (W // 2)
+    return (x.new_empty(bsz, nb, c), x.new_empty(bsz, nb, 1, dtype=size_dtype(x, size)),
+            x.new_empty(bsz, n, dtype=torch.int64))
+
+
+@torch.library.custom_op("fpet::fpet_merge_backward", mutates_args=(),
+                         schema="(Tensor grad_out, Tensor? grad_size, Tensor x, Tensor metric, Tensor? size, "
+                                "Tensor out, Tensor out_size, Tensor token_map, int num_prefix, int H, int W, "
+                                "str backend) -> (Tensor, Tensor, Tensor)")
+def _fpet_merge_backward_op(grad_out, grad_size, x, metric, size, out, out_size, token_map, num_prefix, H, W,
+                            backend):
+    if backend == "reference":
+        return tuple(t.contiguous() for t in fpet_merge_backward_reference(
+            grad_out, grad_size, x, metric, size, out, out_size, token_map, num_prefix, H, W))
+    c = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    return tuple(torch.ops.fpet_C.fpet_merge_backward(
+        c(grad_out), c(grad_size), c(x), c(metric), c(size), c(out), c(out_size), c(token_map), num_prefix, H, W))
+
+
+@_fpet_merge_backward_op.register_fake
+def _(grad_out, grad_size, x, metric, size, out, out_size, token_map, num_prefix, H, W, backend):
+    return torch.empty_like(x), torch.empty_like(metric), x.new_empty(*x.shape[:2], 1, dtype=out_size.dtype)
+
+
+def _fpet_setup(ctx, inputs, output):
+    x, metric, size, num_prefix, h, w, backend = inputs
+    out, out_size, tmap = output
+    ctx.args = (num_prefix, h, w, backend)
+    ctx.save_for_backward(x, metric, size, out, out_size, tmap)
+
+
+def _fpet_backward(ctx, grad_out, grad_out_size, _):
+    x, metric, size, out, out_size, tmap = ctx.saved_tensors
+    if not any(ctx.needs_input_grad[:3]):
+        return (None,) * 7
+    gx, gm, gs = torch.ops.fpet.fpet_merge_backward(grad_out, grad_out_size, x, metric, size, out, out_size, tmap,
+                                                    *ctx.args)
+    need = ctx.needs_input_grad
+    return (gx if need[0] else None, gm if need[1] else None,
+            gs.to(size.dtype) if need[2] else None, None, None, None, None)
+
+
+torch.library.register_autograd("fpet::fpet_merge", _fpet_backward, setup_context=_fpet_setup)
+
+
+# ----------------------------------------------------------------------------- 3. public API
+def fpet_merge(x: Tensor, metric: Tensor, size: Optional[Tensor] = None, class_token: bool = False,
+               distill_token: bool = False, grid=None, backend: Optional[str] = None,
+               return_token_map: bool = False):
+    """FPET merge: every A token of the checkerboard merges into its best B token (or vanishes on a
+    tie); ``N -> Nb`` tokens in B order. Returns ``(x', size' float32)`` (``+ token_map`` when
+    ``return_token_map``). Differentiable in ``x``, ``metric`` (straight-through) and ``size``."""
+    _checks.merge_inputs(x, metric, size)
+    p = int(_checks.flag("class_token", class_token)) + int(_checks.flag("distill_token", distill_token))
+    h, w = resolve_grid(x.shape[1], p, grid)
+    be = _backend.resolve(backend, x.device, (x.dtype, metric.dtype) + (() if size is None else (size.dtype,)))
+    out, out_size, tmap = torch.ops.fpet.fpet_merge(x, metric, size, p, h, w, be)
+    return (out, out_size, tmap) if return_token_map else (out, out_size)
+
+
+class FPETMerge:
+    """``merge(x, mode="sum")`` of an FPET matching: ``x_B + M^T x_A`` with the straight-through
+    ``M`` (differentiable in the metric). "mean" divides by ``1 + M^T 1``; "amax" uses the hard match."""
+
+    def __init__(self, metric: Tensor, num_prefix: int, h: int, w: int, backend: Optional[str]):
+        self.metric, self.num_prefix, self.h, self.w, self.backend = metric, num_prefix, h, w, backend
+        self.m, self.a_idx, self.b_idx = diff_matching_reference(metric, num_prefix, h, w)
+        self.n_in = metric.shape[1]
+
+    @property
+    def token_map(self) -> Tensor:
+        return token_map_from_matching(self.m, self.a_idx, self.b_idx, self.n_in)
+
+    def __call__(self, x: Tensor, mode: str = "mean") -> Tensor:
+        if mode not in ("sum", "mean", "amax"):
+            raise ValueError(f"mode must be 'sum', 'mean' or 'amax', got {mode!r}")
+        _checks.tokens("x", x)
+        if x.shape[1] != self.n_in:
+            raise ValueError(f"x has {x.shape[1]} tokens but the matching was built for {self.n_in}")
+        xa, xb = x[:, self.a_idx], x[:, self.b_idx]
+        if mode == "amax":
+            tmap = self.token_map[:, self.a_idx]
+            nb = xb.shape[1]
+            idx = torch.where(tmap >= 0, tmap, torch.full_like(tmap, nb)).unsqueeze(-1).expand_as(xa)
+            ext = torch.cat([xb, xb[:, :1]], dim=1)
+            return ext.scatter_reduce(1, idx, xa, reduce="amax")[:, :nb]
+        mt = self.m.transpose(1, 2).to(x.dtype)
+        out = xb + mt @ xa
+        if mode == "mean":
+            out = out / (1 + mt.sum(-1, keepdim=True))
+        return out
+
+
+def fpet_merge_op_call(merge: FPETMerge, x: Tensor, size: Optional[Tensor]):
+    """``merge_wavg`` of an FPET closure: the fused op on the closure's metric (same values, same gradients)."""
+    if x.shape[1] != merge.n_in:
+        raise ValueError(f"x has {x.shape[1]} tokens but the matching was built for {merge.n_in}")
+    _checks.same_tokens("x", x, "metric", merge.metric)
+    be = _backend.resolve(merge.backend, x.device,
+                          (x.dtype, merge.metric.dtype) + (() if size is None else (size.dtype,)))
+    out, out_size, _ = torch.ops.fpet.fpet_merge(x, merge.metric, size, merge.num_prefix, merge.h, merge.w, be)
+    return out, out_size
+
+
+def bipartite_diff_matching(metric: Tensor, class_token: bool = False, distill_token: bool = False, grid=None,
+                            backend: Optional[str] = None) -> FPETMerge:
+    """Drop-in for FPET's differentiable matching: returns ``merge``. ``fpet_kernels.merge_wavg(merge,
+    x, size)`` recognises it and runs the fused ``fpet_merge`` op (same values and gradients)."""
+    _checks.tokens("metric", metric)
+    p = int(_checks.flag("class_token", class_token)) + int(_checks.flag("distill_token", distill_token))
+    h, w = resolve_grid(metric.shape[1], p, grid)
+    return FPETMerge(metric, p, h, w, backend)

@@ -1,0 +1,209 @@
+"""PYRA token modulation merged with ToMe matching (spec section 3).
+
+Read top to bottom:
+  1. reference: the spec in plain PyTorch (fallback and oracle) and the closed-form backward;
+  2. registered ops ``torch.ops.fpet.{pyra_merge, pyra_merge_backward}``, fake kernels, autograd;
+  3. the public API ``pyra_merge``.
+
+Per merging layer PYRA learns ``a`` [r, 1], ``b`` [1, C] and a LayerNorm over C. On the sized
+tokens ``z = x * size``, with ``S`` the r source rows (rank order) and ``T`` their destinations:
+``W = LN(S + T)``, ``wc = 2 sigmoid(a^T W)`` [1, C], ``wt = 2 sigmoid(W b^T) - 1`` [r, 1],
+``S' = S + S * wc * wt``; ``S'`` is sum-merged instead of ``S``, sizes merge unmodulated.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _backend, _checks
+from .tome import (Matching, assemble, cap_r, compute_dtype, merge_by_indices, output_rows, size_dtype,
+                   tome_match_reference)
+
+
+# ----------------------------------------------------------------------------- 1. reference
+def _modulation(z: Tensor, src: Tensor, dst: Tensor, a, b, ln_weight, ln_bias, eps: float):
+    """S, T, the LayerNorm pieces and the two weights, all [B, r, ...] in z's dtype."""
+    bsz, _, c = z.shape
+    r = src.shape[1]
+    cdt = z.dtype
+    s_rows = z[:, 0::2].gather(1, src[..., None].expand(bsz, r, c))
+    t_rows = z[:, 1::2].gather(1, dst[..., None].expand(bsz, r, c))
+    w = F.layer_norm(s_rows + t_rows, (c,), ln_weight.to(cdt), ln_bias.to(cdt), eps)
+    wc = 2 * torch.sigmoid((a.to(cdt).view(1, r, 1) * w).sum(1, keepdim=True))  # [B, 1, C]
+    wt = 2 * torch.sigmoid((w * b.to(cdt).view(1, 1, c)).sum(-1, keepdim=True)) - 1  # [B, r, 1]
+    return s_rows, t_rows, w, wc, wt
+
+
+def pyra_merge_reference(x: Tensor, metric: Tensor, r: int, a: Tensor, b: Tensor, ln_weight: Tensor,
+                         ln_bias: Tensor, size: Optional[Tensor] = None, class_token: bool = False,
+                         distill_token: bool = False, eps: float = 1e-5):
+    """Spec 3. ``a`` has exactly ``r`` rows (the effective, capped r). Returns (x', size', Matching)."""
+    src, dst, unm, tmap = tome_match_reference(metric, r, class_token, distill_token)
+    r = src.shape[1]
+    cdt = compute_dtype(x, size, a, b, ln_weight, ln_bias)
+    s = torch.ones(*x.shape[:2], 1, dtype=cdt, device=x.device) if size is None else size.to(cdt)
+    if r == 0:
+        return x.clone(), s.to(size_dtype(x, size)), Matching(src, dst, unm, tmap)
+    bsz, _, c = x.shape
+    z = x.to(cdt) * s
+    s_rows, _, _, wc, wt = _modulation(z, src, dst, a, b, ln_weight, ln_bias, eps)
+    s_mod = s_rows + s_rows * wc * wt
+    za, zb = z[:, 0::2], z[:, 1::2]
+    unm_rows = za.gather(1, unm[..., None].expand(bsz, unm.shape[1], c))
+    b_rows = zb.scatter_add(1, dst[..., None].expand(bsz, r, c), s_mod)
+    num = assemble(unm_rows, b_rows, distill_token)
+    den = merge_by_indices(s, src, dst, unm, "sum", distill_token)
+    return (num / den).to(x.dtype), den.to(size_dtype(x, size)), Matching(src, dst, unm, tmap)
+
+
+def pyra_merge_backward_reference(grad_out, grad_out_size, x, size, out, out_size, src, dst, unm, a, b,
+                                  ln_weight, ln_bias, eps: float, distill_token: bool):
+    """Closed-form backward of ``pyra_merge`` -> (grad_x, grad_a, grad_b, grad_ln_weight, grad_ln_bias, grad_size)."""
+    bsz, n, c = x.shape
+    r, na, nb = src.shape[1], (n + 1) // 2, n // 2
+    cdt = compute_dtype(x, size, a, b, ln_weight, ln_bias)
+    s = torch.ones(bsz, n, 1, dtype=cdt, device=x.device) if size is None else size.to(cdt)
+    xs = x.to(cdt)
+    z = xs * s
+    s_rows, t_rows, w, wc, wt = _modulation(z, src, dst, a, b, ln_weight, ln_bias, eps)
+    y = s_rows + t_rows
+    mu = y.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(y.var(-1, unbiased=False, keepdim=True) + eps)
+    yh = (y - mu) * rstd
+
+    den = out_size.to(cdt)
+    g_num = grad_out.to(cdt) / den
+    pos_unm, pos_b = output_rows(na, nb, r, distill_token, x.device)
+    g_unm, g_b = g_num[:, pos_unm], g_num[:, pos_b]
+    g_smod = g_b.gather(1, dst[..., None].expand(bsz, r, c))
+    g_s = g_smod * (1 + wc * wt)
+    g_wc = (g_smod * s_rows * wt).sum(1, keepdim=True)
+    g_wt = (g_smod * s_rows * wc).sum(-1, keepdim=True)
+    g_u = g_wc * wc * (1 - wc / 2)  # d(2 sigmoid(u))/du = 2 sig (1 - sig)
+    sig_v = (wt + 1) / 2
+    g_v = g_wt * 2 * sig_v * (1 - sig_v)
+    a_c, b_c = a.to(cdt).view(1, r, 1), b.to(cdt).view(1, 1, c)
+    grad_a = (g_u * w).sum(-1).sum(0).view(r, 1)
+    grad_b = (g_v * w).sum(1).sum(0).view(1, c)
+    g_w = a_c * g_u + g_v * b_c
+    grad_lnw = (g_w * yh).sum((0, 1))
+    grad_lnb = g_w.sum((0, 1))
+    g_yh = g_w * ln_weight.to(cdt)
+    g_y = rstd * (g_yh - g_yh.mean(-1, keepdim=True) - yh * (g_yh * yh).mean(-1, keepdim=True))
+
+    g_za = torch.zeros(bsz, na, c, dtype=cdt, device=x.device)
+    g_za.scatter_(1, unm[..., None].expand(bsz, unm.shape[1], c), g_unm)
+    g_za.scatter_(1, src[..., None].expand(bsz, r, c), g_s + g_y)
+    g_zb = g_b.scatter_add(1, dst[..., None].expand(bsz, r, c), g_y)
+    g_z = torch.empty_like(z)
+    g_z[:, 0::2], g_z[:, 1::2] = g_za, g_zb
+    # sizes: through z (g_z * x) and through the denominator (-<g_num, out> of the row holding n)
+    g_den = -(g_num * out.to(cdt)).sum(-1, keepdim=True)
+    if grad_out_size is not None:
+        g_den = g_den + grad_out_size.to(cdt)
+    pos_of = torch.empty(bsz, n, dtype=torch.int64, device=x.device)
+    pos_a = torch.empty(bsz, na, dtype=torch.int64, device=x.device)
+    pos_a.scatter_(1, unm, pos_unm.expand(bsz, -1))
+    pos_a.scatter_(1, src, pos_b[dst])
+    pos_of[:, 0::2], pos_of[:, 1::2] = pos_a, pos_b.expand(bsz, -1)
+    grad_size = (g_z * xs).sum(-1, keepdim=True) + g_den.gather(1, pos_of.unsqueeze(-1))
+    return ((g_z * s).to(x.dtype), grad_a.to(a.dtype), grad_b.to(b.dtype), grad_lnw.to(ln_weight.dtype),
+            grad_lnb.to(ln_bias.dtype), grad_size.to(out_size.dtype))
+
+
+# ----------------------------------------------------------------------------- 2. registered ops
+@torch.library.custom_op("fpet::pyra_merge", mutates_args=(),
+                         schema="(Tensor x, Tensor metric, int r, Tensor a, Tensor b, Tensor ln_weight, "
+                                "Tensor ln_bias, Tensor? size, bool class_token, bool distill_token, float eps, "
+                                "str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _pyra_merge_op(x, metric, r, a, b, ln_weight, ln_bias, size, class_token, distill_token, eps, backend):
+    if backend == "reference":
+        with torch.no_grad():
+            out, out_size, m = pyra_merge_reference(x, metric, r, a, b, ln_weight, ln_bias, size, class_token,
+                                                    distill_token, eps)
+        return (out.contiguous(), out_size.contiguous()) + tuple(t.contiguous() for t in m)
+    c = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    return tuple(torch.ops.fpet_C.pyra_merge(c(x), c(metric), r, c(a), c(b), c(ln_weight), c(ln_bias), c(size),
+                                             class_token, distill_token, eps))
+
+
+@_pyra_merge_op.register_fake
+def _(x, metric, r, a, b, ln_weight, ln_bias, size, class_token, distill_token, eps, backend):
+    bsz, n, c = x.shape
+    na = (n + 1) // 2
+    i64 = dict(dtype=torch.int64)
+    return (x.new_empty(bsz, n - r, c), x.new_empty(bsz, n - r, 1, dtype=size_dtype(x, size)),
+            x.new_empty(bsz, r, **i64), x.new_empty(bsz, r, **i64), x.new_empty(bsz, na - r, **i64),
+            x.new_empty(bsz, n, **i64))
+
+
+@torch.library.custom_op("fpet::pyra_merge_backward", mutates_args=(),
+                         schema="(Tensor grad_out, Tensor? grad_out_size, Tensor x, Tensor? size, Tensor out, "
+                                "Tensor out_size, Tensor src_idx, Tensor dst_idx, Tensor unm_idx, Tensor a, "
+                                "Tensor b, Tensor ln_weight, Tensor ln_bias, float eps, bool distill_token, "
+                                "str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _pyra_merge_backward_op(grad_out, grad_out_size, x, size, out, out_size, src, dst, unm, a, b, ln_weight,
+                            ln_bias, eps, distill_token, backend):
+    # One implementation for every backend: a dozen batched PyTorch ops, device-agnostic.
+    return tuple(t.contiguous() for t in pyra_merge_backward_reference(
+        grad_out, grad_out_size, x, size, out, out_size, src, dst, unm, a, b, ln_weight, ln_bias, eps,
+        distill_token))
+
+
+@_pyra_merge_backward_op.register_fake
+def _(grad_out, grad_out_size, x, size, out, out_size, src, dst, unm, a, b, ln_weight, ln_bias, eps, distill_token,
+      backend):
+    return (torch.empty_like(x), torch.empty_like(a), torch.empty_like(b), torch.empty_like(ln_weight),
+            torch.empty_like(ln_bias), x.new_empty(*x.shape[:2], 1, dtype=out_size.dtype))
+
+
+def _pyra_setup(ctx, inputs, output):
+    x, _, r, a, b, lnw, lnb, size, _, distill_token, eps, backend = inputs
+    out, out_size, src, dst, unm, _ = output
+    ctx.args = (eps, distill_token, backend)
+    ctx.r = r
+    ctx.save_for_backward(x, size, out, out_size, src, dst, unm, a, b, lnw, lnb)
+
+
+def _pyra_backward(ctx, grad_out, grad_out_size, *_):
+    x, size, out, out_size, src, dst, unm, a, b, lnw, lnb = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if ctx.r == 0:
+        return (grad_out if need[0] else None, None, None, torch.zeros_like(a), torch.zeros_like(b),
+                torch.zeros_like(lnw), torch.zeros_like(lnb), grad_out_size if need[7] else None, None, None, None,
+                None)
+    gx, ga, gb, gw, gbias, gs = torch.ops.fpet.pyra_merge_backward(
+        grad_out, grad_out_size, x, size, out, out_size, src, dst, unm, a, b, lnw, lnb, *ctx.args)
+    return (gx if need[0] else None, None, None, ga if need[3] else None, gb if need[4] else None,
+            gw if need[5] else None, gbias if need[6] else None, gs.to(size.dtype) if need[7] else None,
+            None, None, None, None)
+
+
+torch.library.register_autograd("fpet::pyra_merge", _pyra_backward, setup_context=_pyra_setup)
+
+
+# ----------------------------------------------------------------------------- 3. public API
+def pyra_merge(x: Tensor, metric: Tensor, r: int, a: Tensor, b: Tensor, ln_weight: Tensor, ln_bias: Tensor,
+               size: Optional[Tensor] = None, class_token: bool = False, distill_token: bool = False,
+               eps: float = 1e-5, backend: Optional[str] = None, return_matching: bool = False):
+    """PYRA merge (spec 3): ToMe matching, PYRA-modulated source rows, size-weighted merge.
+
+    ``a`` must be ``[r, 1]`` for the requested ``r``; when ``r`` is capped at ``(N - protected) // 2``
+    the first (highest-ranked) rows of ``a`` are used. Returns ``(x', size' float32)`` (and the
+    :class:`Matching` with ``return_matching``). Differentiable in x, a, b, ln_weight, ln_bias, size."""
+    _checks.merge_inputs(x, metric, size)
+    r_req = _checks.count("r", r)
+    r = cap_r(r_req, x.shape[1], _checks.flag("class_token", class_token), _checks.flag("distill_token", distill_token))
+    c = x.shape[-1]
+    _checks.param("a", a, (r_req, 1), x)
+    _checks.param("b", b, (1, c), x)
+    _checks.param("ln_weight", ln_weight, (c,), x)
+    _checks.param("ln_bias", ln_bias, (c,), x)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    dtypes = (x.dtype, metric.dtype, a.dtype, b.dtype, ln_weight.dtype, ln_bias.dtype)
+    be = _backend.resolve(backend, x.device, dtypes + (() if size is None else (size.dtype,)))
+    out, out_size, *m = torch.ops.fpet.pyra_merge(x, metric, r, a[:r], b, ln_weight, ln_bias, size, class_token,
+                                                  distill_token, float(eps), be)
+    return (out, out_size, Matching(*m)) if return_matching else (out, out_size)

@@ -1,0 +1,496 @@
+"""ToMe bipartite soft matching and size-weighted merge / unmerge (spec section 1).
+
+Read top to bottom:
+  1. reference: the spec written in plain PyTorch (the fallback and the test oracle);
+  2. kernels:   which implementation each backend runs;
+  3. registered ops ``torch.ops.fpet.{tome_match, tome_merge, merge_wavg, merge_wavg_backward,
+     unmerge, merge_sum}``, their fake kernels and autograd;
+  4. the public API: ``tome_merge``, ``unmerge``, ``bipartite_soft_matching`` (ToMe's closure API),
+     ``compose_token_map``, ``parse_r``.
+
+Index conventions. Set A = even positions (``Na = ceil(N/2)``), set B = odd positions
+(``Nb = N // 2``). ``src_idx``/``unm_idx`` index A, ``dst_idx`` indexes B. ``token_map[b, n]`` is the
+output row that holds input token ``n`` after the merge (``-1``: dropped, FPET only), so
+``unmerge(y) = y.gather(token_map)`` and ``merge(x, "sum")`` is the adjoint scatter.
+"""
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend, _checks
+
+NORM_EPS = 1e-12  # metric rows: m / max(||m||, 1e-12), as F.normalize (a zero row stays zero)
+
+
+# ----------------------------------------------------------------------------- 1. reference
+def compute_dtype(*ts) -> torch.dtype:
+    """float64 if any input is float64, else float32 (half inputs are computed in float32)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def size_dtype(x: Tensor, size: Optional[Tensor]) -> torch.dtype:
+    """Merged sizes are float32 (float64 when x or size is float64, for gradcheck)."""
+    return compute_dtype(x, size)
+
+
+def normalize(metric: Tensor) -> Tensor:
+    return metric / metric.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+
+
+def cap_r(r: int, n: int, class_token: bool, distill_token: bool) -> int:
+    """Spec 1.1: ``r = min(r, (N - protected) // 2)``, never below 0."""
+    return max(0, min(r, (n - int(class_token) - int(distill_token)) // 2))
+
+
+def output_rows(na: int, nb: int, r: int, distill_token: bool, device) -> tuple[Tensor, Tensor]:
+    """Output row of each unmerged slot and of each B row (spec 1.7 order)."""
+    pos_unm = torch.arange(na - r, device=device)
+    pos_b = torch.arange(na - r, na - r + nb, device=device)
+    if distill_token:  # [unm[0], B[0], unm[1:], B[1:]]
+        pos_unm = pos_unm + (pos_unm > 0).long()
+        if nb > 0:
+            pos_b[0] = 1
+    return pos_unm, pos_b
+
+
+def token_map_reference(n: int, src: Tensor, dst: Tensor, unm: Tensor, distill_token: bool) -> Tensor:
+    bsz, r = src.shape
+    na, nb = (n + 1) // 2, n // 2
+    if r == 0:
+        return torch.arange(n, device=src.device).expand(bsz, n).contiguous()
+    pos_unm, pos_b = output_rows(na, nb, r, distill_token, src.device)
+    map_a = torch.empty(bsz, na, dtype=torch.int64, device=src.device)
+    map_a.scatter_(1, unm, pos_unm.expand(bsz, -1))
+    map_a.scatter_(1, src, pos_b[dst])
+    out = torch.empty(bsz, n, dtype=torch.int64, device=src.device)
+    out[:, 0::2] = map_a
+    out[:, 1::2] = pos_b.expand(bsz, -1)
+    return out
+
+
+def tome_match_reference(metric: Tensor, r: int, class_token: bool = False, distill_token: bool = False):
+    """Spec 1.2-1.6 -> (src_idx [B, r], dst_idx [B, r], unm_idx [B, Na-r], token_map [B, N])."""
+    bsz, n, _ = metric.shape
+    na = (n + 1) // 2
+    r = cap_r(r, n, class_token, distill_token)
+    dev = metric.device
+    if r == 0:
+        empty = torch.empty(bsz, 0, dtype=torch.int64, device=dev)
+        unm = torch.arange(na, device=dev).expand(bsz, na).contiguous()
+        return empty, empty.clone(), unm, token_map_reference(n, empty, empty, unm, distill_token)
+    with torch.no_grad():
+        m = normalize(metric.to(compute_dtype(metric)))
+        scores = m[:, 0::2] @ m[:, 1::2].transpose(-1, -2)
+        if class_token:
+            scores[:, 0, :] = -torch.inf
+        if distill_token:
+            scores[:, :, 0] = -torch.inf
+        best, dst = scores.max(dim=-1)  # ties: the first (lowest j) maximum
+        rank = torch.sort(best, dim=-1, descending=True, stable=True).indices  # ties: lower i first
+        src, unm = rank[:, :r].contiguous(), rank[:, r:]
+        if class_token:
+            unm = unm.sort(dim=-1).values
+        unm = unm.contiguous()
+        dst_idx = dst.gather(1, src)
+    return src, dst_idx, unm, token_map_reference(n, src, dst_idx, unm, distill_token)
+
+
+def merge_by_indices(x: Tensor, src: Tensor, dst: Tensor, unm: Tensor, mode: str = "mean",
+                     distill_token: bool = False) -> Tensor:
+    """Spec 1.7, literally: gather unmerged and source A rows, reduce sources into B rows."""
+    if src.shape[1] == 0:
+        return x
+    a, b = x[:, 0::2], x[:, 1::2]
+    bsz, _, c = x.shape
+    unm_rows = a.gather(1, unm[..., None].expand(bsz, unm.shape[1], c))
+    src_rows = a.gather(1, src[..., None].expand(bsz, src.shape[1], c))
+    b = b.scatter_reduce(1, dst[..., None].expand(bsz, dst.shape[1], c), src_rows, reduce=mode)
+    return assemble(unm_rows, b, distill_token)
+
+
+def assemble(unm_rows: Tensor, b_rows: Tensor, distill_token: bool) -> Tensor:
+    """Output order of spec 1.7: ``[unm, B]``, or ``[unm[0], B[0], unm[1:], B[1:]]`` with a distill token."""
+    if distill_token:
+        return torch.cat([unm_rows[:, :1], b_rows[:, :1], unm_rows[:, 1:], b_rows[:, 1:]], dim=1)
+    return torch.cat([unm_rows, b_rows], dim=1)
+
+
+def tome_merge_reference(x: Tensor, metric: Tensor, r: int, size: Optional[Tensor] = None,
+                         class_token: bool = False, distill_token: bool = False):
+    """Spec 1.9 with the spec 1 matching: (x', size' float32, Matching). Differentiable in x and size."""
+    src, dst, unm, tmap = tome_match_reference(metric, r, class_token, distill_token)
+    cdt = compute_dtype(x, size)
+    s = torch.ones(*x.shape[:2], 1, dtype=cdt, device=x.device) if size is None else size.to(cdt)
+    if src.shape[1] == 0:
+        return x.clone(), s.clone(), Matching(src, dst, unm, tmap)
+    num = merge_by_indices(x.to(cdt) * s, src, dst, unm, "sum", distill_token)
+    den = merge_by_indices(s, src, dst, unm, "sum", distill_token)
+    return (num / den).to(x.dtype), den, Matching(src, dst, unm, tmap)
+
+
+def merge_wavg_reference(x: Tensor, size: Optional[Tensor], token_map: Tensor, n_out: int):
+    """Size-weighted average of the tokens each output row holds (map entries -1 are dropped)."""
+    bsz, n, c = x.shape
+    cdt = compute_dtype(x, size)
+    s = torch.ones(bsz, n, 1, dtype=cdt, device=x.device) if size is None else size.to(cdt)
+    keep = (token_map >= 0).unsqueeze(-1)
+    idx = token_map.clamp_min(0).unsqueeze(-1)
+    s = s * keep
+    num = torch.zeros(bsz, n_out, c, dtype=cdt, device=x.device).scatter_add(1, idx.expand(bsz, n, c), x.to(cdt) * s)
+    den = torch.zeros(bsz, n_out, 1, dtype=cdt, device=x.device).scatter_add(1, idx, s)
+    out = torch.where(den > 0, num / den.clamp_min(torch.finfo(cdt).tiny), torch.zeros_like(num))
+    return out.to(x.dtype), den
+
+
+def unmerge_reference(y: Tensor, token_map: Tensor) -> Tensor:
+    """Spec 1.8: every input token gets the row that holds it (zeros for dropped tokens)."""
+    bsz, n = token_map.shape
+    out = y.gather(1, token_map.clamp_min(0).unsqueeze(-1).expand(bsz, n, y.shape[-1]))
+    return torch.where((token_map >= 0).unsqueeze(-1), out, torch.zeros_like(out))
+
+
+def merge_sum_reference(x: Tensor, token_map: Tensor, n_out: int) -> Tensor:
+    """Adjoint of ``unmerge``: each output row sums the tokens mapped to it."""
+    bsz, n, c = x.shape
+    cdt = compute_dtype(x)
+    keep = (token_map >= 0).unsqueeze(-1)
+    idx = token_map.clamp_min(0).unsqueeze(-1).expand(bsz, n, c)
+    out = torch.zeros(bsz, n_out, c, dtype=cdt, device=x.device).scatter_add(1, idx, x.to(cdt) * keep)
+    return out.to(x.dtype)
+
+
+def merge_wavg_backward_reference(grad_out: Tensor, size: Optional[Tensor], out_size: Tensor,
+                                  token_map: Tensor) -> Tensor:
+    """d merge_wavg / d x: ``grad_x[n] = grad_out[map[n]] * s[n] / out_size[map[n]]``."""
+    cdt = compute_dtype(grad_out, out_size)
+    g = unmerge_reference(grad_out.to(cdt) / out_size.to(cdt), token_map)
+    if size is not None:
+        g = g * size.to(cdt)
+    return g.to(grad_out.dtype)
+
+
+def merge_wavg_size_grad(grad_out: Tensor, grad_out_size: Optional[Tensor], x: Tensor, out: Tensor,
+                         out_size: Tensor, token_map: Tensor) -> Tensor:
+    """d merge_wavg / d size (rarely needed: sizes are usually constants):
+    ``grad_s[n] = <grad_out[m], x[n] - out[m]> / out_size[m] + grad_out_size[m]`` with ``m = map[n]``."""
+    cdt = compute_dtype(x, out_size)
+    g = (unmerge_reference(grad_out.to(cdt), token_map) * (x.to(cdt) - unmerge_reference(out.to(cdt), token_map)))
+    g = g.sum(-1, keepdim=True) / unmerge_reference(out_size.to(cdt), token_map).clamp_min(torch.finfo(cdt).tiny)
+    if grad_out_size is not None:
+        g = g + unmerge_reference(grad_out_size.to(cdt), token_map)
+    return g * (token_map >= 0).unsqueeze(-1)
+
+
+# ----------------------------------------------------------------------------- 2. kernels
+def _cpp():
+    return torch.ops.fpet_C
+
+
+def _contig(t):
+    return None if t is None else t.contiguous()
+
+
+# ----------------------------------------------------------------------------- 3. registered ops
+class Matching(NamedTuple):
+    """The result of a ToMe matching: tensors only, so it flows through torch.compile.
+
+    ``token_map`` [B, N] is the compact source map of spec 1.10: for each input token, the row of
+    the merged tensor that now holds it. ``unmerge(y, matching)`` gathers with it."""
+    src_idx: Tensor
+    dst_idx: Tensor
+    unm_idx: Tensor
+    token_map: Tensor
+
+
+@torch.library.custom_op("fpet::tome_match", mutates_args=(),
+                         schema="(Tensor metric, int r, bool class_token, bool distill_token, str backend) "
+                                "-> (Tensor, Tensor, Tensor, Tensor)")
+def _tome_match_op(metric, r, class_token, distill_token, backend):
+    if backend == "reference":
+        return tuple(t.contiguous() for t in tome_match_reference(metric, r, class_token, distill_token))
+    return tuple(_cpp().tome_match(metric.contiguous(), r, class_token, distill_token))
+
+
+@_tome_match_op.register_fake
+def _(metric, r, class_token, distill_token, backend):
+    return _fake_match(metric, r)
+
+
+def _fake_match(metric, r):
+    bsz, n, _ = metric.shape
+    na = (n + 1) // 2
+    kw = dict(dtype=torch.int64)
+    return (metric.new_empty(bsz, r, **kw), metric.new_empty(bsz, r, **kw),
+            metric.new_empty(bsz, na - r, **kw), metric.new_empty(bsz, n, **kw))
+
+
+@torch.library.custom_op("fpet::tome_merge", mutates_args=(),
+                         schema="(Tensor x, Tensor metric, int r, Tensor? size, bool class_token, "
+                                "bool distill_token, str backend) "
+                                "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _tome_merge_op(x, metric, r, size, class_token, distill_token, backend):
+    if backend == "reference":
+        out, out_size, m = tome_merge_reference(x, metric, r, size, class_token, distill_token)
+        return (out.contiguous(), out_size.contiguous()) + tuple(t.contiguous() for t in m)
+    return tuple(_cpp().tome_merge(x.contiguous(), metric.contiguous(), r, _contig(size), class_token, distill_token))
+
+
+@_tome_merge_op.register_fake
+def _(x, metric, r, size, class_token, distill_token, backend):
+    bsz, n, c = x.shape
+    return (x.new_empty(bsz, n - r, c), x.new_empty(bsz, n - r, 1, dtype=size_dtype(x, size))) + _fake_match(metric, r)
+
+
+@torch.library.custom_op("fpet::merge_wavg", mutates_args=(),
+                         schema="(Tensor x, Tensor? size, Tensor token_map, int n_out, str backend) -> (Tensor, Tensor)")
+def _merge_wavg_op(x, size, token_map, n_out, backend):
+    if backend == "reference":
+        out, den = merge_wavg_reference(x, size, token_map, n_out)
+        return out.contiguous(), den.contiguous()
+    return tuple(_cpp().merge_wavg(x.contiguous(), _contig(size), token_map.contiguous(), n_out))
+
+
+@_merge_wavg_op.register_fake
+def _(x, size, token_map, n_out, backend):
+    bsz, _, c = x.shape
+    return x.new_empty(bsz, n_out, c), x.new_empty(bsz, n_out, 1, dtype=size_dtype(x, size))
+
+
+@torch.library.custom_op("fpet::merge_wavg_backward", mutates_args=(),
+                         schema="(Tensor grad_out, Tensor? size, Tensor out_size, Tensor token_map, str backend) -> Tensor")
+def _merge_wavg_backward_op(grad_out, size, out_size, token_map, backend):
+    if backend == "reference":
+        return merge_wavg_backward_reference(grad_out, size, out_size, token_map).contiguous()
+    return _cpp().merge_wavg_backward(grad_out.contiguous(), _contig(size), out_size.contiguous(),
+                                      token_map.contiguous())
+
+
+@_merge_wavg_backward_op.register_fake
+def _(grad_out, size, out_size, token_map, backend):
+    bsz, n = token_map.shape
+    return grad_out.new_empty(bsz, n, grad_out.shape[-1])
+
+
+@torch.library.custom_op("fpet::unmerge", mutates_args=(),
+                         schema="(Tensor y, Tensor token_map, str backend) -> Tensor")
+def _unmerge_op(y, token_map, backend):
+    if backend == "reference":
+        return unmerge_reference(y, token_map).contiguous()
+    return _cpp().unmerge(y.contiguous(), token_map.contiguous())
+
+
+@_unmerge_op.register_fake
+def _(y, token_map, backend):
+    bsz, n = token_map.shape
+    return y.new_empty(bsz, n, y.shape[-1])
+
+
+@torch.library.custom_op("fpet::merge_sum", mutates_args=(),
+                         schema="(Tensor x, Tensor token_map, int n_out, str backend) -> Tensor")
+def _merge_sum_op(x, token_map, n_out, backend):
+    if backend == "reference":
+        return merge_sum_reference(x, token_map, n_out).contiguous()
+    return _cpp().merge_sum(x.contiguous(), token_map.contiguous(), n_out)
+
+
+@_merge_sum_op.register_fake
+def _(x, token_map, n_out, backend):
+    return x.new_empty(x.shape[0], n_out, x.shape[-1])
+
+
+# autograd: the matching carries no gradient; the weighted merge is linear in x.
+def _wavg_setup(ctx, x, size, out, out_size, token_map, backend):
+    ctx.backend = backend
+    ctx.has_size = size is not None
+    ctx.save_for_backward(x if ctx.needs_size_grad else None, size, out if ctx.needs_size_grad else None,
+                          out_size, token_map)
+
+
+def _wavg_backward(ctx, grad_out, grad_out_size):
+    x, size, out, out_size, token_map = ctx.saved_tensors
+    grad_x = grad_size = None
+    if ctx.needs_x_grad:
+        grad_x = torch.ops.fpet.merge_wavg_backward(grad_out, size, out_size, token_map, ctx.backend)
+    if ctx.needs_size_grad:
+        grad_size = merge_wavg_size_grad(grad_out, grad_out_size, x, out, out_size, token_map).to(size.dtype)
+    return grad_x, grad_size
+
+
+def _tome_merge_setup(ctx, inputs, output):
+    x, _, _, size, _, _, backend = inputs
+    ctx.needs_x_grad, ctx.needs_size_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+    _wavg_setup(ctx, x, size, output[0], output[1], output[5], backend)
+
+
+def _tome_merge_backward(ctx, grad_out, grad_out_size, *_):
+    grad_x, grad_size = _wavg_backward(ctx, grad_out, grad_out_size)
+    return grad_x, None, None, grad_size, None, None, None
+
+
+torch.library.register_autograd("fpet::tome_merge", _tome_merge_backward, setup_context=_tome_merge_setup)
+
+
+def _merge_wavg_setup(ctx, inputs, output):
+    x, size, token_map, _, backend = inputs
+    ctx.needs_x_grad, ctx.needs_size_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    _wavg_setup(ctx, x, size, output[0], output[1], token_map, backend)
+
+
+def _merge_wavg_backward(ctx, grad_out, grad_out_size):
+    grad_x, grad_size = _wavg_backward(ctx, grad_out, grad_out_size)
+    return grad_x, grad_size, None, None, None
+
+
+torch.library.register_autograd("fpet::merge_wavg", _merge_wavg_backward, setup_context=_merge_wavg_setup)
+
+
+def _unmerge_setup(ctx, inputs, output):
+    y, token_map, backend = inputs
+    ctx.n_out, ctx.backend = y.shape[1], backend
+    ctx.save_for_backward(token_map)
+
+
+def _unmerge_backward(ctx, grad):
+    (token_map,) = ctx.saved_tensors
+    return torch.ops.fpet.merge_sum(grad, token_map, ctx.n_out, ctx.backend), None, None
+
+
+torch.library.register_autograd("fpet::unmerge", _unmerge_backward, setup_context=_unmerge_setup)
+
+
+def _merge_sum_setup(ctx, inputs, output):
+    _, token_map, _, backend = inputs
+    ctx.backend = backend
+    ctx.save_for_backward(token_map)
+
+
+def _merge_sum_backward(ctx, grad):
+    (token_map,) = ctx.saved_tensors
+    return torch.ops.fpet.unmerge(grad, token_map, ctx.backend), None, None, None
+
+
+torch.library.register_autograd("fpet::merge_sum", _merge_sum_backward, setup_context=_merge_sum_setup)
+
+
+# ----------------------------------------------------------------------------- 4. public API
+def tome_match(metric: Tensor, r: int, class_token: bool = False, distill_token: bool = False,
+               backend: Optional[str] = None) -> Matching:
+    """ToMe bipartite soft matching (spec 1.1-1.6) as explicit indices."""
+    _checks.tokens("metric", metric)
+    r = cap_r(_checks.count("r", r), metric.shape[1], _checks.flag("class_token", class_token),
+              _checks.flag("distill_token", distill_token))
+    be = _backend.resolve(backend, metric.device, (metric.dtype,))
+    return Matching(*torch.ops.fpet.tome_match(metric, r, class_token, distill_token, be))
+
+
+def tome_merge(x: Tensor, metric: Tensor, r: int, size: Optional[Tensor] = None, class_token: bool = False,
+               distill_token: bool = False, backend: Optional[str] = None):
+    """Fused ToMe step: match on ``metric`` and size-weighted merge of ``x``.
+
+    Returns ``(x' [B, N-r, C], size' [B, N-r, 1] float32, matching)``; ``r`` is capped at
+    ``(N - protected) // 2``. Differentiable in ``x`` (and ``size``); the matching carries no gradient.
+    """
+    _checks.merge_inputs(x, metric, size)
+    r = cap_r(_checks.count("r", r), x.shape[1], _checks.flag("class_token", class_token),
+              _checks.flag("distill_token", distill_token))
+    be = _backend.resolve(backend, x.device, (x.dtype, metric.dtype) + (() if size is None else (size.dtype,)))
+    out, out_size, *m = torch.ops.fpet.tome_merge(x, metric, r, size, class_token, distill_token, be)
+    return out, out_size, Matching(*m)
+
+
+def _as_map(matching) -> Tensor:
+    return matching.token_map if isinstance(matching, Matching) else matching
+
+
+def unmerge(y: Tensor, matching, backend: Optional[str] = None) -> Tensor:
+    """Back to the tokens before the merge: ``out[:, n] = y[:, token_map[:, n]]`` (spec 1.8).
+
+    ``matching`` is a :class:`Matching` or a token map ``[B, N]`` (e.g. from ``compose_token_map``,
+    to unmerge several layers back to the original resolution)."""
+    _checks.tokens("y", y)
+    tmap = _as_map(matching)
+    _checks.token_map("matching.token_map", tmap, y)
+    if isinstance(matching, Matching):
+        n_out = tmap.shape[1] - matching.src_idx.shape[1]
+        if y.shape[1] != n_out:
+            raise ValueError(f"y has {y.shape[1]} tokens but the matching produced {n_out}")
+    be = _backend.resolve(backend, y.device, (y.dtype,))
+    return torch.ops.fpet.unmerge(y, tmap, be)
+
+
+def compose_token_map(token_map: Optional[Tensor], matching) -> Tensor:
+    """Compact source tracking (spec 1.10): given the map of the original tokens onto the tokens
+    before this merge (``None`` = identity), return their map onto the tokens after it."""
+    step = _as_map(matching)
+    if token_map is None:
+        return step
+    out = step.gather(1, token_map.clamp_min(0))
+    return torch.where(token_map >= 0, out, torch.full_like(out, -1))
+
+
+class ToMeMerge:
+    """``merge(x, mode="mean")`` of a ToMe matching (ToMe's closure API, spec 1.7)."""
+
+    def __init__(self, matching: Matching, distill_token: bool, backend: Optional[str] = None):
+        self.matching = matching
+        self.backend = backend
+        self.distill_token = distill_token
+        self.r = matching.src_idx.shape[1]
+        self.n_out = matching.token_map.shape[1] - self.r
+
+    def __call__(self, x: Tensor, mode: str = "mean") -> Tensor:
+        if mode not in ("sum", "mean", "amax"):
+            raise ValueError(f"mode must be 'sum', 'mean' or 'amax', got {mode!r}")
+        _checks.tokens("x", x)
+        if x.shape[1] != self.matching.token_map.shape[1]:
+            raise ValueError(f"x has {x.shape[1]} tokens but the matching was built for "
+                             f"{self.matching.token_map.shape[1]}")
+        m = self.matching
+        return merge_by_indices(x, m.src_idx, m.dst_idx, m.unm_idx, mode, self.distill_token)
+
+
+class ToMeUnmerge:
+    """``unmerge(y)`` of a ToMe matching (spec 1.8)."""
+
+    def __init__(self, matching: Matching):
+        self.matching = matching
+
+    def __call__(self, y: Tensor) -> Tensor:
+        if self.matching.src_idx.shape[1] == 0:
+            return y
+        return unmerge_reference(y, self.matching.token_map)
+
+
+def bipartite_soft_matching(metric: Tensor, r: int, class_token: bool = False, distill_token: bool = False,
+                            backend: Optional[str] = None):
+    """Drop-in for ToMe's function of the same name: returns ``(merge, unmerge)`` callables.
+
+    ``merge(x, mode)`` and ``unmerge(y)`` are differentiable PyTorch gathers/scatters on the explicit
+    indices; ``fpet_kernels.merge_wavg(merge, x, size)`` recognises the merge and runs the fused
+    kernel. ``merge.matching`` holds the indices and the compact token map."""
+    m = tome_match(metric, r, class_token, distill_token, backend)
+    return ToMeMerge(m, distill_token, backend), ToMeUnmerge(m)
+
+
+def parse_r(num_layers: int, r) -> list:
+    """Per-layer merge schedule (ToMe's ``parse_r``): an int (every layer), a list (per layer,
+    padded with 0), or ``(r, inflection)`` with ``inflection`` in [-1, 1]."""
+    num_layers = _checks.count("num_layers", num_layers)
+    if isinstance(r, list):
+        if len(r) > num_layers:
+            raise ValueError(f"r has {len(r)} entries for {num_layers} layers")
+        out = [_checks.count("r[i]", v) for v in r] + [0] * (num_layers - len(r))
+    elif isinstance(r, tuple):
+        if len(r) != 2:
+            raise ValueError("r as a tuple must be (r, inflection)")
+        rr, inflect = _checks.count("r", r[0]), float(r[1])
+        if not -1.0 <= inflect <= 1.0:
+            raise ValueError(f"inflection must be in [-1, 1], got {inflect}")
+        lo = int(rr * (1.0 - inflect))
+        hi = 2 * rr - lo
+        span = max(num_layers - 1, 1)
+        out = [int(lo + (hi - lo) * i / span) for i in range(num_layers)]
+    else:
+        out = [_checks.count("r", r)] * num_layers
+    return out

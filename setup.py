@@ -1,0 +1,88 @@
+"""Build fpet_kernels and its optional C++/CUDA extension ``fpet_kernels._C``.
+
+Environment switches:
+  FPET_NO_EXTENSION=1   pure-Python install (the package falls back to the reference ops)
+  FORCE_CUDA=1          compile csrc/cuda/*.cu even if no CUDA toolkit is detected
+  FPET_NO_CUDA=1        never compile CUDA sources
+  TORCH_CUDA_ARCH_LIST  CUDA architectures (default "9.0+PTX" when no GPU is visible)
+  MAX_JOBS              parallel compile jobs (honoured by torch's ninja build)
+  FPET_DEBUG=1          -O0 -g build
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _extensions():
+    if _flag("FPET_NO_EXTENSION"):
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension as ce
+
+    debug = _flag("FPET_DEBUG")
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cxx_flags = opt + ["-std=c++17", "-fopenmp"]
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    include_dirs = [os.path.join(ROOT, "csrc")]
+
+    # CUDA is built when the toolkit and a CUDA build of torch are both present (or FORCE_CUDA=1);
+    # never gated on torch.cuda.is_available(): a GPU-less machine must still produce CUDA kernels.
+    use_cuda = (
+        not _flag("FPET_NO_CUDA")
+        and bool(cuda_sources)
+        and (_flag("FORCE_CUDA") or (ce.CUDA_HOME is not None and torch.version.cuda is not None))
+    )
+    define_macros = []
+    extra = {"cxx": cxx_flags}
+    if use_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0+PTX"
+        # torch's CUDA wheels ship the CUDA headers (cusparse.h, ...) under nvidia/cu*/include.
+        import nvidia  # noqa: F401  (namespace package installed with CUDA builds of torch)
+
+        for base in list(getattr(nvidia, "__path__", [])):
+            include_dirs += sorted(glob.glob(os.path.join(base, "cu*", "include")))
+            include_dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
+        extra["nvcc"] = opt + ["-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        define_macros.append(("FPET_WITH_CUDA", None))
+        ext = ce.CUDAExtension(
+            "fpet_kernels._C",
+            sources + cuda_sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args=extra,
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = ce.CppExtension(
+            "fpet_kernels._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args=extra,
+            extra_link_args=["-fopenmp"],
+        )
+    return [ext], {"build_ext": ce.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="fpet_kernels",
+    version="0.1.0",
+    description="Fused token-merging kernels (ToMe, FPET, PYRA) for parameter-efficient ViT tuning",
+    packages=find_packages(include=["fpet_kernels", "fpet_kernels.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4"],
+    extras_require={"test": ["pytest", "pytest-benchmark", "numpy"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
