@@ -1,0 +1,393 @@
+// FPET differentiable checkerboard matching on CPU: the forward merge (hard one-hot matching)
+// and its straight-through backward (dense dL/dM through the soft matching). Contracts:
+// csrc/README.md.
+#include <torch/library.h>
+
+#include "common.h"
+
+namespace fpet {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Positions of the A and B sets: p prefix tokens, then a row-major H x W grid.
+struct FpetLayout {
+  int64_t p, H, W, N, Na, Nb;
+  std::vector<int64_t> a_pos, b_pos;
+
+  FpetLayout(int64_t p_, int64_t H_, int64_t W_) : p(p_), H(H_), W(W_), N(p_ + H_ * W_) {
+    auto cell = [&](int64_t h, int64_t w) { return p + h * W + w; };
+    for (int64_t h = 0; h < H; h += 2)
+      for (int64_t w = 0; w < W; w += 2) a_pos.push_back(cell(h, w));
+    for (int64_t h = 1; h < H; h += 2)
+      for (int64_t w = 1; w < W; w += 2) a_pos.push_back(cell(h, w));
+    for (int64_t k = 0; k < p; ++k) b_pos.push_back(k);
+    for (int64_t h = 1; h < H; h += 2)
+      for (int64_t w = 0; w < W; w += 2) b_pos.push_back(cell(h, w));
+    for (int64_t h = 0; h < H; h += 2)
+      for (int64_t w = 1; w < W; w += 2) b_pos.push_back(cell(h, w));
+    Na = static_cast<int64_t>(a_pos.size());
+    Nb = static_cast<int64_t>(b_pos.size());
+  }
+};
+
+void check_layout(int64_t N, int64_t p, int64_t H, int64_t W) {
+  TORCH_CHECK(p >= 0, "num_prefix must be >= 0, got ", p);
+  TORCH_CHECK(H >= 0 && W >= 0, "grid H, W must be >= 0, got ", H, ", ", W);
+  TORCH_CHECK(p + H * W == N, "grid does not match the tokens: num_prefix + H * W = ", p, " + ", H, " * ", W,
+              " != N = ", N);
+}
+
+// Normalised metric rows, scores and the top-2 of every A row, for one image.
+struct FpetWorkspace {
+  int64_t Dp = 0, Nbp = 0;
+  std::vector<float> an, bn, bnt, scores, norm_a, norm_b, t;
+  std::vector<int64_t> top1, top2;
+};
+
+// scores[i][j] = <a_i, b_j> (prefix columns -inf), row stride Nbp. t[i] = (top1 + top2) / 2;
+// top1/top2 the column indices of the two largest values, lowest index first on ties (-1: none).
+void fpet_scores_image(const float* metric, const FpetLayout& L, int64_t D, FpetWorkspace& ws) {
+  const int64_t Na = L.Na, Nb = L.Nb;
+  const int64_t Dp = round_up(std::max<int64_t>(D, 1), kGemmNR);
+  const int64_t Nbp = round_up(std::max<int64_t>(Nb, 1), kGemmNR);
+  ws.Dp = Dp;
+  ws.Nbp = Nbp;
+  ws.an.assign(static_cast<size_t>(Na * Dp), 0.f);
+  ws.bn.assign(static_cast<size_t>(Nb * Dp), 0.f);
+  ws.bnt.assign(static_cast<size_t>(D * Nbp), 0.f);
+  ws.scores.resize(static_cast<size_t>(Na * Nbp));
+  ws.norm_a.resize(static_cast<size_t>(Na));
+  ws.norm_b.resize(static_cast<size_t>(Nb));
+  ws.t.resize(static_cast<size_t>(Na));
+  ws.top1.resize(static_cast<size_t>(Na));
+  ws.top2.resize(static_cast<size_t>(Na));
+  for (int64_t i = 0; i < Na; ++i) ws.norm_a[i] = normalize_row(metric + L.a_pos[i] * D, ws.an.data() + i * Dp, D);
+  for (int64_t j = 0; j < Nb; ++j) {
+    float* row = ws.bn.data() + j * Dp;
+    ws.norm_b[j] = normalize_row(metric + L.b_pos[j] * D, row, D);
+    for (int64_t d = 0; d < D; ++d) ws.bnt[d * Nbp + j] = row[d];
+  }
+  gemm_packed(Na, Nbp, D, ws.an.data(), Dp, 1, ws.bnt.data(), Nbp, ws.scores.data(), Nbp);
+  const int64_t p = std::min(L.p, Nb);
+  for (int64_t i = 0; i < Na; ++i) {
+    float* s = ws.scores.data() + i * Nbp;
+    for (int64_t j = 0; j < p; ++j) s[j] = kNegInf;
+    float v1 = kNegInf, v2 = kNegInf;
+    int64_t i1 = -1, i2 = -1;
+    for (int64_t j = p; j < Nb; ++j) {
+      const float v = s[j];
+      if (v > v1) {
+        v2 = v1;
+        i2 = i1;
+        v1 = v;
+        i1 = j;
+      } else if (v > v2) {
+        v2 = v;
+        i2 = j;
+      }
+    }
+    ws.t[i] = (v1 + v2) / 2.0f;
+    ws.top1[i] = i1;
+    ws.top2[i] = i2;
+  }
+}
+
+// The hard match of A row i: its top column iff sigmoid(s - t) > 0.5 in float32, else -1.
+inline int64_t hard_match(const FpetWorkspace& ws, int64_t i) {
+  const int64_t j = ws.top1[i];
+  if (j < 0) return -1;
+  const float d = ws.scores[i * ws.Nbp + j] - ws.t[i];
+  return sigmoid_f32(d) > 0.5f ? j : -1;
+}
+
+struct MergeScratch {
+  std::vector<float> acc;
+  std::vector<int64_t> match, head, list;
+};
+
+// out[j] = (x_B[j] s_B[j] + sum_{i -> j, ascending i} x_A[i] s_A[i]) / (s_B[j] + sum s_A[i]),
+// channels [c0, c1) of one image; match[i] read from token_map.
+template <typename T>
+void fpet_merge_image(const T* x, const float* s, const int64_t* token_map, const FpetLayout& L, int64_t C,
+                      T* out, float* out_size, int64_t c0, int64_t c1, MergeScratch& sc) {
+  const int64_t cw = c1 - c0;
+  auto size_of = [s](int64_t pos) { return s ? s[pos] : 1.0f; };
+  sc.match.resize(static_cast<size_t>(L.Na));
+  for (int64_t i = 0; i < L.Na; ++i) sc.match[i] = token_map[L.a_pos[i]];
+  group_by_destination(sc.match.data(), L.Na, L.Nb, sc.head, sc.list);
+  sc.acc.resize(static_cast<size_t>(cw));
+  float* acc = sc.acc.data();
+  for (int64_t j = 0; j < L.Nb; ++j) {
+    const int64_t pos = L.b_pos[j];
+    const int64_t h0 = sc.head[j], h1 = sc.head[j + 1];
+    if (h0 == h1) {
+      scaled_copy(x + pos * C + c0, size_of(pos), out + j * C + c0, cw);
+      if (out_size) out_size[j] = size_of(pos);
+      continue;
+    }
+    float den = size_of(pos);
+    acc_init(acc, x + pos * C + c0, den, cw);
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t apos = L.a_pos[sc.list[h]];
+      const float sa = size_of(apos);
+      acc_add(acc, x + apos * C + c0, sa, cw);
+      den += sa;
+    }
+    acc_store(acc, den, out + j * C + c0, cw);
+    if (out_size) out_size[j] = den;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_cpu(const at::Tensor& x_, const at::Tensor& metric,
+                                                               const std::optional<at::Tensor>& size,
+                                                               int64_t num_prefix, int64_t H, int64_t W) {
+  CHECK_BND(x_);
+  CHECK_BND(metric);
+  const int64_t B = x_.size(0), N = x_.size(1), C = x_.size(2), D = metric.size(2);
+  TORCH_CHECK(metric.size(0) == B && metric.size(1) == N, "metric must be [B, N, D] with x's B, N = ", B, ", ",
+              N, ", got ", metric.sizes());
+  check_layout(N, num_prefix, H, W);
+  const FpetLayout L(num_prefix, H, W);
+  const at::Tensor x = x_.contiguous();
+  const at::Tensor m = contiguous_f32(metric);
+  const at::Tensor s = sizes_f32(size, B, N);
+  at::Tensor out = at::empty({B, L.Nb, C}, x.options());
+  at::Tensor out_size = at::empty({B, L.Nb, 1}, x.options().dtype(at::kFloat));
+  at::Tensor token_map = at::empty({B, N}, x.options().dtype(at::kLong));
+  const float* mp = m.data_ptr<float>();
+  const float* sp_all = ptr_or_null(s);
+  float* osp = out_size.data_ptr<float>();
+  int64_t* tp = token_map.data_ptr<int64_t>();
+  const ChannelSplit split = split_channels(B, C);
+  const bool fused = split.chunks == 1;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fpet_merge", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    auto merge = [&](int64_t b, int64_t c0, int64_t c1, bool write_size, MergeScratch& sc) {
+      fpet_merge_image<scalar_t>(xp + b * N * C, sp_all ? sp_all + b * N : nullptr, tp + b * N, L, C,
+                                 op + b * L.Nb * C, write_size ? osp + b * L.Nb : nullptr, c0, c1, sc);
+    };
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      FpetWorkspace ws;
+      MergeScratch sc;
+      for (int64_t b = b0; b < b1; ++b) {
+        fpet_scores_image(mp + b * N * D, L, D, ws);
+        int64_t* map = tp + b * N;
+        for (int64_t j = 0; j < L.Nb; ++j) map[L.b_pos[j]] = j;
+        for (int64_t i = 0; i < L.Na; ++i) map[L.a_pos[i]] = hard_match(ws, i);
+        if (fused) merge(b, 0, C, true, sc);
+      }
+    });
+    if (!fused) {  // fewer images than threads: merge in channel blocks
+      at::parallel_for(0, B * split.chunks, 1, [&](int64_t t0, int64_t t1) {
+        MergeScratch sc;
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t b = t / split.chunks, c = t % split.chunks;
+          merge(b, split.begin(c), split.end(c, C), c == 0, sc);
+        }
+      });
+    }
+  });
+  return {out, out_size, token_map};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward. Per image, with z = x * s and M the forward one-hot matching:
+//   g_num = grad_out / out_size, g_den = -<grad_out, out> / out_size + grad_size
+//   G = z_A g_num^T + s_A g_den^T (dense dL/dM), P = G soft (1 - soft), dS = P - t's share
+//   dA_n = dS B_n, dB_n = dS^T A_n, then through the row normalisation.
+// ---------------------------------------------------------------------------------------------
+struct BackwardScratch {
+  std::vector<float> gnum, gnumt, gden, za, sa, G, dan, dbn, row, xrow;
+  std::vector<int64_t> match;
+};
+
+// dm = (dn - n <n, dn>) / ||m||, or dn / 1e-12 when ||m|| < 1e-12 (the clamp has no gradient).
+inline void normalize_backward(const float* n, const float* dn, float norm, float* dm, int64_t D) {
+  if (norm < kNormEps) {
+    for (int64_t d = 0; d < D; ++d) dm[d] = dn[d] / kNormEps;
+    return;
+  }
+  const float nd = dot_f32(n, dn, D);
+  for (int64_t d = 0; d < D; ++d) dm[d] = (dn[d] - n[d] * nd) / norm;
+}
+
+template <typename T>
+void fpet_backward_image(const void* grad_out, at::ScalarType go_type, const float* grad_size, const T* x,
+                         const float* metric, const float* s, const void* out, at::ScalarType out_type,
+                         const float* out_size, const int64_t* token_map, const FpetLayout& L, int64_t C,
+                         int64_t D, T* grad_x, float* grad_metric, float* grad_size_out, FpetWorkspace& ws,
+                         BackwardScratch& sc) {
+  const int64_t Na = L.Na, Nb = L.Nb, p = std::min(L.p, Nb);
+  fpet_scores_image(metric, L, D, ws);
+  const int64_t Nbp = ws.Nbp, Dp = ws.Dp;
+  auto size_of = [s](int64_t pos) { return s ? s[pos] : 1.0f; };
+  const size_t go_esize = c10::elementSize(go_type), out_esize = c10::elementSize(out_type);
+
+  // g_num [Nb][C], its transpose [C][Nbp] (zero padded), g_den [Nb].
+  sc.gnum.resize(static_cast<size_t>(Nb * C));
+  sc.gnumt.assign(static_cast<size_t>(C * Nbp), 0.f);
+  sc.gden.resize(static_cast<size_t>(Nb));
+  sc.row.resize(static_cast<size_t>(C));
+  for (int64_t j = 0; j < Nb; ++j) {
+    float* g = sc.gnum.data() + j * C;
+    load_row_any(static_cast<const char*>(grad_out) + j * C * go_esize, go_type, g, C);
+    load_row_any(static_cast<const char*>(out) + j * C * out_esize, out_type, sc.row.data(), C);
+    const float os = out_size[j];
+    float gd = -dot_f32(g, sc.row.data(), C) / os;
+    if (grad_size) gd += grad_size[j];
+    sc.gden[j] = gd;
+    for (int64_t c = 0; c < C; ++c) g[c] = g[c] / os;
+    for (int64_t c = 0; c < C; ++c) sc.gnumt[c * Nbp + j] = g[c];
+  }
+  // z_A [Na][C], s_A [Na], the forward matching.
+  sc.za.resize(static_cast<size_t>(Na * C));
+  sc.sa.resize(static_cast<size_t>(Na));
+  sc.match.resize(static_cast<size_t>(Na));
+  for (int64_t i = 0; i < Na; ++i) {
+    const int64_t pos = L.a_pos[i];
+    const float sv = size_of(pos);
+    sc.sa[i] = sv;
+    const T* xr = x + pos * C;
+    float* z = sc.za.data() + i * C;
+    for (int64_t c = 0; c < C; ++c) z[c] = static_cast<float>(xr[c]) * sv;
+    const int64_t mt = token_map[pos];
+    TORCH_CHECK(mt >= -1 && mt < Nb, "token_map entries of A tokens must be in [-1, ", Nb, "), got ", mt);
+    sc.match[i] = mt;
+  }
+  // G = z_A g_num^T + s_A g_den^T, then dS in place.
+  sc.G.resize(static_cast<size_t>(Na * Nbp));
+  float* G = sc.G.data();
+  gemm_packed(Na, Nbp, C, sc.za.data(), C, 1, sc.gnumt.data(), Nbp, G, Nbp);
+  for (int64_t i = 0; i < Na; ++i) {
+    float* g = G + i * Nbp;
+    const float* sr = ws.scores.data() + i * Nbp;
+    const float t = ws.t[i];
+    float rowsum = 0.f;
+    for (int64_t j = 0; j < Nb; ++j) {
+      if (j < p) {
+        g[j] = 0.f;
+        continue;
+      }
+      const float soft = sigmoid_f32(sr[j] - t);
+      const float gij = g[j] + sc.sa[i] * sc.gden[j];
+      const float pij = gij * soft * (1.0f - soft);
+      g[j] = pij;
+      rowsum += pij;
+    }
+    for (int64_t j = Nb; j < Nbp; ++j) g[j] = 0.f;
+    const float half = 0.5f * rowsum;
+    if (ws.top1[i] >= 0) g[ws.top1[i]] -= half;
+    if (ws.top2[i] >= 0) g[ws.top2[i]] -= half;
+  }
+  // dA_n = dS B_n [Na][Dp], dB_n = dS^T A_n [Nb][Dp].
+  sc.dan.resize(static_cast<size_t>(Na * Dp));
+  sc.dbn.resize(static_cast<size_t>(Nb * Dp));
+  gemm_packed(Na, Dp, Nb, G, Nbp, 1, ws.bn.data(), Dp, sc.dan.data(), Dp);
+  gemm_packed(Nb, Dp, Na, G, 1, Nbp, ws.an.data(), Dp, sc.dbn.data(), Dp);
+  for (int64_t i = 0; i < Na; ++i) {
+    normalize_backward(ws.an.data() + i * Dp, sc.dan.data() + i * Dp, ws.norm_a[i],
+                       grad_metric + L.a_pos[i] * D, D);
+  }
+  for (int64_t j = 0; j < Nb; ++j) {
+    normalize_backward(ws.bn.data() + j * Dp, sc.dbn.data() + j * Dp, ws.norm_b[j],
+                       grad_metric + L.b_pos[j] * D, D);
+  }
+  // grad_x = g_z * s; grad_size = <g_z, x> + g_den of the row it went to.
+  sc.xrow.resize(static_cast<size_t>(C));
+  for (int64_t i = 0; i < Na; ++i) {
+    const int64_t pos = L.a_pos[i], j = sc.match[i];
+    T* gx = grad_x + pos * C;
+    if (j < 0) {
+      std::fill(gx, gx + C, static_cast<T>(0.f));
+      grad_size_out[pos] = 0.f;
+      continue;
+    }
+    const float* g = sc.gnum.data() + j * C;
+    const float sv = sc.sa[i];
+    for (int64_t c = 0; c < C; ++c) gx[c] = static_cast<T>(g[c] * sv);
+    load_row(x + pos * C, sc.xrow.data(), C);
+    grad_size_out[pos] = dot_f32(g, sc.xrow.data(), C) + sc.gden[j];
+  }
+  for (int64_t j = 0; j < Nb; ++j) {
+    const int64_t pos = L.b_pos[j];
+    T* gx = grad_x + pos * C;
+    const float* g = sc.gnum.data() + j * C;
+    const float sv = size_of(pos);
+    for (int64_t c = 0; c < C; ++c) gx[c] = static_cast<T>(g[c] * sv);
+    load_row(x + pos * C, sc.xrow.data(), C);
+    grad_size_out[pos] = dot_f32(g, sc.xrow.data(), C) + sc.gden[j];
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_backward_cpu(
+    const at::Tensor& grad_out_, const std::optional<at::Tensor>& grad_size_, const at::Tensor& x_,
+    const at::Tensor& metric, const std::optional<at::Tensor>& size, const at::Tensor& out_,
+    const at::Tensor& out_size_, const at::Tensor& token_map_, int64_t num_prefix, int64_t H, int64_t W) {
+  CHECK_BND(x_);
+  CHECK_BND(metric);
+  CHECK_BND(grad_out_);
+  CHECK_BND(out_);
+  const int64_t B = x_.size(0), N = x_.size(1), C = x_.size(2), D = metric.size(2);
+  TORCH_CHECK(metric.size(0) == B && metric.size(1) == N, "metric must be [B, N, D] with x's B, N = ", B, ", ",
+              N, ", got ", metric.sizes());
+  check_layout(N, num_prefix, H, W);
+  const FpetLayout L(num_prefix, H, W);
+  const int64_t Nb = L.Nb;
+  CHECK_SHAPE(grad_out_, B, Nb, C);
+  CHECK_SHAPE(out_, B, Nb, C);
+  CHECK_CPU(out_size_);
+  CHECK_FLOATING(out_size_);
+  CHECK_SHAPE(out_size_, B, Nb, 1);
+  CHECK_CPU(token_map_);
+  CHECK_INDEX(token_map_);
+  CHECK_SHAPE(token_map_, B, N);
+  const at::Tensor x = x_.contiguous(), grad_out = grad_out_.contiguous(), out = out_.contiguous();
+  const at::Tensor token_map = token_map_.contiguous();
+  const at::Tensor m = contiguous_f32(metric);
+  const at::Tensor s = sizes_f32(size, B, N);
+  const at::Tensor gs = sizes_f32(grad_size_, B, Nb, "grad_size");
+  const at::Tensor os = contiguous_f32(out_size_);
+  at::Tensor grad_x = at::empty({B, N, C}, x.options());
+  at::Tensor grad_metric = at::empty({B, N, D}, x.options().dtype(at::kFloat));
+  at::Tensor grad_size = at::empty({B, N, 1}, x.options().dtype(at::kFloat));
+  const float* mp = m.data_ptr<float>();
+  const float* sp_all = ptr_or_null(s);
+  const float* gsp = ptr_or_null(gs);
+  const float* osp = os.data_ptr<float>();
+  const int64_t* tp = token_map.data_ptr<int64_t>();
+  float* gmp = grad_metric.data_ptr<float>();
+  float* gszp = grad_size.data_ptr<float>();
+  const at::ScalarType go_type = grad_out.scalar_type(), out_type = out.scalar_type();
+  const char* gop = static_cast<const char*>(grad_out.data_ptr());
+  const char* outp = static_cast<const char*>(out.data_ptr());
+  const int64_t go_stride = Nb * C * static_cast<int64_t>(grad_out.element_size());
+  const int64_t out_stride = Nb * C * static_cast<int64_t>(out.element_size());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fpet_merge_backward", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* gxp = grad_x.data_ptr<scalar_t>();
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      FpetWorkspace ws;
+      BackwardScratch sc;
+      for (int64_t b = b0; b < b1; ++b) {
+        fpet_backward_image<scalar_t>(gop + b * go_stride, go_type, gsp ? gsp + b * Nb : nullptr, xp + b * N * C,
+                                      mp + b * N * D, sp_all ? sp_all + b * N : nullptr, outp + b * out_stride,
+                                      out_type, osp + b * Nb, tp + b * N, L, C, D, gxp + b * N * C,
+                                      gmp + b * N * D, gszp + b * N, ws, sc);
+      }
+    });
+  });
+  if (metric.scalar_type() != at::kFloat) grad_metric = grad_metric.to(metric.scalar_type());
+  return {grad_x, grad_metric, grad_size};
+}
+
+}  // namespace
+}  // namespace fpet
+
+TORCH_LIBRARY_IMPL(fpet_C, CPU, m) {
+  m.impl("fpet_merge", &fpet::fpet_merge_cpu);
+  m.impl("fpet_merge_backward", &fpet::fpet_merge_backward_cpu);
+}
