@@ -13,6 +13,7 @@ the reference (saying so once) when no kernel is live.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import warnings
@@ -42,8 +43,9 @@ def _has_kernel(op: str, key: str) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
 def live() -> dict[str, bool]:
-    """Which backends can run here (the device being present for GPU backends)."""
+    """Which backends can run here (the device being present for GPU backends); fixed per process."""
     return {
         "reference": True,
         "cpu": _has_kernel("tome_merge", "CPU"),
@@ -58,7 +60,7 @@ def backends() -> dict:
     >>> import fpet_kernels as fk; fk.backends()["live"]["reference"]
     True
     """
-    lv = live()
+    lv = dict(live())
     chosen = {"cpu": "cpu" if lv["cpu"] else "reference"}
     if torch.cuda.is_available():
         chosen["cuda"] = "cuda" if lv["cuda"] else ("triton" if lv["triton"] else "reference")
