@@ -28,7 +28,7 @@ def _extensions():
 
     debug = _flag("FPET_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags = opt + ["-std=c++17", "-fopenmp"]
+    cxx_flags = opt + ["-std=c++20", "-fopenmp"]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     include_dirs = [os.path.join(ROOT, "csrc")]
@@ -51,7 +51,7 @@ def _extensions():
         for base in list(getattr(nvidia, "__path__", [])):
             include_dirs += sorted(glob.glob(os.path.join(base, "cu*", "include")))
             include_dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
-        extra["nvcc"] = opt + ["-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        extra["nvcc"] = opt + ["-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
         define_macros.append(("FPET_WITH_CUDA", None))
         ext = ce.CUDAExtension(
             "fpet_kernels._C",

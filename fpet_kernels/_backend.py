@@ -13,7 +13,6 @@ the reference (saying so once) when no kernel is live.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 import warnings
@@ -43,15 +42,23 @@ def _has_kernel(op: str, key: str) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
-def live() -> dict[str, bool]:
-    """Which backends can run here (the device being present for GPU backends); fixed per process."""
+def _probe() -> dict[str, bool]:
     return {
         "reference": True,
         "cpu": _has_kernel("tome_merge", "CPU"),
         "cuda": _has_kernel("tome_merge", "CUDA") and torch.cuda.is_available(),
         "triton": False,
     }
+
+
+# Fixed for the process, probed once at import: resolve() runs inside torch.compile traces, where
+# a call into torch._C would break the graph.
+_LIVE = _probe()
+
+
+def live() -> dict[str, bool]:
+    """Which backends can run here (the device being present for GPU backends)."""
+    return _LIVE
 
 
 def backends() -> dict:

@@ -44,7 +44,7 @@ def pyra_merge_reference(x: Tensor, metric: Tensor, r: int, a: Tensor, b: Tensor
     cdt = compute_dtype(x, size, a, b, ln_weight, ln_bias)
     s = torch.ones(*x.shape[:2], 1, dtype=cdt, device=x.device) if size is None else size.to(cdt)
     if r == 0:
-        return x.clone(), s.to(size_dtype(x, size)), Matching(src, dst, unm, tmap)
+        return x.clone(), s.to(size_dtype(x, size)).clone(), Matching(src, dst, unm, tmap)
     bsz, _, c = x.shape
     z = x.to(cdt) * s
     s_rows, _, _, wc, wt = _modulation(z, src, dst, a, b, ln_weight, ln_bias, eps)
@@ -69,7 +69,7 @@ def pyra_merge_backward_reference(grad_out, grad_out_size, x, size, out, out_siz
     s_rows, t_rows, w, wc, wt = _modulation(z, src, dst, a, b, ln_weight, ln_bias, eps)
     y = s_rows + t_rows
     mu = y.mean(-1, keepdim=True)
-    rstd = torch.rsqrt(y.var(-1, unbiased=False, keepdim=True) + eps)
+    rstd = torch.rsqrt((y - mu).square().mean(-1, keepdim=True) + eps)
     yh = (y - mu) * rstd
 
     den = out_size.to(cdt)

@@ -88,10 +88,9 @@ def tome_match_reference(metric: Tensor, r: int, class_token: bool = False, dist
             scores[:, :, 0] = -torch.inf
         best, dst = scores.max(dim=-1)  # ties: the first (lowest j) maximum
         rank = torch.sort(best, dim=-1, descending=True, stable=True).indices  # ties: lower i first
-        src, unm = rank[:, :r].contiguous(), rank[:, r:]
+        src, unm = rank[:, :r].clone(), rank[:, r:].clone()  # clones: op outputs may not alias
         if class_token:
             unm = unm.sort(dim=-1).values
-        unm = unm.contiguous()
         dst_idx = dst.gather(1, src)
     return src, dst_idx, unm, token_map_reference(n, src, dst_idx, unm, distill_token)
 
@@ -127,6 +126,13 @@ def tome_merge_reference(x: Tensor, metric: Tensor, r: int, size: Optional[Tenso
     num = merge_by_indices(x.to(cdt) * s, src, dst, unm, "sum", distill_token)
     den = merge_by_indices(s, src, dst, unm, "sum", distill_token)
     return (num / den).to(x.dtype), den, Matching(src, dst, unm, tmap)
+
+
+def check_map_range(token_map: Tensor, n_out: int) -> None:
+    """Entries must be in [-1, n_out) (a data check: done inside the kernels, never while tracing)."""
+    if token_map.numel() and (int(token_map.min()) < -1 or int(token_map.max()) >= n_out):
+        raise ValueError(f"token_map entries must be in [-1, {n_out}), got [{int(token_map.min())}, "
+                         f"{int(token_map.max())}]")
 
 
 def merge_wavg_reference(x: Tensor, size: Optional[Tensor], token_map: Tensor, n_out: int):
@@ -246,6 +252,7 @@ def _(x, metric, r, size, class_token, distill_token, backend):
                          schema="(Tensor x, Tensor? size, Tensor token_map, int n_out, str backend) -> (Tensor, Tensor)")
 def _merge_wavg_op(x, size, token_map, n_out, backend):
     if backend == "reference":
+        check_map_range(token_map, n_out)
         out, den = merge_wavg_reference(x, size, token_map, n_out)
         return out.contiguous(), den.contiguous()
     return tuple(_cpp().merge_wavg(x.contiguous(), _contig(size), token_map.contiguous(), n_out))
@@ -276,6 +283,7 @@ def _(grad_out, size, out_size, token_map, backend):
                          schema="(Tensor y, Tensor token_map, str backend) -> Tensor")
 def _unmerge_op(y, token_map, backend):
     if backend == "reference":
+        check_map_range(token_map, y.shape[1])
         return unmerge_reference(y, token_map).contiguous()
     return _cpp().unmerge(y.contiguous(), token_map.contiguous())
 
@@ -290,6 +298,7 @@ def _(y, token_map, backend):
                          schema="(Tensor x, Tensor token_map, int n_out, str backend) -> Tensor")
 def _merge_sum_op(x, token_map, n_out, backend):
     if backend == "reference":
+        check_map_range(token_map, n_out)
         return merge_sum_reference(x, token_map, n_out).contiguous()
     return _cpp().merge_sum(x.contiguous(), token_map.contiguous(), n_out)
 
