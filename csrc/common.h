@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -21,8 +22,16 @@
 #include <optional>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#if defined(__SSE2__) || (defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)))
+#include <immintrin.h>
+#endif
+
 // ---------------------------------------------------------------------------------------------
-// Argument checks (TORCH_CHECK raises RuntimeError / ValueError-like c10::Error with the message)
+// Argument checks (TORCH_CHECK raises c10::Error, a RuntimeError in Python, naming the argument)
 // ---------------------------------------------------------------------------------------------
 #define CHECK_CPU(x) TORCH_CHECK((x).device().is_cpu(), #x " must be a CPU tensor, got ", (x).device())
 #define CHECK_DIM(x, d) \
@@ -36,10 +45,10 @@
               " must have shape ", at::IntArrayRef(std::vector<int64_t>{__VA_ARGS__}), ", got ", \
               (x).sizes())
 // A floating [B, N, D] CPU tensor.
-#define CHECK_BND(x) \
-  do {               \
-    CHECK_CPU(x);    \
-    CHECK_DIM(x, 3); \
+#define CHECK_BND(x)   \
+  do {                 \
+    CHECK_CPU(x);      \
+    CHECK_DIM(x, 3);   \
     CHECK_FLOATING(x); \
   } while (0)
 
@@ -67,6 +76,31 @@ inline at::Tensor sizes_f32(const std::optional<at::Tensor>& size, int64_t B, in
 }
 
 inline const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+// A large freshly allocated output is written once, page by page; on Linux the first touch of
+// every 4 KiB page is a page fault, which for a 35 MB output costs more than the merge itself.
+// Advising transparent huge pages for the 2 MiB-aligned interior of the buffer (what torch does
+// for every allocation with THP_MEM_ALLOC_ENABLE=1) cuts the faults 512-fold. Advice only: no
+// effect on values, a no-op where THP is disabled or unsupported.
+inline void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const size_t bytes = t.nbytes();
+  if (bytes < 4 * kHuge) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.data_ptr()) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(t.data_ptr()) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
+// at::empty for a [B, rows, C] result that the kernel fills completely.
+inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+  advise_huge_pages(t);
+  return t;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Rows of x in float32
@@ -127,6 +161,37 @@ inline void scaled_copy(const T* x, float s, T* out, int64_t n) {
   }
 }
 
+// out[c] = (x[pos[0]][c] w[0] + x[pos[1]][c] w[1] + ...) / den, summed left to right in
+// float32, for `count` >= 1 rows of x (row stride ldx). One pass over the rows for one or two
+// terms; longer sums go through `acc` (n floats) with the first and last terms fused.
+template <typename T>
+inline void weighted_mean_row(const T* x, int64_t ldx, const int64_t* pos, const float* w, int64_t count, float den,
+                              T* out, int64_t n, float* acc) {
+  if (count == 1 && w[0] == den) {
+    scaled_copy(x + pos[0] * ldx, w[0], out, n);
+    return;
+  }
+  const T* x0 = x + pos[0] * ldx;
+  const float w0 = w[0];
+  if (count == 1) {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>((static_cast<float>(x0[i]) * w0) / den);
+    return;
+  }
+  const T* x1 = x + pos[1] * ldx;
+  const float w1 = w[1];
+  if (count == 2) {
+    for (int64_t i = 0; i < n; ++i) {
+      out[i] = static_cast<T>((static_cast<float>(x0[i]) * w0 + static_cast<float>(x1[i]) * w1) / den);
+    }
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) acc[i] = static_cast<float>(x0[i]) * w0 + static_cast<float>(x1[i]) * w1;
+  for (int64_t k = 2; k + 1 < count; ++k) acc_add(acc, x + pos[k] * ldx, w[k], n);
+  const T* xl = x + pos[count - 1] * ldx;
+  const float wl = w[count - 1];
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>((acc[i] + static_cast<float>(xl[i]) * wl) / den);
+}
+
 // ---------------------------------------------------------------------------------------------
 // float32 numerics
 // ---------------------------------------------------------------------------------------------
@@ -179,31 +244,113 @@ inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 //   A(m, k) = A[m * rsa + k * csa]  (any strides: a row-major matrix or its transpose)
 //   Bt      row-major [K][ldb], n contiguous; the caller pads n to a multiple of kGemmNR
 //   Cm      row-major [M][ldc]
-// Every output element is one sequential sum over k = 0 .. K-1 (vectorised across n), so the
-// result does not depend on the tiling or the thread count, and no -ffast-math is needed.
+// Every output element is one sequential sum over k = 0 .. K-1, vectorised across n, so the
+// result does not depend on the tiling or the thread count (no -ffast-math needed).
+// On x86-64 CPUs with AVX2 + FMA the micro-kernel uses fused multiply-adds (chosen once at run
+// time; FPET_CPU_NO_AVX2=1 forces the portable kernel): results are deterministic on a given
+// machine, and may differ in the last bit between the two kernels.
 // ---------------------------------------------------------------------------------------------
-constexpr int64_t kGemmNR = 8;   // columns per register tile (two SSE / one AVX vector)
+constexpr int64_t kGemmNR = 16;  // columns per panel (the padding unit)
 constexpr int kGemmMR = 4;       // rows per register tile
 constexpr int64_t kGemmKC = 256; // k block kept in L1
 
+// Portable micro-kernel: MR rows x 8 columns (two SSE vectors per row).
 template <int MR>
-inline void gemm_micro(int64_t K, const float* A, int64_t rsa, int64_t csa, const float* Bt, int64_t ldb,
-                       float* Cm, int64_t ldc, bool accumulate) {
-  float acc[MR][kGemmNR];
+inline void gemm_micro_generic(int64_t K, const float* A, int64_t rsa, int64_t csa, const float* Bt, int64_t ldb,
+                               float* Cm, int64_t ldc, bool accumulate) {
+  constexpr int NR = 8;
+  float acc[MR][NR];
   for (int r = 0; r < MR; ++r) {
-    for (int n = 0; n < kGemmNR; ++n) acc[r][n] = accumulate ? Cm[r * ldc + n] : 0.f;
+    for (int n = 0; n < NR; ++n) acc[r][n] = accumulate ? Cm[r * ldc + n] : 0.f;
   }
   for (int64_t k = 0; k < K; ++k) {
     const float* b = Bt + k * ldb;
     for (int r = 0; r < MR; ++r) {
       const float a = A[r * rsa + k * csa];
 #pragma omp simd
-      for (int n = 0; n < kGemmNR; ++n) acc[r][n] += a * b[n];
+      for (int n = 0; n < NR; ++n) acc[r][n] += a * b[n];
     }
   }
   for (int r = 0; r < MR; ++r) {
-    for (int n = 0; n < kGemmNR; ++n) Cm[r * ldc + n] = acc[r][n];
+    for (int n = 0; n < NR; ++n) Cm[r * ldc + n] = acc[r][n];
   }
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FPET_X86_AVX2_DISPATCH 1
+// AVX2 + FMA micro-kernel: MR rows x 16 columns (two AVX vectors per row). The accumulators are
+// named variables (not an array) so that they stay in registers.
+#define FPET_AVX2_ROW(r, STMT) \
+  if constexpr (MR > r) {      \
+    STMT(r)                    \
+  }
+#define FPET_AVX2_INIT(r)                                                          \
+  lo##r = accumulate ? _mm256_loadu_ps(Cm + r * ldc) : _mm256_setzero_ps();     \
+  hi##r = accumulate ? _mm256_loadu_ps(Cm + r * ldc + 8) : _mm256_setzero_ps();
+#define FPET_AVX2_FMA(r)                                          \
+  {                                                               \
+    const __m256 a = _mm256_broadcast_ss(A + r * rsa + k * csa);  \
+    lo##r = _mm256_fmadd_ps(a, b0, lo##r);                        \
+    hi##r = _mm256_fmadd_ps(a, b1, hi##r);                        \
+  }
+#define FPET_AVX2_STORE(r)                   \
+  _mm256_storeu_ps(Cm + r * ldc, lo##r);     \
+  _mm256_storeu_ps(Cm + r * ldc + 8, hi##r);
+
+template <int MR>
+__attribute__((target("avx2,fma"))) inline void gemm_micro_avx2(int64_t K, const float* A, int64_t rsa,
+                                                                int64_t csa, const float* Bt, int64_t ldb,
+                                                                float* Cm, int64_t ldc, bool accumulate) {
+  static_assert(MR >= 1 && MR <= 4, "gemm_micro_avx2: 1 to 4 rows");
+  __m256 lo0 = _mm256_setzero_ps(), hi0 = lo0, lo1 = lo0, hi1 = lo0, lo2 = lo0, hi2 = lo0, lo3 = lo0, hi3 = lo0;
+  FPET_AVX2_ROW(0, FPET_AVX2_INIT)
+  FPET_AVX2_ROW(1, FPET_AVX2_INIT)
+  FPET_AVX2_ROW(2, FPET_AVX2_INIT)
+  FPET_AVX2_ROW(3, FPET_AVX2_INIT)
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(Bt + k * ldb);
+    const __m256 b1 = _mm256_loadu_ps(Bt + k * ldb + 8);
+    FPET_AVX2_ROW(0, FPET_AVX2_FMA)
+    FPET_AVX2_ROW(1, FPET_AVX2_FMA)
+    FPET_AVX2_ROW(2, FPET_AVX2_FMA)
+    FPET_AVX2_ROW(3, FPET_AVX2_FMA)
+  }
+  FPET_AVX2_ROW(0, FPET_AVX2_STORE)
+  FPET_AVX2_ROW(1, FPET_AVX2_STORE)
+  FPET_AVX2_ROW(2, FPET_AVX2_STORE)
+  FPET_AVX2_ROW(3, FPET_AVX2_STORE)
+}
+#undef FPET_AVX2_ROW
+#undef FPET_AVX2_INIT
+#undef FPET_AVX2_FMA
+#undef FPET_AVX2_STORE
+
+inline bool cpu_has_avx2_fma() {
+  static const bool yes = [] {
+    const char* off = std::getenv("FPET_CPU_NO_AVX2");
+    if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return yes;
+}
+#else
+inline bool cpu_has_avx2_fma() { return false; }
+#endif
+
+// One MR x 16 tile.
+template <int MR>
+inline void gemm_tile(bool avx2, int64_t K, const float* A, int64_t rsa, int64_t csa, const float* Bt, int64_t ldb,
+                      float* Cm, int64_t ldc, bool accumulate) {
+#ifdef FPET_X86_AVX2_DISPATCH
+  if (avx2) {
+    gemm_micro_avx2<MR>(K, A, rsa, csa, Bt, ldb, Cm, ldc, accumulate);
+    return;
+  }
+#endif
+  (void)avx2;
+  gemm_micro_generic<MR>(K, A, rsa, csa, Bt, ldb, Cm, ldc, accumulate);
+  gemm_micro_generic<MR>(K, A, rsa, csa, Bt + 8, ldb, Cm + 8, ldc, accumulate);
 }
 
 // Np must be a multiple of kGemmNR (pad Bt and Cm with columns that are then ignored).
@@ -214,6 +361,7 @@ inline void gemm_packed(int64_t M, int64_t Np, int64_t K, const float* A, int64_
     for (int64_t m = 0; m < M; ++m) std::fill(Cm + m * ldc, Cm + m * ldc + Np, 0.f);
     return;
   }
+  const bool avx2 = cpu_has_avx2_fma();
   for (int64_t k0 = 0; k0 < K; k0 += kGemmKC) {
     const int64_t kc = std::min(kGemmKC, K - k0);
     const bool accumulate = k0 > 0;
@@ -222,15 +370,30 @@ inline void gemm_packed(int64_t M, int64_t Np, int64_t K, const float* A, int64_
     for (int64_t n0 = 0; n0 < Np; n0 += kGemmNR) {
       int64_t m0 = 0;
       for (; m0 + kGemmMR <= M; m0 += kGemmMR) {
-        gemm_micro<kGemmMR>(kc, Ak + m0 * rsa, rsa, csa, Bk + n0, ldb, Cm + m0 * ldc + n0, ldc, accumulate);
+        gemm_tile<kGemmMR>(avx2, kc, Ak + m0 * rsa, rsa, csa, Bk + n0, ldb, Cm + m0 * ldc + n0, ldc, accumulate);
       }
       switch (M - m0) {
-        case 3: gemm_micro<3>(kc, Ak + m0 * rsa, rsa, csa, Bk + n0, ldb, Cm + m0 * ldc + n0, ldc, accumulate); break;
-        case 2: gemm_micro<2>(kc, Ak + m0 * rsa, rsa, csa, Bk + n0, ldb, Cm + m0 * ldc + n0, ldc, accumulate); break;
-        case 1: gemm_micro<1>(kc, Ak + m0 * rsa, rsa, csa, Bk + n0, ldb, Cm + m0 * ldc + n0, ldc, accumulate); break;
+        case 3: gemm_tile<3>(avx2, kc, Ak + m0 * rsa, rsa, csa, Bk + n0, ldb, Cm + m0 * ldc + n0, ldc, accumulate); break;
+        case 2: gemm_tile<2>(avx2, kc, Ak + m0 * rsa, rsa, csa, Bk + n0, ldb, Cm + m0 * ldc + n0, ldc, accumulate); break;
+        case 1: gemm_tile<1>(avx2, kc, Ak + m0 * rsa, rsa, csa, Bk + n0, ldb, Cm + m0 * ldc + n0, ldc, accumulate); break;
         default: break;
       }
     }
+  }
+}
+
+// dst[d][j] = src[j][d] for j < rows, d < cols (src row stride lds, dst row stride ldd), in
+// blocks of 8 source rows so that every destination row gets contiguous writes.
+inline void transpose_pad(const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst, int64_t ldd) {
+  int64_t j0 = 0;
+  for (; j0 + 8 <= rows; j0 += 8) {
+    for (int64_t d = 0; d < cols; ++d) {
+      float* o = dst + d * ldd + j0;
+      for (int jj = 0; jj < 8; ++jj) o[jj] = src[(j0 + jj) * lds + d];
+    }
+  }
+  for (; j0 < rows; ++j0) {
+    for (int64_t d = 0; d < cols; ++d) dst[d * ldd + j0] = src[j0 * lds + d];
   }
 }
 
@@ -270,12 +433,75 @@ struct TomeRows {
 };
 
 struct TomeWorkspace {
-  std::vector<float> an, bnt, scores, row, best;
+  std::vector<float> an, bn, bnt, scores, best;
   std::vector<int64_t> dst, rank;
 };
 
 // NaN sorts first (as torch.sort(descending=True)): a strict weak order even with NaN.
 inline bool score_greater(float a, float b) { return (std::isnan(a) && !std::isnan(b)) || a > b; }
+
+// Largest value of s[j0 .. n) and its lowest index (NaN counts as the largest, as torch.max);
+// an empty or all -inf range gives (-inf, 0).
+inline void row_argmax_scalar(const float* s, int64_t j0, int64_t n, float& best_out, int64_t& arg_out) {
+  float best = -std::numeric_limits<float>::infinity();
+  int64_t arg = 0;
+  for (int64_t j = j0; j < n; ++j) {
+    if (score_greater(s[j], best)) {
+      best = s[j];
+      arg = j;
+    }
+  }
+  best_out = best;
+  arg_out = arg;
+}
+
+inline void row_argmax(const float* s, int64_t j0, int64_t n, float& best_out, int64_t& arg_out) {
+#if defined(__SSE2__)
+  // Eight lanes (two SSE vectors), each keeping its first maximum; then the lowest index among
+  // the lanes that hold the overall maximum. A NaN anywhere takes the scalar path.
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  __m128 m0 = _mm_set1_ps(kNegInf), m1 = m0, unordered = _mm_setzero_ps();
+  __m128i i0 = _mm_setzero_si128(), i1 = i0;
+  const __m128i lane0 = _mm_setr_epi32(0, 1, 2, 3), lane1 = _mm_setr_epi32(4, 5, 6, 7);
+  int64_t j = j0;
+  for (; j + 8 <= n; j += 8) {
+    const __m128 v0 = _mm_loadu_ps(s + j), v1 = _mm_loadu_ps(s + j + 4);
+    const __m128i g0 = _mm_castps_si128(_mm_cmpgt_ps(v0, m0)), g1 = _mm_castps_si128(_mm_cmpgt_ps(v1, m1));
+    const __m128i jv = _mm_set1_epi32(static_cast<int32_t>(j));
+    i0 = _mm_or_si128(_mm_and_si128(g0, _mm_add_epi32(jv, lane0)), _mm_andnot_si128(g0, i0));
+    i1 = _mm_or_si128(_mm_and_si128(g1, _mm_add_epi32(jv, lane1)), _mm_andnot_si128(g1, i1));
+    m0 = _mm_max_ps(v0, m0);  // v > m ? v : m
+    m1 = _mm_max_ps(v1, m1);
+    unordered = _mm_or_ps(unordered, _mm_or_ps(_mm_cmpunord_ps(v0, v0), _mm_cmpunord_ps(v1, v1)));
+  }
+  if (_mm_movemask_ps(unordered) != 0) return row_argmax_scalar(s, j0, n, best_out, arg_out);
+  alignas(16) float mv[8];
+  alignas(16) int32_t iv[8];
+  _mm_store_ps(mv, m0);
+  _mm_store_ps(mv + 4, m1);
+  _mm_store_si128(reinterpret_cast<__m128i*>(iv), i0);
+  _mm_store_si128(reinterpret_cast<__m128i*>(iv + 4), i1);
+  float best = kNegInf;
+  int64_t arg = 0;
+  for (int l = 0; l < 8; ++l) {
+    if (mv[l] > best || (mv[l] == best && mv[l] != kNegInf && iv[l] < arg)) {
+      best = mv[l];
+      arg = iv[l];
+    }
+  }
+  for (; j < n; ++j) {  // tail: later indices than every lane
+    if (std::isnan(s[j])) return row_argmax_scalar(s, j0, n, best_out, arg_out);
+    if (s[j] > best) {
+      best = s[j];
+      arg = j;
+    }
+  }
+  best_out = best;
+  arg_out = arg;
+#else
+  row_argmax_scalar(s, j0, n, best_out, arg_out);
+#endif
+}
 
 // metric: the float32 [N, D] rows of one image. Writes src [r], dst [r], unm [Na - r], map [N].
 inline void tome_match_image(const float* metric, int64_t N, int64_t D, int64_t r, bool class_token,
@@ -291,17 +517,15 @@ inline void tome_match_image(const float* metric, int64_t N, int64_t D, int64_t 
   ws.an.resize(static_cast<size_t>(Na * D));
   ws.bnt.assign(static_cast<size_t>(D * Nbp), 0.f);
   ws.scores.resize(static_cast<size_t>(Na * Nbp));
-  ws.row.resize(static_cast<size_t>(D));
+  ws.bn.resize(static_cast<size_t>(Nb * D));
   ws.best.resize(static_cast<size_t>(Na));
   ws.dst.resize(static_cast<size_t>(Na));
   ws.rank.resize(static_cast<size_t>(Na));
 
   // Normalised A rows (even positions), and B rows (odd positions) transposed to [D][Nbp].
   for (int64_t i = 0; i < Na; ++i) normalize_row(metric + (2 * i) * D, ws.an.data() + i * D, D);
-  for (int64_t j = 0; j < Nb; ++j) {
-    normalize_row(metric + (2 * j + 1) * D, ws.row.data(), D);
-    for (int64_t d = 0; d < D; ++d) ws.bnt[d * Nbp + j] = ws.row[d];
-  }
+  for (int64_t j = 0; j < Nb; ++j) normalize_row(metric + (2 * j + 1) * D, ws.bn.data() + j * D, D);
+  transpose_pad(ws.bn.data(), Nb, D, D, ws.bnt.data(), Nbp);
   gemm_packed(Na, Nbp, D, ws.an.data(), D, 1, ws.bnt.data(), Nbp, ws.scores.data(), Nbp);
 
   // best / lowest argmax per A row; class token row and distill token column are -inf.
@@ -310,15 +534,7 @@ inline void tome_match_image(const float* metric, int64_t N, int64_t D, int64_t 
   for (int64_t i = 0; i < Na; ++i) {
     float best = kNegInf;
     int64_t arg = 0;
-    if (!(class_token && i == 0)) {
-      const float* s = ws.scores.data() + i * Nbp;
-      for (int64_t j = j_begin; j < Nb; ++j) {
-        if (score_greater(s[j], best)) {
-          best = s[j];
-          arg = j;
-        }
-      }
-    }
+    if (!(class_token && i == 0)) row_argmax(ws.scores.data() + i * Nbp, j_begin, Nb, best, arg);
     ws.best[i] = best;
     ws.dst[i] = arg;
   }
@@ -350,10 +566,12 @@ inline void group_by_destination(const int64_t* dst, int64_t count, int64_t n_ro
     if (dst[k] >= 0) ++head[dst[k] + 1];
   }
   for (int64_t j = 0; j < n_rows; ++j) head[j + 1] += head[j];
-  std::vector<int64_t> fill(head.begin(), head.end() - 1);
+  // Fill with head[j] as the cursor of row j (it ends at row j + 1's start), then shift back.
   for (int64_t k = 0; k < count; ++k) {
-    if (dst[k] >= 0) list[fill[dst[k]]++] = k;
+    if (dst[k] >= 0) list[head[dst[k]]++] = k;
   }
+  for (int64_t j = n_rows; j > 0; --j) head[j] = head[j - 1];
+  head[0] = 0;
 }
 
 }  // namespace fpet

@@ -29,6 +29,7 @@ TORCH_LIBRARY(fpet_C, m) {
 // `import fpet_kernels._C` loads this library, which runs the registrations above; the Python
 // module itself is empty (the ops live in torch.ops.fpet_C).
 PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module_def);
 }

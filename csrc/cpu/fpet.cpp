@@ -63,11 +63,8 @@ void fpet_scores_image(const float* metric, const FpetLayout& L, int64_t D, Fpet
   ws.top1.resize(static_cast<size_t>(Na));
   ws.top2.resize(static_cast<size_t>(Na));
   for (int64_t i = 0; i < Na; ++i) ws.norm_a[i] = normalize_row(metric + L.a_pos[i] * D, ws.an.data() + i * Dp, D);
-  for (int64_t j = 0; j < Nb; ++j) {
-    float* row = ws.bn.data() + j * Dp;
-    ws.norm_b[j] = normalize_row(metric + L.b_pos[j] * D, row, D);
-    for (int64_t d = 0; d < D; ++d) ws.bnt[d * Nbp + j] = row[d];
-  }
+  for (int64_t j = 0; j < Nb; ++j) ws.norm_b[j] = normalize_row(metric + L.b_pos[j] * D, ws.bn.data() + j * Dp, D);
+  transpose_pad(ws.bn.data(), Nb, D, Dp, ws.bnt.data(), Nbp);
   gemm_packed(Na, Nbp, D, ws.an.data(), Dp, 1, ws.bnt.data(), Nbp, ws.scores.data(), Nbp);
   const int64_t p = std::min(L.p, Nb);
   for (int64_t i = 0; i < Na; ++i) {
@@ -102,8 +99,8 @@ inline int64_t hard_match(const FpetWorkspace& ws, int64_t i) {
 }
 
 struct MergeScratch {
-  std::vector<float> acc;
-  std::vector<int64_t> match, head, list;
+  std::vector<float> acc, w;
+  std::vector<int64_t> match, head, list, pos;
 };
 
 // out[j] = (x_B[j] s_B[j] + sum_{i -> j, ascending i} x_A[i] s_A[i]) / (s_B[j] + sum s_A[i]),
@@ -117,24 +114,21 @@ void fpet_merge_image(const T* x, const float* s, const int64_t* token_map, cons
   for (int64_t i = 0; i < L.Na; ++i) sc.match[i] = token_map[L.a_pos[i]];
   group_by_destination(sc.match.data(), L.Na, L.Nb, sc.head, sc.list);
   sc.acc.resize(static_cast<size_t>(cw));
-  float* acc = sc.acc.data();
+  sc.pos.resize(static_cast<size_t>(L.Na + 1));
+  sc.w.resize(static_cast<size_t>(L.Na + 1));
   for (int64_t j = 0; j < L.Nb; ++j) {
-    const int64_t pos = L.b_pos[j];
-    const int64_t h0 = sc.head[j], h1 = sc.head[j + 1];
-    if (h0 == h1) {
-      scaled_copy(x + pos * C + c0, size_of(pos), out + j * C + c0, cw);
-      if (out_size) out_size[j] = size_of(pos);
-      continue;
-    }
-    float den = size_of(pos);
-    acc_init(acc, x + pos * C + c0, den, cw);
-    for (int64_t h = h0; h < h1; ++h) {
+    // The B row itself, then its sources in ascending A index.
+    int64_t count = 0;
+    sc.pos[count] = L.b_pos[j];
+    sc.w[count++] = size_of(L.b_pos[j]);
+    float den = sc.w[0];
+    for (int64_t h = sc.head[j]; h < sc.head[j + 1]; ++h) {
       const int64_t apos = L.a_pos[sc.list[h]];
-      const float sa = size_of(apos);
-      acc_add(acc, x + apos * C + c0, sa, cw);
-      den += sa;
+      sc.pos[count] = apos;
+      sc.w[count] = size_of(apos);
+      den += sc.w[count++];
     }
-    acc_store(acc, den, out + j * C + c0, cw);
+    weighted_mean_row(x + c0, C, sc.pos.data(), sc.w.data(), count, den, out + j * C + c0, cw, sc.acc.data());
     if (out_size) out_size[j] = den;
   }
 }
@@ -152,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_cpu(const at::Tensor& 
   const at::Tensor x = x_.contiguous();
   const at::Tensor m = contiguous_f32(metric);
   const at::Tensor s = sizes_f32(size, B, N);
-  at::Tensor out = at::empty({B, L.Nb, C}, x.options());
+  at::Tensor out = empty_output({B, L.Nb, C}, x.options());
   at::Tensor out_size = at::empty({B, L.Nb, 1}, x.options().dtype(at::kFloat));
   at::Tensor token_map = at::empty({B, N}, x.options().dtype(at::kLong));
   const float* mp = m.data_ptr<float>();
@@ -240,8 +234,8 @@ void fpet_backward_image(const void* grad_out, at::ScalarType go_type, const flo
     if (grad_size) gd += grad_size[j];
     sc.gden[j] = gd;
     for (int64_t c = 0; c < C; ++c) g[c] = g[c] / os;
-    for (int64_t c = 0; c < C; ++c) sc.gnumt[c * Nbp + j] = g[c];
   }
+  transpose_pad(sc.gnum.data(), Nb, C, C, sc.gnumt.data(), Nbp);
   // z_A [Na][C], s_A [Na], the forward matching.
   sc.za.resize(static_cast<size_t>(Na * C));
   sc.sa.resize(static_cast<size_t>(Na));
@@ -350,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_backward_cpu(
   const at::Tensor s = sizes_f32(size, B, N);
   const at::Tensor gs = sizes_f32(grad_size_, B, Nb, "grad_size");
   const at::Tensor os = contiguous_f32(out_size_);
-  at::Tensor grad_x = at::empty({B, N, C}, x.options());
+  at::Tensor grad_x = empty_output({B, N, C}, x.options());
   at::Tensor grad_metric = at::empty({B, N, D}, x.options().dtype(at::kFloat));
   at::Tensor grad_size = at::empty({B, N, 1}, x.options().dtype(at::kFloat));
   const float* mp = m.data_ptr<float>();

@@ -128,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const PyraParams prm{a.data_ptr<float>(), bv.data_ptr<float>(), lw.data_ptr<float>(), lb.data_ptr<float>(),
                        static_cast<float>(eps)};
   const auto lopt = x.options().dtype(at::kLong);
-  at::Tensor out = at::empty({B, N - r, C}, x.options());
+  at::Tensor out = empty_output({B, N - r, C}, x.options());
   at::Tensor out_size = at::empty({B, N - r, 1}, x.options().dtype(at::kFloat));
   at::Tensor src = at::empty({B, r}, lopt), dst = at::empty({B, r}, lopt);
   at::Tensor unm = at::empty({B, Na - r}, lopt), map = at::empty({B, N}, lopt);

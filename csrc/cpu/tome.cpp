@@ -12,8 +12,8 @@ namespace fpet {
 namespace {
 
 struct MergeScratch {
-  std::vector<float> acc, den;
-  std::vector<int64_t> head, list, count;
+  std::vector<float> acc, den, w;
+  std::vector<int64_t> head, list, count, pos;
 };
 
 // Check a token map [B, N] (int64, CPU) against x's leading dims.
@@ -54,24 +54,22 @@ void tome_merge_image(const T* x, const float* s, int64_t N, int64_t C, int64_t 
   }
   group_by_destination(dst_idx, r, Nb, sc.head, sc.list);
   sc.acc.resize(static_cast<size_t>(cw));
-  float* acc = sc.acc.data();
+  sc.pos.resize(static_cast<size_t>(r + 1));
+  sc.w.resize(static_cast<size_t>(r + 1));
   for (int64_t j = 0; j < Nb; ++j) {
-    const int64_t pos = 2 * j + 1, row = rows.b_row(j);
-    const int64_t h0 = sc.head[j], h1 = sc.head[j + 1];
-    if (h0 == h1) {
-      scaled_copy(x + pos * C + c0, size_of(pos), out + row * C + c0, cw);
-      if (out_size) out_size[row] = size_of(pos);
-      continue;
-    }
-    float den = size_of(pos);
-    acc_init(acc, x + pos * C + c0, den, cw);
-    for (int64_t h = h0; h < h1; ++h) {
+    const int64_t row = rows.b_row(j);
+    // The B row itself, then its sources in rank order.
+    int64_t count = 0;
+    sc.pos[count] = 2 * j + 1;
+    sc.w[count++] = size_of(2 * j + 1);
+    float den = sc.w[0];
+    for (int64_t h = sc.head[j]; h < sc.head[j + 1]; ++h) {
       const int64_t spos = 2 * src_idx[sc.list[h]];
-      const float ss = size_of(spos);
-      acc_add(acc, x + spos * C + c0, ss, cw);
-      den += ss;
+      sc.pos[count] = spos;
+      sc.w[count] = size_of(spos);
+      den += sc.w[count++];
     }
-    acc_store(acc, den, out + row * C + c0, cw);
+    weighted_mean_row(x + c0, C, sc.pos.data(), sc.w.data(), count, den, out + row * C + c0, cw, sc.acc.data());
     if (out_size) out_size[row] = den;
   }
 }
@@ -120,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor m = contiguous_f32(metric);
   const at::Tensor s = sizes_f32(size, B, N);
   const auto lopt = x.options().dtype(at::kLong);
-  at::Tensor out = at::empty({B, N - r, C}, x.options());
+  at::Tensor out = empty_output({B, N - r, C}, x.options());
   at::Tensor out_size = at::empty({B, N - r, 1}, x.options().dtype(at::kFloat));
   at::Tensor src = at::empty({B, r}, lopt), dst = at::empty({B, r}, lopt);
   at::Tensor unm = at::empty({B, Na - r}, lopt), map = at::empty({B, N}, lopt);
@@ -186,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor> merge_wavg_cpu(const at::Tensor& x_, const st
   TORCH_CHECK(n_out >= 0, "n_out must be >= 0, got ", n_out);
   const at::Tensor x = x_.contiguous(), token_map = token_map_.contiguous();
   const at::Tensor s = sizes_f32(size, B, N);
-  at::Tensor out = at::empty({B, n_out, C}, x.options());
+  at::Tensor out = empty_output({B, n_out, C}, x.options());
   at::Tensor out_size = at::empty({B, n_out, 1}, x.options().dtype(at::kFloat));
   const float* sp_all = ptr_or_null(s);
   const int64_t* mp = token_map.data_ptr<int64_t>();
@@ -239,7 +237,7 @@ at::Tensor merge_wavg_backward_cpu(const at::Tensor& grad_out_, const std::optio
   const at::Tensor g = grad_out_.contiguous(), token_map = token_map_.contiguous();
   const at::Tensor os = contiguous_f32(out_size_);
   const at::Tensor s = sizes_f32(size, B, N);
-  at::Tensor grad_x = at::empty({B, N, C}, g.options());
+  at::Tensor grad_x = empty_output({B, N, C}, g.options());
   const float* sp_all = ptr_or_null(s);
   const float* osp = os.data_ptr<float>();
   const int64_t* mp = token_map.data_ptr<int64_t>();
@@ -275,7 +273,7 @@ at::Tensor unmerge_cpu(const at::Tensor& y_, const at::Tensor& token_map_) {
   TORCH_CHECK(token_map_.size(0) == B, "token_map must have ", B, " rows, got ", token_map_.sizes());
   const int64_t N = token_map_.size(1);
   const at::Tensor y = y_.contiguous(), token_map = token_map_.contiguous();
-  at::Tensor out = at::empty({B, N, C}, y.options());
+  at::Tensor out = empty_output({B, N, C}, y.options());
   const int64_t* mp = token_map.data_ptr<int64_t>();
   const int64_t esize = static_cast<int64_t>(y.element_size());
   const char* yp = static_cast<const char*>(y.data_ptr());
@@ -301,7 +299,7 @@ at::Tensor merge_sum_cpu(const at::Tensor& x_, const at::Tensor& token_map_, int
   check_token_map(token_map_, B, N);
   TORCH_CHECK(n_out >= 0, "n_out must be >= 0, got ", n_out);
   const at::Tensor x = x_.contiguous(), token_map = token_map_.contiguous();
-  at::Tensor out = at::empty({B, n_out, C}, x.options());
+  at::Tensor out = empty_output({B, n_out, C}, x.options());
   const int64_t* mp = token_map.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "merge_sum", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
