@@ -135,3 +135,11 @@ def resolve(backend: str | None, device: torch.device, dtypes=()) -> str:
         raise ValueError(f"backend={name!r} supports float32, float16 and bfloat16; got {bad} "
                          "(use backend='reference' for other dtypes)")
     return name
+
+
+def direct_call(backend: str, *tensors) -> bool:
+    """Eager calls that need no gradient skip the Python custom-op wrapper (about 40 us a call) and
+    go straight to the extension's kernel: same kernel, same results, less host time at B=1."""
+    if backend not in ("cpu", "cuda") or torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))

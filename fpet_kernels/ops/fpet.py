@@ -216,7 +216,10 @@ def fpet_merge(x: Tensor, metric: Tensor, size: Optional[Tensor] = None, class_t
     p = int(_checks.flag("class_token", class_token)) + int(_checks.flag("distill_token", distill_token))
     h, w = resolve_grid(x.shape[1], p, grid)
     be = _backend.resolve(backend, x.device, (x.dtype, metric.dtype) + (() if size is None else (size.dtype,)))
-    out, out_size, tmap = torch.ops.fpet.fpet_merge(x, metric, size, p, h, w, be)
+    if _backend.direct_call(be, x, metric, size):
+        out, out_size, tmap = torch.ops.fpet_C.fpet_merge(x, metric, size, p, h, w)
+    else:
+        out, out_size, tmap = torch.ops.fpet.fpet_merge(x, metric, size, p, h, w, be)
     return (out, out_size, tmap) if return_token_map else (out, out_size)
 
 

@@ -404,7 +404,10 @@ def tome_merge(x: Tensor, metric: Tensor, r: int, size: Optional[Tensor] = None,
     r = cap_r(_checks.count("r", r), x.shape[1], _checks.flag("class_token", class_token),
               _checks.flag("distill_token", distill_token))
     be = _backend.resolve(backend, x.device, (x.dtype, metric.dtype) + (() if size is None else (size.dtype,)))
-    out, out_size, *m = torch.ops.fpet.tome_merge(x, metric, r, size, class_token, distill_token, be)
+    if _backend.direct_call(be, x, size):
+        out, out_size, *m = _cpp().tome_merge(x, metric, r, size, class_token, distill_token)
+    else:
+        out, out_size, *m = torch.ops.fpet.tome_merge(x, metric, r, size, class_token, distill_token, be)
     return out, out_size, Matching(*m)
 
 
