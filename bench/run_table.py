@@ -42,7 +42,8 @@ def median_ms(call, device: str, min_run_time: float) -> float:
         return float(triton.testing.do_bench(call, return_mode="median"))
     from torch.utils import benchmark
 
-    m = benchmark.Timer(stmt="call()", globals={"call": call}).blocked_autorange(min_run_time=min_run_time)
+    m = benchmark.Timer(stmt="call()", globals={"call": call}, num_threads=torch.get_num_threads())\
+        .blocked_autorange(min_run_time=min_run_time)
     return m.median * 1e3
 
 

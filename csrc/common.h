@@ -407,10 +407,13 @@ struct ChannelSplit {
   int64_t end(int64_t c, int64_t C) const { return std::min(C, (c + 1) * width); }
 };
 
-inline ChannelSplit split_channels(int64_t B, int64_t C, int64_t min_width = 128) {
+// `rows` (tokens per image, 0 = unknown): below about 1M elements in all, waking a second thread
+// costs more than the merge it would share (measured: ViT-B at B=1, 93 us on one thread vs 114 us on two).
+inline ChannelSplit split_channels(int64_t B, int64_t C, int64_t rows = 0, int64_t min_width = 128) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   int64_t chunks = 1;
-  if (B > 0 && B < threads && C >= 2 * min_width) {
+  const bool enough_work = rows == 0 || B * rows * C >= (int64_t{1} << 20);
+  if (B > 0 && B < threads && C >= 2 * min_width && enough_work) {
     chunks = std::min((threads + B - 1) / B, C / min_width);
   }
   chunks = std::max<int64_t>(chunks, 1);

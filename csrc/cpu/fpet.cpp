@@ -153,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_cpu(const at::Tensor& 
   const float* sp_all = ptr_or_null(s);
   float* osp = out_size.data_ptr<float>();
   int64_t* tp = token_map.data_ptr<int64_t>();
-  const ChannelSplit split = split_channels(B, C);
+  const ChannelSplit split = split_channels(B, C, N);
   const bool fused = split.chunks == 1;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fpet_merge", [&] {

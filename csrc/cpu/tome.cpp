@@ -127,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   float* osp = out_size.data_ptr<float>();
   int64_t *sp = src.data_ptr<int64_t>(), *dp = dst.data_ptr<int64_t>();
   int64_t *up = unm.data_ptr<int64_t>(), *tp = map.data_ptr<int64_t>();
-  const ChannelSplit split = split_channels(B, C);
+  const ChannelSplit split = split_channels(B, C, N);
   const bool fused = split.chunks == 1;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tome_merge", [&] {
