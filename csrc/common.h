@@ -423,6 +423,19 @@ inline ChannelSplit split_channels(int64_t B, int64_t C, int64_t rows = 0, int64
   return {chunks, width};
 }
 
+// Runs body(b, c0, c1, first_block, scratch) for every (image, channel block) task in parallel;
+// each task owns one Scratch. The blocks change no summation order, only who computes what.
+template <typename Scratch, typename F>
+void for_each_channel_block(int64_t B, int64_t C, const ChannelSplit& split, const F& body) {
+  at::parallel_for(0, B * split.chunks, 1, [&](int64_t t0, int64_t t1) {
+    Scratch sc;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / split.chunks, c = t % split.chunks;
+      body(b, split.begin(c), split.end(c, C), c == 0, sc);
+    }
+  });
+}
+
 // ---------------------------------------------------------------------------------------------
 // ToMe bipartite matching of one image (shared by tome_match, tome_merge, pyra_merge)
 // ---------------------------------------------------------------------------------------------

@@ -95,3 +95,22 @@ def wavg_by_map(x, size, token_map, n_out):
 
 def leaf(t, requires_grad=True):
     return None if t is None else t.detach().clone().requires_grad_(requires_grad)
+
+
+def forward_cases(shapes, r_kinds, flags):
+    """(n, c, r_kind, cls, dist, dtype, atol, rtol) cases: float32 over every shape x r x token flags;
+    float16/bfloat16 over a subset (half arithmetic is slow on CPU)."""
+    cases = []
+    for dt in DTYPE_TOLS:
+        dtype, atol, rtol = dt.values
+        half = dtype != torch.float32
+        for shape in shapes:
+            n, c = shape.values
+            if half and n not in (197, 577, 51):
+                continue
+            for r_kind in (("16", "cap") if half else r_kinds):
+                for fl in flags:
+                    cls, dist = fl.values
+                    cases.append(pytest.param(n, c, r_kind, cls, dist, dtype, atol, rtol,
+                                              id=f"{shape.id}-r{r_kind}-{fl.id}-{dt.id}"))
+    return cases

@@ -7,7 +7,7 @@ import torch
 from torch.autograd import gradcheck
 
 import fpet_kernels as fk
-from helpers import DTYPE_TOLS, HALF_DTYPES, assert_close, assert_half_criterion, gen, gen_size, leaf, r_value
+from helpers import forward_cases, DTYPE_TOLS, HALF_DTYPES, assert_close, assert_half_criterion, gen, gen_size, leaf, r_value
 
 B = 2
 D = 64
@@ -38,25 +38,9 @@ def _data(n, c, dtype=torch.float32, seed=0):
 
 
 # ----------------------------------------------------------------------------------- forward
-def forward_cases():
-    """float32: every shape x r x token flags; float16/bfloat16: a subset (half arithmetic is slow on CPU)."""
-    cases = []
-    for dt in DTYPE_TOLS:
-        dtype, atol, rtol = dt.values
-        half = dtype != torch.float32
-        for shape in SHAPES:
-            n, c = shape.values
-            if half and n not in (197, 577, 51):
-                continue
-            for r_kind in (("16", "cap") if half else R_KINDS):
-                for fl in FLAGS:
-                    cls, dist = fl.values
-                    cases.append(pytest.param(n, c, r_kind, cls, dist, dtype, atol, rtol,
-                                              id=f"{shape.id}-r{r_kind}-{fl.id}-{dt.id}"))
-    return cases
 
 
-@pytest.mark.parametrize("n,c,r_kind,cls,dist,dtype,atol,rtol", forward_cases())
+@pytest.mark.parametrize("n,c,r_kind,cls,dist,dtype,atol,rtol", forward_cases(SHAPES, R_KINDS, FLAGS))
 def test_pyra_merge_matches_reference(backend, n, c, r_kind, cls, dist, dtype, atol, rtol):
     x, metric, size = _data(n, c, dtype, seed=n)
     size = size if n % 2 else None

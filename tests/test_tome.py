@@ -8,7 +8,7 @@ from torch.autograd import gradcheck
 
 import fpet_kernels as fk
 import spec_oracle as so
-from helpers import (DTYPE_TOLS, HALF_DTYPES, TOKEN_FLAGS, assert_close, assert_half_criterion, gen, gen_size,
+from helpers import (forward_cases, DTYPE_TOLS, HALF_DTYPES, TOKEN_FLAGS, assert_close, assert_half_criterion, gen, gen_size,
                      leaf, r_value, wavg_by_map)
 
 SHAPES = [  # (N, C): ViT-B/16 at 224, ViT-S/16 at 384, ViT-Ti-ish 7x7 + cls, and odd counts
@@ -37,25 +37,9 @@ def _assert_matching_equal(got, exp, what=""):
 
 
 # ----------------------------------------------------------------------------------- forward vs reference
-def forward_cases():
-    """float32: every shape x r x token flags; float16/bfloat16: a subset (half arithmetic is slow on CPU)."""
-    cases = []
-    for dt in DTYPE_TOLS:
-        dtype, atol, rtol = dt.values
-        half = dtype != torch.float32
-        for shape in SHAPES:
-            n, c = shape.values
-            if half and n not in (197, 577, 51):
-                continue
-            for r_kind in (("16", "cap") if half else R_KINDS):
-                for fl in TOKEN_FLAGS:
-                    cls, dist = fl.values
-                    cases.append(pytest.param(n, c, r_kind, cls, dist, dtype, atol, rtol,
-                                              id=f"{shape.id}-r{r_kind}-{fl.id}-{dt.id}"))
-    return cases
 
 
-@pytest.mark.parametrize("n,c,r_kind,cls,dist,dtype,atol,rtol", forward_cases())
+@pytest.mark.parametrize("n,c,r_kind,cls,dist,dtype,atol,rtol", forward_cases(SHAPES, R_KINDS, TOKEN_FLAGS))
 def test_tome_merge_matches_reference(backend, n, c, r_kind, cls, dist, dtype, atol, rtol):
     x, metric, size = _data(n, c, dtype, seed=n + c, with_size=(n % 2 == 1))
     r_req, r = r_value(r_kind, n, cls, dist)

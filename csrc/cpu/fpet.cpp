@@ -175,13 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_cpu(const at::Tensor& 
       }
     });
     if (!fused) {  // fewer images than threads: merge in channel blocks
-      at::parallel_for(0, B * split.chunks, 1, [&](int64_t t0, int64_t t1) {
-        MergeScratch sc;
-        for (int64_t t = t0; t < t1; ++t) {
-          const int64_t b = t / split.chunks, c = t % split.chunks;
-          merge(b, split.begin(c), split.end(c, C), c == 0, sc);
-        }
-      });
+      for_each_channel_block<MergeScratch>(B, C, split, merge);
     }
   });
   return {out, out_size, token_map};

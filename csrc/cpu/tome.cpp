@@ -149,13 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       }
     });
     if (!fused) {  // fewer images than threads: merge in channel blocks
-      at::parallel_for(0, B * split.chunks, 1, [&](int64_t t0, int64_t t1) {
-        MergeScratch sc;
-        for (int64_t t = t0; t < t1; ++t) {
-          const int64_t b = t / split.chunks, c = t % split.chunks;
-          merge(b, split.begin(c), split.end(c, C), c == 0, sc);
-        }
-      });
+      for_each_channel_block<MergeScratch>(B, C, split, merge);
     }
   });
   return {out, out_size, src, dst, unm, map};
@@ -166,14 +160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // ---------------------------------------------------------------------------------------------
 template <typename F>
 void for_each_image_block(int64_t B, int64_t C, const F& body) {
-  const ChannelSplit split = split_channels(B, C);
-  at::parallel_for(0, B * split.chunks, 1, [&](int64_t t0, int64_t t1) {
-    MergeScratch sc;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / split.chunks, c = t % split.chunks;
-      body(b, split.begin(c), split.end(c, C), c == 0, sc);
-    }
-  });
+  for_each_channel_block<MergeScratch>(B, C, split_channels(B, C), body);
 }
 
 std::tuple<at::Tensor, at::Tensor> merge_wavg_cpu(const at::Tensor& x_, const std::optional<at::Tensor>& size,
