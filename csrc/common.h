@@ -436,6 +436,22 @@ void for_each_channel_block(int64_t B, int64_t C, const ChannelSplit& split, con
   });
 }
 
+// The outputs of a ToMe-matched merge (tome_merge, pyra_merge) of x [B, N, C] with r merges:
+// merged tokens, float32 sizes, src/dst/unm indices and the token map (csrc/README.md).
+struct TomeMergeOutputs {
+  at::Tensor out, out_size, src, dst, unm, map;
+  TomeMergeOutputs(const at::Tensor& x, int64_t r) {
+    const int64_t B = x.size(0), N = x.size(1), C = x.size(2), Na = (N + 1) / 2;
+    const auto lopt = x.options().dtype(at::kLong);
+    out = empty_output({B, N - r, C}, x.options());
+    out_size = at::empty({B, N - r, 1}, x.options().dtype(at::kFloat));
+    src = at::empty({B, r}, lopt);
+    dst = at::empty({B, r}, lopt);
+    unm = at::empty({B, Na - r}, lopt);
+    map = at::empty({B, N}, lopt);
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // ToMe bipartite matching of one image (shared by tome_match, tome_merge, pyra_merge)
 // ---------------------------------------------------------------------------------------------

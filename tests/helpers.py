@@ -114,3 +114,17 @@ def forward_cases(shapes, r_kinds, flags):
                     cases.append(pytest.param(n, c, r_kind, cls, dist, dtype, atol, rtol,
                                               id=f"{shape.id}-r{r_kind}-{fl.id}-{dt.id}"))
     return cases
+
+
+def assert_thread_invariant(run):
+    """``run()`` returns tensors; one thread and two or more must give bit-identical results."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(max(threads, 2))
+        many = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)

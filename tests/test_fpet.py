@@ -9,7 +9,7 @@ from torch.autograd import gradcheck
 
 import fpet_kernels as fk
 import spec_oracle as so
-from helpers import (DTYPE_TOLS, HALF_DTYPES, assert_close, assert_half_criterion, gen, gen_size, leaf,
+from helpers import (assert_thread_invariant, DTYPE_TOLS, HALF_DTYPES, assert_close, assert_half_criterion, gen, gen_size, leaf,
                      wavg_by_map)
 
 B = 2
@@ -349,13 +349,4 @@ def test_kernel_results_do_not_depend_on_thread_count(kernel_backend, bsz):
         ((out * g).sum() + out_size.sum()).backward()
         return out, out_size, tmap, xl.grad, ml.grad, sl.grad
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run()
-        torch.set_num_threads(max(threads, 2))
-        many = run()
-    finally:
-        torch.set_num_threads(threads)
-    for a, b in zip(one, many):
-        assert torch.equal(a, b)
+    assert_thread_invariant(run)

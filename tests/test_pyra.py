@@ -7,7 +7,7 @@ import torch
 from torch.autograd import gradcheck
 
 import fpet_kernels as fk
-from helpers import forward_cases, DTYPE_TOLS, HALF_DTYPES, assert_close, assert_half_criterion, gen, gen_size, leaf, r_value
+from helpers import assert_thread_invariant, forward_cases, DTYPE_TOLS, HALF_DTYPES, assert_close, assert_half_criterion, gen, gen_size, leaf, r_value
 
 B = 2
 D = 64
@@ -256,13 +256,4 @@ def test_kernel_results_do_not_depend_on_thread_count(kernel_backend, bsz):
         ((out * g).sum() + out_size.sum()).backward()
         return [out, out_size] + [t.grad for t in ins]
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run()
-        torch.set_num_threads(max(threads, 2))
-        many = run()
-    finally:
-        torch.set_num_threads(threads)
-    for a, b in zip(one, many):
-        assert torch.equal(a, b)
+    assert_thread_invariant(run)

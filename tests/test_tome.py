@@ -8,7 +8,7 @@ from torch.autograd import gradcheck
 
 import fpet_kernels as fk
 import spec_oracle as so
-from helpers import (forward_cases, DTYPE_TOLS, HALF_DTYPES, TOKEN_FLAGS, assert_close, assert_half_criterion, gen, gen_size,
+from helpers import (assert_thread_invariant, forward_cases, DTYPE_TOLS, HALF_DTYPES, TOKEN_FLAGS, assert_close, assert_half_criterion, gen, gen_size,
                      leaf, r_value, wavg_by_map)
 
 SHAPES = [  # (N, C): ViT-B/16 at 224, ViT-S/16 at 384, ViT-Ti-ish 7x7 + cls, and odd counts
@@ -438,13 +438,4 @@ def test_kernel_results_do_not_depend_on_thread_count(kernel_backend, bsz):
         full.pow(2).sum().backward()
         return (out, out_size, *m, xl.grad, w_out, w_size, full, y.grad)
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run()
-        torch.set_num_threads(max(threads, 2))
-        many = run()
-    finally:
-        torch.set_num_threads(threads)
-    for a, b in zip(one, many):
-        assert torch.equal(a, b)
+    assert_thread_invariant(run)

@@ -117,11 +117,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor x = x_.contiguous();
   const at::Tensor m = contiguous_f32(metric);
   const at::Tensor s = sizes_f32(size, B, N);
-  const auto lopt = x.options().dtype(at::kLong);
-  at::Tensor out = empty_output({B, N - r, C}, x.options());
-  at::Tensor out_size = at::empty({B, N - r, 1}, x.options().dtype(at::kFloat));
-  at::Tensor src = at::empty({B, r}, lopt), dst = at::empty({B, r}, lopt);
-  at::Tensor unm = at::empty({B, Na - r}, lopt), map = at::empty({B, N}, lopt);
+  const TomeMergeOutputs outs(x, r);
+  const at::Tensor &out = outs.out, &out_size = outs.out_size, &src = outs.src, &dst = outs.dst;
+  const at::Tensor &unm = outs.unm, &map = outs.map;
   const float* mp = m.data_ptr<float>();
   const float* sp_all = ptr_or_null(s);
   float* osp = out_size.data_ptr<float>();
