@@ -43,11 +43,12 @@ def _has_kernel(op: str, key: str) -> bool:
 
 
 def _probe() -> dict[str, bool]:
+    from .ops import triton_common
     return {
         "reference": True,
         "cpu": _has_kernel("tome_merge", "CPU"),
         "cuda": _has_kernel("tome_merge", "CUDA") and torch.cuda.is_available(),
-        "triton": False,
+        "triton": triton_common.live(),
     }
 
 
@@ -137,9 +138,17 @@ def resolve(backend: str | None, device: torch.device, dtypes=()) -> str:
     return name
 
 
+def kernels(backend: str):
+    """The kernel table of a compiled backend: ``torch.ops.fpet_C`` (C++/CUDA) or the Triton module
+    with the same names and signatures (``fpet_kernels/ops/triton_ops.py``)."""
+    if backend == "triton":
+        return importlib.import_module("fpet_kernels.ops.triton_ops")
+    return torch.ops.fpet_C
+
+
 def direct_call(backend: str, *tensors) -> bool:
     """Eager calls that need no gradient skip the Python custom-op wrapper (about 40 us a call) and
-    go straight to the extension's kernel: same kernel, same results, less host time at B=1."""
-    if backend not in ("cpu", "cuda") or torch.compiler.is_compiling():
+    go straight to the backend's kernel: same kernel, same results, less host time at B=1."""
+    if backend == "reference" or torch.compiler.is_compiling():
         return False
     return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))

@@ -8,16 +8,28 @@ not build.
 """
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
 
-import fpet_kernels as fk
+# Without a GPU the Triton kernels run in Triton's CPU interpreter. The switch is read when the
+# kernels are defined, so it must be set before fpet_kernels is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from helpers import REQUIRE_EXTENSION, is_live, missing_message
+import pytest  # noqa: E402
 
-# The backends that run on CPU tensors, from the package's own list of backends. "triton" runs on
-# CPU tensors only under TRITON_INTERPRET=1, and "cuda" needs a GPU: neither is exercised here.
-CPU_BACKENDS = tuple(k for k in fk.backends()["live"] if k in ("reference", "cpu"))
+import fpet_kernels as fk  # noqa: E402
+
+from helpers import REQUIRE_EXTENSION, is_live, missing_message  # noqa: E402
+
+# The backends that run on CPU tensors, from the package's own list of backends: "reference", the
+# C++ "cpu" kernels, and "triton" in Triton's interpreter (TRITON_INTERPRET=1, set above when there
+# is no GPU). GPU tensors are tested in test_gpu.py. FPET_TEST_BACKENDS=a,b restricts the list.
+_ON_CPU = ("reference", "cpu") + (("triton",) if fk.ops.triton_common.HAS_TRITON
+                                   and os.environ.get("TRITON_INTERPRET") == "1" else ())
+_ONLY = [b.strip() for b in os.environ.get("FPET_TEST_BACKENDS", "").split(",") if b.strip()]
+CPU_BACKENDS = tuple(k for k in fk.backends()["live"] if k in _ON_CPU and (not _ONLY or k in _ONLY or k == "reference"))
 KERNEL_BACKENDS = tuple(k for k in CPU_BACKENDS if k != "reference")
 
 _MISSING_KEY = pytest.StashKey[str]()

@@ -153,7 +153,7 @@ def _fpet_merge_op(x, metric, size, num_prefix, H, W, backend):
         with torch.no_grad():
             out, den, tmap = fpet_merge_reference(x, metric, size, num_prefix, H, W)
         return out.contiguous(), den.contiguous(), tmap
-    return tuple(torch.ops.fpet_C.fpet_merge(x.contiguous(), metric.contiguous(),
+    return tuple(_backend.kernels(backend).fpet_merge(x.contiguous(), metric.contiguous(),
                                              None if size is None else size.contiguous(), num_prefix, H, W))
 
 
@@ -175,7 +175,7 @@ def _fpet_merge_backward_op(grad_out, grad_size, x, metric, size, out, out_size,
         return tuple(t.contiguous() for t in fpet_merge_backward_reference(
             grad_out, grad_size, x, metric, size, out, out_size, token_map, num_prefix, H, W))
     c = lambda t: None if t is None else t.contiguous()  # noqa: E731
-    return tuple(torch.ops.fpet_C.fpet_merge_backward(
+    return tuple(_backend.kernels(backend).fpet_merge_backward(
         c(grad_out), c(grad_size), c(x), c(metric), c(size), c(out), c(out_size), c(token_map), num_prefix, H, W))
 
 
@@ -217,7 +217,7 @@ def fpet_merge(x: Tensor, metric: Tensor, size: Optional[Tensor] = None, class_t
     h, w = resolve_grid(x.shape[1], p, grid)
     be = _backend.resolve(backend, x.device, (x.dtype, metric.dtype) + (() if size is None else (size.dtype,)))
     if _backend.direct_call(be, x, metric, size):
-        out, out_size, tmap = torch.ops.fpet_C.fpet_merge(x, metric, size, p, h, w)
+        out, out_size, tmap = _backend.kernels(be).fpet_merge(x, metric, size, p, h, w)
     else:
         out, out_size, tmap = torch.ops.fpet.fpet_merge(x, metric, size, p, h, w, be)
     return (out, out_size, tmap) if return_token_map else (out, out_size)

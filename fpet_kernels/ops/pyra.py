@@ -124,7 +124,7 @@ def _pyra_merge_op(x, metric, r, a, b, ln_weight, ln_bias, size, class_token, di
                                                     distill_token, eps)
         return (out.contiguous(), out_size.contiguous()) + tuple(t.contiguous() for t in m)
     c = lambda t: None if t is None else t.contiguous()  # noqa: E731
-    return tuple(torch.ops.fpet_C.pyra_merge(c(x), c(metric), r, c(a), c(b), c(ln_weight), c(ln_bias), c(size),
+    return tuple(_backend.kernels(backend).pyra_merge(c(x), c(metric), r, c(a), c(b), c(ln_weight), c(ln_bias), c(size),
                                              class_token, distill_token, eps))
 
 

@@ -189,10 +189,6 @@ def merge_wavg_size_grad(grad_out: Tensor, grad_out_size: Optional[Tensor], x: T
 
 
 # ----------------------------------------------------------------------------- 2. kernels
-def _cpp():
-    return torch.ops.fpet_C
-
-
 def _contig(t):
     return None if t is None else t.contiguous()
 
@@ -215,7 +211,7 @@ class Matching(NamedTuple):
 def _tome_match_op(metric, r, class_token, distill_token, backend):
     if backend == "reference":
         return tuple(t.contiguous() for t in tome_match_reference(metric, r, class_token, distill_token))
-    return tuple(_cpp().tome_match(metric.contiguous(), r, class_token, distill_token))
+    return tuple(_backend.kernels(backend).tome_match(metric.contiguous(), r, class_token, distill_token))
 
 
 @_tome_match_op.register_fake
@@ -239,7 +235,7 @@ def _tome_merge_op(x, metric, r, size, class_token, distill_token, backend):
     if backend == "reference":
         out, out_size, m = tome_merge_reference(x, metric, r, size, class_token, distill_token)
         return (out.contiguous(), out_size.contiguous()) + tuple(t.contiguous() for t in m)
-    return tuple(_cpp().tome_merge(x.contiguous(), metric.contiguous(), r, _contig(size), class_token, distill_token))
+    return tuple(_backend.kernels(backend).tome_merge(x.contiguous(), metric.contiguous(), r, _contig(size), class_token, distill_token))
 
 
 @_tome_merge_op.register_fake
@@ -255,7 +251,7 @@ def _merge_wavg_op(x, size, token_map, n_out, backend):
         check_map_range(token_map, n_out)
         out, den = merge_wavg_reference(x, size, token_map, n_out)
         return out.contiguous(), den.contiguous()
-    return tuple(_cpp().merge_wavg(x.contiguous(), _contig(size), token_map.contiguous(), n_out))
+    return tuple(_backend.kernels(backend).merge_wavg(x.contiguous(), _contig(size), token_map.contiguous(), n_out))
 
 
 @_merge_wavg_op.register_fake
@@ -269,7 +265,7 @@ def _(x, size, token_map, n_out, backend):
 def _merge_wavg_backward_op(grad_out, size, out_size, token_map, backend):
     if backend == "reference":
         return merge_wavg_backward_reference(grad_out, size, out_size, token_map).contiguous()
-    return _cpp().merge_wavg_backward(grad_out.contiguous(), _contig(size), out_size.contiguous(),
+    return _backend.kernels(backend).merge_wavg_backward(grad_out.contiguous(), _contig(size), out_size.contiguous(),
                                       token_map.contiguous())
 
 
@@ -285,7 +281,7 @@ def _unmerge_op(y, token_map, backend):
     if backend == "reference":
         check_map_range(token_map, y.shape[1])
         return unmerge_reference(y, token_map).contiguous()
-    return _cpp().unmerge(y.contiguous(), token_map.contiguous())
+    return _backend.kernels(backend).unmerge(y.contiguous(), token_map.contiguous())
 
 
 @_unmerge_op.register_fake
@@ -300,7 +296,7 @@ def _merge_sum_op(x, token_map, n_out, backend):
     if backend == "reference":
         check_map_range(token_map, n_out)
         return merge_sum_reference(x, token_map, n_out).contiguous()
-    return _cpp().merge_sum(x.contiguous(), token_map.contiguous(), n_out)
+    return _backend.kernels(backend).merge_sum(x.contiguous(), token_map.contiguous(), n_out)
 
 
 @_merge_sum_op.register_fake
@@ -405,7 +401,7 @@ def tome_merge(x: Tensor, metric: Tensor, r: int, size: Optional[Tensor] = None,
               _checks.flag("distill_token", distill_token))
     be = _backend.resolve(backend, x.device, (x.dtype, metric.dtype) + (() if size is None else (size.dtype,)))
     if _backend.direct_call(be, x, size):
-        out, out_size, *m = _cpp().tome_merge(x, metric, r, size, class_token, distill_token)
+        out, out_size, *m = _backend.kernels(be).tome_merge(x, metric, r, size, class_token, distill_token)
     else:
         out, out_size, *m = torch.ops.fpet.tome_merge(x, metric, r, size, class_token, distill_token, be)
     return out, out_size, Matching(*m)

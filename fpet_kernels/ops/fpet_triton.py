@@ -1,0 +1,109 @@
+"""Triton forward of ``fpet_merge`` (``ops/fpet.py``); the backward is in ``fpet_triton_backward.py``.
+
+ONE launch, grid (B, channel splits). Each program: checkerboard similarity tiles with a running
+top-2 per A row, the hard match (top1 column iff ``sigmoid(top1 - (top1 + top2) / 2) > 0.5``, none
+on a tie), the token map, the A rows grouped by their destination, and the size-weighted gather
+of every B row (its matched A rows in ascending order). The forward matching is one-hot, so the
+merge is a gather: no dense ``M^T x`` product.
+"""
+from __future__ import annotations
+
+import torch
+
+from .triton_common import HAS_TRITON, channel_split, pow2, tl, triton
+from .tome_triton import BLOCK, BLOCK_C, BLOCK_J, _prec
+
+if HAS_TRITON:
+    from .triton_common import checkerboard_a, checkerboard_b, group_by_destination, merge_destinations, unit_rows
+
+    @triton.jit
+    def _fpet_merge_kernel(x_ptr, m_ptr, s_ptr, out_ptr, osize_ptr, map_ptr, ws_ptr,
+                           N, C, D, P, H, W, NA, NB, c_per,
+                           HAS_SIZE: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
+                           BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr):
+        b = tl.program_id(0).to(tl.int64)
+        pc = tl.program_id(1)
+        first = pc == 0
+        c_lo = pc * c_per
+        c_hi = tl.minimum(c_lo + c_per, C)
+        g = b * tl.num_programs(1) + pc
+        x_b = x_ptr + b * N * C
+        m_b = m_ptr + b * N * D
+        s_b = s_ptr + b * N
+        o_b = out_ptr + b * NB * C
+        os_b = osize_ptr + b * NB
+        match_ws = ws_ptr + g * 2 * NA   # [Na] B index each A row merges into, -1: none
+        sorted_ws = match_ws + NA        # [Na] A indices grouped by destination
+
+        # 1. match: running top-2 over the B tiles; hard match iff sigmoid(top1 - t) > 0.5
+        for i0 in range(0, NA, BLOCK):
+            ii = i0 + tl.arange(0, BLOCK)
+            vi = ii < NA
+            pos_a = checkerboard_a(ii, P, H, W)
+            a = unit_rows(m_b, pos_a, vi, D, D_PAD)
+            t1 = tl.full([BLOCK], float("-inf"), tl.float32)
+            t2 = tl.full([BLOCK], float("-inf"), tl.float32)
+            arg = tl.zeros([BLOCK], tl.int32)
+            for j0 in range(0, NB, BLOCK):
+                jj = j0 + tl.arange(0, BLOCK)
+                vj = jj < NB
+                s = tl.dot(a, tl.trans(unit_rows(m_b, checkerboard_b(jj, P, H, W), vj, D, D_PAD)),
+                           input_precision=PREC)
+                s = tl.where(((jj < P) | (jj >= NB))[None, :] | (ii < 0)[:, None], float("-inf"), s)
+                bmax = tl.max(s, 1)
+                barg = tl.min(tl.where(s == bmax[:, None], jj[None, :], 2147483647), 1)
+                bsec = tl.max(tl.where(jj[None, :] == barg[:, None], float("-inf"), s), 1)
+                upd = bmax > t1
+                t2 = tl.where(upd, tl.maximum(t1, bsec), tl.maximum(t2, bmax))
+                arg = tl.where(upd, barg, arg)
+                t1 = tl.where(upd, bmax, t1)
+            diff = t1 - (t1 + t2) * 0.5
+            hard = 1.0 / (1.0 + tl.exp(-diff)) > 0.5
+            match = tl.where(hard, arg, -1)
+            tl.store(match_ws + ii, match, mask=vi)
+            tl.store(map_ptr + b * N + pos_a, match.to(tl.int64), mask=vi & first)
+        for j0 in range(0, NB, BLOCK):
+            jj = j0 + tl.arange(0, BLOCK)
+            tl.store(map_ptr + b * N + checkerboard_b(jj, P, H, W), jj.to(tl.int64), mask=(jj < NB) & first)
+        tl.debug_barrier()
+
+        # 2. group the A rows by destination (ascending A index within a destination)
+        group_by_destination(match_ws, NA, sorted_ws, BLOCK)
+        tl.debug_barrier()
+
+        # 3. merge: every B row gathers its matched A rows, size-weighted; output in B order
+        for j0 in range(0, NB, BLOCK_J):
+            jj = j0 + tl.arange(0, BLOCK_J)
+            merge_destinations(x_b, s_b, o_b, os_b, jj, jj < NB, checkerboard_b(jj, P, H, W), jj,
+                               sorted_ws, match_ws, NA, match_ws, ws_ptr, ws_ptr, P, H, W, C, c_lo, c_hi, first,
+                               HAS_SIZE, True, False, BLOCK, BLOCK_C)
+
+
+def grid_sizes(num_prefix: int, h: int, w: int) -> tuple[int, int]:
+    """(Na, Nb) of the checkerboard split (spec 2.2)."""
+    na = ((h + 1) // 2) * ((w + 1) // 2) + (h // 2) * (w // 2)
+    return na, num_prefix + h * w - na
+
+
+def fpet_merge(x, metric, size, num_prefix, H, W, split=None):
+    """One launch: FPET matching and merge. Returns (out [B, Nb, C], out_size [B, Nb, 1] f32, token_map [B, N])."""
+    from . import tome_triton
+    x, metric = x.contiguous(), metric.contiguous()
+    size = None if size is None else size.contiguous()
+    bsz, n, c = x.shape
+    d = metric.shape[-1]
+    na, nb = grid_sizes(num_prefix, H, W)
+    dev = x.device
+    out = torch.empty(bsz, nb, c, dtype=x.dtype, device=dev)
+    out_size = torch.empty(bsz, nb, 1, dtype=torch.float32, device=dev)
+    tmap = torch.empty(bsz, n, dtype=torch.int64, device=dev)
+    if bsz == 0:
+        return out, out_size, tmap
+    splits, c_per = channel_split(bsz, c, BLOCK_C, dev, tome_triton.SPLIT if split is None else split)
+    ws = torch.empty(bsz * splits, 2 * na, dtype=torch.int32, device=dev)
+    s, has_size = (size, True) if size is not None else (x, False)
+    _fpet_merge_kernel[(bsz, splits)](
+        x, metric, s, out, out_size, tmap, ws, n, c, d, num_prefix, H, W, na, nb, c_per,
+        HAS_SIZE=has_size, D_PAD=pow2(d, 16), BLOCK=BLOCK, BLOCK_J=BLOCK_J, BLOCK_C=BLOCK_C, PREC=_prec(),
+        num_warps=4)
+    return out, out_size, tmap

@@ -1,0 +1,396 @@
+"""Triton kernels of the ToMe ops (``ops/tome.py``) and of PYRA's forward (``ops/pyra.py``).
+
+``tome_merge``/``pyra_merge``: ONE launch, grid (B, channel splits); each program does the whole
+step for its image (see ``triton_common``): similarity tiles and per-row max/argmax, the rank of
+every A row (a counting comparison, ties by lower index), top-r selection, the index outputs, the
+unmerged rows, and the size-weighted gather of every destination row (PYRA: with the modulation
+of its sources, whose statistics the same program computes first). Matching and index outputs are
+bit-identical to the reference (float32 scores); merged rows agree to float32 rounding.
+
+``unmerge`` / ``merge_wavg_backward``: one gather launch. ``merge_sum`` / ``merge_wavg`` for an
+arbitrary token map: one launch, each output block summing its one-hot slice of the input with
+an exact float32 ``tl.dot``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .triton_common import (HAS_TRITON, cdiv, channel_split, interpreting, pow2, tl, triton)
+
+if HAS_TRITON:
+    from .triton_common import group_by_destination, load_sizes, merge_destinations, unit_rows
+
+    @triton.jit
+    def _out_row_b(jj, na, r, DISTILL: tl.constexpr):
+        """Output row of ToMe B row j: after the Na - r unmerged rows; B row 0 at 1 with a distill token."""
+        row = na - r + jj
+        if DISTILL:
+            row = tl.where(jj == 0, 1, row)
+        return row
+
+    @triton.jit
+    def _tome_merge_kernel(x_ptr, m_ptr, s_ptr, out_ptr, osize_ptr, src_ptr, dst_ptr, unm_ptr, map_ptr,
+                           wsf_ptr, wsi_ptr, a_ptr, b_ptr, lnw_ptr, lnb_ptr,
+                           N, C, D, r, c_per, WSF, WSI, eps,
+                           HAS_SIZE: tl.constexpr, CLS: tl.constexpr, DISTILL: tl.constexpr, PYRA: tl.constexpr,
+                           D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_J: tl.constexpr,
+                           BLOCK_C: tl.constexpr, PREC: tl.constexpr):
+        b = tl.program_id(0).to(tl.int64)
+        pc = tl.program_id(1)
+        first = pc == 0  # the first channel program also writes indices and sizes
+        c_lo = pc * c_per
+        c_hi = tl.minimum(c_lo + c_per, C)
+        na = (N + 1) // 2
+        nb = N // 2
+        n_out = N - r
+        g = b * tl.num_programs(1) + pc
+        x_b = x_ptr + b * N * C
+        m_b = m_ptr + b * N * D
+        s_b = s_ptr + b * N
+        o_b = out_ptr + b * n_out * C
+        os_b = osize_ptr + b * n_out
+        best_ws = wsf_ptr + g * WSF          # [Na] best score of each A row
+        dst_ws = wsi_ptr + g * WSI           # [Na] its best B row
+        srck_ws = dst_ws + na                # [r]  A row of rank k
+        dstk_ws = srck_ws + r                # [r]  its destination
+        sorted_ws = dstk_ws + r              # [r]  ranks grouped by destination
+
+        # 1. match: best[i] = max_j <a_i, b_j>, dst[i] = lowest argmax
+        for i0 in range(0, na, BLOCK):
+            ii = i0 + tl.arange(0, BLOCK)
+            vi = ii < na
+            a = unit_rows(m_b, 2 * ii, vi, D, D_PAD)
+            best = tl.full([BLOCK], float("-inf"), tl.float32)
+            arg = tl.zeros([BLOCK], tl.int32)
+            for j0 in range(0, nb, BLOCK):
+                jj = j0 + tl.arange(0, BLOCK)
+                vj = jj < nb
+                s = tl.dot(a, tl.trans(unit_rows(m_b, 2 * jj + 1, vj, D, D_PAD)), input_precision=PREC)
+                bad = (jj >= nb)[None, :] | (ii < 0)[:, None]
+                if DISTILL:
+                    bad = bad | (jj == 0)[None, :]
+                if CLS:
+                    bad = bad | (ii == 0)[:, None]
+                s = tl.where(bad, float("-inf"), s)
+                bmax = tl.max(s, 1)
+                barg = tl.min(tl.where(s == bmax[:, None], jj[None, :], 2147483647), 1)
+                upd = bmax > best
+                arg = tl.where(upd, barg, arg)
+                best = tl.where(upd, bmax, best)
+            tl.store(best_ws + ii, best, mask=vi)
+            tl.store(dst_ws + ii, arg, mask=vi)
+        tl.debug_barrier()
+
+        # 2. select: rank[i] = #{k: best_k > best_i, or equal and k < i}; the first r ranks merge
+        carry = 0
+        for i0 in range(0, na, BLOCK):
+            ii = i0 + tl.arange(0, BLOCK)
+            vi = ii < na
+            bi = tl.load(best_ws + ii, mask=vi, other=float("-inf"))
+            rank = tl.zeros([BLOCK], tl.int32)
+            for k0 in range(0, na, BLOCK):
+                kk = k0 + tl.arange(0, BLOCK)
+                bk = tl.load(best_ws + kk, mask=kk < na, other=float("-inf"))
+                before = (kk < na)[None, :] & ((bk[None, :] > bi[:, None])
+                                               | ((bk[None, :] == bi[:, None]) & (kk[None, :] < ii[:, None])))
+                rank += tl.sum(before.to(tl.int32), 1)
+            is_src = vi & (rank < r)
+            is_unm = vi & (rank >= r)
+            di = tl.load(dst_ws + ii, mask=vi, other=0)
+            tl.store(srck_ws + rank, ii, mask=is_src)
+            tl.store(dstk_ws + rank, di, mask=is_src)
+            tl.store(src_ptr + b * r + rank, ii.to(tl.int64), mask=is_src & first)
+            tl.store(dst_ptr + b * r + rank, di.to(tl.int64), mask=is_src & first)
+            if CLS:  # unmerged rows in ascending order: slot = i - #{sources before i}
+                n_src = is_src.to(tl.int32)
+                slot = ii - (carry + tl.cumsum(n_src, 0) - n_src)
+                carry += tl.sum(n_src, 0)
+            else:  # unmerged rows in rank order
+                slot = rank - r
+            row_u = slot
+            if DISTILL:
+                row_u = tl.where(slot > 0, slot + 1, slot)
+            tl.store(unm_ptr + b * (na - r) + slot, ii.to(tl.int64), mask=is_unm & first)
+            tl.store(map_ptr + b * N + 2 * ii, tl.where(is_src, _out_row_b(di, na, r, DISTILL), row_u).to(tl.int64),
+                     mask=vi & first)
+            s_u = load_sizes(s_b, 2 * ii, is_unm, HAS_SIZE)
+            tl.store(os_b + row_u, s_u, mask=is_unm & first)
+            for c0 in range(c_lo, c_hi, BLOCK_C):
+                cc = c0 + tl.arange(0, BLOCK_C)
+                msk = is_unm[:, None] & (cc < c_hi)[None, :]
+                xv = tl.load(x_b + (2 * ii)[:, None] * C + cc[None, :], mask=msk, other=0.0).to(tl.float32)
+                tl.store(o_b + row_u[:, None] * C + cc[None, :],
+                         (xv * s_u[:, None] / tl.where(is_unm, s_u, 1.0)[:, None]).to(o_b.dtype.element_ty), mask=msk)
+        for j0 in range(0, nb, BLOCK):
+            jj = j0 + tl.arange(0, BLOCK)
+            tl.store(map_ptr + b * N + 2 * jj + 1, _out_row_b(jj, na, r, DISTILL).to(tl.int64),
+                     mask=(jj < nb) & first)
+        tl.debug_barrier()
+
+        # 3. group the ranks by destination (stable: rank order within a destination)
+        group_by_destination(dstk_ws, r, sorted_ws, BLOCK)
+        wt_ws = best_ws + na   # PYRA: [r] token weights
+        wc_ws = wt_ws + r      # PYRA: [C] channel weights
+        if PYRA:
+            _pyra_weights(x_b, s_b, srck_ws, dstk_ws, wt_ws, wc_ws, a_ptr, b_ptr, lnw_ptr, lnb_ptr, r, C,
+                          c_lo, c_hi, eps, HAS_SIZE, BLOCK, BLOCK_C)
+        tl.debug_barrier()
+
+        # 4. merge: every B row gathers its sources (rank order), size-weighted
+        for j0 in range(0, nb, BLOCK_J):
+            jj = j0 + tl.arange(0, BLOCK_J)
+            merge_destinations(x_b, s_b, o_b, os_b, jj, jj < nb, 2 * jj + 1, _out_row_b(jj, na, r, DISTILL),
+                               sorted_ws, dstk_ws, r, srck_ws, wt_ws, wc_ws, 0, 1, 1, C, c_lo, c_hi, first,
+                               HAS_SIZE, False, PYRA, BLOCK, BLOCK_C)
+
+    @triton.jit
+    def _pyra_sum(x_b, s_b, si, dj, ss, sd, vk, C, c0, mean, rstd, lnw_ptr, lnb_ptr, w_ptr, MODE: tl.constexpr,
+                  BLOCK_C: tl.constexpr):
+        """One channel block of PYRA's W = LN(S + T) rows: MODE 0 sum(y), 1 sum((y-mean)^2), 2 sum(W * w)."""
+        cc = c0 + tl.arange(0, BLOCK_C)
+        vc = cc < C
+        msk = vk[:, None] & vc[None, :]
+        y = (tl.load(x_b + (2 * si)[:, None] * C + cc[None, :], mask=msk, other=0.0).to(tl.float32) * ss[:, None]
+             + tl.load(x_b + (2 * dj + 1)[:, None] * C + cc[None, :], mask=msk, other=0.0).to(tl.float32)
+             * sd[:, None])
+        if MODE == 0:
+            v = y
+        else:
+            v = tl.where(msk, y - mean[:, None], 0.0)
+            if MODE == 1:
+                v = v * v
+            else:
+                lw = tl.load(lnw_ptr + cc, mask=vc, other=0.0).to(tl.float32)
+                lb = tl.load(lnb_ptr + cc, mask=vc, other=0.0).to(tl.float32)
+                wv = tl.load(w_ptr + cc, mask=vc, other=0.0).to(tl.float32)
+                v = tl.where(msk, (v * rstd[:, None] * lw[None, :] + lb[None, :]) * wv[None, :], 0.0)
+        return v
+
+    @triton.jit
+    def _pyra_weights(x_b, s_b, srck_ws, dstk_ws, wt_ws, wc_ws, a_ptr, b_ptr, lnw_ptr, lnb_ptr, r, C, c_lo, c_hi,
+                      eps, HAS_SIZE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
+        """PYRA (spec 3): W = LayerNorm(S + T) over C for the r source rows; wt[k] = 2 sigmoid(W_k . b) - 1
+        (needs all of C), wc[c] = 2 sigmoid(sum_k a_k W[k, c]) (for this program's channels)."""
+        for k0 in range(0, r, BLOCK):
+            kk = k0 + tl.arange(0, BLOCK)
+            vk = kk < r
+            si = tl.load(srck_ws + kk, mask=vk, other=0)
+            dj = tl.load(dstk_ws + kk, mask=vk, other=0)
+            ss = load_sizes(s_b, 2 * si, vk, HAS_SIZE)
+            sd = load_sizes(s_b, 2 * dj + 1, vk, HAS_SIZE)
+            zero = tl.zeros([BLOCK], tl.float32)
+            acc = zero
+            for c0 in range(0, C, BLOCK_C):
+                acc += tl.sum(_pyra_sum(x_b, s_b, si, dj, ss, sd, vk, C, c0, zero, zero, lnw_ptr, lnb_ptr, b_ptr, 0,
+                                        BLOCK_C), 1)
+            mean = acc / C
+            acc = zero
+            for c0 in range(0, C, BLOCK_C):
+                acc += tl.sum(_pyra_sum(x_b, s_b, si, dj, ss, sd, vk, C, c0, mean, zero, lnw_ptr, lnb_ptr, b_ptr, 1,
+                                        BLOCK_C), 1)
+            rstd = 1.0 / tl.sqrt(acc / C + eps)
+            acc = zero
+            for c0 in range(0, C, BLOCK_C):
+                acc += tl.sum(_pyra_sum(x_b, s_b, si, dj, ss, sd, vk, C, c0, mean, rstd, lnw_ptr, lnb_ptr, b_ptr, 2,
+                                        BLOCK_C), 1)
+            tl.store(wt_ws + kk, 2.0 * tl.sigmoid(acc) - 1.0, mask=vk)
+            tl.store(wt_ws + r + C + kk, mean, mask=vk)       # statistics for the channel pass below
+            tl.store(wt_ws + 2 * r + C + kk, rstd, mask=vk)
+        tl.debug_barrier()
+        for c0 in range(c_lo, c_hi, BLOCK_C):
+            cc = c0 + tl.arange(0, BLOCK_C)
+            vc = cc < c_hi
+            lw = tl.load(lnw_ptr + cc, mask=vc, other=0.0).to(tl.float32)
+            lb = tl.load(lnb_ptr + cc, mask=vc, other=0.0).to(tl.float32)
+            acc = tl.zeros([BLOCK_C], tl.float32)
+            for k0 in range(0, r, BLOCK):
+                kk = k0 + tl.arange(0, BLOCK)
+                vk = kk < r
+                si = tl.load(srck_ws + kk, mask=vk, other=0)
+                dj = tl.load(dstk_ws + kk, mask=vk, other=0)
+                msk = vk[:, None] & vc[None, :]
+                y = (tl.load(x_b + (2 * si)[:, None] * C + cc[None, :], mask=msk, other=0.0).to(tl.float32)
+                     * load_sizes(s_b, 2 * si, vk, HAS_SIZE)[:, None]
+                     + tl.load(x_b + (2 * dj + 1)[:, None] * C + cc[None, :], mask=msk, other=0.0).to(tl.float32)
+                     * load_sizes(s_b, 2 * dj + 1, vk, HAS_SIZE)[:, None])
+                mean = tl.load(wt_ws + r + C + kk, mask=vk, other=0.0)
+                rstd = tl.load(wt_ws + 2 * r + C + kk, mask=vk, other=0.0)
+                w = (y - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]
+                ak = tl.load(a_ptr + kk, mask=vk, other=0.0).to(tl.float32)
+                acc += tl.sum(tl.where(msk, w * ak[:, None], 0.0), 0)
+            tl.store(wc_ws + cc, 2.0 * tl.sigmoid(acc), mask=vc)
+
+    @triton.jit
+    def _gather_kernel(y_ptr, map_ptr, out_ptr, s_ptr, osize_ptr, N, M, C,
+                       SCALE: tl.constexpr, HAS_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+        """out[n] = y[map[n]] (0 where map[n] < 0); SCALE: times s[n] / osize[map[n]] (merge_wavg_backward)."""
+        b = tl.program_id(0).to(tl.int64)
+        nn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cc = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        vn = nn < N
+        mp = tl.load(map_ptr + b * N + nn, mask=vn, other=-1)
+        hit = vn & (mp >= 0)
+        msk = hit[:, None] & (cc < C)[None, :]
+        v = tl.load(y_ptr + b * M * C + mp[:, None] * C + cc[None, :], mask=msk, other=0.0).to(tl.float32)
+        if SCALE:
+            w = load_sizes(s_ptr + b * N, nn, hit, HAS_SIZE) / tl.load(osize_ptr + b * M + mp, mask=hit, other=1.0)
+            v = v * w[:, None]
+        tl.store(out_ptr + b * N * C + nn[:, None] * C + cc[None, :], v.to(out_ptr.dtype.element_ty),
+                 mask=vn[:, None] & (cc < C)[None, :])
+
+    @triton.jit
+    def _scatter_kernel(x_ptr, map_ptr, out_ptr, s_ptr, osize_ptr, N, M, C,
+                        WAVG: tl.constexpr, HAS_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_C: tl.constexpr):
+        """out[m] = sum_{n: map[n] = m} x[n] (WAVG: size-weighted average, and the merged sizes),
+        as one-hot [BLOCK_M, BLOCK_N] x [BLOCK_N, BLOCK_C] products: exact, in a fixed order."""
+        b = tl.program_id(0).to(tl.int64)
+        mm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        pc = tl.program_id(2)
+        cc = pc * BLOCK_C + tl.arange(0, BLOCK_C)
+        acc = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+        den = tl.zeros([BLOCK_M], tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            nn = n0 + tl.arange(0, BLOCK_N)
+            vn = nn < N
+            mp = tl.load(map_ptr + b * N + nn, mask=vn, other=-1)
+            onehot = (mp[None, :] == mm[:, None]).to(tl.float32)
+            v = tl.load(x_ptr + b * N * C + nn[:, None] * C + cc[None, :], mask=vn[:, None] & (cc < C)[None, :],
+                        other=0.0).to(tl.float32)
+            if WAVG:
+                s = load_sizes(s_ptr + b * N, nn, vn & (mp >= 0), HAS_SIZE)
+                v = v * s[:, None]
+                den += tl.sum(onehot * s[None, :], 1)
+            acc += tl.dot(onehot, v, input_precision="ieee")
+        vm = mm < M
+        if WAVG:
+            acc = tl.where(den[:, None] > 0, acc / tl.where(den > 0, den, 1.0)[:, None], 0.0)
+            tl.store(osize_ptr + b * M + mm, den, mask=vm & (pc == 0))
+        tl.store(out_ptr + b * M * C + mm[:, None] * C + cc[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=vm[:, None] & (cc < C)[None, :])
+
+
+# ----------------------------------------------------------------------------- launchers
+BLOCK = 32        # rows of A / B per similarity tile, and of the rank / group comparisons
+BLOCK_J = 32      # destination rows per merge tile
+BLOCK_C = 128     # channels per merge tile
+SPLIT = None      # channel programs per image (None: decided from B and the SM count); tests force it
+
+
+def _prec() -> str:
+    """float32 similarity: exact FMA in the interpreter; 3xTF32 (float32 accuracy) on tensor cores."""
+    return "ieee" if interpreting() else "tf32x3"
+
+
+def _size_arg(size, x):
+    return (size, True) if size is not None else (x, False)  # dummy pointer when absent
+
+
+def tome_merge(x, metric, r, size, class_token, distill_token, pyra=None):
+    """One launch: ToMe matching and size-weighted merge (PYRA-modulated with ``pyra=(a, b, lnw, lnb, eps)``).
+    Inputs contiguous; 1 <= r <= cap. Returns (out, out_size, src_idx, dst_idx, unm_idx, token_map)."""
+    x, metric = x.contiguous(), metric.contiguous()
+    size = None if size is None else size.contiguous()
+    bsz, n, c = x.shape
+    d = metric.shape[-1]
+    na = (n + 1) // 2
+    dev = x.device
+    if r == 0:
+        return _identity(x, size, na)
+    out = torch.empty(bsz, n - r, c, dtype=x.dtype, device=dev)
+    out_size = torch.empty(bsz, n - r, 1, dtype=torch.float32, device=dev)
+    i64 = dict(dtype=torch.int64, device=dev)
+    src, dst = torch.empty(bsz, r, **i64), torch.empty(bsz, r, **i64)
+    unm, tmap = torch.empty(bsz, na - r, **i64), torch.empty(bsz, n, **i64)
+    if bsz == 0:
+        return out, out_size, src, dst, unm, tmap
+    splits, c_per = channel_split(bsz, c, BLOCK_C, dev, SPLIT)
+    wsf = na + (3 * r + c if pyra is not None else 0)
+    wsi = na + 3 * r
+    ws_f = torch.empty(bsz * splits, wsf, dtype=torch.float32, device=dev)
+    ws_i = torch.empty(bsz * splits, wsi, dtype=torch.int32, device=dev)
+    s, has_size = _size_arg(size, x)
+    a, b, lnw, lnb, eps = pyra if pyra is not None else (x, x, x, x, 1e-5)
+    _tome_merge_kernel[(bsz, splits)](
+        x, metric, s, out, out_size, src, dst, unm, tmap, ws_f, ws_i, a, b, lnw, lnb,
+        n, c, d, r, c_per, wsf, wsi, float(eps),
+        HAS_SIZE=has_size, CLS=bool(class_token), DISTILL=bool(distill_token), PYRA=pyra is not None,
+        D_PAD=pow2(d, 16), BLOCK=BLOCK, BLOCK_J=BLOCK_J, BLOCK_C=BLOCK_C, PREC=_prec(), num_warps=4)
+    return out, out_size, src, dst, unm, tmap
+
+
+def _identity(x, size, na):
+    """r == 0: the merge is the identity (a copy; no launch of the merge kernel)."""
+    bsz, n, _ = x.shape
+    i64 = dict(dtype=torch.int64, device=x.device)
+    out_size = (torch.ones(bsz, n, 1, dtype=torch.float32, device=x.device) if size is None
+                else size.to(torch.float32, copy=True))
+    return (x.clone(), out_size, torch.empty(bsz, 0, **i64), torch.empty(bsz, 0, **i64),
+            torch.arange(na, **i64).expand(bsz, na).contiguous(), torch.arange(n, **i64).expand(bsz, n).contiguous())
+
+
+def tome_match(metric, r, class_token, distill_token):
+    """The matching alone: the fused kernel run on the metric itself (its merged rows are discarded)."""
+    return tome_merge(metric, metric, r, None, class_token, distill_token)[2:]
+
+
+def pyra_merge(x, metric, r, a, b, ln_weight, ln_bias, size, class_token, distill_token, eps):
+    """PYRA forward: the ToMe kernel with the modulation phase on (one launch)."""
+    pyra = (a.contiguous().view(-1), b.contiguous().view(-1), ln_weight.contiguous(), ln_bias.contiguous(), eps)
+    return tome_merge(x, metric, r, size, class_token, distill_token, pyra=pyra if r > 0 else None)
+
+
+def _gather(y, token_map, size=None, out_size=None, scale=False):
+    y, token_map = y.contiguous(), token_map.contiguous()
+    size = None if size is None else size.contiguous()
+    bsz, n = token_map.shape
+    c = y.shape[-1]
+    out = torch.empty(bsz, n, c, dtype=y.dtype, device=y.device)
+    if out.numel() == 0:
+        return out
+    s, has_size = _size_arg(size, y)
+    grid = (bsz, cdiv(n, 32), cdiv(c, BLOCK_C))
+    _gather_kernel[grid](y, token_map, out, s, y if out_size is None else out_size, n, y.shape[1], c,
+                         SCALE=scale, HAS_SIZE=has_size, BLOCK_N=32, BLOCK_C=BLOCK_C, num_warps=4)
+    return out
+
+
+def _check_map(token_map, n_out):
+    """User-supplied maps are range-checked before a kernel indexes memory with them (one host sync)."""
+    from .tome import check_map_range
+    check_map_range(token_map, n_out)
+
+
+def unmerge(y, token_map):
+    _check_map(token_map, y.shape[1])
+    return _gather(y, token_map)
+
+
+def merge_wavg_backward(grad_out, size, out_size, token_map):
+    return _gather(grad_out, token_map, size, out_size.contiguous(), scale=True)
+
+
+def _scatter(x, token_map, n_out, size=None, wavg=False):
+    x, token_map = x.contiguous(), token_map.contiguous()
+    size = None if size is None else size.contiguous()
+    bsz, n, c = x.shape
+    out = torch.empty(bsz, n_out, c, dtype=x.dtype, device=x.device)
+    out_size = torch.empty(bsz, n_out, 1, dtype=torch.float32, device=x.device)
+    if bsz == 0 or n_out == 0:
+        return out, out_size
+    s, has_size = _size_arg(size, x)
+    bc = min(BLOCK_C, pow2(c, 32))
+    grid = (bsz, cdiv(n_out, 32), cdiv(c, bc))
+    _scatter_kernel[grid](x, token_map, out, s, out_size, n, n_out, c, WAVG=wavg, HAS_SIZE=has_size,
+                          BLOCK_M=32, BLOCK_N=32, BLOCK_C=bc, num_warps=4)
+    return out, out_size
+
+
+def merge_sum(x, token_map, n_out):
+    _check_map(token_map, n_out)
+    return _scatter(x, token_map, n_out)[0]
+
+
+def merge_wavg(x, size, token_map, n_out):
+    _check_map(token_map, n_out)
+    return _scatter(x, token_map, n_out, size, wavg=True)

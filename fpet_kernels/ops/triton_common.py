@@ -1,0 +1,198 @@
+"""Building blocks shared by the Triton kernels (``tome_triton.py``, ``fpet_triton.py``).
+
+Every fused merge kernel runs one program per image (optionally per image and channel block, the
+cheap matching recomputed in each, so that B=1 still fills the GPU) through the same phases:
+
+  1. match:  normalised metric rows, A·Bᵀ similarity tiles with ``tl.dot``, a running per-row
+             reduction (max/argmax for ToMe, top-2 for FPET);
+  2. select: which A rows merge where (ToMe: rank by score, top r; FPET: the hard match);
+  3. group:  the sources sorted by destination (a counting sort in the program's workspace), so
+  4. merge:  every destination row *gathers* its sources in a fixed order, size-weighted, and the
+             merged tokens are written once. No float atomics: results are deterministic.
+
+Between phases the program exchanges small per-image vectors through a global workspace and
+``tl.debug_barrier()`` (one CTA per program: the barrier makes its own global writes visible).
+All arithmetic is float32; half inputs are cast after loading (the interpreter also computes bf16
+``tl.dot`` wrongly otherwise).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Triton is optional: CPU-only installs of torch do not ship it
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the install
+    triton = tl = None
+    HAS_TRITON = False
+
+
+def interpreting() -> bool:
+    """Kernels run in Triton's CPU interpreter (decided when the kernels are defined, at import)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def live() -> bool:
+    """The triton backend can run: Triton imports, and a GPU is present or the interpreter is on."""
+    return HAS_TRITON and (torch.cuda.is_available() or interpreting())
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def pow2(n: int, lo: int = 32) -> int:
+    """Next power of two, at least ``lo`` (Triton block shapes are powers of two; tl.dot needs >= 16)."""
+    return max(lo, 1 << max(0, int(n) - 1).bit_length())
+
+
+_SM_COUNT: dict = {}
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def channel_split(batch: int, channels: int, block_c: int, device: torch.device, split=None) -> tuple[int, int]:
+    """How many programs share one image's channels, and the channel span of each (a multiple of
+    ``block_c``). Large batches: one program per image. Small ones: split C until about two
+    programs per SM are running (the matching is recomputed per program; it is cheap)."""
+    blocks = cdiv(max(channels, 1), block_c)
+    if split is None:
+        split = 1 if batch >= num_sms(device) else min(blocks, cdiv(2 * num_sms(device), max(batch, 1)))
+    split = max(1, min(int(split), blocks))
+    per = cdiv(blocks, split) * block_c
+    return cdiv(channels, per) if channels else 1, per
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def unit_rows(m_ptr, pos, valid, D, D_PAD: tl.constexpr):
+        """Metric rows at token positions ``pos``, normalised to unit L2 norm (m / max(||m||, 1e-12)),
+        float32 [BLOCK, D_PAD]; invalid rows are zero."""
+        d = tl.arange(0, D_PAD)
+        v = tl.load(m_ptr + pos[:, None] * D + d[None, :], mask=valid[:, None] & (d[None, :] < D),
+                    other=0.0).to(tl.float32)
+        nrm = tl.sqrt(tl.sum(v * v, 1))
+        return v / tl.maximum(nrm, 1e-12)[:, None]
+
+    @triton.jit
+    def load_sizes(s_ptr, pos, valid, HAS_SIZE: tl.constexpr):
+        """Token sizes at ``pos`` as float32 (ones when there is no size tensor), 0 where invalid."""
+        if HAS_SIZE:
+            s = tl.load(s_ptr + pos, mask=valid, other=0.0).to(tl.float32)
+        else:
+            s = tl.where(valid, 1.0, 0.0)
+        return s
+
+    @triton.jit
+    def group_by_destination(key_ptr, n, sorted_ptr, BLOCK: tl.constexpr):
+        """Counting sort of the ``n`` entries of ``key`` (a destination per entry, < 0: none) by
+        destination, stable: entry k goes to position #{q: 0 <= key_q < key_k} + #{q < k: key_q == key_k}.
+        Writes the entry indices k in that order, so each destination's sources are contiguous."""
+        for k0 in range(0, n, BLOCK):
+            kk = k0 + tl.arange(0, BLOCK)
+            dk = tl.load(key_ptr + kk, mask=kk < n, other=-1)
+            pos = tl.zeros([BLOCK], dtype=tl.int32)
+            for q0 in range(0, n, BLOCK):
+                qq = q0 + tl.arange(0, BLOCK)
+                dq = tl.load(key_ptr + qq, mask=qq < n, other=-1)
+                before = (dq[None, :] >= 0) & ((dq[None, :] < dk[:, None])
+                                               | ((dq[None, :] == dk[:, None]) & (qq[None, :] < kk[:, None])))
+                pos += tl.sum(before.to(tl.int32), 1)
+            tl.store(sorted_ptr + pos, kk, mask=(kk < n) & (dk >= 0))
+
+    @triton.jit
+    def destination_ranges(key_ptr, n, jj, BLOCK: tl.constexpr):
+        """For destinations ``jj``: where their sources start in the sorted list, and how many."""
+        start = tl.zeros(jj.shape, dtype=tl.int32)
+        count = tl.zeros(jj.shape, dtype=tl.int32)
+        for q0 in range(0, n, BLOCK):
+            qq = q0 + tl.arange(0, BLOCK)
+            dq = tl.load(key_ptr + qq, mask=qq < n, other=-1)
+            start += tl.sum(((dq[None, :] >= 0) & (dq[None, :] < jj[:, None])).to(tl.int32), 1)
+            count += tl.sum((dq[None, :] == jj[:, None]).to(tl.int32), 1)
+        return start, count
+
+    @triton.jit
+    def checkerboard_a(i, p, H, W):
+        """Token position of FPET A index ``i`` (spec 2.2): cells (even, even) row-major, then (odd, odd)."""
+        wc = (W + 1) // 2
+        w2 = tl.maximum(W // 2, 1)
+        n1 = ((H + 1) // 2) * wc
+        i2 = tl.maximum(i - n1, 0)
+        first = i < n1
+        h = tl.where(first, 2 * (i // wc), 2 * (i2 // w2) + 1)
+        w = tl.where(first, 2 * (i % wc), 2 * (i2 % w2) + 1)
+        return p + h * W + w
+
+    @triton.jit
+    def checkerboard_b(j, p, H, W):
+        """Token position of FPET B index ``j``: the p prefix tokens, cells (odd, even), then (even, odd)."""
+        wc = (W + 1) // 2
+        w2 = tl.maximum(W // 2, 1)
+        n1 = (H // 2) * wc
+        j2 = tl.maximum(j - p, 0)
+        j3 = tl.maximum(j2 - n1, 0)
+        first = j2 < n1
+        h = tl.where(first, 2 * (j2 // wc) + 1, 2 * (j3 // w2))
+        w = tl.where(first, 2 * (j2 % wc), 2 * (j3 % w2) + 1)
+        return tl.where(j < p, j, p + h * W + w)
+
+    @triton.jit
+    def merge_destinations(x_b, s_b, o_b, os_b, jj, vj, pos_j, row_j, sorted_ws, key_ws, n_keys, src_ws,
+                           wt_ws, wc_ws, p, H, W, C, c_lo, c_hi, write_size,
+                           HAS_SIZE: tl.constexpr, FPET: tl.constexpr, PYRA: tl.constexpr,
+                           BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Phase 4 for a block of destination rows ``jj`` (token positions ``pos_j``, output rows
+        ``row_j``): each gathers itself and then its sources in sorted-list order, size-weighted:
+        ``out = (z_j + sum z_src) / (s_j + sum s_src)`` with ``z = x * s``, over channels [c_lo, c_hi).
+
+        A sorted entry k names the source: ToMe: k is a rank, its A row is ``src_ws[k]`` (position
+        2 i); FPET: k is the A index itself (checkerboard position). PYRA scales each source row by
+        ``1 + wc[c] * wt[k]``. ``write_size``: this program also writes the merged sizes."""
+        start, cnt = destination_ranges(key_ws, n_keys, jj, BLOCK_K)
+        cnt = tl.where(vj, cnt, 0)
+        maxc = tl.max(cnt, 0)
+        den = load_sizes(s_b, pos_j, vj, HAS_SIZE)
+        for t in range(0, maxc):
+            vt = t < cnt
+            k = tl.load(sorted_ws + start + t, mask=vt, other=0)
+            if FPET:
+                pos_s = checkerboard_a(k, p, H, W)
+            else:
+                pos_s = 2 * tl.load(src_ws + k, mask=vt, other=0)
+            den += load_sizes(s_b, pos_s, vt, HAS_SIZE)
+        tl.store(os_b + row_j, den, mask=vj & write_size)
+        s_j = load_sizes(s_b, pos_j, vj, HAS_SIZE)
+        for c0 in range(c_lo, c_hi, BLOCK_C):
+            cc = c0 + tl.arange(0, BLOCK_C)
+            vc = cc < c_hi
+            acc = tl.load(x_b + pos_j[:, None] * C + cc[None, :], mask=vj[:, None] & vc[None, :],
+                          other=0.0).to(tl.float32) * s_j[:, None]
+            if PYRA:
+                wc = tl.load(wc_ws + cc, mask=vc, other=0.0)
+            for t in range(0, maxc):
+                vt = t < cnt
+                k = tl.load(sorted_ws + start + t, mask=vt, other=0)
+                if FPET:
+                    pos_s = checkerboard_a(k, p, H, W)
+                else:
+                    pos_s = 2 * tl.load(src_ws + k, mask=vt, other=0)
+                z = tl.load(x_b + pos_s[:, None] * C + cc[None, :], mask=vt[:, None] & vc[None, :],
+                            other=0.0).to(tl.float32) * load_sizes(s_b, pos_s, vt, HAS_SIZE)[:, None]
+                if PYRA:
+                    wt = tl.load(wt_ws + k, mask=vt, other=0.0)
+                    z = z + z * wc[None, :] * wt[:, None]
+                acc += z
+            tl.store(o_b + row_j[:, None] * C + cc[None, :], (acc / tl.where(vj, den, 1.0)[:, None]).to(o_b.dtype.element_ty),
+                     mask=vj[:, None] & vc[None, :])
