@@ -1,10 +1,15 @@
-"""Shapes, inputs and providers shared by the microbenchmarks (bench_ops.py) and the table (run_table.py).
+"""Shapes, inputs and providers shared by the microbenchmarks (bench_ops.py), the table (run_table.py)
+and the launch count (profile_launches.py).
 
-A provider is a zero-argument callable made for one (op, mode, B): "reference" runs the project's
-pure-PyTorch reference (the published methods' cost model), "cpu"/"cuda"/"triton" the fused ops.
+A provider is a zero-argument callable made for one (op, mode, B, dtype):
+  "reference"          the project's pure-PyTorch reference (``fk.reference.*``), eager;
+  "reference+compile"  the same reference under ``torch.compile`` (mode default, fullgraph when it works);
+  "cpu"/"cuda"/"triton" the fused ops (``fk.<op>(..., backend=...)``);
+  "floor"              a device-to-device copy moving the op's minimum memory traffic (``bytes_moved``).
 """
 import os
 import sys
+import time
 
 import torch
 
@@ -13,15 +18,34 @@ import fpet_kernels as fk  # noqa: E402
 
 # ViT-B/16 at 224: 196 patches + class token, C = 768, metric = keys averaged over heads (D = 64).
 N, C, D, R = 197, 768, 64, 16
-BATCHES = (1, 8, 64)
-OPS = ("tome_merge", "fpet_merge")
+FPET_OUT = 99  # FPET keeps the class token and the 98 B cells of the 14 x 14 checkerboard
+BATCHES = (1, 8, 64)  # CPU default
+GPU_BATCHES = (1, 64, 256)
+OPS = ("tome_merge", "fpet_merge")  # the CPU table and the CPU microbenchmarks
+ALL_OPS = ("tome_merge", "fpet_merge", "pyra_merge", "unmerge")
 MODES = ("forward", "forward+backward")
+# What the GPU table times by default (the Triton issue's list): (op, mode)
+GPU_CASES = (("tome_merge", "forward"), ("fpet_merge", "forward"), ("fpet_merge", "forward+backward"),
+             ("pyra_merge", "forward"), ("unmerge", "forward"))
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+GPU_DTYPES = ("float16", "bfloat16")
+GPU_BACKENDS = ("triton", "cuda")
+FUSED = ("cpu",) + GPU_BACKENDS
+EXTRA_PROVIDERS = ("reference+compile", "floor")
+ALL_PROVIDERS = ("reference",) + EXTRA_PROVIDERS + FUSED
 
 # ../shared/anchors.md, CPU (2 cores, float32, torch 2.14.1): the published reference implementations.
 CPU_ANCHORS_MS = {
     ("tome_merge", "forward"): {1: 0.27, 8: 8.9, 64: 63.8},
     ("fpet_merge", "forward"): {1: 0.46, 8: 4.8, 64: 42.3},
 }
+# The Triton issue's targets for the fused kernels, H100, float16, median of do_bench (ms).
+GPU_TARGETS_MS = {
+    ("tome_merge", "forward"): {1: 0.020, 256: 0.065},
+    ("fpet_merge", "forward"): {256: 0.060},
+    ("fpet_merge", "forward+backward"): {1: 0.10, 256: 0.30},
+}
+BF16_VS_F16 = 1.10  # and: bfloat16 within 10% of float16 (same op, mode, B, provider)
 
 
 def make_inputs(batch: int, device="cpu", dtype=torch.float32, requires_grad=False, seed=0):
@@ -31,30 +55,95 @@ def make_inputs(batch: int, device="cpu", dtype=torch.float32, requires_grad=Fal
     return x, metric
 
 
-def providers(device: str = "cpu") -> list:
+def fused_providers(device: str = "cpu") -> list:
+    """The live fused backends that run on ``device`` tensors ("cpu" on CPU; "triton", "cuda" on CUDA)."""
     live = fk.backends()["live"]
-    names = ["reference"] + [b for b in ("cpu", "cuda", "triton") if live[b] and (b == "cpu") == (device == "cpu")]
-    return names
+    return [b for b in FUSED if live.get(b, False) and (b == "cpu") == (device == "cpu")]
 
 
-def make_call(op: str, provider: str, mode: str, batch: int, device="cpu", dtype=torch.float32):
-    """A closure running one op once (and its backward for mode "forward+backward")."""
-    backward = mode == "forward+backward"
-    x, metric = make_inputs(batch, device, dtype, requires_grad=backward)
+def providers(device: str = "cpu") -> list:
+    """Reference + the live fused backends for ``device`` (the CPU table's providers)."""
+    return ["reference"] + fused_providers(device)
+
+
+def table_providers(device: str = "cpu") -> list:
+    """Default providers of run_table.py: CPU as before; CUDA adds the compiled reference and the floor."""
+    if device == "cpu":
+        return providers(device)
+    return ["reference", "reference+compile"] + fused_providers(device) + ["floor"]
+
+
+def is_live(provider: str, device: str) -> bool:
+    if provider in ("reference",) + EXTRA_PROVIDERS:
+        return True
+    return provider in fused_providers(device)
+
+
+# ----------------------------------------------------------------------------- op inputs and calls
+def make_args(op: str, batch: int, device="cpu", dtype=torch.float32, requires_grad=False, seed=0):
+    """(positional arguments of the op, the tensors a backward differentiates)."""
+    x, metric = make_inputs(batch, device, dtype, requires_grad=requires_grad, seed=seed)
     if op == "tome_merge":
-        if provider == "reference":
-            fwd = lambda: fk.reference.tome_merge(x, metric, R, class_token=True)[0]  # noqa: E731
-        else:
-            fwd = lambda: fk.tome_merge(x, metric, R, class_token=True, backend=provider)[0]  # noqa: E731
-        inputs = [x]
-    elif op == "fpet_merge":
-        if provider == "reference":
-            fwd = lambda: fk.reference.fpet_merge(x, metric, class_token=True)[0]  # noqa: E731
-        else:
-            fwd = lambda: fk.fpet_merge(x, metric, class_token=True, backend=provider)[0]  # noqa: E731
-        inputs = [x, metric]
-    else:
-        raise ValueError(f"unknown op {op!r}")
+        return (x, metric), [x]
+    if op == "fpet_merge":
+        return (x, metric), [x, metric]
+    if op == "pyra_merge":
+        metric.requires_grad_(False)
+        g = torch.Generator().manual_seed(seed + 1)
+        params = [0.5 * torch.randn(R, 1, generator=g), 0.5 * torch.randn(1, C, generator=g),  # a, b nonzero
+                  1 + 0.1 * torch.randn(C, generator=g), 0.1 * torch.randn(C, generator=g)]  # LayerNorm
+        params = [p.to(device, dtype).requires_grad_(requires_grad) for p in params]
+        return (x, metric, *params), [x] + params
+    if op == "unmerge":
+        with torch.no_grad():
+            y, _, matching = fk.reference.tome_merge(x.detach(), metric.detach(), R, class_token=True)
+        y = y.contiguous().requires_grad_(requires_grad)
+        return (y, matching), [y]
+    raise ValueError(f"unknown op {op!r}")
+
+
+# The reference of each op as a module-level function of tensors (a stable target for torch.compile).
+# Every function returns all the outputs of the public call, so the compiler cannot drop any of them.
+def _ref_tome(x, metric):
+    return fk.reference.tome_merge(x, metric, R, class_token=True)
+
+
+def _ref_fpet(x, metric):
+    return fk.reference.fpet_merge(x, metric, class_token=True)
+
+
+def _ref_pyra(x, metric, a, b, ln_weight, ln_bias):
+    return fk.reference.pyra_merge(x, metric, R, a, b, ln_weight, ln_bias, class_token=True)
+
+
+def _ref_unmerge(y, matching):
+    return fk.reference.unmerge(y, matching.token_map)
+
+
+REFERENCE_FNS = {"tome_merge": _ref_tome, "fpet_merge": _ref_fpet, "pyra_merge": _ref_pyra, "unmerge": _ref_unmerge}
+
+
+def fused_fn(op: str, backend: str):
+    if op == "tome_merge":
+        return lambda x, metric: fk.tome_merge(x, metric, R, class_token=True, backend=backend)
+    if op == "fpet_merge":
+        return lambda x, metric: fk.fpet_merge(x, metric, class_token=True, backend=backend)
+    if op == "pyra_merge":
+        return lambda x, metric, a, b, w, bias: fk.pyra_merge(x, metric, R, a, b, w, bias, class_token=True,
+                                                              backend=backend)
+    if op == "unmerge":
+        return lambda y, matching: fk.unmerge(y, matching, backend=backend)
+    raise ValueError(f"unknown op {op!r}")
+
+
+def _first(out):
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def _closure(fn, args, grad_inputs, backward: bool):
+    def fwd():
+        return _first(fn(*args))
+
     if not backward:
         def call():
             with torch.no_grad():
@@ -63,12 +152,105 @@ def make_call(op: str, provider: str, mode: str, batch: int, device="cpu", dtype
     grad = torch.randn_like(fwd().detach())
 
     def call_bwd():
-        return torch.autograd.grad(fwd(), inputs, grad)
+        return torch.autograd.grad(fwd(), grad_inputs, grad)
     return call_bwd
 
 
-def bytes_moved(op: str, batch: int, dtype=torch.float32) -> int:
-    """The HBM/DRAM floor of one forward: read x and metric, write the merged tokens and sizes."""
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _short(exc: BaseException, limit: int = 160) -> str:
+    msg = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return msg if len(msg) <= limit else msg[:limit - 3] + "..."
+
+
+class CompileFailed(RuntimeError):
+    pass
+
+
+def _compiled_call(fn, args, grad_inputs, backward: bool, device):
+    """torch.compile(fn): fullgraph=True first, then with graph breaks allowed. The first call (the
+    compilation, forward and backward) runs here, so a failure surfaces here; ``call.note`` says
+    which variant ran and ``call.compile_s`` how long compiling took. Dynamo's caches are reset
+    first: one compiled variant is alive at a time (no recompile limit, no stale guards)."""
+    errors = []
+    for fullgraph in (True, False):
+        torch._dynamo.reset()
+        cfn = torch.compile(fn, fullgraph=fullgraph, dynamic=False)
+        t0 = time.perf_counter()
+        try:
+            call = _closure(cfn, args, grad_inputs, backward)
+            call()
+            _sync(device)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a note in the table
+            errors.append(f"fullgraph={fullgraph}: {_short(exc)}")
+            continue
+        call.compile_s = time.perf_counter() - t0
+        call.note = (f"compiled in {call.compile_s:.1f} s" if fullgraph else
+                     f"graph breaks (fullgraph failed: {errors[0]}); compiled in {call.compile_s:.1f} s")
+        return call
+    torch._dynamo.reset()
+    raise CompileFailed("torch.compile failed: " + " | ".join(errors))
+
+
+def make_call(op: str, provider: str, mode: str, batch: int, device="cpu", dtype=torch.float32):
+    """A closure running one op once (and its backward for mode "forward+backward"). It carries
+    ``.note`` (a remark for the table, "" when none) and ``.min_bytes`` (``bytes_moved``)."""
+    backward = mode == "forward+backward"
+    nbytes = bytes_moved(op, batch, dtype, mode)
+    if provider == "floor":
+        call = make_copy_call(nbytes, device)
+        call.note = f"copy of {nbytes / 2 ** 20:.1f} MiB read + write"
+    else:
+        args, grad_inputs = make_args(op, batch, device, dtype, requires_grad=backward)
+        if provider in ("reference", "reference+compile"):
+            fn = REFERENCE_FNS[op]
+        else:
+            fn = fused_fn(op, provider)
+        if provider == "reference+compile":
+            call = _compiled_call(fn, args, grad_inputs, backward, device)
+        else:
+            call = _closure(fn, args, grad_inputs, backward)
+            call.note = ""
+    call.min_bytes = nbytes
+    return call
+
+
+# ----------------------------------------------------------------------------- memory traffic
+def bytes_moved(op: str, batch: int, dtype=torch.float32, mode: str = "forward") -> int:
+    """The minimum memory traffic of one call (each tensor read or written once; sizes float32).
+
+    forward:  merges read x and metric (PYRA also a, b and the LayerNorm) and write the merged
+              tokens and their sizes; unmerge reads y and the int64 token map and writes N tokens.
+    backward: read the output gradient and write the gradient of each differentiated input
+              (a lower bound: the kernels may re-read x or the metric).
+    The calls here pass no ``size``: a call with sizes would also read ``B * N * 4`` bytes (< 0.2%).
+    """
     e = torch.finfo(dtype).bits // 8
-    n_out = N - R if op == "tome_merge" else 99
-    return batch * (N * C * e + N * D * e + n_out * C * e + n_out * 4)
+    tok = C * e
+    params = (R + C + 2 * C) * e  # PYRA a [r, 1], b [1, C], LayerNorm weight and bias [C]
+    if op == "unmerge":
+        fwd = batch * ((N - R) * tok + N * 8 + N * tok)
+        bwd = batch * (N * tok + N * 8 + (N - R) * tok)
+    else:
+        n_out = FPET_OUT if op == "fpet_merge" else N - R
+        fwd = batch * (N * tok + N * D * e + n_out * tok + n_out * 4) + (params if op == "pyra_merge" else 0)
+        bwd = batch * (n_out * tok + N * tok)
+        if op == "fpet_merge":
+            bwd += batch * N * D * e
+        elif op == "pyra_merge":
+            bwd += params
+    return fwd + (bwd if mode == "forward+backward" else 0)
+
+
+def make_copy_call(nbytes: int, device="cpu"):
+    """A device-to-device copy whose read + write traffic is ``nbytes``."""
+    n = max(1, nbytes // 2)
+    src = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+
+    def call():
+        return dst.copy_(src)
+    return call

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from .triton_common import HAS_TRITON, channel_split, pow2, tl, triton
-from .tome_triton import BLOCK, BLOCK_C, BLOCK_J, _prec
 
 if HAS_TRITON:
     from .triton_common import checkerboard_a, checkerboard_b, group_by_destination, merge_destinations, unit_rows
@@ -87,7 +86,7 @@ def grid_sizes(num_prefix: int, h: int, w: int) -> tuple[int, int]:
 
 def fpet_merge(x, metric, size, num_prefix, H, W, split=None):
     """One launch: FPET matching and merge. Returns (out [B, Nb, C], out_size [B, Nb, 1] f32, token_map [B, N])."""
-    from . import tome_triton
+    from . import tome_triton as cfg  # tile shapes shared with the ToMe kernel
     x, metric = x.contiguous(), metric.contiguous()
     size = None if size is None else size.contiguous()
     bsz, n, c = x.shape
@@ -99,11 +98,24 @@ def fpet_merge(x, metric, size, num_prefix, H, W, split=None):
     tmap = torch.empty(bsz, n, dtype=torch.int64, device=dev)
     if bsz == 0:
         return out, out_size, tmap
-    splits, c_per = channel_split(bsz, c, BLOCK_C, dev, tome_triton.SPLIT if split is None else split)
+    splits, c_per = channel_split(bsz, c, cfg.BLOCK_C, dev, cfg.SPLIT if split is None else split)
     ws = torch.empty(bsz * splits, 2 * na, dtype=torch.int32, device=dev)
     s, has_size = (size, True) if size is not None else (x, False)
     _fpet_merge_kernel[(bsz, splits)](
         x, metric, s, out, out_size, tmap, ws, n, c, d, num_prefix, H, W, na, nb, c_per,
-        HAS_SIZE=has_size, D_PAD=pow2(d, 16), BLOCK=BLOCK, BLOCK_J=BLOCK_J, BLOCK_C=BLOCK_C, PREC=_prec(),
-        num_warps=4)
+        HAS_SIZE=has_size, D_PAD=pow2(d, 16), BLOCK=cfg.BLOCK, BLOCK_J=cfg.BLOCK_J, BLOCK_C=cfg.BLOCK_C,
+        PREC=cfg._prec(), num_warps=cfg.NUM_WARPS)
     return out, out_size, tmap
+
+
+def aot_specs():
+    """(kernel, signature, constexprs, num_warps) at ViT-B/16 shapes, for tests/aot_compile.py."""
+    from . import tome_triton as cfg
+    specs = []
+    for dt in ("fp16", "bf16", "fp32"):
+        sig = dict(x_ptr=f"*{dt}", m_ptr=f"*{dt}", s_ptr="*fp32", out_ptr=f"*{dt}", osize_ptr="*fp32", map_ptr="*i64",
+                   ws_ptr="*i32", N="i32", C="i32", D="i32", P="i32", H="i32", W="i32", NA="i32", NB="i32",
+                   c_per="i32")
+        specs.append((_fpet_merge_kernel, sig, dict(HAS_SIZE=True, D_PAD=64, BLOCK=32, BLOCK_J=32, BLOCK_C=128,
+                                                    PREC="tf32x3"), cfg.NUM_WARPS))
+    return specs

@@ -5,8 +5,9 @@ Same values as ``fpet.fpet_merge_backward_reference``; all arithmetic float32. T
 1. ``_fpet_bwd_metric_kernel``, one program per image, phases separated by ``tl.debug_barrier()``:
    (a) ``g_den[j] = -<grad_out[j], out[j]> / out_size[j] (+ grad_size[j])`` into the workspace,
        and the ``[Nb, D_PAD]`` accumulator of ``dB_n`` zeroed;
-   (b) per block of A rows: normalised A rows; pass 1 over B blocks: score tiles ``A_n B_n^T``
-       (prefix columns -inf), running top-2 (lowest index first on ties), ``t = (top1 + top2) / 2``;
+   (b) per block of A rows: pass 1 over B blocks: score tiles ``A_n B_n^T``, computed as
+       ``(m_A m_B^T) / (||m_A|| ||m_B||)`` (prefix columns -inf), running top-2 (lowest index first
+       on ties), ``t = (top1 + top2) / 2``;
        pass 2 over B blocks: ``G = z_A g_num^T + s_A g_den^T`` (a C-chunked ``tl.dot``, never
        stored), ``P = G soft (1 - soft)``, ``rowsum += P 1``, ``dA_n += P B_n``, and the image's
        ``dB_n`` accumulator ``+= P^T A_n`` (read-modify-write in fixed i-block order);
@@ -30,9 +31,7 @@ from torch import Tensor
 from .triton_common import HAS_TRITON, cdiv, interpreting, pow2, tl, triton
 
 if HAS_TRITON:
-    from .triton_common import checkerboard_a, checkerboard_b, load_sizes, unit_rows
-
-_EPS = 1e-12  # NORM_EPS of the reference: m / max(||m||, 1e-12)
+    from .triton_common import checkerboard_a, checkerboard_b, load_sizes, store_rounded, unit_rows
 
 
 def checkerboard_sizes(n: int, num_prefix: int, h: int, w: int) -> tuple[int, int]:
@@ -199,8 +198,7 @@ if HAS_TRITON:
             b2 = unit_rows(m_ptr, checkerboard_b(i2, p, H, W), vi, D, D_PAD)
             dn = da - (0.5 * rowsum)[:, None] * (b1 + b2)
             gm = _normalize_backward(dn, an, nrm_a)
-            tl.store(gm_ptr + pa[:, None] * D + dd[None, :], gm.to(gm_ptr.dtype.element_ty),
-                     mask=vi[:, None] & d_ok[None, :])
+            store_rounded(gm_ptr + pa[:, None] * D + dd[None, :], gm, vi[:, None] & d_ok[None, :])
             tl.store(rs_ptr + ii, rowsum, mask=vi)
             tl.store(top_ptr + ii, i1, mask=vi)
             tl.store(top_ptr + Na + ii, i2, mask=vi)
@@ -225,8 +223,7 @@ if HAS_TRITON:
             pb = checkerboard_b(jj, p, H, W)
             bn = unit_rows(m_ptr, pb, vj, D, D_PAD)
             gm = _normalize_backward(dn, bn, _row_norms(m_ptr, pb, vj, D, D_PAD))
-            tl.store(gm_ptr + pb[:, None] * D + dd[None, :], gm.to(gm_ptr.dtype.element_ty),
-                     mask=vj[:, None] & d_ok[None, :])
+            store_rounded(gm_ptr + pb[:, None] * D + dd[None, :], gm, vj[:, None] & d_ok[None, :])
 
     @triton.jit
     def _fpet_bwd_x_kernel(
@@ -263,7 +260,7 @@ if HAS_TRITON:
             msk = vt[:, None] & c_ok[None, :]
             xv = tl.load(x_ptr + tt[:, None] * C + c[None, :], mask=msk, other=0.0).to(tl.float32)
             acc += tl.sum(gz * xv, 1)
-            tl.store(gx_ptr + tt[:, None] * C + c[None, :], (gz * s[:, None]).to(gx_ptr.dtype.element_ty), mask=msk)
+            store_rounded(gx_ptr + tt[:, None] * C + c[None, :], gz * s[:, None], msk)
         tl.store(gsz_ptr + tt, acc + gd, mask=vt)
 
 
@@ -282,7 +279,7 @@ def _config(na: int, nb: int, c: int, d_pad: int, interp: bool, x_dtype, go_dtyp
     cfg = dict(
         BI=block_i or min(tile, pow2(na)), BJ=block_j or min(tile, pow2(nb)),
         BC=block_c or min(tile, pow2(c)),
-        BT=32, BC_X=min(128 if not interp else 256, pow2(c)),
+        BT=32, BC_X=min(64 if not interp else 256, pow2(c)),
         warps_metric=8, warps_x=4,
         SCORE_PREC="ieee" if interp else "tf32x3",
         GRAD_PREC="ieee" if interp else "tf32x3",
@@ -306,8 +303,13 @@ def fpet_merge_backward(grad_out: Tensor, grad_size: Optional[Tensor], x: Tensor
     na, nb = checkerboard_sizes(n, num_prefix, H, W)
     if n != num_prefix + H * W:
         raise ValueError(f"x has N={n} tokens but num_prefix + H*W = {num_prefix + H * W}")
+    if nb - num_prefix < 2:
+        raise ValueError(f"grid ({H}, {W}) has {nb - num_prefix} destination cells; FPET matching needs at least 2")
     if tuple(grad_out.shape) != (bsz, nb, c) or tuple(out.shape) != (bsz, nb, c):
         raise ValueError(f"grad_out/out must be [{bsz}, {nb}, {c}], got {tuple(grad_out.shape)}, {tuple(out.shape)}")
+    for name, t in (("x", x), ("metric", metric), ("grad_out", grad_out), ("out", out)):
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"fpet_merge_backward (triton): {name} must be float32/float16/bfloat16, got {t.dtype}")
     dev = x.device
     grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
     grad_metric = torch.empty_like(metric, memory_format=torch.contiguous_format)
@@ -366,13 +368,13 @@ def _specialize(fn, sig: dict, const: dict, ints: dict) -> tuple[dict, dict, dic
 
 
 def aot_specs(n: int = 197, num_prefix: int = 1, h: int = 14, w: int = 14, c: int = 768, d: int = 64,
-              dtypes=(torch.float16, torch.bfloat16), with_options: bool = False) -> list:
-    """``(kernel, signature, constexprs)`` for ``triton.compile(ASTSource(kernel, signature, constexprs),
-    target=GPUTarget("cuda", 90, 32))`` of both kernels as a GPU launch runs them for the given shape
-    (default ViT-B: N=197, class token, 14 x 14, C=768, D=64; size and grad_size present, float32).
-    ``with_options``: each entry also gets ``attrs`` (the launch's divisibility hints, for
-    ``ASTSource(..., attrs=attrs)``) and the compile options (``num_warps``):
-    ``(kernel, signature, constexprs, attrs, options)``."""
+              dtypes=(torch.float16, torch.bfloat16, torch.float32), with_attrs: bool = False) -> list:
+    """``(kernel, signature, constexprs, num_warps)`` of both launches as a GPU run makes them, for
+    ``triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+    options={"num_warps": num_warps})`` without a GPU (tests/aot_compile.py). Default shape ViT-B/16:
+    N=197, class token, 14 x 14, C=768, D=64; size and grad_size present (float32).
+    ``with_attrs``: a fifth item, the launch's divisibility hints (``ASTSource(..., attrs=attrs)``);
+    without them the compiler cannot vectorise the row loads and the register count rises."""
     if not HAS_TRITON:
         return []
     na, nb = checkerboard_sizes(n, num_prefix, h, w)
@@ -401,5 +403,5 @@ def aot_specs(n: int = 197, num_prefix: int = 1, h: int = 14, w: int = 14, c: in
         for fn, sig, const, ints, warps in ((_fpet_bwd_metric_kernel, sig_m, const_m, ints_m, cfg["warps_metric"]),
                                             (_fpet_bwd_x_kernel, sig_x, const_x, ints_x, cfg["warps_x"])):
             sig, const, attrs = _specialize(fn, sig, const, ints)
-            specs.append((fn, sig, const, attrs, {"num_warps": warps}) if with_options else (fn, sig, const))
+            specs.append((fn, sig, const, warps, attrs) if with_attrs else (fn, sig, const, warps))
     return specs

@@ -18,7 +18,7 @@ import torch
 from .triton_common import (HAS_TRITON, cdiv, channel_split, interpreting, pow2, tl, triton)
 
 if HAS_TRITON:
-    from .triton_common import group_by_destination, load_sizes, merge_destinations, unit_rows
+    from .triton_common import group_by_destination, load_sizes, merge_destinations, store_rounded, unit_rows
 
     @triton.jit
     def _out_row_b(jj, na, r, DISTILL: tl.constexpr):
@@ -119,8 +119,8 @@ if HAS_TRITON:
                 cc = c0 + tl.arange(0, BLOCK_C)
                 msk = is_unm[:, None] & (cc < c_hi)[None, :]
                 xv = tl.load(x_b + (2 * ii)[:, None] * C + cc[None, :], mask=msk, other=0.0).to(tl.float32)
-                tl.store(o_b + row_u[:, None] * C + cc[None, :],
-                         (xv * s_u[:, None] / tl.where(is_unm, s_u, 1.0)[:, None]).to(o_b.dtype.element_ty), mask=msk)
+                store_rounded(o_b + row_u[:, None] * C + cc[None, :],
+                              xv * s_u[:, None] / tl.where(is_unm, s_u, 1.0)[:, None], msk)
         for j0 in range(0, nb, BLOCK):
             jj = j0 + tl.arange(0, BLOCK)
             tl.store(map_ptr + b * N + 2 * jj + 1, _out_row_b(jj, na, r, DISTILL).to(tl.int64),
@@ -235,8 +235,7 @@ if HAS_TRITON:
         if SCALE:
             w = load_sizes(s_ptr + b * N, nn, hit, HAS_SIZE) / tl.load(osize_ptr + b * M + mp, mask=hit, other=1.0)
             v = v * w[:, None]
-        tl.store(out_ptr + b * N * C + nn[:, None] * C + cc[None, :], v.to(out_ptr.dtype.element_ty),
-                 mask=vn[:, None] & (cc < C)[None, :])
+        store_rounded(out_ptr + b * N * C + nn[:, None] * C + cc[None, :], v, vn[:, None] & (cc < C)[None, :])
 
     @triton.jit
     def _scatter_kernel(x_ptr, map_ptr, out_ptr, s_ptr, osize_ptr, N, M, C,
@@ -266,14 +265,18 @@ if HAS_TRITON:
         if WAVG:
             acc = tl.where(den[:, None] > 0, acc / tl.where(den > 0, den, 1.0)[:, None], 0.0)
             tl.store(osize_ptr + b * M + mm, den, mask=vm & (pc == 0))
-        tl.store(out_ptr + b * M * C + mm[:, None] * C + cc[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=vm[:, None] & (cc < C)[None, :])
+        store_rounded(out_ptr + b * M * C + mm[:, None] * C + cc[None, :], acc, vm[:, None] & (cc < C)[None, :])
 
 
 # ----------------------------------------------------------------------------- launchers
-BLOCK = 32        # rows of A / B per similarity tile, and of the rank / group comparisons
-BLOCK_J = 32      # destination rows per merge tile
-BLOCK_C = 128     # channels per merge tile
+# Tile shapes. On the GPU: 32-row similarity / comparison tiles, 32 x 128 merge tiles, 8 warps (no
+# register spills for sm_90, see tests/aot_compile.py). The interpreter's cost is per block
+# operation, not per element, so it runs 64-row tiles (still several blocks at the test shapes);
+# tests also run the GPU tile shapes in the interpreter.
+BLOCK = 64 if interpreting() else 32      # rows of A / B per similarity tile, and per rank / group comparison
+BLOCK_J = 64 if interpreting() else 32    # destination rows per merge tile
+BLOCK_C = 128                             # channels per merge tile
+NUM_WARPS = 8
 SPLIT = None      # channel programs per image (None: decided from B and the SM count); tests force it
 
 
@@ -315,7 +318,7 @@ def tome_merge(x, metric, r, size, class_token, distill_token, pyra=None):
         x, metric, s, out, out_size, src, dst, unm, tmap, ws_f, ws_i, a, b, lnw, lnb,
         n, c, d, r, c_per, wsf, wsi, float(eps),
         HAS_SIZE=has_size, CLS=bool(class_token), DISTILL=bool(distill_token), PYRA=pyra is not None,
-        D_PAD=pow2(d, 16), BLOCK=BLOCK, BLOCK_J=BLOCK_J, BLOCK_C=BLOCK_C, PREC=_prec(), num_warps=4)
+        D_PAD=pow2(d, 16), BLOCK=BLOCK, BLOCK_J=BLOCK_J, BLOCK_C=BLOCK_C, PREC=_prec(), num_warps=NUM_WARPS)
     return out, out_size, src, dst, unm, tmap
 
 
@@ -349,9 +352,9 @@ def _gather(y, token_map, size=None, out_size=None, scale=False):
     if out.numel() == 0:
         return out
     s, has_size = _size_arg(size, y)
-    grid = (bsz, cdiv(n, 32), cdiv(c, BLOCK_C))
+    grid = (bsz, cdiv(n, BLOCK_J), cdiv(c, BLOCK_C))
     _gather_kernel[grid](y, token_map, out, s, y if out_size is None else out_size, n, y.shape[1], c,
-                         SCALE=scale, HAS_SIZE=has_size, BLOCK_N=32, BLOCK_C=BLOCK_C, num_warps=4)
+                         SCALE=scale, HAS_SIZE=has_size, BLOCK_N=BLOCK_J, BLOCK_C=BLOCK_C, num_warps=4)
     return out
 
 
@@ -380,9 +383,9 @@ def _scatter(x, token_map, n_out, size=None, wavg=False):
         return out, out_size
     s, has_size = _size_arg(size, x)
     bc = min(BLOCK_C, pow2(c, 32))
-    grid = (bsz, cdiv(n_out, 32), cdiv(c, bc))
+    grid = (bsz, cdiv(n_out, BLOCK), cdiv(c, bc))
     _scatter_kernel[grid](x, token_map, out, s, out_size, n, n_out, c, WAVG=wavg, HAS_SIZE=has_size,
-                          BLOCK_M=32, BLOCK_N=32, BLOCK_C=bc, num_warps=4)
+                          BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_C=bc, num_warps=4)
     return out, out_size
 
 
@@ -394,3 +397,24 @@ def merge_sum(x, token_map, n_out):
 def merge_wavg(x, size, token_map, n_out):
     _check_map(token_map, n_out)
     return _scatter(x, token_map, n_out, size, wavg=True)
+
+
+def aot_specs():
+    """(kernel, signature, constexprs, num_warps) of the launches at ViT-B/16 shapes, for compiling ahead of
+    time for sm_90 without a GPU (tests/aot_compile.py)."""
+    specs = []
+    for dt in ("fp16", "bf16", "fp32"):
+        for pyra in (False, True):
+            sig = dict(x_ptr=f"*{dt}", m_ptr=f"*{dt}", s_ptr="*fp32", out_ptr=f"*{dt}", osize_ptr="*fp32",
+                       src_ptr="*i64", dst_ptr="*i64", unm_ptr="*i64", map_ptr="*i64", wsf_ptr="*fp32",
+                       wsi_ptr="*i32", a_ptr="*fp32", b_ptr="*fp32", lnw_ptr="*fp32", lnb_ptr="*fp32", N="i32",
+                       C="i32", D="i32", r="i32", c_per="i32", WSF="i32", WSI="i32", eps="fp32")
+            const = dict(HAS_SIZE=True, CLS=True, DISTILL=False, PYRA=pyra, D_PAD=64, BLOCK=32, BLOCK_J=32,
+                         BLOCK_C=128, PREC="tf32x3")
+            specs.append((_tome_merge_kernel, sig, const, NUM_WARPS))
+        ptrs = dict(map_ptr="*i64", out_ptr=f"*{dt}", s_ptr="*fp32", osize_ptr="*fp32", N="i32", M="i32", C="i32")
+        specs.append((_gather_kernel, dict(y_ptr=f"*{dt}", **ptrs), dict(SCALE=True, HAS_SIZE=True, BLOCK_N=32,
+                                                                          BLOCK_C=128), 4))
+        specs.append((_scatter_kernel, dict(x_ptr=f"*{dt}", **ptrs), dict(WAVG=True, HAS_SIZE=True, BLOCK_M=32,
+                                                                           BLOCK_N=32, BLOCK_C=128), 4))
+    return specs

@@ -76,6 +76,16 @@ def channel_split(batch: int, channels: int, block_c: int, device: torch.device,
 if HAS_TRITON:
 
     @triton.jit
+    def store_rounded(ptr, v, mask):
+        """Store float32 ``v`` in ``ptr``'s dtype, rounding to nearest even. (bfloat16 is rounded here,
+        bit-wise: the GPU's conversion already does this, Triton's interpreter truncates.)"""
+        if ptr.dtype.element_ty == tl.bfloat16:
+            bits = v.to(tl.uint32, bitcast=True)
+            up = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+            v = tl.where(v != v, v, up.to(tl.float32, bitcast=True))
+        tl.store(ptr, v.to(ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def unit_rows(m_ptr, pos, valid, D, D_PAD: tl.constexpr):
         """Metric rows at token positions ``pos``, normalised to unit L2 norm (m / max(||m||, 1e-12)),
         float32 [BLOCK, D_PAD]; invalid rows are zero."""
@@ -149,6 +159,16 @@ if HAS_TRITON:
         return tl.where(j < p, j, p + h * W + w)
 
     @triton.jit
+    def _source(entry_ptr, valid, src_ws, p, H, W, FPET: tl.constexpr):
+        """A sorted-list entry k and the token position of the source it names (see below)."""
+        k = tl.load(entry_ptr, mask=valid, other=0)
+        if FPET:
+            pos = checkerboard_a(k, p, H, W)
+        else:
+            pos = 2 * tl.load(src_ws + k, mask=valid, other=0)
+        return k, pos
+
+    @triton.jit
     def merge_destinations(x_b, s_b, o_b, os_b, jj, vj, pos_j, row_j, sorted_ws, key_ws, n_keys, src_ws,
                            wt_ws, wc_ws, p, H, W, C, c_lo, c_hi, write_size,
                            HAS_SIZE: tl.constexpr, FPET: tl.constexpr, PYRA: tl.constexpr,
@@ -166,11 +186,7 @@ if HAS_TRITON:
         den = load_sizes(s_b, pos_j, vj, HAS_SIZE)
         for t in range(0, maxc):
             vt = t < cnt
-            k = tl.load(sorted_ws + start + t, mask=vt, other=0)
-            if FPET:
-                pos_s = checkerboard_a(k, p, H, W)
-            else:
-                pos_s = 2 * tl.load(src_ws + k, mask=vt, other=0)
+            k, pos_s = _source(sorted_ws + start + t, vt, src_ws, p, H, W, FPET)
             den += load_sizes(s_b, pos_s, vt, HAS_SIZE)
         tl.store(os_b + row_j, den, mask=vj & write_size)
         s_j = load_sizes(s_b, pos_j, vj, HAS_SIZE)
@@ -183,16 +199,12 @@ if HAS_TRITON:
                 wc = tl.load(wc_ws + cc, mask=vc, other=0.0)
             for t in range(0, maxc):
                 vt = t < cnt
-                k = tl.load(sorted_ws + start + t, mask=vt, other=0)
-                if FPET:
-                    pos_s = checkerboard_a(k, p, H, W)
-                else:
-                    pos_s = 2 * tl.load(src_ws + k, mask=vt, other=0)
+                k, pos_s = _source(sorted_ws + start + t, vt, src_ws, p, H, W, FPET)
                 z = tl.load(x_b + pos_s[:, None] * C + cc[None, :], mask=vt[:, None] & vc[None, :],
                             other=0.0).to(tl.float32) * load_sizes(s_b, pos_s, vt, HAS_SIZE)[:, None]
                 if PYRA:
                     wt = tl.load(wt_ws + k, mask=vt, other=0.0)
                     z = z + z * wc[None, :] * wt[:, None]
                 acc += z
-            tl.store(o_b + row_j[:, None] * C + cc[None, :], (acc / tl.where(vj, den, 1.0)[:, None]).to(o_b.dtype.element_ty),
-                     mask=vj[:, None] & vc[None, :])
+            store_rounded(o_b + row_j[:, None] * C + cc[None, :], acc / tl.where(vj, den, 1.0)[:, None],
+                          vj[:, None] & vc[None, :])

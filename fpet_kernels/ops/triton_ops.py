@@ -2,10 +2,7 @@
 ``torch.ops.fpet_C`` (see csrc/README.md for the contracts), so an op calls
 ``_backend.kernels(backend).<name>(...)`` whichever compiled backend it runs on."""
 from .fpet_triton import fpet_merge  # noqa: F401
+from .fpet_triton_backward import fpet_merge_backward  # noqa: F401
 from .tome_triton import (merge_sum, merge_wavg, merge_wavg_backward, pyra_merge, tome_match,  # noqa: F401
                           tome_merge, unmerge)
 
-
-def fpet_merge_backward(*args):
-    from .fpet_triton_backward import fpet_merge_backward as kernel
-    return kernel(*args)

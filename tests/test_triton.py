@@ -1,0 +1,172 @@
+"""Triton backend specifics. (Every generic test of the suite also runs with backend="triton": in
+Triton's interpreter on CPU tensors, see conftest.py.) Here: the GPU tile shapes and the channel
+split in the interpreter, ViT-L/14-at-448 sizes, the launch count of each op, the environment
+switch, and compilation of every kernel for sm_90 without a GPU."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fpet_kernels as fk
+from fpet_kernels.ops import fpet_triton, tome_triton, triton_common
+from fpet_kernels.ops.fpet import fpet_merge_reference, resolve_grid
+from fpet_kernels.ops.pyra import pyra_merge_reference
+from fpet_kernels.ops.tome import tome_merge_reference
+
+from helpers import gen, gen_size
+
+from helpers import REQUIRE_EXTENSION  # noqa: E402
+
+# CI (FPET_REQUIRE_EXTENSION=1, or FPET_REQUIRE_TRITON=1) must not skip the Triton tests silently.
+REQUIRE_TRITON = REQUIRE_EXTENSION or os.environ.get("FPET_REQUIRE_TRITON", "0") == "1"
+LIVE = fk.backends()["live"]["triton"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_triton_is_live_when_required():
+    """In CI the Triton tests must not silently skip: triton ships with the CUDA builds of torch."""
+    if not REQUIRE_TRITON and not LIVE:
+        pytest.skip("triton is not live (no GPU and TRITON_INTERPRET unset, or triton missing)")
+    assert LIVE, "FPET_REQUIRE_EXTENSION/FPET_REQUIRE_TRITON=1 but the triton backend is not live (triton missing, or no GPU and no TRITON_INTERPRET=1)"
+
+
+needs_triton = pytest.mark.skipif(not LIVE and not REQUIRE_TRITON, reason="triton backend not live")
+
+
+def _check(got, exp, atol=1e-5, rtol=1e-5, what=""):
+    for i, (g, e) in enumerate(zip(got, exp)):
+        if g.dtype == torch.int64:
+            assert torch.equal(g.cpu(), e.cpu()), f"{what} output {i}: indices differ"
+        else:
+            torch.testing.assert_close(g.float().cpu(), e.float().cpu(), atol=atol, rtol=rtol, msg=lambda m: f"{what} output {i}: {m}")
+
+
+@pytest.fixture
+def gpu_tiles(monkeypatch):
+    """The tile shapes the GPU runs (32-row tiles), instead of the interpreter's 64."""
+    monkeypatch.setattr(tome_triton, "BLOCK", 32)
+    monkeypatch.setattr(tome_triton, "BLOCK_J", 32)
+
+
+@needs_triton
+@pytest.mark.parametrize("split", [1, 2, 3])
+@pytest.mark.parametrize("cls,dist", [(True, False), (False, True)])
+def test_tome_and_pyra_gpu_tiles_and_channel_split(gpu_tiles, monkeypatch, split, cls, dist):
+    monkeypatch.setattr(tome_triton, "SPLIT", split)
+    bsz, n, c, d, r = 2, 197, 300, 64, 16
+    x, metric, size = gen(bsz, n, c, seed=1), gen(bsz, n, d, seed=2), gen_size(bsz, n)
+    x, metric, size = x.to(DEVICE), metric.to(DEVICE), size.to(DEVICE)
+    got = tome_triton.tome_merge(x, metric, r, size, cls, dist)
+    out, osz, m = tome_merge_reference(x, metric, r, size, cls, dist)
+    _check(got, (out, osz) + tuple(m), what="tome_merge")
+    a, b = gen(r, 1, seed=3).to(DEVICE), gen(1, c, seed=4).to(DEVICE)
+    lw, lb = (1 + 0.1 * gen(c, seed=5)).to(DEVICE), (0.1 * gen(c, seed=6)).to(DEVICE)
+    got = tome_triton.pyra_merge(x, metric, r, a, b, lw, lb, size, cls, dist, 1e-5)
+    out, osz, m = pyra_merge_reference(x, metric, r, a, b, lw, lb, size, cls, dist, 1e-5)
+    _check(got, (out, osz) + tuple(m), atol=1e-4, rtol=1e-4, what="pyra_merge")
+
+
+@needs_triton
+@pytest.mark.parametrize("split", [1, 4])
+@pytest.mark.parametrize("p,grid", [(1, (14, 14)), (2, (9, 13)), (0, (7, 7))])
+def test_fpet_gpu_tiles_and_channel_split(gpu_tiles, split, p, grid):
+    h, w = grid
+    bsz, n, c, d = 2, p + h * w, 300, 64
+    x, metric, size = gen(bsz, n, c, seed=1), gen(bsz, n, d, seed=2), gen_size(bsz, n)
+    x, metric, size = x.to(DEVICE), metric.to(DEVICE), size.to(DEVICE)
+    got = fpet_triton.fpet_merge(x, metric, size, p, h, w, split=split)
+    _check(got, fpet_merge_reference(x, metric, size, p, h, w), what="fpet_merge")
+
+
+@needs_triton
+@pytest.mark.slow
+def test_vit_l14_448_sizes():
+    """The largest shapes the issue names: N = 1025 tokens (32 x 32 + class), C = 1280, D = 128."""
+    n, c, d = 1025, 1280, 128
+    x, metric = gen(1, n, c, seed=1).to(DEVICE), gen(1, n, d, seed=2).to(DEVICE)
+    out, osz, m = tome_merge_reference(x, metric, 300, None, True, False)
+    _check(tome_triton.tome_merge(x, metric, 300, None, True, False), (out, osz) + tuple(m), what="tome N=1025")
+    h, w = resolve_grid(n, 1)
+    _check(fpet_triton.fpet_merge(x, metric, None, 1, h, w), fpet_merge_reference(x, metric, None, 1, h, w),
+           what="fpet N=1025")
+
+
+class _Launches:
+    """Counts kernel launches (``kernel[grid](...)``) of the Triton modules."""
+
+    def __init__(self, monkeypatch):
+        self.names = []
+        from fpet_kernels.ops import fpet_triton_backward
+        for mod in (tome_triton, fpet_triton, fpet_triton_backward):
+            for name in dir(mod):
+                if name.startswith("_") and name.endswith("_kernel"):
+                    monkeypatch.setattr(mod, name, self._wrap(name, getattr(mod, name)))
+
+    def _wrap(self, name, kernel):
+        log = self.names
+
+        class Counted:
+            def __getitem__(self, grid):
+                log.append(name)
+                return kernel[grid]
+        return Counted()
+
+    def take(self):
+        out, self.names[:] = list(self.names), []
+        return out
+
+
+@needs_triton
+def test_one_launch_per_op_call(monkeypatch):
+    """tome_merge, pyra_merge and fpet_merge forward are ONE launch; unmerge one; FPET backward <= 2."""
+    launches = _Launches(monkeypatch)
+    bsz, n, c, d = 2, 65, 64, 32
+    x, metric, size = gen(bsz, n, c).to(DEVICE), gen(bsz, n, d, seed=1).to(DEVICE), gen_size(bsz, n).to(DEVICE)
+    y, _, m = fk.tome_merge(x, metric, 8, size, True, backend="triton")
+    assert launches.take() == ["_tome_merge_kernel"]
+    fk.unmerge(y, m, backend="triton")
+    assert launches.take() == ["_gather_kernel"]
+    a, b, lw, lb = torch.zeros(8, 1), torch.ones(1, c), torch.ones(c), torch.zeros(c)
+    fk.pyra_merge(x, metric, 8, *(t.to(DEVICE) for t in (a, b, lw, lb)), size, True, backend="triton")
+    assert launches.take() == ["_tome_merge_kernel"]
+    fk.fpet_merge(x, metric, size, True, backend="triton")
+    assert launches.take() == ["_fpet_merge_kernel"]
+    xg, mg = x.clone().requires_grad_(), metric.clone().requires_grad_()
+    out, _ = fk.fpet_merge(xg, mg, size, True, backend="triton")
+    launches.take()
+    out.sum().backward()
+    assert 1 <= len(launches.take()) <= 2
+
+
+@needs_triton
+def test_environment_variable_selects_triton(monkeypatch):
+    launches = _Launches(monkeypatch)
+    monkeypatch.setenv("FPET_BACKEND", "triton")
+    x, metric = gen(1, 37, 64).to(DEVICE), gen(1, 37, 32, seed=1).to(DEVICE)
+    fk.tome_merge(x, metric, 4, class_token=True)
+    assert launches.take() == ["_tome_merge_kernel"]
+
+
+def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
+    """Without TRITON_INTERPRET=1 the triton backend refuses CPU tensors, naming the argument."""
+    if not LIVE:
+        pytest.skip("triton backend not live")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x, metric = gen(1, 37, 64), gen(1, 37, 32, seed=1)
+    with pytest.raises(ValueError, match="backend='triton' runs on cuda tensors"):
+        fk.tome_merge(x, metric, 4, backend="triton")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not triton_common.HAS_TRITON, reason="triton is not installed")
+def test_every_kernel_compiles_for_sm90():
+    """Ahead-of-time compilation to an sm_90 cubin (Triton's own ptxas): catches what the
+    interpreter cannot (unsupported ops, shared memory over the limit) on a machine without a GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "aot_compile.py")
+    res = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=1800)
+    print(res.stdout)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert res.stdout.count("ok ") >= 10
