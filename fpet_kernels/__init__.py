@@ -15,12 +15,12 @@ from .ops.fpet import FPETMerge, bipartite_diff_matching, fpet_merge
 from .ops.pyra import pyra_merge
 from .ops.tome import (Matching, ToMeMerge, ToMeUnmerge, bipartite_soft_matching, compose_token_map, parse_r,
                        tome_match, tome_merge, unmerge)
-from . import reference  # noqa: E402
+from . import patch, reference  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "backends", "bipartite_soft_matching", "bipartite_diff_matching", "merge_wavg", "merge_source", "parse_r",
     "tome_match", "tome_merge", "unmerge", "compose_token_map", "fpet_merge", "pyra_merge", "Matching",
-    "ToMeMerge", "ToMeUnmerge", "FPETMerge", "reference",
+    "ToMeMerge", "ToMeUnmerge", "FPETMerge", "reference", "patch",
 ]

@@ -208,12 +208,16 @@ torch.library.register_autograd("fpet::fpet_merge", _fpet_backward, setup_contex
 # ----------------------------------------------------------------------------- 3. public API
 def fpet_merge(x: Tensor, metric: Tensor, size: Optional[Tensor] = None, class_token: bool = False,
                distill_token: bool = False, grid=None, backend: Optional[str] = None,
-               return_token_map: bool = False):
+               return_token_map: bool = False, num_prefix: Optional[int] = None):
     """FPET merge: every A token of the checkerboard merges into its best B token (or vanishes on a
     tie); ``N -> Nb`` tokens in B order. Returns ``(x', size' float32)`` (``+ token_map`` when
-    ``return_token_map``). Differentiable in ``x``, ``metric`` (straight-through) and ``size``."""
+    ``return_token_map``). Differentiable in ``x``, ``metric`` (straight-through) and ``size``.
+    ``num_prefix`` (e.g. class + register tokens) overrides the count of prefix tokens that
+    ``class_token`` / ``distill_token`` give; prefix tokens are never merged."""
     _checks.merge_inputs(x, metric, size)
     p = int(_checks.flag("class_token", class_token)) + int(_checks.flag("distill_token", distill_token))
+    if num_prefix is not None:
+        p = _checks.count("num_prefix", num_prefix)
     h, w = resolve_grid(x.shape[1], p, grid)
     be = _backend.resolve(backend, x.device, (x.dtype, metric.dtype) + (() if size is None else (size.dtype,)))
     if _backend.direct_call(be, x, metric, size):
