@@ -82,7 +82,12 @@ setup(
     packages=find_packages(include=["fpet_kernels", "fpet_kernels.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "numpy"]},
+    # timm: the model layer (fpet_kernels.patch) and the whole-model benchmark (bench/bench_model.py).
+    # Install torch and torchvision first, pinned: timm needs torchvision, and an unpinned one pulls another torch.
+    extras_require={
+        "timm": ["timm>=1.0", "tqdm", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "numpy", "timm>=1.0", "tqdm", "matplotlib"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import DTYPES, fk  # noqa: F401 - fk: the package under test, imported from this checkout
+from common import DTYPES, fk  # noqa: F401 - re-exported; fk: the package of this checkout
 
 MODEL = "vit_base_patch16_224"
 VARIANTS = ("as shipped", "zero-cost bound", "reference patch", "fused")
@@ -232,20 +232,6 @@ def tokens_per_block(v: Variant, depth: int = 12, n: int = 197) -> list:
 
 
 # ----------------------------------------------------------------------------- timers
-def time_cpu(fn, reps: int, warmup: int):
-    """(median ms of ``reps`` timed calls after ``warmup`` untimed ones, output of the first call)."""
-    out, times = None, []
-    for i in range(warmup + reps):
-        t = time.perf_counter()
-        y = fn()
-        dt = time.perf_counter() - t
-        if out is None:
-            out = y
-        if i >= warmup:
-            times.append(dt * 1e3)
-    return statistics.median(times), out
-
-
 def time_gpu(fn, warmup_ms: float, rep_ms: float) -> float:
     """Median ms of ``fn`` on the GPU: ``triton.testing.do_bench`` (L2 flushed between calls, CUDA
     events around each call), or CUDA events directly without Triton."""
@@ -321,7 +307,7 @@ def warm_profiler() -> None:
 
 # ----------------------------------------------------------------------------- CSV and plot
 CSV_FIELDS = ["date", "device", "device_type", "torch", "timm", "triton", "version", "commit", "model", "variant",
-              "method", "r", "dtype", "batch", "mode", "median_ms", "images_per_s", "speedup", "bound_ms",
+              "method", "r", "dtype", "batch", "mode", "median_ms", "min_ms", "images_per_s", "speedup", "bound_ms",
               "bound_speedup", "target", "target_met", "fused_backend", "reps", "note"]
 
 

@@ -11,6 +11,7 @@ picked per call: ``backend=`` argument, else ``$FPET_BACKEND``, else the fastest
 """
 from ._backend import backends
 from .merging import merge_source, merge_wavg
+from .ops.attention import attention_inputs, proportional_sdpa
 from .ops.fpet import FPETMerge, bipartite_diff_matching, fpet_merge
 from .ops.pyra import pyra_merge
 from .ops.tome import (Matching, ToMeMerge, ToMeUnmerge, bipartite_soft_matching, compose_token_map, parse_r,
@@ -22,5 +23,5 @@ __version__ = "0.1.0"
 __all__ = [
     "backends", "bipartite_soft_matching", "bipartite_diff_matching", "merge_wavg", "merge_source", "parse_r",
     "tome_match", "tome_merge", "unmerge", "compose_token_map", "fpet_merge", "pyra_merge", "Matching",
-    "ToMeMerge", "ToMeUnmerge", "FPETMerge", "reference", "patch",
+    "ToMeMerge", "ToMeUnmerge", "FPETMerge", "reference", "patch", "attention_inputs", "proportional_sdpa",
 ]

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ops.attention import attention_inputs, proportional_sdpa  # noqa: F401 (re-exported)
 from .ops.fpet import fpet_merge
 from .ops.pyra import pyra_merge
 from .ops.tome import compose_token_map, parse_r, tome_merge
@@ -35,38 +36,26 @@ METHODS = ("tome", "fpet", "pyra")
 
 
 # ----------------------------------------------------------------------------- attention
-def proportional_sdpa(q, k, v, size, scale: float, dropout_p: float = 0.0):
-    """``softmax(q k^T * scale + log(size)^T) v`` exactly, through SDPA without a mask: the extra
-    query channel is 1 and the extra key channel ``log(size_j) / scale`` (head dim padded to a
-    multiple of 8). ``q, k, v`` [B, H, N, hd]; ``size`` [B, N, 1]."""
-    bsz, heads, n, hd = q.shape
-    pad = 8 - hd % 8
-    bias = (size.to(torch.float32).log() / scale).to(q.dtype)          # [B, N, 1]
-    one = q.new_ones(1, 1, 1, 1).expand(bsz, heads, n, 1)
-    zeros = q.new_zeros(1, 1, 1, 1).expand(bsz, heads, n, pad - 1)
-    qe = torch.cat([q, one, zeros], dim=-1)
-    ke = torch.cat([k, bias.unsqueeze(1).expand(bsz, heads, n, 1), zeros], dim=-1)
-    if v.is_cuda:  # flash attention wants equal head dims; the padded value channels are dropped
-        ve = torch.cat([v, q.new_zeros(1, 1, 1, 1).expand(bsz, heads, n, pad)], dim=-1)
-        return F.scaled_dot_product_attention(qe, ke, ve, dropout_p=dropout_p, scale=scale)[..., :hd]
-    return F.scaled_dot_product_attention(qe, ke, v, dropout_p=dropout_p, scale=scale)
-
-
-def attention_with_metric(attn: nn.Module, x, size, prop_attn: bool):
+def attention_with_metric(attn: nn.Module, x, size, prop_attn: bool, backend: Optional[str] = None):
     """timm ``Attention`` on ``x`` with its own submodules, returning ``(out, metric)``: ``metric``
     [B, N, head_dim] is the keys averaged over heads; with ``size`` and ``prop_attn`` the logits get
-    ``+ log(size)``."""
+    ``+ log(size)`` (folded into SDPA's inputs: ``ops/attention.py``, one Triton launch on GPU)."""
     bsz, n, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(bsz, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    metric = k.mean(1)
+    qkv = attn.qkv(x)
+    s = size if prop_attn else None
     dropout_p = attn.attn_drop.p if attn.training else 0.0
-    if size is not None and prop_attn:
-        out = proportional_sdpa(q, k, v, size, attn.scale, dropout_p)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=attn.scale)
+    if isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity):
+        q, k, v, metric = attention_inputs(qkv, s, attn.num_heads, attn.scale, pad_v=qkv.is_cuda, backend=backend)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=attn.scale)[..., :attn.head_dim]
+    else:  # q_norm / k_norm act per head: split first
+        q, k, v = qkv.reshape(bsz, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        metric = k.mean(1)
+        if s is not None:
+            out = proportional_sdpa(q, k, v, s, attn.scale, dropout_p)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=attn.scale)
     out = out.transpose(1, 2).reshape(bsz, n, -1)
     if getattr(attn, "norm", None) is not None:
         out = attn.norm(out)
@@ -123,7 +112,7 @@ class _FKBlock:
         if r > 0 or (size is not None and prop):
             if attn_mask is not None or is_causal:
                 raise ValueError("token merging does not support attn_mask / is_causal")
-            h, metric = attention_with_metric(self.attn, self.norm1(x), size, prop)
+            h, metric = attention_with_metric(self.attn, self.norm1(x), size, prop, info["backend"])
         else:  # timm's own attention path, unchanged
             kw = {} if attn_mask is None and not is_causal else dict(attn_mask=attn_mask, is_causal=is_causal)
             h, metric = self.attn(self.norm1(x), **kw), None

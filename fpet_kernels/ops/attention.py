@@ -1,0 +1,115 @@
+"""Proportional attention (spec section 4) at SDPA speed: the inputs of a merging block's attention.
+
+Read top to bottom:
+  1. reference: qkv split, the merge metric (keys averaged over heads) and the exact fold of
+     ``log(size)`` into one extra key channel (head dim padded to a multiple of 8), so that
+     ``SDPA(q', k', v', scale) = softmax(q k^T * scale + log(size)^T) v`` runs without a mask;
+  2. the registered op ``torch.ops.fpet.attention_inputs`` (inference: no autograd; the training
+     path stays in differentiable PyTorch) and its fake kernel; the Triton kernel (one launch) is
+     in ``attention_triton.py``;
+  3. the public API: ``attention_inputs`` and ``proportional_sdpa``.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _backend
+
+PAD = 8  # the padded head dim is a multiple of 8 (what SDPA's fused kernels want)
+
+
+# ----------------------------------------------------------------------------- 1. reference
+def padded_dim(hd: int) -> int:
+    return hd + PAD - hd % PAD
+
+
+def fold_size(q: Tensor, k: Tensor, size: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """``q' = [q, 1, 0..]``, ``k' = [k, log(size)/scale, 0..]``: ``q' k'^T * scale = q k^T * scale + log(size)^T``."""
+    bsz, heads, n, hd = q.shape
+    pad = padded_dim(hd) - hd
+    bias = (size.to(torch.float32).log() / scale).to(q.dtype)
+    one = q.new_ones(1, 1, 1, 1).expand(bsz, heads, n, 1)
+    zeros = q.new_zeros(1, 1, 1, 1).expand(bsz, heads, n, pad - 1)
+    return (torch.cat([q, one, zeros], dim=-1),
+            torch.cat([k, bias.unsqueeze(1).expand(bsz, heads, n, 1), zeros], dim=-1))
+
+
+def pad_value(v: Tensor) -> Tensor:
+    bsz, heads, n, hd = v.shape
+    return torch.cat([v, v.new_zeros(1, 1, 1, 1).expand(bsz, heads, n, padded_dim(hd) - hd)], dim=-1)
+
+
+def attention_inputs_reference(qkv: Tensor, size: Optional[Tensor], num_heads: int, scale: float,
+                               pad_v: bool):
+    bsz, n, three_c = qkv.shape
+    hd = three_c // (3 * num_heads)
+    q, k, v = qkv.reshape(bsz, n, 3, num_heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+    metric = k.float().mean(1).to(k.dtype)
+    if size is not None:
+        q, k = fold_size(q, k, size, scale)
+        if pad_v:
+            v = pad_value(v)
+    return q, k, v, metric
+
+
+# ----------------------------------------------------------------------------- 2. registered op
+@torch.library.custom_op("fpet::attention_inputs", mutates_args=(),
+                         schema="(Tensor qkv, Tensor? size, int num_heads, float scale, bool pad_v, str backend) "
+                                "-> (Tensor, Tensor, Tensor, Tensor)")
+def _attention_inputs_op(qkv, size, num_heads, scale, pad_v, backend):
+    if backend == "triton":
+        from .attention_triton import attention_inputs as kernel
+        return kernel(qkv, size, num_heads, scale, pad_v)
+    return tuple(t.contiguous() for t in attention_inputs_reference(qkv, size, num_heads, scale, pad_v))
+
+
+@_attention_inputs_op.register_fake
+def _(qkv, size, num_heads, scale, pad_v, backend):
+    bsz, n, three_c = qkv.shape
+    hd = three_c // (3 * num_heads)
+    e = hd if size is None else padded_dim(hd)
+    ev = e if (pad_v and size is not None) else hd
+    return (qkv.new_empty(bsz, num_heads, n, e), qkv.new_empty(bsz, num_heads, n, e),
+            qkv.new_empty(bsz, num_heads, n, ev), qkv.new_empty(bsz, n, hd))
+
+
+# ----------------------------------------------------------------------------- 3. public API
+def attention_inputs(qkv: Tensor, size: Optional[Tensor], num_heads: int, scale: float, pad_v: bool = False,
+                     backend: Optional[str] = None):
+    """From timm's fused qkv projection ``[B, N, 3 * H * hd]``: ``(q, k, v, metric)`` for SDPA, with
+    ``log(size)`` folded into an extra key channel when ``size`` is given (``pad_v``: ``v`` padded
+    to the same head dim, for flash attention), and ``metric`` = keys averaged over heads.
+
+    Differentiable (PyTorch ops) when gradients are needed; otherwise one Triton launch on GPU."""
+    if qkv.dim() != 3 or qkv.shape[-1] % (3 * num_heads):
+        raise ValueError(f"qkv must be [B, N, 3 * num_heads * head_dim], got {tuple(qkv.shape)} with num_heads={num_heads}")
+    if size is not None and (size.dim() != 3 or size.shape[:2] != qkv.shape[:2] or size.shape[-1] != 1):
+        raise ValueError(f"size must be [B, N, 1] for qkv {tuple(qkv.shape)}, got {tuple(size.shape)}")
+    needs_grad = torch.is_grad_enabled() and (qkv.requires_grad or (size is not None and size.requires_grad))
+    be = _attention_backend(backend, qkv)
+    if needs_grad or be == "reference":
+        return attention_inputs_reference(qkv, size, num_heads, scale, pad_v and size is not None)
+    return torch.ops.fpet.attention_inputs(qkv, size, num_heads, float(scale), bool(pad_v and size is not None), be)
+
+
+def _attention_backend(backend: Optional[str], qkv: Tensor) -> str:
+    """The Triton kernel where it is live for these tensors (CUDA, or the interpreter when asked for
+    explicitly); PyTorch otherwise (there is no C++ kernel: on CPU this is a permute and a copy)."""
+    name = backend if backend is not None else "auto"
+    if name == "triton" or (name == "auto" and qkv.is_cuda):
+        if _backend.live()["triton"] and qkv.dtype in _backend.KERNEL_DTYPES:
+            if qkv.is_cuda or name == "triton":
+                return _backend.resolve("triton", qkv.device, (qkv.dtype,))
+        if name == "triton":
+            return _backend.resolve("triton", qkv.device, (qkv.dtype,))  # raises with the reason
+    return "reference"
+
+
+def proportional_sdpa(q: Tensor, k: Tensor, v: Tensor, size: Tensor, scale: float, dropout_p: float = 0.0) -> Tensor:
+    """``softmax(q k^T * scale + log(size)^T) v`` exactly, through SDPA without a mask."""
+    qe, ke = fold_size(q, k, size, scale)
+    if v.is_cuda:  # flash attention wants equal head dims; the padded value channels are dropped
+        return F.scaled_dot_product_attention(qe, ke, pad_value(v), dropout_p=dropout_p, scale=scale)[..., :v.shape[-1]]
+    return F.scaled_dot_product_attention(qe, ke, v, dropout_p=dropout_p, scale=scale)
