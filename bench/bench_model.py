@@ -38,6 +38,7 @@ import datetime
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections import OrderedDict
@@ -45,11 +46,23 @@ from collections import OrderedDict
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from model_common import (DTYPES, MODEL, METHODS, QUICK_SWEEP_R, SWEEP_R, TARGETS, TOME_R,  # noqa: E402
+from common import DTYPES  # noqa: E402
+from model_common import (MODEL, METHODS, QUICK_SWEEP_R, SWEEP_R, TARGETS, TOME_R,  # noqa: E402
                           VARIANTS, GraphForward, Variant, append_csv, apply_variant, count_launches, fk,
-                          input_size, load_patch, main_variants, make_input, make_model, plot_sweep, signature,
-                          signature_diff, sweep_variants, time_gpu, tokens_per_block, warm_profiler)
+                          input_size, ips_text, load_patch, main_variants, make_input, make_model, plot_sweep,
+                          signature, signature_diff, sweep_variants, time_gpu, tokens_per_block, warm_profiler)
 from run_table import device_name, fmt, git_rev, triton_version  # noqa: E402
+
+
+def commit() -> str:
+    """HEAD's short hash, "+dirty" when tracked files differ from it (the numbers are of the working tree)."""
+    rev = git_rev()
+    try:
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, text=True,
+                               capture_output=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return rev
+    return rev + ("+dirty" if dirty and rev != "unknown" else "")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -148,7 +161,9 @@ def plan_of(args) -> "OrderedDict[Variant, list]":
         plan[v] += [b for b in args.sweep_batches if b not in plan[v]]
     if args.sweep_r and "as shipped" in plan:  # the sweep's horizontal line
         plan[Variant("as shipped")] += [b for b in args.sweep_batches if b not in plan[Variant("as shipped")]]
-    order = {b: i for i, b in enumerate(args.batches + args.sweep_batches)}
+    order = {}
+    for b in args.batches + args.sweep_batches:
+        order.setdefault(b, len(order))
     return OrderedDict((v, sorted(bs, key=order.get)) for v, bs in plan.items())
 
 
@@ -170,7 +185,7 @@ class Runner:
         self.fused_backend = fk.backends()["auto"].get(self.dev, "?")
         stamp = datetime.datetime.now().isoformat(timespec="seconds")
         self.common = dict(date=stamp, device=device_name(self.dev), device_type=self.dev, torch=torch.__version__,
-                           timm=timm_version(), triton=triton_version(), version=fk.__version__, commit=git_rev(),
+                           timm=timm_version(), triton=triton_version(), version=fk.__version__, commit=commit(),
                            model=args.model)
         self.rows = []
         self.outputs = {}  # (variant, method, r, dtype, batch) -> eager logits (float32, CPU)
@@ -355,7 +370,15 @@ class Runner:
             if v.patched and self.patch_mod is None:
                 result["variants"][v.variant] = {"error": self.patch_why}
                 continue
-            undo = apply_variant(model, v, self.patch_mod)
+            try:
+                undo = apply_variant(model, v, self.patch_mod)
+            except Exception as exc:  # noqa: BLE001 - re-raised unless --keep-going
+                if not a.keep_going:
+                    raise
+                self.failed = True
+                result["variants"][v.variant] = {"error": f"FAILED to apply: {short(exc, 300)}"}
+                model = self.check_restored(model, clean, v, dtype_name, dtype)
+                continue
             try:
                 with torch.inference_mode():
                     res = count_launches(lambda: model(x))
@@ -384,7 +407,7 @@ class Runner:
             bound = by.get(("zero-cost bound", v.method, v.r, r["dtype"], r["batch"], r["mode"]))
             base_ms = base["_ms"] if base else None
             bound_ms = bound["_ms"] if bound and v.patched else None
-            r["images_per_s"] = f"{r['batch'] * 1e3 / ms:.1f}" if ms else ""
+            r["images_per_s"] = ips_text(r["batch"], ms) if ms else ""
             r["_speedup"] = base_ms / ms if ms and base_ms else None
             r["speedup"] = f"{r['_speedup']:.3f}" if r["_speedup"] else ""
             r["bound_ms"] = f"{bound_ms:.4f}" if bound_ms else ""
@@ -415,10 +438,12 @@ class Runner:
         print("| variant | method | r | dtype | B | mode | median ms | images/s | vs as shipped | "
               "zero-cost bound | target | met | note |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        main = set(main_variants(a.methods, a.variants))
-        for r in self.rows:
-            if r["_v"] not in main:
-                continue
+        main = {v: i for i, v in enumerate(main_variants(a.methods, a.variants))}
+        b_order = {b: i for i, b in enumerate(dict.fromkeys(r["batch"] for r in self.rows))}
+        shown = sorted((r for r in self.rows if r["_v"] in main),  # grouped by dtype, B, mode
+                       key=lambda r: (a.dtypes.index(r["dtype"]), b_order[r["batch"]], r["mode"] == "graph",
+                                      main[r["_v"]]))
+        for r in shown:
             bound = (f"{r['_bound_speedup']:.2f}x ({float(r['bound_ms']):.3f} ms)" if r["_bound_speedup"] else "-")
             print(f"| {r['variant']} | {r['method']} | {r['r']} | {r['dtype']} | {r['batch']} | {r['mode']} | "
                   f"{fmt(r['_ms'], '.3f')} | {r['images_per_s'] or '-'} | "
@@ -537,8 +562,8 @@ def main(argv=None) -> int:
     series = runner.sweep_series()
     if not args.no_plot and series:
         path = os.path.join(args.out, f"model_throughput_{args.device}.png")
-        plot_sweep(series, path, f"{args.model}, {c['device']}, torch {c['torch']}, fused = {auto}, "
-                                 f"{c['commit']} {c['date']}")
+        plot_sweep(series, path, f"{args.model}, {c['device']}\ntorch {c['torch']}, fused = {auto}, "
+                                 f"{c['commit']}, {c['date']}")
         print(f"plot in {path}", file=sys.stderr)
     print(f"{len(runner.rows)} rows in {time.perf_counter() - runner.t0:.0f} s", file=sys.stderr)
     return 1 if runner.failed else 0

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import DTYPES, fk  # noqa: F401 - re-exported; fk: the package of this checkout
+from common import fk  # the package of this checkout (common.py puts the repository first on sys.path)
 
 MODEL = "vit_base_patch16_224"
 VARIANTS = ("as shipped", "zero-cost bound", "reference patch", "fused")
@@ -311,6 +311,12 @@ CSV_FIELDS = ["date", "device", "device_type", "torch", "timm", "triton", "versi
               "bound_speedup", "target", "target_met", "fused_backend", "reps", "note"]
 
 
+def ips_text(batch: int, ms: float) -> str:
+    """images/s to 4 significant figures (CPU figures are below 1)."""
+    ips = batch * 1e3 / ms
+    return f"{ips:.1f}" if ips >= 1000 else f"{ips:.4g}"
+
+
 def append_csv(path: str, rows: list) -> None:
     """Append ``rows`` (dicts) to ``path``; a file with an older header is rewritten with the new columns."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -349,7 +355,7 @@ def plot_sweep(series: dict, path: str, title: str) -> None:
     keys = list(series)
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(5.2 * cols, 6.5), 3.9 * rows + 0.4), squeeze=False)
     for ax, key in zip(axes.flat, keys):
         s = series[key]
         for name, style in (("zero-cost bound", dict(ls="--", marker="s", color="tab:gray")),
