@@ -18,8 +18,8 @@ for ToMe (r=16, proportional attention), FPET (one merge at block 6: 197 -> 99 t
 
 Timing: GPU ``triton.testing.do_bench`` medians (CUDA events, warm-up first); at B=1 (``--graph-batches``)
 also the forward captured in a CUDA graph and replayed (eager B=1 is host-bound; a failed capture is
-reported in the row). CPU: wall-clock median of ``--reps`` forwards per row, taken in interleaved rounds
-(each round runs every variant once), after one warm-up forward per batch.
+reported in the row). CPU: wall-clock median of ``--reps`` forwards per row (default 3 at B=1, 2 above),
+taken in interleaved rounds (each round runs every variant once), after one warm-up forward per batch.
 GPU only: kernel launches per forward (torch.profiler) of ToMe r=16 at B=1 eager, as shipped vs the
 patches; the issue allows at most one extra launch per merging block.
 
@@ -107,7 +107,8 @@ def parse_args(argv):
     ap.add_argument("--graph-batches", nargs="*", type=int,
                     help="GPU: batches also timed under CUDA-graph replay (default 1; none: no graphs)")
     ap.add_argument("--reps", type=int,
-                    help="CPU: timed forwards per row, one per interleaved round (default 3, quick 1)")
+                    help="CPU: timed forwards per row, one per interleaved round (default 3 at B=1, 2 at "
+                         "larger B; quick 1)")
     ap.add_argument("--warmup-ms", type=float, help="GPU do_bench warm-up (default 100, quick 25)")
     ap.add_argument("--rep-ms", type=float, help="GPU do_bench repetition time (default 500, quick 100)")
     ap.add_argument("--no-launches", action="store_true", help="GPU: skip the kernel-launch count")
@@ -140,13 +141,13 @@ def parse_args(argv):
         args.graph_batches = [1]
     if not gpu:
         args.graph_batches = []
-    if args.reps is None:
-        args.reps = 1 if args.quick else 3
+    if args.reps is None and args.quick:
+        args.reps = 1
     if args.warmup_ms is None:
         args.warmup_ms = 25.0 if args.quick else 100.0
     if args.rep_ms is None:
         args.rep_ms = 100.0 if args.quick else 500.0
-    if min(args.batches + args.sweep_batches) < 1 or args.reps < 1:
+    if min(args.batches + args.sweep_batches) < 1 or (args.reps is not None and args.reps < 1):
         ap.error("batches and --reps must be positive")
     return args
 
@@ -220,8 +221,22 @@ class Runner:
         finally:
             graph.close()
 
-    def rounds(self) -> int:
-        return self.args.reps if self.dev == "cpu" else 1
+    def reps_of(self, batch: int) -> int:
+        """Samples per row: CPU --reps (default 3 at B=1, 2 at larger B), GPU 1 (a do_bench median)."""
+        if self.dev != "cpu":
+            return 1
+        return self.args.reps or (3 if batch <= 1 else 2)
+
+    def rounds(self, plan=None) -> int:
+        return max((self.reps_of(b) for bs in (plan or {}).values() for b in bs), default=1)
+
+    def steps(self, batches, rnd: int) -> int:
+        """Measurements of one variant in round ``rnd``."""
+        return sum(len(modes_of(b, self.args)) for b in batches if rnd < self.reps_of(b))
+
+    def total_steps(self, plan) -> int:
+        return len(self.args.dtypes) * sum(self.steps(bs, rnd) for bs in plan.values()
+                                           for rnd in range(self.rounds(plan)))
 
     def run_dtype(self, dtype_name: str, plan, bar) -> None:
         """Every variant of ``plan`` at its batches and modes. On CPU in ``--reps`` interleaved rounds
@@ -245,9 +260,13 @@ class Runner:
             with torch.inference_mode():
                 for x in inputs.values():
                     model(x)
-        for rnd in range(self.rounds()):
-            for v, batches in plan.items():
-                steps = sum(len(modes_of(b, a)) for b in batches)
+        rounds = self.rounds(plan)
+        for rnd in range(rounds):
+            for v, batches_all in plan.items():
+                batches = [b for b in batches_all if rnd < self.reps_of(b)]
+                steps = self.steps(batches, rnd)
+                if not steps:
+                    continue
                 if v.patched and self.patch_mod is None:
                     bar.update(steps)
                     continue
@@ -259,7 +278,7 @@ class Runner:
                                 r["note"] = "skipped: --max-seconds reached"
                     bar.update(steps)
                     continue
-                rnd_text = f" (round {rnd + 1})" if self.rounds() > 1 else ""
+                rnd_text = f" (round {rnd + 1})" if rounds > 1 else ""
                 bar.set_description_str(f"{dtype_name} {v.label}{rnd_text}")
                 try:
                     undo = apply_variant(model, v, self.patch_mod)
@@ -305,7 +324,7 @@ class Runner:
             row["_samples"].append(ms)
             if out is not None and rnd == 0:
                 self.check_output(row, out)
-            if self.dev == "cuda" or rnd == self.rounds() - 1:
+            if len(row["_samples"]) == self.reps_of(b):
                 shown = statistics.median(row["_samples"])
                 self.bar.write(f"{v.label} {row['dtype']} B={b} {mode}: {shown:.3f} ms ({b * 1e3 / shown:.1f} img/s) "
                                f"{row['note']}", file=sys.stderr)
@@ -535,8 +554,7 @@ def main(argv=None) -> int:
 
     gpu = args.device == "cuda"
     do_launches = gpu and not args.no_launches
-    total = (len(args.dtypes) * runner.rounds() * sum(len(modes_of(b, args)) for bs in plan.values() for b in bs)
-             + do_launches)
+    total = runner.total_steps(plan) + do_launches
     bar = runner.bar = tqdm(total=total, file=sys.stderr, dynamic_ncols=True, unit="meas")
     try:
         for dt in args.dtypes:

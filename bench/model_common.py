@@ -169,6 +169,9 @@ def apply_variant(model, v: Variant, patch_mod=None):
     if v.patched:
         if patch_mod is None:
             raise RuntimeError("fpet_kernels.patch is not available")
+        # the same initial values for the modules a patch adds (FPET's refinement adapter, PYRA's
+        # modulation) in the reference and the fused patch, so that their logits can be compared
+        torch.manual_seed(1)
         patch_mod.timm(model, backend=PATCH_BACKEND[v.variant], **patch_kwargs(v))
         return lambda: patch_mod.remove(model)
     raise ValueError(f"unknown variant {v.variant!r}")

@@ -13,7 +13,8 @@ import torch
 from .triton_common import HAS_TRITON, channel_split, pow2, tl, triton
 
 if HAS_TRITON:
-    from .triton_common import checkerboard_a, checkerboard_b, group_by_destination, merge_destinations, unit_rows
+    from .triton_common import (checkerboard_a, checkerboard_b, group_by_destination, merge_destinations, similarity,
+                                unit_rows)
 
     @triton.jit
     def _fpet_merge_kernel(x_ptr, m_ptr, s_ptr, out_ptr, osize_ptr, map_ptr, ws_ptr,
@@ -46,8 +47,7 @@ if HAS_TRITON:
             for j0 in range(0, NB, BLOCK):
                 jj = j0 + tl.arange(0, BLOCK)
                 vj = jj < NB
-                s = tl.dot(a, tl.trans(unit_rows(m_b, checkerboard_b(jj, P, H, W), vj, D, D_PAD)),
-                           input_precision=PREC)
+                s = similarity(a, unit_rows(m_b, checkerboard_b(jj, P, H, W), vj, D, D_PAD), PREC)
                 s = tl.where(((jj < P) | (jj >= NB))[None, :] | (ii < 0)[:, None], float("-inf"), s)
                 bmax = tl.max(s, 1)
                 barg = tl.min(tl.where(s == bmax[:, None], jj[None, :], 2147483647), 1)

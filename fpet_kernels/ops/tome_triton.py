@@ -18,7 +18,8 @@ import torch
 from .triton_common import (HAS_TRITON, cdiv, channel_split, interpreting, pow2, tl, triton)
 
 if HAS_TRITON:
-    from .triton_common import group_by_destination, load_sizes, merge_destinations, store_rounded, unit_rows
+    from .triton_common import (group_by_destination, load_sizes, merge_destinations, similarity, store_rounded,
+                                unit_rows)
 
     @triton.jit
     def _out_row_b(jj, na, r, DISTILL: tl.constexpr):
@@ -65,7 +66,7 @@ if HAS_TRITON:
             for j0 in range(0, nb, BLOCK):
                 jj = j0 + tl.arange(0, BLOCK)
                 vj = jj < nb
-                s = tl.dot(a, tl.trans(unit_rows(m_b, 2 * jj + 1, vj, D, D_PAD)), input_precision=PREC)
+                s = similarity(a, unit_rows(m_b, 2 * jj + 1, vj, D, D_PAD), PREC)
                 bad = (jj >= nb)[None, :] | (ii < 0)[:, None]
                 if DISTILL:
                     bad = bad | (jj == 0)[None, :]
@@ -281,8 +282,8 @@ SPLIT = None      # channel programs per image (None: decided from B and the SM 
 
 
 def _prec() -> str:
-    """float32 similarity: exact FMA in the interpreter; 3xTF32 (float32 accuracy) on tensor cores."""
-    return "ieee" if interpreting() else "tf32x3"
+    """Similarity tiles: 3xTF32 on tensor cores (float32 accuracy); see ``triton_common.similarity``."""
+    return "interp" if interpreting() else "tf32x3"
 
 
 def _size_arg(size, x):

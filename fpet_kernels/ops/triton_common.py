@@ -96,6 +96,19 @@ if HAS_TRITON:
         return v / tl.maximum(nrm, 1e-12)[:, None]
 
     @triton.jit
+    def similarity(a, b, PREC: tl.constexpr):
+        """Score tile ``a @ b^T`` (float32 rows of unit norm). On the GPU a ``tl.dot`` (PREC "tf32x3":
+        tensor cores, float32 accuracy; every element is computed by the same instruction sequence,
+        so duplicated rows give exactly tied scores, as the spec's tie rules expect). "interp": the
+        interpreter's dot is a BLAS matmul whose rounding depends on the row's place in the tile, so it
+        computes in float64 and rounds once, which keeps exact ties exact."""
+        if PREC == "interp":
+            s = tl.dot(a.to(tl.float64), tl.trans(b.to(tl.float64))).to(tl.float32)
+        else:
+            s = tl.dot(a, tl.trans(b), input_precision=PREC)
+        return s
+
+    @triton.jit
     def load_sizes(s_ptr, pos, valid, HAS_SIZE: tl.constexpr):
         """Token sizes at ``pos`` as float32 (ones when there is no size tensor), 0 where invalid."""
         if HAS_SIZE:
