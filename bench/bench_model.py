@@ -3,6 +3,8 @@
     python bench/bench_model.py              # CPU: float32, B in {1, 8}; GPU: float16 + bfloat16, B 1/64/256
     python bench/bench_model.py --quick      # B=1, ToMe r in {0, 16}, one repetition (tests, CI)
     python bench/bench_model.py --methods tome --batches 256 --dtypes float16
+    python bench/bench_model.py --keep-going --max-seconds 480   # GPU machine: one failing variant does
+                                                                  # not lose the rest; table within 10 min
 
 Model: ``timm.create_model("vit_base_patch16_224", pretrained=False)`` (random init), eval mode,
 ``torch.inference_mode()``, model and inputs converted to the dtype. Variants (bench/model_common.py):

@@ -6,6 +6,8 @@
 #   bash bench/gpu_check.sh --skip-build --skip-tests --quick
 #
 # Options:  --skip-build  --skip-tests  --skip-table  --skip-profile  --quick (passed to run_table.py)
+#           --model  also the whole-model benchmark (bench/bench_model.py); it needs most of a call:
+#                    bash bench/gpu_check.sh --skip-build --skip-tests --skip-table --skip-profile --model
 # Environment (all optional):
 #   PYTEST_GPU_ARGS      pytest arguments of the GPU test run      (default: tests -q -m gpu -x)
 #   PYTEST_TRITON_ARGS   pytest arguments of the Triton test run   (default: tests -q -k triton)
@@ -22,7 +24,7 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 ROOT=$(pwd)
 
-SKIP_BUILD=0 SKIP_TESTS=0 SKIP_TABLE=0 SKIP_PROFILE=0 QUICK=()
+SKIP_BUILD=0 SKIP_TESTS=0 SKIP_TABLE=0 SKIP_PROFILE=0 MODEL=0 QUICK=()
 for arg in "$@"; do
   case "$arg" in
     --skip-build) SKIP_BUILD=1 ;;
@@ -30,6 +32,7 @@ for arg in "$@"; do
     --skip-table) SKIP_TABLE=1 ;;
     --skip-profile) SKIP_PROFILE=1 ;;
     --quick) QUICK=(--quick) ;;
+    --model) MODEL=1 ;;
     -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "unknown option: $arg (see --help)" >&2; exit 2 ;;
   esac
@@ -177,9 +180,19 @@ else
     --out "$OUT_DIR" ${profile_extra[@]+"${profile_extra[@]}"}
 fi
 
+# ---------------------------------------------------------------- whole-model benchmark (issue: model layer)
+if (( MODEL )); then
+  t=$(step_timeout 540 0)
+  : > "$OUT_DIR/model.log"
+  run_step "model benchmark" 540 0 "$OUT_DIR/model.log" \
+    bash -c 'out=$1; shift; exec python bench/bench_model.py "$@" > "$out/model.md"' _ "$OUT_DIR" \
+    --keep-going --max-seconds $(( t > 80 ? t - 40 : 40 )) --out "$OUT_DIR" ${QUICK[@]+"${QUICK[@]}"}
+fi
+
 # ---------------------------------------------------------------- report
 [[ -s "$OUT_DIR/table.md" ]] && { echo; cat "$OUT_DIR/table.md"; }
 [[ -s "$OUT_DIR/profile.md" ]] && { echo; cat "$OUT_DIR/profile.md"; }
+[[ -s "$OUT_DIR/model.md" ]] && { echo; cat "$OUT_DIR/model.md"; }
 echo
 echo "== summary ($SECONDS s, files in $OUT_DIR)"
 cat "$SUMMARY"
