@@ -50,7 +50,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import DTYPES  # noqa: E402
 from model_common import (MODEL, METHODS, QUICK_SWEEP_R, SWEEP_R, TARGETS, TOME_R,  # noqa: E402
-                          VARIANTS, GraphForward, Variant, append_csv, apply_variant, count_launches, fk,
+                          CSV_FIELDS, VARIANTS, GraphForward, Variant, append_csv, apply_variant, count_launches, fk,
                           input_size, ips_text, load_patch, main_variants, make_input, make_model, plot_sweep,
                           signature, signature_diff, sweep_variants, time_gpu, tokens_per_block, warm_profiler)
 from run_table import device_name, fmt, git_rev, triton_version  # noqa: E402
@@ -577,7 +577,7 @@ def main(argv=None) -> int:
         print(f"launch counts in {path}", file=sys.stderr)
     if not args.no_csv and runner.rows:
         path = os.path.join(args.out, f"model_{args.device}.csv")
-        append_csv(path, runner.rows)
+        append_csv(path, runner.rows, CSV_FIELDS)
         print(f"appended {len(runner.rows)} rows to {path}", file=sys.stderr)
     series = runner.sweep_series()
     if not args.no_plot and series:

@@ -7,6 +7,7 @@ A provider is a zero-argument callable made for one (op, mode, B, dtype):
   "cpu"/"cuda"/"triton" the fused ops (``fk.<op>(..., backend=...)``);
   "floor"              a device-to-device copy moving the op's minimum memory traffic (``bytes_moved``).
 """
+import csv
 import os
 import sys
 import time
@@ -254,3 +255,27 @@ def make_copy_call(nbytes: int, device="cpu"):
     def call():
         return dst.copy_(src)
     return call
+
+
+def append_csv(path: str, rows: list, fields: list) -> None:
+    """Append ``rows``; a file with an older header is first rewritten with the added columns."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    header = None
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), None)
+    if header and any(k not in header for k in fields):
+        with open(path, newline="") as f:
+            old = list(csv.DictReader(f))
+        header = header + [k for k in fields if k not in header]
+        tmp = path + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=header, restval="", extrasaction="ignore")
+            w.writeheader()
+            w.writerows(old)
+        os.replace(tmp, path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=header or fields, restval="", extrasaction="ignore")
+        if not header:
+            w.writeheader()
+        w.writerows(rows)

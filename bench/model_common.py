@@ -13,7 +13,6 @@ tokens), PYRA (r = [16] * 11 + [10]).
 """
 from __future__ import annotations
 
-import csv
 import importlib
 import math
 import os
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import fk  # the package of this checkout (common.py puts the repository first on sys.path)
+from common import append_csv, fk  # noqa: F401 (append_csv re-exported); common.py puts this checkout first on sys.path
 
 MODEL = "vit_base_patch16_224"
 VARIANTS = ("as shipped", "zero-cost bound", "reference patch", "fused")
@@ -318,30 +317,6 @@ def ips_text(batch: int, ms: float) -> str:
     """images/s to 4 significant figures (CPU figures are below 1)."""
     ips = batch * 1e3 / ms
     return f"{ips:.1f}" if ips >= 1000 else f"{ips:.4g}"
-
-
-def append_csv(path: str, rows: list) -> None:
-    """Append ``rows`` (dicts) to ``path``; a file with an older header is rewritten with the new columns."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    header = None
-    if os.path.exists(path) and os.path.getsize(path) > 0:
-        with open(path, newline="") as f:
-            header = next(csv.reader(f), None)
-    if header and any(k not in header for k in CSV_FIELDS):
-        with open(path, newline="") as f:
-            old = list(csv.DictReader(f))
-        header = header + [k for k in CSV_FIELDS if k not in header]
-        tmp = path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=header, restval="", extrasaction="ignore")
-            w.writeheader()
-            w.writerows(old)
-        os.replace(tmp, path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=header or CSV_FIELDS, restval="", extrasaction="ignore")
-        if not header:
-            w.writeheader()
-        w.writerows(rows)
 
 
 def plot_sweep(series: dict, path: str, title: str) -> None:

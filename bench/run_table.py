@@ -25,7 +25,6 @@ version; a CSV written by an older version (fewer columns) is rewritten once wit
 (blank in the old rows).
 """
 import argparse
-import csv
 import datetime
 import math
 import os
@@ -36,7 +35,7 @@ import time
 
 import torch
 
-from common import (ALL_OPS, ALL_PROVIDERS, BATCHES, BF16_VS_F16, CPU_ANCHORS_MS, DTYPES, GPU_BATCHES, GPU_CASES,
+from common import (append_csv, ALL_OPS, ALL_PROVIDERS, BATCHES, BF16_VS_F16, CPU_ANCHORS_MS, DTYPES, GPU_BATCHES, GPU_CASES,
                     GPU_DTYPES, GPU_TARGETS_MS, MODES, OPS, bytes_moved, fk, is_live, make_call, make_copy_call,
                     providers, table_providers)
 
@@ -116,30 +115,6 @@ def target_of(row, f16_ms) -> tuple:
 
 def fmt(v, spec, missing="-"):
     return missing if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
-
-
-def append_csv(path: str, rows: list) -> None:
-    """Append ``rows``; a file with an older header is first rewritten with the added columns."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    header = None
-    if os.path.exists(path) and os.path.getsize(path) > 0:
-        with open(path, newline="") as f:
-            header = next(csv.reader(f), None)
-    if header and any(k not in header for k in CSV_FIELDS):
-        with open(path, newline="") as f:
-            old = list(csv.DictReader(f))
-        header = header + [k for k in CSV_FIELDS if k not in header]
-        tmp = path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=header, restval="", extrasaction="ignore")
-            w.writeheader()
-            w.writerows(old)
-        os.replace(tmp, path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=header or CSV_FIELDS, restval="", extrasaction="ignore")
-        if not header:
-            w.writeheader()
-        w.writerows(rows)
 
 
 def parse_args(argv):
@@ -282,7 +257,7 @@ def main(argv=None) -> int:
     print_table(rows, args.full, copy_gbps)
     print(f"\n{len(rows)} rows in {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
     if not args.no_csv and rows:
-        append_csv(args.csv, rows)
+        append_csv(args.csv, rows, CSV_FIELDS)
         print(f"appended {len(rows)} rows to {os.path.relpath(args.csv)}", file=sys.stderr)
     return 0
 
