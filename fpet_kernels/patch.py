@@ -46,7 +46,7 @@ def attention_with_metric(attn: nn.Module, x, size, prop_attn: bool, backend: Op
     s = size if prop_attn else None
     dropout_p = attn.attn_drop.p if attn.training else 0.0
     if isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity):
-        q, k, v, metric = attention_inputs(qkv, s, attn.num_heads, attn.scale, pad_v=qkv.is_cuda, backend=backend)
+        q, k, v, metric = attention_inputs(qkv, s, attn.num_heads, attn.scale, pad_v=True, backend=backend)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=attn.scale)[..., :attn.head_dim]
     else:  # q_norm / k_norm act per head: split first
         q, k, v = qkv.reshape(bsz, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)

@@ -80,7 +80,8 @@ def attention_inputs(qkv: Tensor, size: Optional[Tensor], num_heads: int, scale:
                      backend: Optional[str] = None):
     """From timm's fused qkv projection ``[B, N, 3 * H * hd]``: ``(q, k, v, metric)`` for SDPA, with
     ``log(size)`` folded into an extra key channel when ``size`` is given (``pad_v``: ``v`` padded
-    to the same head dim, for flash attention), and ``metric`` = keys averaged over heads.
+    to the same head dim, so SDPA's flash kernels run; drop the output's extra channels), and
+    ``metric`` = keys averaged over heads.
 
     Differentiable (PyTorch ops) when gradients are needed; otherwise one Triton launch on GPU."""
     if qkv.dim() != 3 or qkv.shape[-1] % (3 * num_heads):
@@ -110,6 +111,6 @@ def _attention_backend(backend: Optional[str], qkv: Tensor) -> str:
 def proportional_sdpa(q: Tensor, k: Tensor, v: Tensor, size: Tensor, scale: float, dropout_p: float = 0.0) -> Tensor:
     """``softmax(q k^T * scale + log(size)^T) v`` exactly, through SDPA without a mask."""
     qe, ke = fold_size(q, k, size, scale)
-    if v.is_cuda:  # flash attention wants equal head dims; the padded value channels are dropped
-        return F.scaled_dot_product_attention(qe, ke, pad_value(v), dropout_p=dropout_p, scale=scale)[..., :v.shape[-1]]
-    return F.scaled_dot_product_attention(qe, ke, v, dropout_p=dropout_p, scale=scale)
+    # SDPA's fused (flash) kernels, on GPU and CPU, want equal head dims: v is padded too and the
+    # padded output channels dropped (unequal dims would fall back to the materialising math path)
+    return F.scaled_dot_product_attention(qe, ke, pad_value(v), dropout_p=dropout_p, scale=scale)[..., :v.shape[-1]]
