@@ -169,7 +169,27 @@ def unpack_binary(d: dict) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- 2. PET modules
-class AdaptFormerAdapter(nn.Module):
+class _Bottleneck(nn.Module):
+    """``up(dropout(relu(down(x))))``, ``dim -> hidden -> dim``; ``up`` zero-initialised (weight and
+    bias) so a fresh bottleneck outputs zeros; ``binary=True``: BinaryLinear layers (FPET 1-bit)."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float, binary: bool, hidden_name: str):
+        super().__init__()
+        self.dim, hidden = _pos_int("dim", dim), _pos_int(hidden_name, hidden)
+        self.binary = _bool("binary", binary)
+        self.down = _linear(dim, hidden, True, binary)
+        self.act = nn.ReLU()
+        self.dropout = nn.Dropout(_prob("dropout", dropout))
+        self.up = _linear(hidden, dim, True, binary)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def branch(self, x: Tensor) -> Tensor:
+        return self.up(self.dropout(self.act(self.down(x))))
+
+
+class AdaptFormerAdapter(_Bottleneck):
     """AdaptFormer's parallel bottleneck adapter: ``scale * up(dropout(relu(down(x))))``.
 
     The block adds it beside the MLP, ``x + mlp(norm2(x)) + adapter(x)``; ``forward`` returns only the
@@ -178,20 +198,12 @@ class AdaptFormerAdapter(nn.Module):
 
     def __init__(self, dim: int, bottleneck: int = 64, scale: float = 0.1, dropout: float = 0.0,
                  binary: bool = False):
-        super().__init__()
-        self.dim, self.bottleneck = _pos_int("dim", dim), _pos_int("bottleneck", bottleneck)
+        super().__init__(dim, bottleneck, dropout, binary, "bottleneck")
+        self.bottleneck = bottleneck
         self.scale = _real("scale", scale)
-        self.binary = _bool("binary", binary)
-        self.down = _linear(dim, bottleneck, True, binary)
-        self.act = nn.ReLU()
-        self.dropout = nn.Dropout(_prob("dropout", dropout))
-        self.up = _linear(bottleneck, dim, True, binary)
-        nn.init.zeros_(self.down.bias)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.up(self.dropout(self.act(self.down(x)))) * self.scale
+        return self.branch(x) * self.scale
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, bottleneck={self.bottleneck}, scale={self.scale}, binary={self.binary}"
@@ -294,30 +306,22 @@ class LoRAQKV(nn.Module):
         return f"rank={self.rank}, scale={self.scale}, binary={self.binary}"
 
 
-class RefinementAdapter(nn.Module):
+class RefinementAdapter(_Bottleneck):
     """FPET's refinement of the token-similarity metric at a merging layer: ``m + f(m)`` with
     ``m = metric.detach()`` (no gradient flows back into the backbone through the metric) and
     ``f = up(dropout(relu(down(m))))``, ``dim -> hidden -> dim``, 1-bit by default. ``up`` starts at
     zero, so the refined metric starts equal to the metric."""
 
     def __init__(self, dim: int = 64, hidden: int = 32, dropout: float = 0.1, binary: bool = True):
-        super().__init__()
-        self.dim, self.hidden = _pos_int("dim", dim), _pos_int("hidden", hidden)
-        self.binary = _bool("binary", binary)
-        self.down = _linear(dim, hidden, True, binary)
-        self.act = nn.ReLU()
-        self.dropout = nn.Dropout(_prob("dropout", dropout))
-        self.up = _linear(hidden, dim, True, binary)
-        nn.init.zeros_(self.down.bias)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
+        super().__init__(dim, hidden, dropout, binary, "hidden")
+        self.hidden = hidden
 
     def forward(self, metric: Tensor) -> Tensor:
         if not isinstance(metric, Tensor) or metric.dim() < 1 or metric.shape[-1] != self.dim:
             got = tuple(metric.shape) if isinstance(metric, Tensor) else type(metric).__name__
             raise ValueError(f"metric must be a tensor of shape [..., {self.dim}], got {got}")
         m = metric.detach()
-        return m + self.up(self.dropout(self.act(self.down(m))))
+        return m + self.branch(m)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, hidden={self.hidden}, binary={self.binary}"
