@@ -96,15 +96,12 @@ def attention_inputs(qkv: Tensor, size: Optional[Tensor], num_heads: int, scale:
 
 
 def _attention_backend(backend: Optional[str], qkv: Tensor) -> str:
-    """The Triton kernel where it is live for these tensors (CUDA, or the interpreter when asked for
-    explicitly); PyTorch otherwise (there is no C++ kernel: on CPU this is a permute and a copy)."""
-    name = backend if backend is not None else "auto"
-    if name == "triton" or (name == "auto" and qkv.is_cuda):
-        if _backend.live()["triton"] and qkv.dtype in _backend.KERNEL_DTYPES:
-            if qkv.is_cuda or name == "triton":
-                return _backend.resolve("triton", qkv.device, (qkv.dtype,))
-        if name == "triton":
-            return _backend.resolve("triton", qkv.device, (qkv.dtype,))  # raises with the reason
+    """The Triton kernel when asked for (checked as for any op) or, automatically, on CUDA tensors
+    where it is live; PyTorch otherwise (there is no C++ kernel: on CPU this is a permute and a copy)."""
+    if backend == "triton":
+        return _backend.resolve("triton", qkv.device, (qkv.dtype,))
+    if backend is None and qkv.is_cuda and _backend.live()["triton"] and qkv.dtype in _backend.KERNEL_DTYPES:
+        return "triton"
     return "reference"
 
 

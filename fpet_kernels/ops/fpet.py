@@ -42,10 +42,17 @@ def resolve_grid(n: int, num_prefix: int, grid=None) -> tuple[int, int]:
         h, w = grid
         if h <= 0 or w <= 0 or h * w != m:
             raise ValueError(f"grid={tuple(grid)} has {h * w} cells but N - prefix = {m} tokens")
-    n_b_grid = (h // 2) * ((w + 1) // 2) + ((h + 1) // 2) * (w // 2)
+    n_b_grid = grid_sizes(0, h, w)[1]
     if n_b_grid < 2:
         raise ValueError(f"grid ({h}, {w}) has {n_b_grid} destination cells; FPET matching needs at least 2")
     return h, w
+
+
+def grid_sizes(num_prefix: int, h: int, w: int) -> tuple[int, int]:
+    """(Na, Nb) of the checkerboard split (spec 2.2): A = (even, even) + (odd, odd) cells; B = the
+    prefix tokens + the other cells."""
+    na = ((h + 1) // 2) * ((w + 1) // 2) + (h // 2) * (w // 2)
+    return na, num_prefix + h * w - na
 
 
 def checkerboard(num_prefix: int, h: int, w: int, device=None) -> tuple[Tensor, Tensor]:
@@ -160,7 +167,7 @@ def _fpet_merge_op(x, metric, size, num_prefix, H, W, backend):
 @_fpet_merge_op.register_fake
 def _(x, metric, size, num_prefix, H, W, backend):
     bsz, n, c = x.shape
-    nb = num_prefix + (H // 2) * ((W + 1) // 2) + ((H + 1) // 2) * (W // 2)
+    nb = grid_sizes(num_prefix, H, W)[1]
     return (x.new_empty(bsz, nb, c), x.new_empty(bsz, nb, 1, dtype=size_dtype(x, size)),
             x.new_empty(bsz, n, dtype=torch.int64))
 

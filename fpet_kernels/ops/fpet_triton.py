@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .fpet import grid_sizes
 from .triton_common import HAS_TRITON, channel_split, pow2, tl, triton
 
 if HAS_TRITON:
@@ -76,12 +77,6 @@ if HAS_TRITON:
             merge_destinations(x_b, s_b, o_b, os_b, jj, jj < NB, checkerboard_b(jj, P, H, W), jj,
                                sorted_ws, match_ws, NA, match_ws, ws_ptr, ws_ptr, P, H, W, C, c_lo, c_hi, first,
                                HAS_SIZE, True, False, BLOCK, BLOCK_C)
-
-
-def grid_sizes(num_prefix: int, h: int, w: int) -> tuple[int, int]:
-    """(Na, Nb) of the checkerboard split (spec 2.2)."""
-    na = ((h + 1) // 2) * ((w + 1) // 2) + (h // 2) * (w // 2)
-    return na, num_prefix + h * w - na
 
 
 def fpet_merge(x, metric, size, num_prefix, H, W, split=None):

@@ -28,19 +28,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .fpet import grid_sizes
 from .triton_common import HAS_TRITON, cdiv, interpreting, pow2, tl, triton
 
 if HAS_TRITON:
     from .triton_common import checkerboard_a, checkerboard_b, load_sizes, store_rounded, unit_rows
-
-
-def checkerboard_sizes(n: int, num_prefix: int, h: int, w: int) -> tuple[int, int]:
-    """(Na, Nb) of the checkerboard split of ``n = num_prefix + h * w`` tokens."""
-    na = ((h + 1) // 2) * ((w + 1) // 2) + (h // 2) * (w // 2)
-    return na, n - na
-
-
-if HAS_TRITON:
 
     @triton.jit
     def _row_norms(m_ptr, pos, valid, D, D_PAD: tl.constexpr):
@@ -300,7 +292,7 @@ def fpet_merge_backward(grad_out: Tensor, grad_size: Optional[Tensor], x: Tensor
         raise RuntimeError("fpet_merge_backward (triton): triton is not installed")
     bsz, n, c = x.shape
     d = metric.shape[-1]
-    na, nb = checkerboard_sizes(n, num_prefix, H, W)
+    na, nb = grid_sizes(num_prefix, H, W)
     if n != num_prefix + H * W:
         raise ValueError(f"x has N={n} tokens but num_prefix + H*W = {num_prefix + H * W}")
     if nb - num_prefix < 2:
@@ -377,7 +369,7 @@ def aot_specs(n: int = 197, num_prefix: int = 1, h: int = 14, w: int = 14, c: in
     without them the compiler cannot vectorise the row loads and the register count rises."""
     if not HAS_TRITON:
         return []
-    na, nb = checkerboard_sizes(n, num_prefix, h, w)
+    na, nb = grid_sizes(num_prefix, h, w)
     d_pad = pow2(d)
     specs = []
     for dt in dtypes:

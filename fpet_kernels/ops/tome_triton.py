@@ -299,8 +299,10 @@ def tome_merge(x, metric, r, size, class_token, distill_token, pyra=None):
     d = metric.shape[-1]
     na = (n + 1) // 2
     dev = x.device
-    if r == 0:
-        return _identity(x, size, na)
+    if r == 0:  # the identity: the reference's copy, no launch
+        from .tome import tome_merge_reference
+        out, out_size, m = tome_merge_reference(x, metric, 0, size, class_token, distill_token)
+        return (out, out_size) + tuple(m)
     out = torch.empty(bsz, n - r, c, dtype=x.dtype, device=dev)
     out_size = torch.empty(bsz, n - r, 1, dtype=torch.float32, device=dev)
     i64 = dict(dtype=torch.int64, device=dev)
@@ -321,16 +323,6 @@ def tome_merge(x, metric, r, size, class_token, distill_token, pyra=None):
         HAS_SIZE=has_size, CLS=bool(class_token), DISTILL=bool(distill_token), PYRA=pyra is not None,
         D_PAD=pow2(d, 16), BLOCK=BLOCK, BLOCK_J=BLOCK_J, BLOCK_C=BLOCK_C, PREC=_prec(), num_warps=NUM_WARPS)
     return out, out_size, src, dst, unm, tmap
-
-
-def _identity(x, size, na):
-    """r == 0: the merge is the identity (a copy; no launch of the merge kernel)."""
-    bsz, n, _ = x.shape
-    i64 = dict(dtype=torch.int64, device=x.device)
-    out_size = (torch.ones(bsz, n, 1, dtype=torch.float32, device=x.device) if size is None
-                else size.to(torch.float32, copy=True))
-    return (x.clone(), out_size, torch.empty(bsz, 0, **i64), torch.empty(bsz, 0, **i64),
-            torch.arange(na, **i64).expand(bsz, na).contiguous(), torch.arange(n, **i64).expand(bsz, n).contiguous())
 
 
 def tome_match(metric, r, class_token, distill_token):
