@@ -201,6 +201,17 @@ class Runner:
         self.rows.append(r)
         return r
 
+    def try_apply(self, model, v, limit: int = 240):
+        """``(undo, None)`` from ``apply_variant``; with --keep-going a failure comes back as
+        ``(None, note)`` (and marks the run failed) instead of propagating."""
+        try:
+            return apply_variant(model, v, self.patch_mod), None
+        except Exception as exc:  # noqa: BLE001 - re-raised unless --keep-going
+            if not self.args.keep_going:
+                raise
+            self.failed = True
+            return None, f"FAILED to apply: {short(exc, limit)}"
+
     def out_of_time(self) -> bool:
         return self.args.max_seconds is not None and time.perf_counter() - self.t0 > self.args.max_seconds
 
@@ -282,15 +293,11 @@ class Runner:
                     continue
                 rnd_text = f" (round {rnd + 1})" if rounds > 1 else ""
                 bar.set_description_str(f"{dtype_name} {v.label}{rnd_text}")
-                try:
-                    undo = apply_variant(model, v, self.patch_mod)
-                except Exception as exc:  # noqa: BLE001 - re-raised unless --keep-going
-                    if not a.keep_going:
-                        raise
-                    self.failed = True
+                undo, error = self.try_apply(model, v)
+                if error is not None:
                     for b in batches:
                         for mode in modes_of(b, a):
-                            rows[(v, b, mode)]["note"] = f"FAILED to apply: {short(exc)}"
+                            rows[(v, b, mode)]["note"] = error
                     bar.update(steps)
                     model = self.check_restored(model, clean, v, dtype_name, dtype)
                     continue
@@ -391,13 +398,9 @@ class Runner:
             if v.patched and self.patch_mod is None:
                 result["variants"][v.variant] = {"error": self.patch_why}
                 continue
-            try:
-                undo = apply_variant(model, v, self.patch_mod)
-            except Exception as exc:  # noqa: BLE001 - re-raised unless --keep-going
-                if not a.keep_going:
-                    raise
-                self.failed = True
-                result["variants"][v.variant] = {"error": f"FAILED to apply: {short(exc, 300)}"}
+            undo, error = self.try_apply(model, v, 300)
+            if error is not None:
+                result["variants"][v.variant] = {"error": error}
                 model = self.check_restored(model, clean, v, dtype_name, dtype)
                 continue
             try:
