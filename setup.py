@@ -10,10 +10,20 @@ Environment switches:
 """
 import glob
 import os
+import shutil
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# torch finds the CUDA toolkit from CUDA_HOME, else from `which nvcc`; where nvcc is a wrapper
+# script outside the toolkit (/usr/local/bin/nvcc -> /usr/local/cuda) that guess has no headers.
+if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
+    for _cand in [os.path.dirname(os.path.dirname(os.path.realpath(shutil.which("nvcc") or "/nonexistent"))),
+                  "/usr/local/cuda"]:
+        if os.path.exists(os.path.join(_cand, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = _cand
+            break
 
 
 def _flag(name):
@@ -29,7 +39,9 @@ def _extensions():
     debug = _flag("FPET_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
     cxx_flags = opt + ["-std=c++20", "-fopenmp"]
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    # csrc/emu: the CUDA kernels' source compiled for the host (torch.ops.fpet_simt, for tests).
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
+                     + glob.glob(os.path.join("csrc", "emu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     include_dirs = [os.path.join(ROOT, "csrc")]
 

@@ -1,0 +1,408 @@
+// ToMe bipartite soft matching and the fused size-weighted merge, one thread block per image
+// (and channel slice). Contracts: csrc/README.md (`tome_match`, `tome_merge`); execution model:
+// simt.cuh. PYRA (pyra_kernels.cuh) reuses this body with its modulation switched on.
+//
+// Phases of one block:
+//   1. den[n] = max(||metric[n]||, eps)
+//   2. score tiles A x B (A = even positions, B = odd): per A row the best score and its lowest
+//      argmax (class-token row and distill-token column excluded)
+//   3. rank of every A row (best descending, ties by lower index): a counting sort, each thread
+//      counting the rows ahead of its own, then order[rank] = row
+//   4. index outputs (src_idx, dst_idx, unm_idx, token_map), written by the block of slice 0
+//   5. sources grouped by destination in rank order (counts, a block scan, stable slots)
+//   6. merged sizes, then the merged rows of this block's channel slice: B row j's sum starts with
+//      the row itself and adds its sources in rank order; unmerged rows are (x * s) / s
+// No atomics: every sum has one fixed order, so results are deterministic.
+#pragma once
+
+#include <torch/library.h>
+
+#include "launch.h"
+#include "tiles.cuh"
+
+namespace fpet {
+namespace kernels {
+
+using simt::kTile;
+
+// Output rows of the ToMe merge (csrc/README.md, tome_match).
+struct TomeRows {
+  int Na, r;
+  bool distill;
+  FPET_HD int unm_row(int k) const { return distill ? (k == 0 ? 0 : k + 1) : k; }
+  FPET_HD int b_row(int j) const { return distill && j == 0 ? 1 : Na - r + j; }
+};
+
+// PYRA's modulation of the merged sources (pyra_kernels.cuh fills it; `a` null = plain ToMe).
+struct PyraParams {
+  AnyPtr a, b, ln_weight, ln_bias;  // [r, 1], [1, C], [C], [C]
+  float eps = 1e-5f;
+  FPET_HD bool enabled() const { return a.defined(); }
+};
+
+// Shared memory of the ToMe block; the launcher calls make() with base == nullptr for the size.
+struct TomeSmem {
+  float* den;    // [N]
+  float* best;   // [Na]
+  int* dst;      // [Na]
+  int* rank;     // [Na]
+  int* order;    // [Na] rows in rank order
+  int* unm;      // [Na] unmerged A rows in output order
+  int* head;     // [Nb + 1] first source of each destination
+  int* slot;     // [Na] a source's place among its destination's sources (by rank)
+  int* list;     // [Na] A rows of the sources, grouped by destination, rank order within
+  int* scan;     // [2 * (Nb + 1)] scan scratch
+  float* bden;   // [Nb] merged size of each B row
+  float* wc;     // PYRA [slice] channel weights
+  float* mu;     // PYRA [r] mean, then rstd, then token weight of each source
+  float* rstd;
+  float* wt;
+  simt::ScoreTiles tiles;
+  size_t bytes;
+  FPET_HD static TomeSmem make(char* base, int N, int D, int r, int cw, bool pyra) {
+    const int Na = (N + 1) / 2, Nb = N / 2;
+    simt::Arena ar{base};
+    TomeSmem s;
+    s.den = ar.take<float>(N);
+    s.best = ar.take<float>(Na);
+    s.dst = ar.take<int>(Na);
+    s.rank = ar.take<int>(Na);
+    s.order = ar.take<int>(Na);
+    s.unm = ar.take<int>(Na);
+    s.head = ar.take<int>(Nb + 1);
+    s.slot = ar.take<int>(Na);
+    s.list = ar.take<int>(Na);
+    s.scan = ar.take<int>(2 * (Nb + 1));
+    s.bden = ar.take<float>(Nb);
+    s.wc = ar.take<float>(pyra ? cw : 0);
+    s.mu = ar.take<float>(pyra ? r : 0);
+    s.rstd = ar.take<float>(pyra ? r : 0);
+    s.wt = ar.take<float>(pyra ? r : 0);
+    s.tiles = simt::ScoreTiles::take(ar, D);
+    s.bytes = ar.used;
+    return s;
+  }
+};
+
+template <typename scalar_t>
+struct TomeBody {
+  // inputs (x null: tome_match only)
+  const scalar_t* x;
+  AnyPtr metric, size;
+  PyraParams pyra;
+  int N, C, D, r;
+  bool class_token, distill_token;
+  int slice;  // channels per block
+  // outputs (out, out_size null for tome_match)
+  scalar_t* out;
+  float* out_size;
+  int64_t *src_idx, *dst_idx, *unm_idx, *token_map;
+
+  template <class Blk>
+  FPET_HD void operator()(Blk& blk, char* smem_base, int bx, int by) const {
+    const int T = blk.size();
+    const int Na = (N + 1) / 2, Nb = N / 2;
+    const int64_t b = bx;
+    const bool lead = by == 0;  // the block of slice 0 writes the per-token outputs
+    const int c0 = by * slice;
+    const int cw = x ? (C - c0 < slice ? C - c0 : slice) : 0;
+    const AnyPtr m = offset(metric, b * N * D);
+    const AnyPtr s = offset(size, b * N);
+    const scalar_t* xb = x ? x + b * N * C : nullptr;
+    scalar_t* ob = out ? out + b * (N - r) * C : nullptr;
+    float* osb = out_size ? out_size + b * (N - r) : nullptr;
+    int64_t* src_b = src_idx + b * r;
+    int64_t* dst_b = dst_idx + b * r;
+    int64_t* unm_b = unm_idx + b * (Na - r);
+    int64_t* map_b = token_map + b * N;
+    const TomeSmem sm = TomeSmem::make(smem_base, N, D, r, cw, pyra.enabled());
+
+    if (r == 0) {  // the identity: out = (x * s) / s, out_size = s
+      blk.each([&](int t) {
+        if (!lead) return;
+        for (int n = t; n < N; n += T) {
+          map_b[n] = n;
+          if (osb) osb[n] = s[n];
+        }
+        for (int i = t; i < Na; i += T) unm_b[i] = i;
+      });
+      if (xb) copy_rows(blk, xb, s, ob, N, c0, cw, [](int n) { return n; }, [](int n) { return n; });
+      return;
+    }
+
+    // 1-2. norms, scores, best and argmax per A row
+    simt::row_norms(blk, m, N, D, sm.tiles.s, sm.den);
+    auto pa = [](int i) { return 2 * i; };
+    auto pb = [](int j) { return 2 * j + 1; };
+    for (int i0 = 0; i0 < Na; i0 += kTile) {
+      for (int j0 = 0; j0 < Nb; j0 += kTile) {
+        simt::score_tile(blk, sm.tiles, m, sm.den, D, i0, Na, j0, Nb, pa, pb);
+        blk.each([&](int t) {
+          const int i = i0 + t;
+          if (t >= kTile || i >= Na) return;
+          float best = j0 == 0 ? simt::neg_inf() : sm.best[i];
+          int arg = j0 == 0 ? 0 : sm.dst[i];
+          if (!(class_token && i == 0)) {
+            for (int jj = 0; jj < kTile && j0 + jj < Nb; ++jj) {
+              if (distill_token && j0 + jj == 0) continue;
+              const float v = sm.tiles.score(t, jj);
+              if (simt::greater(v, best)) {
+                best = v;
+                arg = j0 + jj;
+              }
+            }
+          }
+          sm.best[i] = best;
+          sm.dst[i] = arg;
+        });
+      }
+    }
+    // 3. rank: rows ahead of row i are the greater ones and the equal ones of lower index
+    blk.each([&](int t) {
+      for (int i = t; i < Na; i += T) {
+        const float bi = sm.best[i];
+        int ahead = 0;
+        for (int k = 0; k < Na; ++k) {
+          const float bk = sm.best[k];
+          ahead += simt::greater(bk, bi) || (k < i && !simt::greater(bi, bk));
+        }
+        sm.rank[i] = ahead;
+        sm.order[ahead] = i;
+      }
+    });
+    // 4. unmerged rows in output order (ascending index with a class token, else rank order),
+    //    per-destination counts and each source's slot among its destination's sources
+    const TomeRows rows{Na, r, distill_token};
+    blk.each([&](int t) {
+      for (int i = t; i < Na; i += T) {
+        if (sm.rank[i] < r) continue;
+        int k = sm.rank[i] - r;
+        if (class_token) {
+          k = 0;
+          for (int i2 = 0; i2 < i; ++i2) k += sm.rank[i2] >= r;
+        }
+        sm.unm[k] = i;
+      }
+      for (int k = t; k < r; k += T) {
+        const int j = sm.dst[sm.order[k]];
+        int before = 0;
+        for (int k2 = 0; k2 < k; ++k2) before += sm.dst[sm.order[k2]] == j;
+        sm.slot[k] = before;
+      }
+      for (int j = t; j < Nb; j += T) {
+        int count = 0;
+        for (int k = 0; k < r; ++k) count += sm.dst[sm.order[k]] == j;
+        sm.head[j] = count;
+      }
+    });
+    simt::exclusive_scan(blk, sm.head, Nb, sm.scan);
+    blk.each([&](int t) {
+      for (int k = t; k < r; k += T) {
+        const int i = sm.order[k];
+        sm.list[sm.head[sm.dst[i]] + sm.slot[k]] = i;
+      }
+      if (!lead) return;
+      for (int k = t; k < r; k += T) {
+        const int i = sm.order[k];
+        src_b[k] = i;
+        dst_b[k] = sm.dst[i];
+        map_b[2 * i] = rows.b_row(sm.dst[i]);
+      }
+      for (int k = t; k < Na - r; k += T) {
+        unm_b[k] = sm.unm[k];
+        map_b[2 * sm.unm[k]] = rows.unm_row(k);
+      }
+      for (int j = t; j < Nb; j += T) map_b[2 * j + 1] = rows.b_row(j);
+    });
+    if (!xb) return;
+
+    // 5. merged sizes
+    blk.each([&](int t) {
+      for (int j = t; j < Nb; j += T) {
+        float den = s[2 * j + 1];
+        for (int h = sm.head[j]; h < sm.head[j + 1]; ++h) den += s[2 * sm.list[h]];
+        sm.bden[j] = den;
+        if (lead && osb) osb[rows.b_row(j)] = den;
+      }
+      if (!lead || !osb) return;
+      for (int k = t; k < Na - r; k += T) osb[rows.unm_row(k)] = s[2 * sm.unm[k]];
+    });
+    if (pyra.enabled()) pyra_weights(blk, sm, xb, s, b, c0, cw);
+
+    // 6. merged rows of this slice
+    copy_rows(blk, xb, s, ob, Na - r, c0, cw, [&](int k) { return 2 * sm.unm[k]; },
+              [&](int k) { return rows.unm_row(k); });
+    blk.each([&](int t) {
+      for (int e = t; e < Nb * cw; e += T) {
+        const int j = e / cw, c = c0 + e % cw;
+        const int64_t pj = 2 * j + 1;
+        float acc = static_cast<float>(xb[pj * C + c]) * s[pj];
+        for (int h = sm.head[j]; h < sm.head[j + 1]; ++h) {
+          const int i = sm.list[h];
+          const float v = static_cast<float>(xb[int64_t(2 * i) * C + c]) * s[2 * i];
+          acc += pyra.enabled() ? v + v * sm.wc[c - c0] * sm.wt[sm.rank[i]] : v;
+        }
+        ob[int64_t(rows.b_row(j)) * C + c] = static_cast<scalar_t>(acc / sm.bden[j]);
+      }
+    });
+  }
+
+  FPET_HD static AnyPtr offset(AnyPtr p, int64_t elems) {
+    if (!p.defined()) return p;
+    const int64_t bytes = elems * (p.dtype == simt::Dtype::f32 ? 4 : 2);
+    p.ptr = static_cast<const char*>(p.ptr) + bytes;
+    return p;
+  }
+
+  // out[out_row(k)][c] = (x[pos(k)][c] * s) / s for k < rows, c in the slice (exact copy if s == 1).
+  template <class Blk, class Pos, class Row>
+  FPET_HD void copy_rows(Blk& blk, const scalar_t* xb, const AnyPtr& s, scalar_t* ob, int rows, int c0, int cw,
+                         Pos pos, Row out_row) const {
+    const int T = blk.size();
+    blk.each([&](int t) {
+      for (int e = t; e < rows * cw; e += T) {
+        const int k = e / cw, c = c0 + e % cw;
+        const int64_t p = pos(k);
+        const float sv = s[p];
+        const scalar_t v = xb[p * C + c];
+        ob[int64_t(out_row(k)) * C + c] =
+            sv == 1.0f ? v : static_cast<scalar_t>((static_cast<float>(v) * sv) / sv);
+      }
+    });
+  }
+
+  // PYRA: per source k (rank order) with S = z_A[src_k], T = z_B[dst_k] (z = x * s), the
+  // LayerNorm statistics of S + T over all C channels, the token weight
+  // wt[k] = 2 sigmoid(<W[k], b>) - 1 and, for this slice, wc[c] = 2 sigmoid(sum_k a[k] W[k, c]).
+  template <class Blk>
+  FPET_HD void pyra_weights(Blk& blk, const TomeSmem& sm, const scalar_t* xb, const AnyPtr& s, int64_t b, int c0,
+                            int cw) const {
+    const int T = blk.size();
+    auto st = [&](int k, int c) {
+      const int i = sm.order[k];
+      const int64_t pa = 2 * i, pb = 2 * sm.dst[i] + 1;
+      return static_cast<float>(xb[pa * C + c]) * s[pa] + static_cast<float>(xb[pb * C + c]) * s[pb];
+    };
+    auto w = [&](int k, int c) {
+      return (st(k, c) - sm.mu[k]) * sm.rstd[k] * pyra.ln_weight[c] + pyra.ln_bias[c];
+    };
+    const float inv_c = 1.0f / static_cast<float>(C);
+    simt::row_sums(blk, r, C, sm.tiles.s, st, [&](int k, float sum) { sm.mu[k] = sum * inv_c; });
+    simt::row_sums(
+        blk, r, C, sm.tiles.s,
+        [&](int k, int c) {
+          const float d = st(k, c) - sm.mu[k];
+          return d * d;
+        },
+        [&](int k, float sum) { sm.rstd[k] = 1.0f / sqrtf(sum * inv_c + pyra.eps); });
+    simt::row_sums(blk, r, C, sm.tiles.s, [&](int k, int c) { return w(k, c) * pyra.b[c]; },
+                   [&](int k, float sum) { sm.wt[k] = 2.0f * simt::sigmoid(sum) - 1.0f; });
+    blk.each([&](int t) {
+      for (int cc = t; cc < cw; cc += T) {
+        float acc = 0.f;
+        for (int k = 0; k < r; ++k) acc += pyra.a[k] * w(k, c0 + cc);
+        sm.wc[cc] = 2.0f * simt::sigmoid(acc);
+      }
+    });
+    (void)b;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Launchers
+// ---------------------------------------------------------------------------------------------
+using TomeOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+inline int64_t checked_tome_r(int64_t r, int64_t N, bool class_token, bool distill_token, const char* op) {
+  const int64_t p = int64_t(class_token) + int64_t(distill_token);
+  const int64_t cap = std::max<int64_t>(0, (N - p) / 2);
+  TORCH_CHECK(r >= 0 && r <= cap, op, ": r must be in [0, (N - protected) // 2] = [0, ", cap, "], got ", r);
+  return r;
+}
+
+// tome_merge (x defined) / tome_match (x undefined) / pyra_merge (pyra.enabled()).
+template <class Exec>
+TomeOutputs tome_launch(const char* op, const at::Tensor& x_in, const at::Tensor& metric_in, int64_t r,
+                        const std::optional<at::Tensor>& size_in, bool class_token, bool distill_token,
+                        const PyraParams& pyra = PyraParams()) {
+  const bool merge = x_in.defined();
+  const typename Exec::Guard guard(metric_in.device());
+  const at::Tensor metric = checked_bnd<Exec>(metric_in, op, "metric");
+  const int64_t B = metric.size(0), N = metric.size(1), D = metric.size(2);
+  at::Tensor x;
+  int64_t C = 0;
+  if (merge) {
+    x = checked_bnd<Exec>(x_in, op, "x");
+    TORCH_CHECK(x.size(0) == B && x.size(1) == N, op, ": metric must be [B, N, D] with x's B, N = ", x.size(0), ", ",
+                x.size(1), ", got ", metric.sizes());
+    C = x.size(2);
+  }
+  checked_tome_r(r, N, class_token, distill_token, op);
+  check_int32(N * std::max<int64_t>({C, D, 1}), op, "N * max(C, D)");
+  const at::Tensor size = checked_size<Exec>(size_in, B, N, op);
+  const int64_t Na = (N + 1) / 2;
+  const auto lopt = metric.options().dtype(at::kLong);
+  at::Tensor src = at::empty({B, r}, lopt), dst = at::empty({B, r}, lopt);
+  at::Tensor unm = at::empty({B, Na - r}, lopt), map = at::empty({B, N}, lopt);
+  at::Tensor out, out_size;
+  if (merge) {
+    out = at::empty({B, N - r, C}, x.options());
+    out_size = at::empty({B, N - r, 1}, x.options().dtype(at::kFloat));
+  }
+  if (B == 0) return {out, out_size, src, dst, unm, map};
+  const int split = merge ? channel_split(B, C, Exec::num_sms(metric)) : 1;
+  const int64_t slice = merge ? slice_width(C, split) : 0;
+  const int grid_y = merge ? static_cast<int>((C + slice - 1) / slice) : 1;
+  auto run = [&](auto* xp) {
+    using scalar_t = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
+    TomeBody<scalar_t> body{};
+    body.x = xp;
+    body.metric = any_ptr(metric, op, "metric");
+    body.size = any_ptr(size, op, "size");
+    body.pyra = pyra;
+    body.N = static_cast<int>(N);
+    body.C = static_cast<int>(C);
+    body.D = static_cast<int>(D);
+    body.r = static_cast<int>(r);
+    body.class_token = class_token;
+    body.distill_token = distill_token;
+    body.slice = static_cast<int>(slice);
+    body.out = merge ? out.data_ptr<scalar_t>() : nullptr;
+    body.out_size = merge ? out_size.data_ptr<float>() : nullptr;
+    body.src_idx = src.data_ptr<int64_t>();
+    body.dst_idx = dst.data_ptr<int64_t>();
+    body.unm_idx = unm.data_ptr<int64_t>();
+    body.token_map = map.data_ptr<int64_t>();
+    const size_t smem =
+        TomeSmem::make(nullptr, body.N, body.D, body.r, static_cast<int>(slice), pyra.enabled()).bytes;
+    Exec::launch(body, static_cast<int>(B), grid_y, smem);
+  };
+  if (merge) {
+    FPET_DISPATCH_KERNEL_TYPES(x.scalar_type(), op, "x", [&] { run(x.data_ptr<scalar_t>()); });
+  } else {
+    run(static_cast<const float*>(nullptr));
+  }
+  return {out, out_size, src, dst, unm, map};
+}
+
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tome_match(const at::Tensor& metric, int64_t r,
+                                                                       bool class_token, bool distill_token) {
+  auto res = tome_launch<Exec>("tome_match", at::Tensor(), metric, r, std::nullopt, class_token, distill_token);
+  return {std::get<2>(res), std::get<3>(res), std::get<4>(res), std::get<5>(res)};
+}
+
+template <class Exec>
+TomeOutputs tome_merge(const at::Tensor& x, const at::Tensor& metric, int64_t r, const std::optional<at::Tensor>& size,
+                       bool class_token, bool distill_token) {
+  return tome_launch<Exec>("tome_merge", x, metric, r, size, class_token, distill_token);
+}
+
+template <class Exec>
+void register_tome(torch::Library& m) {
+  m.impl("tome_match", &tome_match<Exec>);
+  m.impl("tome_merge", &tome_merge<Exec>);
+}
+
+}  // namespace kernels
+}  // namespace fpet

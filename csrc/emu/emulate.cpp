@@ -1,0 +1,33 @@
+// The library `fpet_simt`: the CUDA kernels of csrc/cuda/ compiled for the host and run one
+// thread at a time (host_exec.h) on CPU tensors, with the schemas of `fpet_C`. Used by
+// tests/test_cuda_emulated.py to check the CUDA kernels' source on machines without a GPU.
+#include <torch/library.h>
+
+#include "../cuda/tome_kernels.cuh"
+#include "../schemas.h"
+#include "host_exec.h"
+
+namespace fpet {
+namespace kernels {
+namespace {
+
+// Thread order (0 forward, 1 reverse), threads per block (a multiple of 32), multiprocessors seen
+// by the grid sizing. Returns nothing; the settings hold for the process.
+void configure(int64_t order, int64_t threads, int64_t sms) {
+  TORCH_CHECK(order == 0 || order == 1, "configure: order must be 0 or 1, got ", order);
+  TORCH_CHECK(threads >= 32 && threads <= 1024 && threads % 32 == 0,
+              "configure: threads must be a multiple of 32 in [32, 1024], got ", threads);
+  TORCH_CHECK(sms >= 1, "configure: sms must be >= 1, got ", sms);
+  host_config() = HostConfig{static_cast<int>(order), static_cast<int>(threads), static_cast<int>(sms)};
+}
+
+}  // namespace
+}  // namespace kernels
+}  // namespace fpet
+
+TORCH_LIBRARY(fpet_simt, m) {
+  fpet::define_kernel_schemas(m);
+  m.def("configure(int order, int threads, int sms) -> ()", &fpet::kernels::configure);
+}
+
+TORCH_LIBRARY_IMPL(fpet_simt, CPU, m) { fpet::kernels::register_tome<fpet::kernels::HostExec>(m); }
