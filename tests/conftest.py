@@ -73,3 +73,33 @@ def _no_backend_env(monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# The CUDA kernels' source compiled for the host (csrc/emu/, torch.ops.fpet_simt): run one thread at
+# a time in forward and in reverse order within every phase (a race shows as a different result),
+# with 256 threads per block (the GPU's) and with 64 (every thread-strided loop wraps).
+SIMT_CONFIGS = [pytest.param((0, 256), id="fwd256"), pytest.param((1, 256), id="rev256"),
+                pytest.param((1, 64), id="rev64")]
+
+
+def simt_live() -> bool:
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key("fpet_simt::tome_merge", "CPU"))
+    except RuntimeError:
+        return False
+
+
+@pytest.fixture(params=SIMT_CONFIGS)
+def simt(request):
+    """``torch.ops.fpet_simt`` configured for one thread order and block size; 4 multiprocessors, so
+    that small batches split their channels over several blocks as on a GPU."""
+    if not simt_live():
+        msg = missing_message("cuda") + " (the host build of the CUDA kernels, torch.ops.fpet_simt, is missing)"
+        if REQUIRE_EXTENSION:
+            pytest.fail(f"FPET_REQUIRE_EXTENSION=1: {msg}", pytrace=False)
+        pytest.skip(msg)
+    order, threads = request.param
+    ops = torch.ops.fpet_simt
+    ops.configure(order, threads, 4)
+    yield ops
+    ops.configure(0, 256, 4)
