@@ -92,6 +92,7 @@ setup(
     version="0.1.0",
     description="Fused token-merging kernels (ToMe, FPET, PYRA) for parameter-efficient ViT tuning",
     packages=find_packages(include=["fpet_kernels", "fpet_kernels.*"]),
+    package_data={"fpet_kernels": ["tuning/*.json", "tuning/README.md"]},  # recorded results: _backend.py
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
     # timm: the model layer (fpet_kernels.patch) and the whole-model benchmark (bench/bench_model.py).

@@ -23,7 +23,7 @@ FPET_OUT = 99  # FPET keeps the class token and the 98 B cells of the 14 x 14 ch
 BATCHES = (1, 8, 64)  # CPU default
 GPU_BATCHES = (1, 64, 256)
 OPS = ("tome_merge", "fpet_merge")  # the CPU table and the CPU microbenchmarks
-ALL_OPS = ("tome_merge", "fpet_merge", "pyra_merge", "unmerge")
+ALL_OPS = ("tome_merge", "fpet_merge", "pyra_merge", "unmerge", "tome_match", "merge_wavg")
 MODES = ("forward", "forward+backward")
 # What the GPU table times by default (the Triton issue's list): (op, mode)
 GPU_CASES = (("tome_merge", "forward"), ("fpet_merge", "forward"), ("fpet_merge", "forward+backward"),
@@ -47,6 +47,12 @@ GPU_TARGETS_MS = {
     ("fpet_merge", "forward+backward"): {1: 0.10, 256: 0.30},
 }
 BF16_VS_F16 = 1.10  # and: bfloat16 within 10% of float16 (same op, mode, B, provider)
+# What bench/record_dispatch.py measures for the automatic backend choice (fpet_kernels/tuning/):
+# every public op that resolves a backend, the modes a model uses (inference and training).
+DISPATCH_CASES = (("tome_match", "forward"), ("tome_merge", "forward"), ("tome_merge", "forward+backward"),
+                  ("merge_wavg", "forward"), ("merge_wavg", "forward+backward"), ("unmerge", "forward"),
+                  ("unmerge", "forward+backward"), ("fpet_merge", "forward"), ("fpet_merge", "forward+backward"),
+                  ("pyra_merge", "forward"), ("pyra_merge", "forward+backward"))
 
 
 def make_inputs(batch: int, device="cpu", dtype=torch.float32, requires_grad=False, seed=0):
@@ -74,10 +80,12 @@ def table_providers(device: str = "cpu") -> list:
     return ["reference", "reference+compile"] + fused_providers(device) + ["floor"]
 
 
-def is_live(provider: str, device: str) -> bool:
+def is_live(provider: str, device: str, op: str = None) -> bool:
+    """Whether ``provider`` runs on ``device`` (and, given ``op``, has kernels for that op: the CUDA
+    kernels arrive op by op)."""
     if provider in ("reference",) + EXTRA_PROVIDERS:
         return True
-    return provider in fused_providers(device)
+    return provider in fused_providers(device) and (op is None or fk._backend.op_live(op, provider))
 
 
 # ----------------------------------------------------------------------------- op inputs and calls
@@ -100,6 +108,11 @@ def make_args(op: str, batch: int, device="cpu", dtype=torch.float32, requires_g
             y, _, matching = fk.reference.tome_merge(x.detach(), metric.detach(), R, class_token=True)
         y = y.contiguous().requires_grad_(requires_grad)
         return (y, matching), [y]
+    if op == "tome_match":
+        return (metric.detach(),), []
+    if op == "merge_wavg":
+        matching = fk.tome_match(metric.detach(), R, class_token=True, backend="reference")
+        return (x, matching), [x]
     raise ValueError(f"unknown op {op!r}")
 
 
@@ -121,7 +134,16 @@ def _ref_unmerge(y, matching):
     return fk.reference.unmerge(y, matching.token_map)
 
 
-REFERENCE_FNS = {"tome_merge": _ref_tome, "fpet_merge": _ref_fpet, "pyra_merge": _ref_pyra, "unmerge": _ref_unmerge}
+def _ref_match(metric):
+    return fk.reference.tome_match(metric, R, True)
+
+
+def _ref_wavg(x, matching):
+    return fk.reference.merge_wavg_reference(x, None, matching.token_map, N - R)
+
+
+REFERENCE_FNS = {"tome_merge": _ref_tome, "fpet_merge": _ref_fpet, "pyra_merge": _ref_pyra, "unmerge": _ref_unmerge,
+                 "tome_match": _ref_match, "merge_wavg": _ref_wavg}
 
 
 def fused_fn(op: str, backend: str):
@@ -134,6 +156,10 @@ def fused_fn(op: str, backend: str):
                                                               backend=backend)
     if op == "unmerge":
         return lambda y, matching: fk.unmerge(y, matching, backend=backend)
+    if op == "tome_match":
+        return lambda metric: fk.tome_match(metric, R, class_token=True, backend=backend)
+    if op == "merge_wavg":  # ToMe's closure API: merge_wavg recognises the merge and runs the fused op
+        return lambda x, matching: fk.merge_wavg(fk.ToMeMerge(matching, False, backend), x)
     raise ValueError(f"unknown op {op!r}")
 
 
@@ -227,12 +253,20 @@ def bytes_moved(op: str, batch: int, dtype=torch.float32, mode: str = "forward")
               tokens and their sizes; unmerge reads y and the int64 token map and writes N tokens.
     backward: read the output gradient and write the gradient of each differentiated input
               (a lower bound: the kernels may re-read x or the metric).
+    tome_match reads the metric and writes the int64 indices and token map; merge_wavg reads x and the
+    token map and writes the merged tokens and their sizes.
     The calls here pass no ``size``: a call with sizes would also read ``B * N * 4`` bytes (< 0.2%).
     """
     e = torch.finfo(dtype).bits // 8
     tok = C * e
     params = (R + C + 2 * C) * e  # PYRA a [r, 1], b [1, C], LayerNorm weight and bias [C]
-    if op == "unmerge":
+    if op == "tome_match":
+        na = (N + 1) // 2
+        return batch * (N * D * e + (2 * R + (na - R) + N) * 8)  # no backward
+    if op == "merge_wavg":
+        fwd = batch * (N * tok + N * 8 + (N - R) * tok + (N - R) * 4)
+        bwd = batch * ((N - R) * tok + N * 8 + N * tok)
+    elif op == "unmerge":
         fwd = batch * ((N - R) * tok + N * 8 + N * tok)
         bwd = batch * (N * tok + N * 8 + (N - R) * tok)
     else:

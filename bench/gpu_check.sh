@@ -1,39 +1,54 @@
 #!/usr/bin/env bash
-# The one-call check for the GPU machine: environment, build, GPU tests, the GPU benchmark table and
-# the kernel-launch count of one tome_merge call. Everything goes under ${OUT:-bench/results/gpu}.
+# The one-call check for the GPU machine: environment, build, GPU tests, the GPU tests' small subset
+# under compute-sanitizer (memcheck, racecheck) with backend "cuda", the GPU benchmark table (every
+# live GPU backend: "triton", "cuda"), the recorded results of the automatic backend choice and the
+# kernel-launch count of one tome_merge call. Everything goes under ${OUT:-bench/results/gpu}.
 #
-#   bash bench/gpu_check.sh                          # all steps, about 10 minutes at most
+#   bash bench/gpu_check.sh                          # all steps; may not fit one 10-minute call, so:
+#   bash bench/gpu_check.sh --skip-table --skip-record --skip-profile        # call 1: build, tests, sanitizer
+#   bash bench/gpu_check.sh --skip-build --skip-tests --skip-sanitizer       # call 2: table, record, profile
 #   bash bench/gpu_check.sh --skip-build --skip-tests --quick
 #
-# Options:  --skip-build  --skip-tests  --skip-table  --skip-profile  --quick (passed to run_table.py)
+# Options:  --skip-build  --skip-tests  --skip-sanitizer  --skip-table  --skip-record  --skip-profile
+#           --quick (passed to run_table.py and record_dispatch.py)
 #           --model  also the whole-model benchmark (bench/bench_model.py); it needs most of a call:
-#                    bash bench/gpu_check.sh --skip-build --skip-tests --skip-table --skip-profile --model
+#                    bash bench/gpu_check.sh --skip-build --skip-tests --skip-sanitizer --skip-table \
+#                      --skip-record --skip-profile --model
 # Environment (all optional):
 #   PYTEST_GPU_ARGS      pytest arguments of the GPU test run      (default: tests -q -m gpu -x)
 #   PYTEST_TRITON_ARGS   pytest arguments of the Triton test run   (default: tests -q -k triton)
 #   TRITON_TEST_BACKENDS FPET_TEST_BACKENDS of the Triton test run (default: triton)
+#   SANITIZER            compute-sanitizer binary (default: $CUDA_HOME/bin/compute-sanitizer, else PATH)
+#   SANITIZER_TESTS      pytest arguments under the sanitizer (default: tests/test_gpu.py -q -x -k sanitizer)
+#   SANITIZER_BACKENDS   FPET_TEST_BACKENDS under the sanitizer (default: cuda)
+#   RACECHECK_ARGS       extra racecheck options (default: --kernel-name kns=body_kernel, the fpet CUDA kernels)
+#   RECORD_ARGS          extra arguments for bench/record_dispatch.py
 #   TABLE_ARGS           extra arguments for bench/run_table.py (after the script's own; they win)
 #   PROFILE_ARGS         extra arguments for bench/profile_launches.py
 #   TOTAL_BUDGET         seconds for the whole script (default 570); each step also has a cap
 #
 # Output files: env.txt, build.log, tests.log (+ junit xml), table.md (the markdown table),
 # table.log (progress), results_gpu.csv (same columns as bench/results/results.csv),
-# profile.md, launches.json, trace_tome_merge_<provider>.json, summary.txt.
+# sanitizer.log, tuning/<gpu>.json + record.log (the recorded results: copy the json to
+# fpet_kernels/tuning/ and commit it to ship the automatic choice), profile.md, launches.json,
+# trace_tome_merge_<provider>.json, summary.txt.
 # A failing step does not stop the script (set -u, no -e); the exit status is 1 if any step failed.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 ROOT=$(pwd)
 
-SKIP_BUILD=0 SKIP_TESTS=0 SKIP_TABLE=0 SKIP_PROFILE=0 MODEL=0 QUICK=()
+SKIP_BUILD=0 SKIP_TESTS=0 SKIP_SANITIZER=0 SKIP_TABLE=0 SKIP_RECORD=0 SKIP_PROFILE=0 MODEL=0 QUICK=()
 for arg in "$@"; do
   case "$arg" in
     --skip-build) SKIP_BUILD=1 ;;
     --skip-tests) SKIP_TESTS=1 ;;
+    --skip-sanitizer) SKIP_SANITIZER=1 ;;
     --skip-table) SKIP_TABLE=1 ;;
+    --skip-record) SKIP_RECORD=1 ;;
     --skip-profile) SKIP_PROFILE=1 ;;
     --quick) QUICK=(--quick) ;;
     --model) MODEL=1 ;;
-    -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,37p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "unknown option: $arg (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -48,6 +63,10 @@ PYTEST_TRITON_ARGS="${PYTEST_TRITON_ARGS:-tests -q -k triton}"
 TRITON_TEST_BACKENDS="${TRITON_TEST_BACKENDS:-triton}"
 TABLE_ARGS="${TABLE_ARGS:-}"
 PROFILE_ARGS="${PROFILE_ARGS:-}"
+SANITIZER_TESTS="${SANITIZER_TESTS:-tests/test_gpu.py -q -x -k sanitizer -p no:cacheprovider}"
+SANITIZER_BACKENDS="${SANITIZER_BACKENDS:-cuda}"
+RACECHECK_ARGS="${RACECHECK_ARGS---kernel-name kns=body_kernel}"
+RECORD_ARGS="${RECORD_ARGS:-}"
 TOTAL_BUDGET="${TOTAL_BUDGET:-570}"
 DEADLINE=$((SECONDS + TOTAL_BUDGET))
 FAILED=()
@@ -152,6 +171,32 @@ else
   grep -E "^(FAILED|ERROR)|passed|failed|error" "$OUT_DIR/tests.log" | tail -n 25
 fi
 
+# ---------------------------------------------------------------- compute-sanitizer (backend "cuda")
+if (( SKIP_SANITIZER )); then
+  note "SKIP  sanitizer (--skip-sanitizer)"
+else
+  SAN="${SANITIZER:-${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer}"
+  [[ -x "$SAN" ]] || SAN=$(command -v compute-sanitizer || true)
+  : > "$OUT_DIR/sanitizer.log"
+  if [[ -z "$SAN" || ! -x "$SAN" ]]; then
+    note "FAIL  sanitizer: compute-sanitizer not found (set SANITIZER or CUDA_HOME)"
+    FAILED+=("sanitizer (not found)")
+  else
+    eval "san_args=($SANITIZER_TESTS)"
+    eval "race_extra=($RACECHECK_ARGS)"
+    # No caching allocator: memcheck then sees every tensor's own bounds, not the allocator's blocks.
+    run_step "sanitizer memcheck: FPET_TEST_BACKENDS=$SANITIZER_BACKENDS pytest $SANITIZER_TESTS" 180 200 \
+      "$OUT_DIR/sanitizer.log" env FPET_TEST_BACKENDS="$SANITIZER_BACKENDS" PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+      "$SAN" --tool memcheck --error-exitcode 1 --print-limit 20 \
+      python -m pytest ${san_args[@]+"${san_args[@]}"}
+    run_step "sanitizer racecheck: FPET_TEST_BACKENDS=$SANITIZER_BACKENDS pytest $SANITIZER_TESTS" 180 120 \
+      "$OUT_DIR/sanitizer.log" env FPET_TEST_BACKENDS="$SANITIZER_BACKENDS" \
+      "$SAN" --tool racecheck --error-exitcode 1 --print-limit 20 \
+      ${race_extra[@]+"${race_extra[@]}"} python -m pytest ${san_args[@]+"${san_args[@]}"}
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|error" "$OUT_DIR/sanitizer.log" | tail -n 10
+  fi
+fi
+
 # ---------------------------------------------------------------- benchmark table
 if (( SKIP_TABLE )); then
   note "SKIP  table (--skip-table)"
@@ -167,6 +212,19 @@ else
     bash -c 'out=$1; shift; exec python bench/run_table.py "$@" > "$out/table.md"' _ "$OUT_DIR" \
     --csv "$OUT_DIR/results_gpu.csv" --max-seconds "$max_s" --compile-budget "$budget" \
     ${QUICK[@]+"${QUICK[@]}"} ${table_extra[@]+"${table_extra[@]}"}
+fi
+
+# ---------------------------------------------------------------- recorded results for the automatic choice
+if (( SKIP_RECORD )); then
+  note "SKIP  record (--skip-record)"
+else
+  t=$(step_timeout 240 60)
+  eval "record_extra=($RECORD_ARGS)"
+  : > "$OUT_DIR/record.log"
+  run_step "record (dispatch results into $OUT_DIR/tuning)" 240 60 "$OUT_DIR/record.log" \
+    python bench/record_dispatch.py --out "$OUT_DIR/tuning" --max-seconds $(( t > 60 ? t - 30 : 30 )) \
+    ${QUICK[@]+"${QUICK[@]}"} ${record_extra[@]+"${record_extra[@]}"}
+  tail -n 12 "$OUT_DIR/record.log"
 fi
 
 # ---------------------------------------------------------------- kernel launches of one tome_merge call

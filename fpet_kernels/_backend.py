@@ -10,10 +10,25 @@ The choice per call: the op's ``backend=`` argument, else the environment variab
 ``FPET_BACKEND``, else "auto". An explicitly requested backend that cannot run the call raises;
 the automatic choice takes the fastest live backend for the tensors' device and falls back to
 the reference (saying so once) when no kernel is live.
+
+The automatic choice per op:
+  CPU tensors   "cpu" (the only compiled CPU backend; Triton on CPU is the interpreter, for tests);
+  CUDA tensors  the fastest of the live GPU backends ("cuda", "triton") *for that op*, from the
+                benchmark results recorded in the package (``fpet_kernels/tuning/*.json``, written
+                by ``bench/record_dispatch.py`` on a GPU): the file recorded on a GPU of the same
+                name, else of the same compute capability; the ranking is the geometric mean of
+                the medians over the (mode, dtype, batch) cells every live candidate has. Without
+                recorded results for this GPU: the default order ``DEFAULT_GPU_ORDER`` (cuda, then
+                triton). ``backends()["auto_source"]`` says which of the two decided.
+"cuda" is live for an op when the extension registers CUDA kernels for the op's forward and
+backward kernels (``OP_KERNELS``): the CUDA kernels arrive op by op, and the automatic choice never
+picks a backend that cannot run the op's backward.
 """
 from __future__ import annotations
 
 import importlib
+import json
+import math
 import os
 import warnings
 
@@ -22,6 +37,25 @@ import torch
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 ENV_VAR = "FPET_BACKEND"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+GPU_BACKENDS = ("cuda", "triton")
+# The automatic choice on CUDA tensors when no results were recorded on this GPU: the CUDA C++
+# kernels first (no JIT compilation, smallest launch overhead), then Triton.
+DEFAULT_GPU_ORDER = ("cuda", "triton")
+# The public ops that resolve a backend, and the raw kernels (``torch.ops.fpet_C.*``) each needs:
+# its forward kernel first, then those its autograd calls with the same backend.
+OP_KERNELS = {
+    "tome_match": ("tome_match",),
+    "tome_merge": ("tome_merge", "merge_wavg_backward"),
+    "merge_wavg": ("merge_wavg", "merge_wavg_backward"),
+    "unmerge": ("unmerge", "merge_sum"),
+    "fpet_merge": ("fpet_merge", "fpet_merge_backward"),
+    "pyra_merge": ("pyra_merge",),  # its backward is PyTorch on every backend
+}
+RAW_KERNELS = ("tome_match", "tome_merge", "merge_wavg", "merge_wavg_backward", "unmerge", "merge_sum",
+               "fpet_merge", "fpet_merge_backward", "pyra_merge")
+# Recorded benchmark results (see the module docstring and fpet_kernels/tuning/README.md).
+TUNING_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuning")
+RESULTS_FORMAT = 1
 
 _EXT_ERROR: str | None = None
 try:  # the extension is optional: the package always imports
@@ -55,6 +89,160 @@ def _probe() -> dict[str, bool]:
 # Fixed for the process, probed once at import: resolve() runs inside torch.compile traces, where
 # a call into torch._C would break the graph.
 _LIVE = _probe()
+# Raw kernels with a CUDA kernel compiled into the extension (whether or not a GPU is present).
+_CUDA_KERNELS = {k: _has_kernel(k, "CUDA") for k in RAW_KERNELS}
+
+
+def op_live(op: str | None, name: str) -> bool:
+    """Whether backend ``name`` can run public op ``op`` with its backward (``op=None``: any op)."""
+    if not _LIVE.get(name, False):
+        return False
+    if name != "cuda" or op is None:
+        return True
+    return all(_CUDA_KERNELS.get(k, False) for k in OP_KERNELS.get(op, ()))
+
+
+# ----------------------------------------------------------------------------- recorded results
+def load_results(directory: str | None = None) -> list[dict]:
+    """The recorded results files of ``directory`` (default ``TUNING_DIR``) that are well formed;
+    a malformed file is skipped with a warning (it must never break an op call)."""
+    directory = TUNING_DIR if directory is None else directory
+    out = []
+    try:
+        names = sorted(n for n in os.listdir(directory) if n.endswith(".json"))
+    except OSError:
+        return out
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            check_results(data)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            warnings.warn(f"fpet_kernels: ignoring recorded results {path}: {exc}", RuntimeWarning, stacklevel=2)
+            continue
+        data["_file"] = name
+        out.append(data)
+    return out
+
+
+def check_results(data) -> None:
+    """Raise ValueError unless ``data`` is a recorded-results document of format ``RESULTS_FORMAT``."""
+    if not isinstance(data, dict) or data.get("format") != RESULTS_FORMAT:
+        raise ValueError(f"not a format-{RESULTS_FORMAT} results file")
+    for key in ("gpu", "capability", "torch", "date", "results"):
+        if key not in data:
+            raise ValueError(f"missing key {key!r}")
+    if not isinstance(data["results"], list) or not data["results"]:
+        raise ValueError("no results")
+    for row in data["results"]:
+        for key in ("op", "mode", "dtype", "batch", "backend", "median_ms"):
+            if key not in row:
+                raise ValueError(f"a result row lacks {key!r}: {row}")
+        ms = row["median_ms"]
+        if not isinstance(ms, (int, float)) or isinstance(ms, bool) or not math.isfinite(ms) or ms <= 0:
+            raise ValueError(f"median_ms must be a positive number: {row}")
+
+
+def rank_backends(data: dict, op: str, candidates) -> tuple[list, str] | None:
+    """Rank ``candidates`` for ``op`` by the recorded medians: (fastest first, how), or None when
+    the file has no cell where every candidate was measured. Score: the geometric mean of the
+    medians over the (mode, dtype, batch) cells that all candidates have; ties keep the order of
+    ``candidates``."""
+    cells: dict = {}
+    for row in data["results"]:
+        if row["op"] == op and row["backend"] in candidates:
+            cells.setdefault((row["mode"], row["dtype"], row["batch"]), {})[row["backend"]] = float(row["median_ms"])
+    common = [c for c in cells.values() if all(b in c for b in candidates)]
+    if not common:
+        return None
+    score = {b: sum(math.log(c[b]) for c in common) / len(common) for b in candidates}
+    order = sorted(candidates, key=lambda b: (score[b], list(candidates).index(b)))
+    if len(order) > 1:
+        ratio = math.exp(score[order[0]] - score[order[1]])
+        how = f"{order[0]} {ratio:.2f}x the time of {order[1]} (geometric mean of {len(common)} cells)"
+    else:
+        how = f"{order[0]} ({len(common)} cells)"
+    return order, how
+
+
+def _find_results(gpu: str, capability: str, results: list) -> tuple[dict | None, str]:
+    for data in results:
+        if data["gpu"] == gpu:
+            return data, "same GPU"
+    for data in results:
+        if str(data["capability"]) == capability:
+            return data, f"same compute capability {capability}"
+    return None, ""
+
+
+def choose_gpu_backend(op: str | None, gpu: str, capability: str, results: list) -> tuple[str | None, str]:
+    """(the automatic backend of ``op`` on CUDA tensors of GPU ``gpu``, where the choice came
+    from). None when no GPU backend can run the op (the caller falls back to the reference)."""
+    cands = [b for b in DEFAULT_GPU_ORDER if op_live(op, b)]
+    if not cands:
+        return None, f"no GPU backend is live for {op or 'this op'}"
+    if op is None:
+        return cands[0], f"default order {'/'.join(DEFAULT_GPU_ORDER)} (no op named)"
+    data, match = _find_results(gpu, capability, results)
+    if data is None:
+        return cands[0], f"default order {'/'.join(DEFAULT_GPU_ORDER)}: no recorded results for {gpu} (sm {capability})"
+    if len(cands) == 1:
+        return cands[0], f"only live GPU backend for {op}"
+    ranked = rank_backends(data, op, cands)
+    where = (f"{data['_file']} ({data['gpu']}, {match}; torch {data['torch']}, triton "
+             f"{data.get('triton') or '-'}, {data['date']})")
+    if ranked is None:
+        return cands[0], (f"default order {'/'.join(DEFAULT_GPU_ORDER)}: {where} has no results of "
+                          f"{op} for {' and '.join(cands)}")
+    order, how = ranked
+    return order[0], f"recorded: {where}: {how}"
+
+
+_RESULTS: list | None = None
+_GPU_IDENTITY: dict = {}
+_AUTO_CUDA: dict = {}
+
+
+def _results() -> list:
+    global _RESULTS
+    if _RESULTS is None:
+        _RESULTS = load_results()
+    return _RESULTS
+
+
+def _gpu_identity(index: int) -> tuple[str, str]:
+    """(name, "major.minor") of CUDA device ``index`` (-1: the current device)."""
+    got = _GPU_IDENTITY.get(index)
+    if got is None:
+        props = torch.cuda.get_device_properties(torch.cuda.current_device() if index < 0 else index)
+        got = _GPU_IDENTITY[index] = (props.name, f"{props.major}.{props.minor}")
+    return got
+
+
+def _reset_auto() -> None:
+    """Forget the loaded results and the choices made (tests point ``TUNING_DIR`` elsewhere)."""
+    global _RESULTS
+    _RESULTS = None
+    _GPU_IDENTITY.clear()
+    _AUTO_CUDA.clear()
+
+
+def _auto_cuda_choice(op: str | None, index: int) -> tuple[str | None, str]:
+    key = (op, index)
+    got = _AUTO_CUDA.get(key)
+    if got is None:
+        gpu, cap = _gpu_identity(index)
+        got = _AUTO_CUDA[key] = choose_gpu_backend(op, gpu, cap, _results())
+    return got
+
+
+# Constant for the process and evaluated eagerly (never traced) by torch.compile: its first call
+# reads files and queries the device, which a trace could not contain.
+@torch.compiler.assume_constant_result
+def _auto_cuda(op: str, index: int) -> str:
+    be, _ = _auto_cuda_choice(op or None, index)
+    return be or ""
 
 
 def live() -> dict[str, bool]:
@@ -62,22 +250,52 @@ def live() -> dict[str, bool]:
     return _LIVE
 
 
+def _summary(per_op: dict) -> str:
+    names = set(per_op.values())
+    if len(names) == 1:
+        return names.pop()
+    return ",".join(f"{op}={be}" for op, be in per_op.items())
+
+
 def backends() -> dict:
-    """What is live in this install and what the automatic choice picks per device.
+    """What is live in this install and what the automatic choice picks, per device and op.
+
+    Keys: ``live`` (backend -> bool), ``auto`` (device -> the chosen backend, or ``op=backend,...``
+    when the ops differ), ``auto_per_op`` (device -> op -> backend), ``auto_source`` (device -> op
+    -> where the choice came from), ``cuda_device`` (name and compute capability, when a GPU is
+    present), ``extension``, ``extension_cuda`` (the extension holds CUDA kernels, GPU or not),
+    ``cuda_kernels`` (the raw kernels compiled for CUDA), ``env`` (the value of ``FPET_BACKEND``),
+    ``env_var``, ``tuning_dir`` and ``results_files`` (recorded results shipped in the package).
 
     >>> import fpet_kernels as fk; fk.backends()["live"]["reference"]
     True
     """
     lv = dict(live())
-    chosen = {"cpu": "cpu" if lv["cpu"] else "reference"}
+    per_op = {"cpu": {op: ("cpu" if op_live(op, "cpu") else "reference") for op in OP_KERNELS}}
+    source = {"cpu": {op: ("the C++ kernels (the only compiled CPU backend)" if per_op["cpu"][op] == "cpu"
+                           else "no compiled CPU kernel is live") for op in OP_KERNELS}}
+    info_cuda = None
     if torch.cuda.is_available():
-        chosen["cuda"] = "cuda" if lv["cuda"] else ("triton" if lv["triton"] else "reference")
+        gpu, cap = _gpu_identity(-1)
+        info_cuda = {"name": gpu, "capability": cap}
+        per_op["cuda"], source["cuda"] = {}, {}
+        for op in OP_KERNELS:
+            be, why = _auto_cuda_choice(op, -1)
+            per_op["cuda"][op] = be or "reference"
+            source["cuda"][op] = why
     info = {
         "live": lv,
-        "auto": chosen,
+        "auto": {dev: _summary(ops) for dev, ops in per_op.items()},
+        "auto_per_op": per_op,
+        "auto_source": source,
+        "cuda_device": info_cuda,
         "extension": _EXT_LOADED,
-        "extension_cuda": _has_kernel("tome_merge", "CUDA"),
+        "extension_cuda": any(_CUDA_KERNELS.values()),
+        "cuda_kernels": [k for k, v in _CUDA_KERNELS.items() if v],
         "env": os.environ.get(ENV_VAR),
+        "env_var": ENV_VAR,
+        "tuning_dir": TUNING_DIR,
+        "results_files": [f"{d['_file']} ({d['gpu']}, {d['date']})" for d in _results()],
     }
     if _EXT_ERROR:
         info["extension_error"] = _EXT_ERROR
@@ -93,47 +311,58 @@ def _warn_once(key: str, msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
-def resolve(backend: str | None, device: torch.device, dtypes=()) -> str:
-    """Pick the backend for one call on tensors of ``device`` and ``dtypes``."""
+def resolve(backend: str | None, device: torch.device, dtypes=(), op: str | None = None) -> str:
+    """Pick the backend for one call of public op ``op`` on tensors of ``device`` and ``dtypes``."""
     name = backend if backend is not None else (os.environ.get(ENV_VAR) or "auto")
+    src = "backend" if backend is not None else ENV_VAR
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string or None, got {type(name).__name__}")
     name = name.lower()
     if name not in BACKENDS + ("auto",):
-        src = "backend" if backend is not None else ENV_VAR
         raise ValueError(f"{src}={name!r} is not one of {BACKENDS + ('auto',)}")
     kernel_ok = all(d in KERNEL_DTYPES for d in dtypes)
     lv = live()
     if name == "auto":
         if not kernel_ok:  # float64 and friends: only the reference computes them
             return "reference"
-        if device.type == "cpu" and lv["cpu"]:
+        if device.type == "cpu" and op_live(op, "cpu"):
             return "cpu"
         if device.type == "cuda":
-            for cand in ("cuda", "triton"):
-                if lv[cand]:
-                    return cand
+            chosen = _auto_cuda(op or "", -1 if device.index is None else device.index)
+            if chosen:
+                return chosen
         why = f" ({_EXT_ERROR})" if _EXT_ERROR else ""
         _warn_once(
-            f"fallback-{device.type}",
-            f"fpet_kernels: no compiled kernel is live for {device.type} tensors{why}; "
+            f"fallback-{device.type}-{op}",
+            f"fpet_kernels: no compiled kernel is live for {op or 'this op'} on {device.type} tensors{why}; "
             "using the pure-PyTorch reference (fpet_kernels.backends() tells what is live).",
         )
         return "reference"
     if name == "reference":
         return name
     if not lv[name]:
-        why = f": the extension failed to load ({_EXT_ERROR})" if (_EXT_ERROR and name in ("cpu", "cuda")) else ""
-        raise RuntimeError(f"backend={name!r} was requested but is not live in this install{why}; "
+        if name == "cuda" and any(_CUDA_KERNELS.values()) and not torch.cuda.is_available():
+            why = ": the extension holds CUDA kernels but no CUDA device is present"
+        elif _EXT_ERROR and name in ("cpu", "cuda"):
+            why = f": the extension failed to load ({_EXT_ERROR})"
+        elif name == "cuda" and _EXT_LOADED:
+            why = ": the extension was built without CUDA kernels (see README, CUDA backend)"
+        else:
+            why = ""
+        raise RuntimeError(f"{src}={name!r} was requested but is not live in this install{why}; "
                            f"live backends: {[k for k, v in lv.items() if v]}")
+    if name == "cuda" and op is not None and not _CUDA_KERNELS.get(OP_KERNELS[op][0], False):
+        raise RuntimeError(f"{src}='cuda' was requested for {op}, but the extension has no CUDA kernel "
+                           f"fpet_C::{OP_KERNELS[op][0]} (CUDA kernels in this build: "
+                           f"{[k for k, v in _CUDA_KERNELS.items() if v]}); use backend='triton'")
     want = "cpu" if name == "cpu" else "cuda"
     if name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         want = "cpu"
     if device.type != want:
-        raise ValueError(f"backend={name!r} runs on {want} tensors, but the inputs are on {device}")
+        raise ValueError(f"{src}={name!r} runs on {want} tensors, but the inputs are on {device}")
     if not kernel_ok:
         bad = [str(d) for d in dtypes if d not in KERNEL_DTYPES]
-        raise ValueError(f"backend={name!r} supports float32, float16 and bfloat16; got {bad} "
+        raise ValueError(f"{src}={name!r} supports float32, float16 and bfloat16; got {bad} "
                          "(use backend='reference' for other dtypes)")
     return name
 

@@ -30,7 +30,8 @@ def merge_wavg(merge, x: Tensor, size: Optional[Tensor] = None):
             s = torch.ones(*x.shape[:2], 1, dtype=compute_dtype(x, size), device=x.device) if size is None \
                 else size.to(compute_dtype(x, size))
             return x, s
-        be = _backend.resolve(merge.backend, x.device, (x.dtype,) + (() if size is None else (size.dtype,)))
+        be = _backend.resolve(merge.backend, x.device, (x.dtype,) + (() if size is None else (size.dtype,)),
+                              op="merge_wavg")
         return torch.ops.fpet.merge_wavg(x, size, merge.matching.token_map, merge.n_out, be)
     if isinstance(merge, FPETMerge):
         from .ops.fpet import fpet_merge_op_call

@@ -226,7 +226,8 @@ def fpet_merge(x: Tensor, metric: Tensor, size: Optional[Tensor] = None, class_t
     if num_prefix is not None:
         p = _checks.count("num_prefix", num_prefix)
     h, w = resolve_grid(x.shape[1], p, grid)
-    be = _backend.resolve(backend, x.device, (x.dtype, metric.dtype) + (() if size is None else (size.dtype,)))
+    be = _backend.resolve(backend, x.device, (x.dtype, metric.dtype) + (() if size is None else (size.dtype,)),
+                          op="fpet_merge")
     if _backend.direct_call(be, x, metric, size):
         out, out_size, tmap = _backend.kernels(be).fpet_merge(x, metric, size, p, h, w)
     else:
@@ -273,7 +274,7 @@ def fpet_merge_op_call(merge: FPETMerge, x: Tensor, size: Optional[Tensor]):
         raise ValueError(f"x has {x.shape[1]} tokens but the matching was built for {merge.n_in}")
     _checks.same_tokens("x", x, "metric", merge.metric)
     be = _backend.resolve(merge.backend, x.device,
-                          (x.dtype, merge.metric.dtype) + (() if size is None else (size.dtype,)))
+                          (x.dtype, merge.metric.dtype) + (() if size is None else (size.dtype,)), op="fpet_merge")
     out, out_size, _ = torch.ops.fpet.fpet_merge(x, merge.metric, size, merge.num_prefix, merge.h, merge.w, be)
     return out, out_size
 

@@ -203,7 +203,7 @@ def pyra_merge(x: Tensor, metric: Tensor, r: int, a: Tensor, b: Tensor, ln_weigh
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
         raise ValueError(f"eps must be a positive float, got {eps!r}")
     dtypes = (x.dtype, metric.dtype, a.dtype, b.dtype, ln_weight.dtype, ln_bias.dtype)
-    be = _backend.resolve(backend, x.device, dtypes + (() if size is None else (size.dtype,)))
+    be = _backend.resolve(backend, x.device, dtypes + (() if size is None else (size.dtype,)), op="pyra_merge")
     out, out_size, *m = torch.ops.fpet.pyra_merge(x, metric, r, a[:r], b, ln_weight, ln_bias, size, class_token,
                                                   distill_token, float(eps), be)
     return (out, out_size, Matching(*m)) if return_matching else (out, out_size)

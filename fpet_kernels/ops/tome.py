@@ -385,7 +385,7 @@ def tome_match(metric: Tensor, r: int, class_token: bool = False, distill_token:
     _checks.tokens("metric", metric)
     r = cap_r(_checks.count("r", r), metric.shape[1], _checks.flag("class_token", class_token),
               _checks.flag("distill_token", distill_token))
-    be = _backend.resolve(backend, metric.device, (metric.dtype,))
+    be = _backend.resolve(backend, metric.device, (metric.dtype,), op="tome_match")
     return Matching(*torch.ops.fpet.tome_match(metric, r, class_token, distill_token, be))
 
 
@@ -399,7 +399,8 @@ def tome_merge(x: Tensor, metric: Tensor, r: int, size: Optional[Tensor] = None,
     _checks.merge_inputs(x, metric, size)
     r = cap_r(_checks.count("r", r), x.shape[1], _checks.flag("class_token", class_token),
               _checks.flag("distill_token", distill_token))
-    be = _backend.resolve(backend, x.device, (x.dtype, metric.dtype) + (() if size is None else (size.dtype,)))
+    be = _backend.resolve(backend, x.device, (x.dtype, metric.dtype) + (() if size is None else (size.dtype,)),
+                          op="tome_merge")
     if _backend.direct_call(be, x, size):
         out, out_size, *m = _backend.kernels(be).tome_merge(x, metric, r, size, class_token, distill_token)
     else:
@@ -423,7 +424,7 @@ def unmerge(y: Tensor, matching, backend: Optional[str] = None) -> Tensor:
         n_out = tmap.shape[1] - matching.src_idx.shape[1]
         if y.shape[1] != n_out:
             raise ValueError(f"y has {y.shape[1]} tokens but the matching produced {n_out}")
-    be = _backend.resolve(backend, y.device, (y.dtype,))
+    be = _backend.resolve(backend, y.device, (y.dtype,), op="unmerge")
     return torch.ops.fpet.unmerge(y, tmap, be)
 
 

@@ -1,0 +1,136 @@
+"""Record the GPU backends' medians per op for the automatic backend choice (fpet_kernels/tuning/).
+
+    python bench/record_dispatch.py                  # on a GPU: writes fpet_kernels/tuning/<gpu>.json
+    python bench/record_dispatch.py --out "$OUT"     # elsewhere (bench/gpu_check.sh: into $OUT)
+    python bench/record_dispatch.py --quick          # B in {1, 256}, float16 only, shorter timings
+
+Times every live GPU backend ("cuda", "triton") that has kernels for the op on the cases of
+``common.DISPATCH_CASES`` (every public op that resolves a backend, forward and, where the op has
+one, forward+backward) at ViT-B/16 shapes, with run_table.py's timer (triton.testing.do_bench
+median, L2 flushed), and writes the medians with the GPU's name and compute capability, the
+torch / triton / CUDA versions, the commit and the date. ``fpet_kernels._backend`` reads the file
+(format in fpet_kernels/tuning/README.md) and, per op, picks the backend with the lowest geometric
+mean of the medians over the cells both backends have. Only measured numbers are written: a
+failing measurement is listed under "failed", never given a value. Commit the file to ship it.
+"""
+import argparse
+import datetime
+import json
+import os
+import re
+import sys
+import time
+
+import torch
+
+from common import DISPATCH_CASES, DTYPES, GPU_BACKENDS, GPU_BATCHES, fk, make_call
+from run_table import git_rev, median_ms, triton_version
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TUNING_DIR = fk._backend.TUNING_DIR
+
+
+def slug(gpu_name: str) -> str:
+    """File name of a GPU's results: "NVIDIA H100 80GB HBM3" -> "nvidia_h100_80gb_hbm3.json"."""
+    return re.sub(r"[^a-z0-9]+", "_", gpu_name.lower()).strip("_") + ".json"
+
+
+def build_record(results: list, failed: list, gpu: str, capability: str, **meta) -> dict:
+    """The results document (format fpet_kernels._backend.RESULTS_FORMAT); ``results`` rows are dicts
+    with op, mode, dtype, batch, backend, median_ms. Checked with the package's own validator."""
+    doc = {
+        "format": fk._backend.RESULTS_FORMAT,
+        "gpu": gpu,
+        "capability": capability,
+        "torch": meta.pop("torch", torch.__version__),
+        "triton": meta.pop("triton", triton_version()),
+        "cuda": meta.pop("cuda", torch.version.cuda),
+        "fpet_kernels": meta.pop("fpet_kernels", fk.__version__),
+        "commit": meta.pop("commit", git_rev()),
+        "date": meta.pop("date", datetime.datetime.now().isoformat(timespec="seconds")),
+        "shapes": "ViT-B/16: N=197 C=768 D=64 r=16, class token (bench/common.py)",
+        "timer": "triton.testing.do_bench median (ms), L2 flushed before each call",
+        **meta,
+        "results": results,
+        "failed": failed,
+    }
+    fk._backend.check_results(doc)
+    return doc
+
+
+def write_record(doc: dict, out_dir: str) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, slug(doc["gpu"]))
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=TUNING_DIR, help="folder of the results file (default: the package's)")
+    ap.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), help="default float16 bfloat16 float32")
+    ap.add_argument("--batches", nargs="+", type=int, help=f"default {' '.join(map(str, GPU_BATCHES))}")
+    ap.add_argument("--ops", nargs="+", help="only these ops (default: every op of DISPATCH_CASES)")
+    ap.add_argument("--quick", action="store_true", help="B in {1, 256}, float16, shorter timings")
+    ap.add_argument("--warmup", type=int, help="do_bench warm-up in ms (default 25, quick 10)")
+    ap.add_argument("--rep", type=int, help="do_bench repetition time in ms (default 100, quick 40)")
+    ap.add_argument("--max-seconds", type=float, help="start no new measurement after this many seconds")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("record_dispatch.py needs a CUDA device: the results are the GPU backends' timings", file=sys.stderr)
+        return 2
+    dtypes = args.dtypes or (["float16"] if args.quick else ["float16", "bfloat16", "float32"])
+    batches = args.batches or ([1, 256] if args.quick else list(GPU_BATCHES))
+    warmup = args.warmup or (10 if args.quick else 25)
+    rep = args.rep or (40 if args.quick else 100)
+    cases = [c for c in DISPATCH_CASES if not args.ops or c[0] in args.ops]
+    gpu = torch.cuda.get_device_name()
+    cap = "{}.{}".format(*torch.cuda.get_device_capability())
+    info = fk.backends()
+    print(f"# {gpu} (sm {cap}), torch {torch.__version__}, triton {triton_version() or '-'}; live: "
+          f"{[k for k, v in info['live'].items() if v]}; CUDA kernels: {info['cuda_kernels']}", file=sys.stderr)
+
+    t0 = time.perf_counter()
+    results, failed = [], []
+    for op, mode in cases:
+        backends = [b for b in GPU_BACKENDS if fk._backend.op_live(op, b)]
+        if len(backends) < 2:
+            print(f"{op}: live GPU backends {backends}: recorded anyway (the choice needs two)", file=sys.stderr)
+        for dt in dtypes:
+            for b in batches:
+                for be in backends:
+                    cell = dict(op=op, mode=mode, dtype=dt, batch=b, backend=be)
+                    if args.max_seconds is not None and time.perf_counter() - t0 > args.max_seconds:
+                        failed.append(dict(cell, note="skipped: --max-seconds reached"))
+                        continue
+                    try:
+                        call = make_call(op, be, mode, b, "cuda", DTYPES[dt])
+                        ms = median_ms(call, "cuda", 0.0, warmup, rep)
+                        del call
+                    except Exception as exc:  # noqa: BLE001 - recorded as failed, never as a number
+                        msg = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+                        failed.append(dict(cell, note=msg))
+                        print(f"{op} {mode} {dt} B={b} {be}: FAILED {msg}", file=sys.stderr)
+                        continue
+                    finally:
+                        torch.cuda.synchronize()
+                    results.append(dict(cell, median_ms=round(ms, 5)))
+                    print(f"{op} {mode} {dt} B={b} {be}: {ms:.4f} ms", file=sys.stderr)
+    if not results:
+        print("nothing measured: no file written", file=sys.stderr)
+        return 1
+    doc = build_record(results, failed, gpu, cap)
+    path = write_record(doc, args.out)
+    print(f"wrote {len(results)} medians ({len(failed)} failed or skipped) to {path}", file=sys.stderr)
+    # What the package would choose with this file, per op.
+    data = dict(doc, _file=os.path.basename(path))
+    for op in fk._backend.OP_KERNELS:
+        be, why = fk._backend.choose_gpu_backend(op, gpu, cap, [data])
+        print(f"  {op}: {be} ({why})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

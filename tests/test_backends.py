@@ -1,0 +1,275 @@
+"""Backend selection: fk.backends(), explicit requests, FPET_BACKEND, and the automatic choice on CUDA
+tensors from recorded results (fpet_kernels/tuning/*.json), exercised on CPU with temporary
+results files, a pretend GPU identity and pretend liveness (no GPU is needed: the choice is made
+from a torch.device("cuda", i) before any CUDA tensor exists)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+import fpet_kernels as fk
+from fpet_kernels import _backend
+
+from helpers import gen
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+H100 = ("NVIDIA H100 80GB HBM3", "9.0")
+
+
+def _doc(rows, gpu=H100[0], cap=H100[1], **kw):
+    doc = {"format": 1, "gpu": gpu, "capability": cap, "torch": "2.11.0", "triton": "3.5.0",
+           "date": "2026-01-01T00:00:00", "results": rows}
+    doc.update(kw)
+    return doc
+
+
+def _rows(op, ms: dict, modes=("forward",), dtypes=("float16",), batches=(1, 256)):
+    return [dict(op=op, mode=m, dtype=d, batch=b, backend=be, median_ms=v * (1 + b / 256))
+            for m in modes for d in dtypes for b in batches for be, v in ms.items()]
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch, tmp_path):
+    """A pretend H100 with both GPU backends live for every op, results read from ``tmp_path``."""
+    monkeypatch.setattr(_backend, "TUNING_DIR", str(tmp_path))
+    monkeypatch.setattr(_backend, "_LIVE", dict(_backend._LIVE, cuda=True, triton=True))
+    monkeypatch.setattr(_backend, "_CUDA_KERNELS", {k: True for k in _backend.RAW_KERNELS})
+    monkeypatch.setattr(_backend, "_gpu_identity", lambda index: H100)
+    _backend._reset_auto()
+    yield tmp_path
+    _backend._reset_auto()
+
+
+def _write(tmp_path, doc, name="gpu.json"):
+    (tmp_path / name).write_text(json.dumps(doc))
+
+
+CUDA0 = torch.device("cuda", 0)
+
+
+# ----------------------------------------------------------------------------- fk.backends()
+def test_backends_reports_live_choice_and_extension():
+    info = fk.backends()
+    for key in ("live", "auto", "auto_per_op", "auto_source", "extension", "extension_cuda", "cuda_kernels",
+                "env", "env_var", "cuda_device", "results_files"):
+        assert key in info, key
+    assert info["live"]["reference"] is True
+    assert set(info["live"]) == set(_backend.BACKENDS)
+    assert set(info["auto_per_op"]["cpu"]) == set(_backend.OP_KERNELS)
+    expect = "cpu" if info["live"]["cpu"] else "reference"
+    assert info["auto"]["cpu"] == expect and set(info["auto_per_op"]["cpu"].values()) == {expect}
+    assert info["env_var"] == "FPET_BACKEND"
+    # the extension's CUDA status is known without a GPU (a dispatcher query)
+    has = _backend._EXT_LOADED and torch._C._dispatch_has_kernel_for_dispatch_key("fpet_C::tome_merge", "CUDA")
+    assert info["extension_cuda"] == bool(has)
+    assert ("tome_merge" in info["cuda_kernels"]) == bool(has)
+    if not torch.cuda.is_available():
+        assert "cuda" not in info["auto"] and info["cuda_device"] is None
+        assert info["live"]["cuda"] is False
+
+
+def test_backends_env(monkeypatch):
+    monkeypatch.setenv("FPET_BACKEND", "reference")
+    assert fk.backends()["env"] == "reference"
+
+
+def test_backends_with_a_gpu_without_results(fake_gpu, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    info = fk.backends()
+    assert info["cuda_device"] == {"name": H100[0], "capability": H100[1]}
+    assert info["auto"]["cuda"] == "cuda"
+    for op, why in info["auto_source"]["cuda"].items():
+        assert why.startswith("default order cuda/triton: no recorded results for NVIDIA H100"), (op, why)
+
+
+# ----------------------------------------------------------------------------- explicit requests
+def test_explicit_cuda_without_gpu_raises_naming_the_argument():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    x, metric = gen(2, 17, 8), gen(2, 17, 4)
+    with pytest.raises(RuntimeError, match=r"backend='cuda' was requested but is not live"):
+        fk.tome_merge(x, metric, 4, backend="cuda")
+    with pytest.raises(RuntimeError, match=r"backend='cuda'"):
+        fk.fpet_merge(x, metric, class_token=True, backend="cuda")
+    if fk.backends()["extension_cuda"]:
+        with pytest.raises(RuntimeError, match="holds CUDA kernels but no CUDA device is present"):
+            fk.unmerge(x[:, :13], fk.tome_match(metric, 4), backend="cuda")
+
+
+def test_env_var_request_names_the_env_var(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    monkeypatch.setenv("FPET_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match=r"FPET_BACKEND='cuda' was requested"):
+        fk.tome_merge(gen(2, 17, 8), gen(2, 17, 4), 4)
+    monkeypatch.setenv("FPET_BACKEND", "nope")
+    with pytest.raises(ValueError, match=r"FPET_BACKEND='nope' is not one of"):
+        fk.tome_merge(gen(2, 17, 8), gen(2, 17, 4), 4)
+    monkeypatch.setenv("FPET_BACKEND", "reference")
+    assert _backend.resolve(None, torch.device("cpu"), (torch.float32,), op="tome_merge") == "reference"
+
+
+def test_unknown_backend_argument():
+    with pytest.raises(ValueError, match=r"backend='fast' is not one of"):
+        fk.tome_merge(gen(2, 17, 8), gen(2, 17, 4), 4, backend="fast")
+
+
+def test_explicit_cuda_for_an_op_without_cuda_kernels(fake_gpu, monkeypatch):
+    monkeypatch.setattr(_backend, "_CUDA_KERNELS", dict.fromkeys(_backend.RAW_KERNELS, False)
+                        | {"tome_match": True, "tome_merge": True})
+    assert _backend.resolve("cuda", CUDA0, (torch.float16,), op="tome_merge") == "cuda"
+    with pytest.raises(RuntimeError, match=r"backend='cuda' was requested for fpet_merge, but the extension has no "
+                                           r"CUDA kernel fpet_C::fpet_merge"):
+        _backend.resolve("cuda", CUDA0, (torch.float16,), op="fpet_merge")
+    # the automatic choice needs the forward and backward kernels: tome_merge's backward is missing
+    _backend._reset_auto()
+    assert _backend.resolve(None, CUDA0, (torch.float16,), op="tome_match") == "cuda"
+    assert _backend.resolve(None, CUDA0, (torch.float16,), op="tome_merge") == "triton"
+    assert _backend.resolve(None, CUDA0, (torch.float16,), op="fpet_merge") == "triton"
+
+
+# ----------------------------------------------------------------------------- automatic choice on CUDA tensors
+def test_auto_without_results_takes_the_default_order(fake_gpu):
+    for op in _backend.OP_KERNELS:
+        assert _backend.resolve(None, CUDA0, (torch.float16,), op=op) == "cuda"
+    be, why = _backend.choose_gpu_backend("tome_merge", *H100, _backend.load_results())
+    assert be == "cuda" and "no recorded results for NVIDIA H100 80GB HBM3" in why
+    # float64 always takes the reference; so does a GPU with no live kernel backend
+    assert _backend.resolve(None, CUDA0, (torch.float64,), op="tome_merge") == "reference"
+
+
+def test_auto_follows_recorded_results(fake_gpu):
+    rows = (_rows("tome_merge", {"cuda": 0.010, "triton": 0.020}) + _rows("fpet_merge", {"cuda": 0.05, "triton": 0.03},
+                                                                         modes=("forward", "forward+backward"))
+            + _rows("unmerge", {"cuda": 0.02}))  # no triton row: no common cell
+    _write(fake_gpu, _doc(rows))
+    _backend._reset_auto()
+    assert _backend.resolve(None, CUDA0, (torch.float16,), op="tome_merge") == "cuda"
+    assert _backend.resolve(None, CUDA0, (torch.bfloat16,), op="fpet_merge") == "triton"
+    assert _backend.resolve(None, CUDA0, (torch.float16,), op="unmerge") == "cuda"  # default order
+    assert _backend.resolve(None, CUDA0, (torch.float16,), op="pyra_merge") == "cuda"  # no rows: default order
+    _, why = _backend._auto_cuda_choice("fpet_merge", 0)
+    assert why.startswith("recorded: gpu.json (NVIDIA H100 80GB HBM3, same GPU; torch 2.11.0, triton 3.5.0")
+    assert "triton 0.60x the time of cuda (geometric mean of 4 cells)" in why
+    _, why = _backend._auto_cuda_choice("unmerge", 0)
+    assert "has no results of unmerge for cuda and triton" in why
+    # an explicit request still wins over the recorded choice
+    assert _backend.resolve("cuda", CUDA0, (torch.float16,), op="fpet_merge") == "cuda"
+
+
+def test_auto_uses_same_capability_when_the_name_differs(fake_gpu):
+    _write(fake_gpu, _doc(_rows("tome_merge", {"cuda": 0.03, "triton": 0.02}), gpu="NVIDIA H100 PCIe"))
+    _write(fake_gpu, _doc(_rows("tome_merge", {"cuda": 0.01, "triton": 0.02}), gpu="NVIDIA A100", cap="8.0"),
+           "a100.json")
+    _backend._reset_auto()
+    be, why = _backend._auto_cuda_choice("tome_merge", 0)
+    assert be == "triton" and "same compute capability 9.0" in why
+
+
+def test_auto_skips_a_recorded_winner_that_is_not_live(fake_gpu, monkeypatch):
+    _write(fake_gpu, _doc(_rows("tome_merge", {"cuda": 0.01, "triton": 0.02})))
+    monkeypatch.setattr(_backend, "_LIVE", dict(_backend._LIVE, cuda=False, triton=True))
+    _backend._reset_auto()
+    assert _backend.resolve(None, CUDA0, (torch.float16,), op="tome_merge") == "triton"
+    monkeypatch.setattr(_backend, "_LIVE", dict(_backend._LIVE, cuda=False, triton=False))
+    _backend._reset_auto()
+    with pytest.warns(RuntimeWarning, match="no compiled kernel is live for tome_merge on cuda tensors"):
+        assert _backend.resolve(None, CUDA0, (torch.float16,), op="tome_merge") == "reference"
+
+
+def test_auto_choice_is_made_once(fake_gpu):
+    _write(fake_gpu, _doc(_rows("tome_merge", {"cuda": 0.03, "triton": 0.02})))
+    _backend._reset_auto()
+    assert _backend.resolve(None, CUDA0, (torch.float16,), op="tome_merge") == "triton"
+    (fake_gpu / "gpu.json").unlink()  # read once per process: later calls do not touch the file system
+    assert _backend.resolve(None, CUDA0, (torch.float16,), op="tome_merge") == "triton"
+
+
+@pytest.mark.parametrize("bad", [
+    "not json", json.dumps({"format": 2}), json.dumps(_doc([])),
+    json.dumps(_doc([dict(op="tome_merge", mode="forward", dtype="float16", batch=1, backend="cuda", median_ms=-1)])),
+    json.dumps(_doc([dict(op="tome_merge", mode="forward", dtype="float16", batch=1, backend="cuda")])),
+])
+def test_malformed_results_are_ignored_with_a_warning(fake_gpu, bad):
+    (fake_gpu / "bad.json").write_text(bad)
+    with pytest.warns(RuntimeWarning, match="ignoring recorded results"):
+        assert _backend.load_results() == []
+    _backend._reset_auto()
+    with pytest.warns(RuntimeWarning, match="ignoring recorded results"):
+        assert _backend.resolve(None, CUDA0, (torch.float16,), op="tome_merge") == "cuda"
+
+
+def test_auto_choice_under_torch_compile_fullgraph(fake_gpu):
+    """resolve runs inside traces: the first (file-reading) choice must not break the graph."""
+    _write(fake_gpu, _doc(_rows("tome_merge", {"cuda": 0.03, "triton": 0.02})))
+    _backend._reset_auto()
+    torch._dynamo.reset()
+
+    def f(x):
+        be = _backend.resolve(None, CUDA0, (x.dtype,), op="tome_merge")
+        return x + (1 if be == "triton" else 2)
+
+    out = torch.compile(f, fullgraph=True, backend="eager")(torch.zeros(3))
+    assert torch.equal(out, torch.ones(3))
+    torch._dynamo.reset()
+
+
+def test_shipped_results_files_are_well_formed():
+    """Files in fpet_kernels/tuning/ are measured results (bench/record_dispatch.py), never hand-written:
+    they must load, name their GPU, versions and date, and cover ops the package knows."""
+    tuning = os.path.join(os.path.dirname(fk.__file__), "tuning")
+    assert os.path.isfile(os.path.join(tuning, "README.md"))
+    names = [n for n in os.listdir(tuning) if n.endswith(".json")]
+    for name in names:
+        with open(os.path.join(tuning, name)) as f:
+            doc = json.load(f)
+        _backend.check_results(doc)
+        assert doc.get("triton") is not None and doc.get("commit"), name
+        assert {r["op"] for r in doc["results"]} <= set(_backend.OP_KERNELS), name
+        assert {r["backend"] for r in doc["results"]} <= set(_backend.GPU_BACKENDS), name
+
+
+def test_record_script_round_trip(fake_gpu):
+    """bench/record_dispatch.py writes what the package reads."""
+    sys.path.insert(0, BENCH)
+    try:
+        import record_dispatch
+    finally:
+        sys.path.remove(BENCH)
+    rows = _rows("pyra_merge", {"cuda": 0.02, "triton": 0.01})
+    doc = record_dispatch.build_record(rows, [], "NVIDIA H100 80GB HBM3", "9.0", torch="2.11.0", triton="3.5.0",
+                                       commit="abc1234", date="2026-01-01T00:00:00")
+    path = record_dispatch.write_record(doc, str(fake_gpu))
+    assert os.path.basename(path) == "nvidia_h100_80gb_hbm3.json"
+    _backend._reset_auto()
+    assert [d["gpu"] for d in _backend.load_results()] == ["NVIDIA H100 80GB HBM3"]
+    assert _backend.resolve(None, CUDA0, (torch.float16,), op="pyra_merge") == "triton"
+    assert _backend.resolve(None, CUDA0, (torch.float16,), op="tome_merge") == "cuda"
+    with pytest.raises(ValueError):
+        record_dispatch.build_record([], [], "x", "9.0")
+
+
+def test_every_resolving_op_names_itself(monkeypatch):
+    """Every public op passes op= to resolve (the automatic choice is per op)."""
+    seen = []
+    real = _backend.resolve
+
+    def spy(backend, device, dtypes=(), op=None):
+        seen.append(op)
+        return real(backend, device, dtypes, op=op)
+
+    monkeypatch.setattr(_backend, "resolve", spy)
+    x, metric, size = gen(2, 17, 8), gen(2, 17, 4), torch.ones(2, 17, 1)
+    fk.tome_match(metric, 4)
+    y, _, m = fk.tome_merge(x, metric, 4)
+    fk.unmerge(y, m)
+    merge, _ = fk.bipartite_soft_matching(metric, 4)
+    fk.merge_wavg(merge, x, size)
+    fk.fpet_merge(x, metric, class_token=True)
+    fk.merge_wavg(fk.bipartite_diff_matching(metric, class_token=True), x, size)
+    fk.pyra_merge(x, metric, 4, gen(4, 1), gen(1, 8), torch.ones(8), torch.zeros(8), class_token=True)
+    assert None not in seen and set(seen) == set(_backend.OP_KERNELS), seen
