@@ -77,9 +77,11 @@ def _seed():
 
 # The CUDA kernels' source compiled for the host (csrc/emu/, torch.ops.fpet_simt): run one thread at
 # a time in forward and in reverse order within every phase (a race shows as a different result),
-# with 256 threads per block (the GPU's) and with 64 (every thread-strided loop wraps).
-SIMT_CONFIGS = [pytest.param((0, 256), id="fwd256"), pytest.param((1, 256), id="rev256"),
-                pytest.param((1, 64), id="rev64")]
+# with 256 threads per block (the GPU's) and with 64 (every thread-strided loop wraps), seeing 4
+# multiprocessors (small batches split their channels over several blocks, as on a GPU) or 1.
+# (order, threads, sms)
+SIMT_CONFIGS = [pytest.param((0, 256, 4), id="fwd-256-sm4"), pytest.param((1, 256, 4), id="rev-256-sm4"),
+                pytest.param((0, 64, 1), id="fwd-64-sm1"), pytest.param((1, 64, 4), id="rev-64-sm4")]
 
 
 def simt_live() -> bool:
@@ -89,17 +91,21 @@ def simt_live() -> bool:
         return False
 
 
-@pytest.fixture(params=SIMT_CONFIGS)
-def simt(request):
-    """``torch.ops.fpet_simt`` configured for one thread order and block size; 4 multiprocessors, so
-    that small batches split their channels over several blocks as on a GPU."""
+@pytest.fixture
+def simt_ops():
+    """``torch.ops.fpet_simt`` (skipped when missing, failing under FPET_REQUIRE_EXTENSION=1); its
+    configuration is reset to the default (0, 256, 4) afterwards."""
     if not simt_live():
         msg = missing_message("cuda") + " (the host build of the CUDA kernels, torch.ops.fpet_simt, is missing)"
         if REQUIRE_EXTENSION:
             pytest.fail(f"FPET_REQUIRE_EXTENSION=1: {msg}", pytrace=False)
         pytest.skip(msg)
-    order, threads = request.param
-    ops = torch.ops.fpet_simt
-    ops.configure(order, threads, 4)
-    yield ops
-    ops.configure(0, 256, 4)
+    yield torch.ops.fpet_simt
+    torch.ops.fpet_simt.configure(0, 256, 4)
+
+
+@pytest.fixture(params=SIMT_CONFIGS)
+def simt(request, simt_ops):
+    """``torch.ops.fpet_simt`` configured for one thread order, block size and multiprocessor count."""
+    simt_ops.configure(*request.param)
+    return simt_ops

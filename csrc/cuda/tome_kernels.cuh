@@ -351,8 +351,8 @@ TomeOutputs tome_launch(const char* op, const at::Tensor& x_in, const at::Tensor
   }
   if (B == 0) return {out, out_size, src, dst, unm, map};
   const int split = merge ? channel_split(B, C, Exec::num_sms(metric)) : 1;
-  const int64_t slice = merge ? slice_width(C, split) : 0;
-  const int grid_y = merge ? static_cast<int>((C + slice - 1) / slice) : 1;
+  const int64_t slice = merge ? std::max<int64_t>(slice_width(C, split), 32) : 0;
+  const int grid_y = merge && C > 0 ? static_cast<int>((C + slice - 1) / slice) : 1;
   auto run = [&](auto* xp) {
     using scalar_t = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
     TomeBody<scalar_t> body{};

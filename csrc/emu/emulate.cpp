@@ -1,8 +1,11 @@
 // The library `fpet_simt`: the CUDA kernels of csrc/cuda/ compiled for the host and run one
 // thread at a time (host_exec.h) on CPU tensors, with the schemas of `fpet_C`. Used by
-// tests/test_cuda_emulated.py to check the CUDA kernels' source on machines without a GPU.
+// tests/test_simt_*.py to check the CUDA kernels' source on machines without a GPU.
 #include <torch/library.h>
 
+#include "../cuda/fpet_kernels.cuh"
+#include "../cuda/merge_kernels.cuh"
+#include "../cuda/pyra_kernels.cuh"
 #include "../cuda/tome_kernels.cuh"
 #include "../schemas.h"
 #include "host_exec.h"
@@ -30,4 +33,9 @@ TORCH_LIBRARY(fpet_simt, m) {
   m.def("configure(int order, int threads, int sms) -> ()", &fpet::kernels::configure);
 }
 
-TORCH_LIBRARY_IMPL(fpet_simt, CPU, m) { fpet::kernels::register_tome<fpet::kernels::HostExec>(m); }
+TORCH_LIBRARY_IMPL(fpet_simt, CPU, m) {
+  fpet::kernels::register_tome<fpet::kernels::HostExec>(m);
+  fpet::kernels::register_merges<fpet::kernels::HostExec>(m);
+  fpet::kernels::register_pyra<fpet::kernels::HostExec>(m);
+  fpet::kernels::register_fpet<fpet::kernels::HostExec>(m);
+}

@@ -1,0 +1,5 @@
+// CUDA registrations of the token-map merges (bodies and launchers: merge_kernels.cuh).
+#include "device_exec.cuh"
+#include "merge_kernels.cuh"
+
+TORCH_LIBRARY_IMPL(fpet_C, CUDA, m) { fpet::kernels::register_merges<fpet::kernels::CudaExec>(m); }
