@@ -422,25 +422,16 @@ struct FpetScoreGradBody {
         blk.each([&](int t) {
           for (int e = t; e < H * H; e += T) {
             const int ii = 2 * (e / H), jj = 2 * (e % H);
-            const float* a0 = sm.tiles.a + ii * ld;
-            const float* a1 = a0 + ld;
-            const float* b0 = sm.tiles.b + jj * ld;
-            const float* b1 = b0 + ld;
-            float* acc = sm.gacc + ii * (kTile + 1) + jj;
-            const bool first = cc0 == 0;
-            float s00 = first ? 0.f : acc[0], s01 = first ? 0.f : acc[1];
-            float s10 = first ? 0.f : acc[kTile + 1], s11 = first ? 0.f : acc[kTile + 2];
-            for (int k = 0; k < kw; ++k) {
-              const float x0 = a0[k], x1 = a1[k], y0 = b0[k], y1 = b1[k];
-              s00 += x0 * y0;
-              s01 += x0 * y1;
-              s10 += x1 * y0;
-              s11 += x1 * y1;
+            float* out = sm.gacc + ii * (kTile + 1) + jj;
+            float acc[4] = {0.f, 0.f, 0.f, 0.f};
+            if (cc0 != 0) {
+              acc[0] = out[0];
+              acc[1] = out[1];
+              acc[2] = out[kTile + 1];
+              acc[3] = out[kTile + 2];
             }
-            acc[0] = s00;
-            acc[1] = s01;
-            acc[kTile + 1] = s10;
-            acc[kTile + 2] = s11;
+            simt::dot_2x2(sm.tiles.a + ii * ld, sm.tiles.b + jj * ld, ld, kw, acc);
+            simt::store_2x2(acc, out, kTile + 1);
           }
         });
       }
