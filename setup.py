@@ -58,8 +58,11 @@ def _extensions():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0+PTX"
         # torch's CUDA wheels ship the CUDA headers (cusparse.h, ...) under nvidia/cu*/include.
-        import nvidia  # noqa: F401  (namespace package installed with CUDA builds of torch)
-
+        # A toolkit with its own headers (CUDA_HOME/include) needs none of them: the import may fail.
+        try:
+            import nvidia  # noqa: F401  (namespace package installed with pip's CUDA builds of torch)
+        except ImportError:
+            nvidia = None
         for base in list(getattr(nvidia, "__path__", [])):
             include_dirs += sorted(glob.glob(os.path.join(base, "cu*", "include")))
             include_dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
