@@ -49,13 +49,6 @@ struct FpetOut {
   }
 };
 
-FPET_HD AnyPtr fpet_offset(AnyPtr p, int64_t elems) {
-  if (!p.defined()) return p;
-  const int64_t bytes = elems * (p.dtype == Dtype::f32 ? 4 : 2);
-  p.ptr = static_cast<const char*>(p.ptr) + bytes;
-  return p;
-}
-
 // The checkerboard of csrc/README.md: p prefix tokens, then a row-major H x W grid.
 // A = (even, even) cells ++ (odd, odd) cells; B = prefix ++ (odd, even) cells ++ (even, odd) cells.
 struct FpetGrid {
@@ -151,8 +144,8 @@ struct FpetMergeBody {
     const bool lead = by == 0;  // the block of slice 0 writes token_map and out_size
     const int c0 = by * slice;
     const int cw = C - c0 < slice ? (C - c0 > 0 ? C - c0 : 0) : slice;
-    const AnyPtr m = fpet_offset(metric, b * N * D);
-    const AnyPtr s = fpet_offset(size, b * N);
+    const AnyPtr m = metric + b * N * D;
+    const AnyPtr s = size + b * N;
     const scalar_t* xb = x + b * N * C;
     scalar_t* ob = out + b * Nb * C;
     float* osb = out_size + b * Nb;
@@ -317,12 +310,12 @@ struct FpetScoreGradBody {
     const bool lead = by == 0;
     const int i0 = by * kTile;
     const int rows = Na - i0 < kTile ? (Na - i0 > 0 ? Na - i0 : 0) : kTile;
-    const AnyPtr m = fpet_offset(metric, b * N * D);
-    const AnyPtr s = fpet_offset(size, b * N);
-    const AnyPtr go = fpet_offset(grad_out, b * Nb * C);
-    const AnyPtr ot = fpet_offset(out, b * Nb * C);
-    const AnyPtr os = fpet_offset(out_size, b * Nb);
-    const AnyPtr gs = fpet_offset(grad_size, b * Nb);
+    const AnyPtr m = metric + b * N * D;
+    const AnyPtr s = size + b * N;
+    const AnyPtr go = grad_out + b * Nb * C;
+    const AnyPtr ot = out + b * Nb * C;
+    const AnyPtr os = out_size + b * Nb;
+    const AnyPtr gs = grad_size + b * Nb;
     const scalar_t* xb = x + b * N * C;
     float* P = ws_p + b * Na * Nb;  // row i0 + ii: P + (i0 + ii) * Nb
     const FpetScoreGradSmem sm = FpetScoreGradSmem::make(smem_base, g, D);
@@ -523,10 +516,10 @@ struct FpetInputGradBody {
     const int r0 = (is_a ? by : by - tiles_a) * kTile;  // first own row (A or B index)
     const int n_own = is_a ? Na : Nb, n_oth = is_a ? Nb : Na;
     const int rows = n_own - r0 < kTile ? n_own - r0 : kTile;
-    const AnyPtr m = fpet_offset(metric, b * N * D);
-    const AnyPtr s = fpet_offset(size, b * N);
-    const AnyPtr go = fpet_offset(grad_out, b * Nb * C);
-    const AnyPtr os = fpet_offset(out_size, b * Nb);
+    const AnyPtr m = metric + b * N * D;
+    const AnyPtr s = size + b * N;
+    const AnyPtr go = grad_out + b * Nb * C;
+    const AnyPtr os = out_size + b * Nb;
     const scalar_t* xb = x + b * N * C;
     const int64_t* map_b = token_map + b * N;
     const float* P = ws_p + b * Na * Nb;
@@ -674,9 +667,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_launch(const at::Tenso
   at::Tensor out_size = at::empty({B, g.Nb, 1}, x.options().dtype(at::kFloat));
   at::Tensor token_map = at::empty({B, N}, x.options().dtype(at::kLong));
   if (B == 0) return {out, out_size, token_map};
-  const int split = channel_split(B, C, Exec::num_sms(x));
-  const int64_t slice = C > 0 ? slice_width(C, split) : 32;
-  const int grid_y = C > 0 ? static_cast<int>((C + slice - 1) / slice) : 1;
+  const ChannelSlices slices = channel_slices(B, C, Exec::num_sms(x));
   FPET_DISPATCH_KERNEL_TYPES(x.scalar_type(), op, "x", [&] {
     FpetMergeBody<scalar_t> body{};
     body.x = x.data_ptr<scalar_t>();
@@ -685,12 +676,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_launch(const at::Tenso
     body.g = g;
     body.C = static_cast<int>(C);
     body.D = static_cast<int>(D);
-    body.slice = static_cast<int>(slice);
+    body.slice = static_cast<int>(slices.width);
     body.out = out.data_ptr<scalar_t>();
     body.out_size = out_size.data_ptr<float>();
     body.token_map = token_map.data_ptr<int64_t>();
     const size_t smem = FpetMergeSmem::make(nullptr, g, body.D).bytes;
-    Exec::launch(body, static_cast<int>(B), grid_y, smem);
+    Exec::launch(body, static_cast<int>(B), slices.blocks, smem);
   });
   return {out, out_size, token_map};
 }

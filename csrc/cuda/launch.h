@@ -111,5 +111,16 @@ inline int channel_split(int64_t B, int64_t C, int sms) {
 
 inline int64_t slice_width(int64_t C, int split) { return ((C + split - 1) / split + 31) / 32 * 32; }
 
+// The channel slices of one image: `width` channels per block (at least 32) and `blocks` blocks
+// along the channels (at least 1, so that C == 0 still runs the per-token part of a kernel).
+struct ChannelSlices {
+  int64_t width;
+  int blocks;
+};
+inline ChannelSlices channel_slices(int64_t B, int64_t C, int sms) {
+  const int64_t width = std::max<int64_t>(slice_width(C, channel_split(B, C, sms)), 32);
+  return {width, C > 0 ? static_cast<int>((C + width - 1) / width) : 1};
+}
+
 }  // namespace kernels
 }  // namespace fpet

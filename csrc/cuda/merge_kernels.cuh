@@ -177,7 +177,7 @@ struct ReduceBody {
     const int64_t* map_b = map + b * N;
     const scalar_t* xb = x + b * N * C;
     scalar_t* ob = out + b * n_out * C;
-    const AnyPtr s = offset(size, b * N);
+    const AnyPtr s = size + b * N;
     const ReduceSmem sm = ReduceSmem::make(smem, P, K);
 
     // 1-2. keys, sorted
@@ -226,11 +226,6 @@ struct ReduceBody {
     }
   }
 
-  FPET_HD static AnyPtr offset(AnyPtr p, int64_t elems) {
-    if (!p.defined()) return p;
-    p.ptr = static_cast<const char*>(p.ptr) + elems * (p.dtype == simt::Dtype::f32 ? 4 : 2);
-    return p;
-  }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -307,9 +302,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_launch(const char* op, const at::Tenso
   while (P < N) P *= 2;
   check_int32(P, op, "the sort width (N rounded up to a power of two)");
   const int K = static_cast<int>(std::min<int64_t>(n_out, 1024));
-  const int split = channel_split(B, C, Exec::num_sms(x));
-  const int64_t slice = std::max<int64_t>(slice_width(C, split), 32);
-  const int grid_y = C == 0 ? 1 : static_cast<int>((C + slice - 1) / slice);
+  const ChannelSlices slices = channel_slices(B, C, Exec::num_sms(x));
   FPET_DISPATCH_KERNEL_TYPES(x.scalar_type(), op, "x", [&] {
     ReduceBody<scalar_t> body{};
     body.x = x.data_ptr<scalar_t>();
@@ -321,10 +314,10 @@ std::tuple<at::Tensor, at::Tensor> reduce_launch(const char* op, const at::Tenso
     body.n_out = static_cast<int>(n_out);
     body.P = static_cast<int>(P);
     body.K = K;
-    body.slice = static_cast<int>(slice);
+    body.slice = static_cast<int>(slices.width);
     body.out = out.data_ptr<scalar_t>();
     body.out_size = wavg ? out_size.data_ptr<float>() : nullptr;
-    Exec::launch(body, static_cast<int>(B), grid_y, ReduceSmem::make(nullptr, P, K).bytes);
+    Exec::launch(body, static_cast<int>(B), slices.blocks, ReduceSmem::make(nullptr, P, K).bytes);
   });
   return {out, out_size};
 }

@@ -77,6 +77,12 @@ struct AnyPtr {
   const void* ptr = nullptr;
   Dtype dtype = Dtype::f32;
   FPET_HD bool defined() const { return ptr != nullptr; }
+  // The same tensor from element `elems` on (a null pointer stays null).
+  FPET_HD AnyPtr operator+(int64_t elems) const {
+    AnyPtr q = *this;
+    if (ptr != nullptr) q.ptr = static_cast<const char*>(ptr) + elems * (dtype == Dtype::f32 ? 4 : 2);
+    return q;
+  }
   // Element i, in float32; 1 when the pointer is null (absent sizes are all ones).
   FPET_HD float operator[](int64_t i) const {
     if (ptr == nullptr) return 1.0f;

@@ -106,8 +106,8 @@ struct TomeBody {
     const bool lead = by == 0;  // the block of slice 0 writes the per-token outputs
     const int c0 = by * slice;
     const int cw = x ? (C - c0 < slice ? C - c0 : slice) : 0;
-    const AnyPtr m = offset(metric, b * N * D);
-    const AnyPtr s = offset(size, b * N);
+    const AnyPtr m = metric + b * N * D;
+    const AnyPtr s = size + b * N;
     const scalar_t* xb = x ? x + b * N * C : nullptr;
     scalar_t* ob = out ? out + b * (N - r) * C : nullptr;
     float* osb = out_size ? out_size + b * (N - r) : nullptr;
@@ -247,13 +247,6 @@ struct TomeBody {
     });
   }
 
-  FPET_HD static AnyPtr offset(AnyPtr p, int64_t elems) {
-    if (!p.defined()) return p;
-    const int64_t bytes = elems * (p.dtype == simt::Dtype::f32 ? 4 : 2);
-    p.ptr = static_cast<const char*>(p.ptr) + bytes;
-    return p;
-  }
-
   // out[out_row(k)][c] = (x[pos(k)][c] * s) / s for k < rows, c in the slice (exact copy if s == 1).
   template <class Blk, class Pos, class Row>
   FPET_HD void copy_rows(Blk& blk, const scalar_t* xb, const AnyPtr& s, scalar_t* ob, int rows, int c0, int cw,
@@ -350,9 +343,7 @@ TomeOutputs tome_launch(const char* op, const at::Tensor& x_in, const at::Tensor
     out_size = at::empty({B, N - r, 1}, x.options().dtype(at::kFloat));
   }
   if (B == 0) return {out, out_size, src, dst, unm, map};
-  const int split = merge ? channel_split(B, C, Exec::num_sms(metric)) : 1;
-  const int64_t slice = merge ? std::max<int64_t>(slice_width(C, split), 32) : 0;
-  const int grid_y = merge && C > 0 ? static_cast<int>((C + slice - 1) / slice) : 1;
+  const ChannelSlices slices = merge ? channel_slices(B, C, Exec::num_sms(metric)) : ChannelSlices{0, 1};
   auto run = [&](auto* xp) {
     using scalar_t = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
     TomeBody<scalar_t> body{};
@@ -366,7 +357,7 @@ TomeOutputs tome_launch(const char* op, const at::Tensor& x_in, const at::Tensor
     body.r = static_cast<int>(r);
     body.class_token = class_token;
     body.distill_token = distill_token;
-    body.slice = static_cast<int>(slice);
+    body.slice = static_cast<int>(slices.width);
     body.out = merge ? out.data_ptr<scalar_t>() : nullptr;
     body.out_size = merge ? out_size.data_ptr<float>() : nullptr;
     body.src_idx = src.data_ptr<int64_t>();
@@ -374,8 +365,8 @@ TomeOutputs tome_launch(const char* op, const at::Tensor& x_in, const at::Tensor
     body.unm_idx = unm.data_ptr<int64_t>();
     body.token_map = map.data_ptr<int64_t>();
     const size_t smem =
-        TomeSmem::make(nullptr, body.N, body.D, body.r, static_cast<int>(slice), pyra.enabled()).bytes;
-    Exec::launch(body, static_cast<int>(B), grid_y, smem);
+        TomeSmem::make(nullptr, body.N, body.D, body.r, body.slice, pyra.enabled()).bytes;
+    Exec::launch(body, static_cast<int>(B), slices.blocks, smem);
   };
   if (merge) {
     FPET_DISPATCH_KERNEL_TYPES(x.scalar_type(), op, "x", [&] { run(x.data_ptr<scalar_t>()); });
