@@ -27,7 +27,7 @@ from torch import Tensor
 __all__ = [
     "BINARY_LEVEL", "binarize", "BinaryLinear", "pack_binary", "unpack_binary", "AdaptFormerAdapter", "LoRAQKV",
     "RefinementAdapter", "PyraModulation", "PET_MODULES", "METHODS", "apply", "merge_lora", "mark_trainable",
-    "pet_parameters", "parameter_report", "format_report",
+    "pet_parameters", "parameter_report", "format_report", "register_method", "methods",
 ]
 
 #: The two optimal 1-bit quantisation levels of a standard normal are +-sqrt(2/pi) (= E|z|).
@@ -388,13 +388,30 @@ def _blocks(model: nn.Module) -> List[nn.Module]:
 
 def _ensure_block():
     try:
-        patch = importlib.import_module(f"{__package__}.patch")
+        patch = importlib.import_module("fpet_kernels.patch")
     except ImportError as e:
         raise RuntimeError("method='adaptformer' needs fpet_kernels.patch.ensure_block, which is not available") from e
     fn = getattr(patch, "ensure_block", None)
     if fn is None:
         raise RuntimeError("method='adaptformer' needs fpet_kernels.patch.ensure_block, which is not available")
     return fn
+
+
+#: Methods defined in other modules of this package (PaFi, HiWi, X-PEFT, ...): name -> (apply function,
+#: accepted keyword arguments). Each such module calls :func:`register_method` when imported.
+_REGISTERED: Dict[str, Tuple[object, frozenset]] = {}
+
+
+def register_method(name: str, fn, accepted_kw) -> None:
+    """Make ``pet.apply(model, name, **kw)`` call ``fn(model, **kw)`` (kw checked against ``accepted_kw``)."""
+    if name in METHODS or name in _REGISTERED:
+        raise ValueError(f"PET method {name!r} is already registered")
+    _REGISTERED[name] = (fn, frozenset(accepted_kw))
+
+
+def methods() -> Tuple[str, ...]:
+    """Every method name :func:`apply` accepts."""
+    return METHODS + tuple(_REGISTERED)
 
 
 def apply(model: nn.Module, method: str, **kw) -> nn.Module:
@@ -407,8 +424,15 @@ def apply(model: nn.Module, method: str, **kw) -> nn.Module:
       ``fpet_kernels.patch.ensure_block`` to add it beside the MLP.
 
     Does not change ``requires_grad``: call :func:`mark_trainable` next."""
+    if isinstance(method, str) and method in _REGISTERED:
+        fn, accepted = _REGISTERED[method]
+        unknown = set(kw) - accepted
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s) for method={method!r}: {sorted(unknown)}; "
+                            f"accepted: {sorted(accepted)}")
+        return fn(model, **kw)
     if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise ValueError(f"method must be one of {methods()}, got {method!r}")
     unknown = set(kw) - _METHOD_KW[method]
     if unknown:
         raise TypeError(f"unexpected keyword argument(s) for method={method!r}: {sorted(unknown)}; "
