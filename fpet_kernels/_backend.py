@@ -29,6 +29,7 @@ an explicit ``backend="cuda"`` raise. Nothing here runs at import: the extension
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -128,8 +129,14 @@ def _probe(name: str) -> bool:
         return _has_kernel("tome_merge", "CPU")
     if name == "cuda":
         return _has_kernel("tome_merge", "CUDA") and torch.cuda.is_available()
-    from .ops import triton_common  # imports triton: only when someone asks whether it is live
-    return triton_common.live()
+    # Triton: importable, and a GPU present or its CPU interpreter on (imported only when asked).
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # Constant for the process; probed at its first use (importing the package initialises neither CUDA
