@@ -21,13 +21,13 @@
 # |   |             |       |       |            | docs; one arch only (TORCH_CUDA_ARCH_LIST from the device)             |
 # | 2 | correctness |   150 |    40 |     70-120 | tests/test_gpu.py, both GPU backends: ~60 Triton variants x ~1-2 s of  |
 # |   |             |       |       |            | JIT (pytest-xdist -n 12, else one pytest per backend, in parallel)     |
-# | 3 | vit         |    45 |    20 |      15-25 | patched tiny ViT on GPU vs the CPU reference, 3 methods x 2 backends  |
+# | 3 | vit         |    45 |    20 |      15-35 | patched tiny ViT on GPU vs the CPU reference, 3 methods x 2 backends  |
 # | 4 | ops_table   |    70 |    30 |      30-50 | 5 cases x B{1,256} x f16 x {reference, triton, cuda, floor}: 40 rows  |
 # |   |             |       |       |            | of ~0.1 s do_bench + new Triton variants; 1 torch.compile row (~15 s) |
 # | 5 | model_table |   110 |    40 |      50-80 | ViT-B/16 f16: 7 variants at B=256 (~10 ms/forward, 0.25 s rows) and 7 |
 # |   |             |       |       |            | at B=1 graph replay; Triton JIT of the model's shapes ~20-40 s        |
 # | 6 | record      |    70 |    30 |      30-50 | 11 op/mode cases x B{1,256} x f16 x 2 backends: 44 do_bench medians   |
-# | 7 | sanitizer   |    90 |     - |      60-90 | OPTIONAL, last: memcheck of tests/test_gpu.py -k sanitizer, backend   |
+# | 7 | sanitizer   |    90 |     - |      60-90 | OPTIONAL, last: memcheck of test_gpu.py -k test_sanitizer, backend|
 # |   |             |       |       |            | cuda; runs only if >= 75 s remain, else SKIP (not a failure)          |
 # |   | total       |   530 |       |    260-435 | + sanitizer if time allows; 9 min = 540 s                             |
 #
@@ -51,7 +51,7 @@ ROOT=$(pwd)
 PHASES=(build correctness vit ops_table model_table record sanitizer)
 declare -A CAP=([build]=170 [correctness]=150 [vit]=45 [ops_table]=70 [model_table]=110 [record]=70 [sanitizer]=90)
 declare -A MIN=([build]=40 [correctness]=40 [vit]=20 [ops_table]=30 [model_table]=40 [record]=30 [sanitizer]=0)
-declare -A EST=([build]="60-110" [correctness]="70-120" [vit]="15-25" [ops_table]="30-50" [model_table]="50-80"
+declare -A EST=([build]="60-110" [correctness]="70-120" [vit]="15-35" [ops_table]="30-50" [model_table]="50-80"
                 [record]="30-50" [sanitizer]="60-90 (optional)")
 SANITIZER_NEEDS=75
 GPU_BUDGET=530   # seconds: the whole script on the GPU machine (9 min = 540 s, minus margin)
@@ -253,7 +253,7 @@ elif (( DRY )); then
   skip_phase correctness "dry run (needs a GPU); collecting tests/test_gpu.py instead"
   run_phase correctness "$TESTS_LOG" "$PY" -m pytest tests/test_gpu.py -q --collect-only -p no:cacheprovider
 else
-  run_phase correctness "$TESTS_LOG" bash -c 'gpu_pytest -k "not vit and not sanitizer"'
+  run_phase correctness "$TESTS_LOG" bash -c 'gpu_pytest -k "not test_vit_patched and not test_sanitizer"'
   grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$TESTS_LOG" | tail -n 15
 fi
 
@@ -261,9 +261,9 @@ fi
 if ! wanted vit; then skip_phase vit "not selected"
 elif (( DRY )); then
   skip_phase vit "dry run (needs a GPU); collecting the ViT tests instead"
-  run_phase vit "$TESTS_LOG" "$PY" -m pytest tests/test_gpu.py -q --collect-only -k vit -p no:cacheprovider
+  run_phase vit "$TESTS_LOG" "$PY" -m pytest tests/test_gpu.py -q --collect-only -k test_vit_patched -p no:cacheprovider
 else
-  run_phase vit "$TESTS_LOG" bash -c 'gpu_pytest -k vit'
+  run_phase vit "$TESTS_LOG" bash -c 'gpu_pytest -k test_vit_patched'
   grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$TESTS_LOG" | tail -n 5
 fi
 
@@ -330,7 +330,7 @@ else
     # of Triton's JIT kernels adds minutes); the small shapes of test_sanitizer_every_op_small
     run_phase sanitizer "$TESTS_LOG" env FPET_TEST_BACKENDS=cuda PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
       "$SAN" --tool memcheck --error-exitcode 1 --print-limit 20 \
-      "$PY" -m pytest tests/test_gpu.py -q -x -p no:cacheprovider -k sanitizer
+      "$PY" -m pytest tests/test_gpu.py -q -x -p no:cacheprovider -k test_sanitizer
     grep -E "ERROR SUMMARY|[0-9]+ (passed|failed)" "$TESTS_LOG" | tail -n 4
   fi
 fi

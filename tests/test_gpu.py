@@ -3,8 +3,8 @@
 Every public op and its gradients: tome_match, tome_merge (x and size), unmerge (backward merge_sum),
 merge_wavg through ToMe's and FPET's closure APIs (backward merge_wavg_backward), fpet_merge (x,
 metric, size), pyra_merge (x, size, a, b, LayerNorm), for both GPU backends; a patched tiny ViT on
-the GPU against the same model on the CPU (``-k vit``); small shapes of every op for
-compute-sanitizer (``-k sanitizer``). Ops are called only through the public functions with
+the GPU against the same model on the CPU (``-k test_vit_patched``); small shapes of every op for
+compute-sanitizer (``-k test_sanitizer``). Ops are called only through the public functions with
 ``backend=``.
 
 How results are compared:
@@ -398,7 +398,7 @@ def test_empty_batch_and_compile(gpu_backend):
         assert torch.equal(a, b), "torch.compile changed the result"
 
 
-# ----------------------------------------------------------------------------- patched tiny ViT (-k vit)
+# ----------------------------------------------------------------------------- patched tiny ViT (-k test_vit_patched)
 def _tiny_vit(seed=0):
     from timm.models.vision_transformer import VisionTransformer
 
@@ -448,7 +448,7 @@ def test_vit_patched_on_gpu_matches_cpu_reference(gpu_backend, method):
     pytest.fail(f"{method}: the token map differs from the CPU reference for every draw {mismatched}")
 
 
-# ----------------------------------------------------------------------------- small shapes (-k sanitizer)
+# ----------------------------------------------------------------------------- small shapes (-k test_sanitizer)
 SMALL = [pytest.param(2, 17, 40, 8, True, False, id="cls"), pytest.param(3, 18, 72, 16, True, True, id="cls+dist"),
          pytest.param(1, 1 + 64, 264, 32, True, False, id="grid8")]
 
