@@ -24,7 +24,7 @@
 # |   |             |       |       |            | CPU of JIT, pytest-xdist -n 6) runs in the BACKGROUND from the start  |
 # |   |             |       |       |            | of the build (it needs no _C): 60-120 s hidden behind nvcc; after the |
 # |   |             |       |       |            | build the "cuda" part (no JIT; one torch.compile test)                |
-# | 3 | vit         |    45 |    20 |      15-35 | patched tiny ViT on GPU vs the CPU reference, 3 methods x 2 backends  |
+# | 3 | vit         |    60 |    20 |      15-35 | patched tiny ViT on GPU vs the CPU reference, 3 methods x 2 backends  |
 # | 4 | ops_table   |    70 |    30 |      30-50 | 5 cases x B{1,256} x f16 x {reference, triton, cuda, floor}: 40 rows  |
 # |   |             |       |       |            | of ~0.1 s do_bench + new Triton variants; 1 torch.compile row (~15 s) |
 # | 5 | model_table |   110 |    40 |      50-80 | ViT-B/16 f16: 7 variants at B=256 (~10 ms/forward, 0.25 s rows) and 7 |
@@ -52,7 +52,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 ROOT=$(pwd)
 
 PHASES=(build correctness vit ops_table model_table record sanitizer)
-declare -A CAP=([build]=240 [correctness]=150 [vit]=45 [ops_table]=70 [model_table]=110 [record]=70 [sanitizer]=90)
+declare -A CAP=([build]=240 [correctness]=150 [vit]=60 [ops_table]=70 [model_table]=110 [record]=70 [sanitizer]=90)
 declare -A MIN=([build]=40 [correctness]=40 [vit]=20 [ops_table]=30 [model_table]=40 [record]=30 [sanitizer]=0)
 declare -A EST=([build]="60-150" [correctness]="20-50 (+ triton part during the build)" [vit]="15-35" [ops_table]="30-50" [model_table]="50-80"
                 [record]="30-50" [sanitizer]="60-90 (optional)")
