@@ -92,3 +92,17 @@ def test_dry_run(tmp_path):
     assert 0 < len(files) <= 8, files
     table = (out / "model_table.md").read_text()
     assert "| 2 | eager | as shipped |" in table and "tome (reference)" in table, table
+
+
+def test_near_tie_detection_of_the_gpu_tests():
+    """tests/test_gpu.py's near-tie rule flags an image whose scores tie and leaves a random one."""
+    import torch
+    import test_gpu as tg
+
+    m = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(0))
+    m[0] = m[0, :1]  # image 0: every token the same, every score ties
+    assert tg.tome_ties(m, 4, False, False).tolist() == [True, False]
+    assert tg.fpet_ties(m, False, False, (4, 4)).tolist() == [True, False]
+    m[1, 3] = m[1, 5] * 2  # image 1: two B tokens (odd positions) with the same direction
+    m[1, 2] = m[1, 5]      # and an A token pointing at both: its top-1 and top-2 tie
+    assert tg.tome_ties(m, 8, False, False).tolist() == [True, True]
