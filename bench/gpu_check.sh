@@ -81,6 +81,8 @@ while (( $# )); do
     --skip-table) SKIP[ops_table]=1 ;;
     --skip-model) SKIP[model_table]=1 ;;
     --skip-record) SKIP[record]=1 ;;
+    --skip-profile|--quick|--model)  # options of the earlier script: its phases are sized to fit now
+      echo "note: $1 is no longer needed (every phase fits one call; profile_launches.py runs on its own)" >&2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
