@@ -145,7 +145,11 @@ def _(x, metric, r, a, b, ln_weight, ln_bias, size, class_token, distill_token, 
                                 "str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 def _pyra_merge_backward_op(grad_out, grad_out_size, x, size, out, out_size, src, dst, unm, a, b, ln_weight,
                             ln_bias, eps, distill_token, backend):
-    # One implementation for every backend: a dozen batched PyTorch ops, device-agnostic.
+    if backend in ("cpu", "cuda", "triton"):  # the fused kernel of the forward's backend
+        c = lambda t: None if t is None else t.contiguous()  # noqa: E731
+        return tuple(_backend.kernels(backend).pyra_merge_backward(
+            c(grad_out), c(grad_out_size), c(x), c(size), c(out), c(out_size), c(src), c(dst), c(unm), c(a), c(b),
+            c(ln_weight), c(ln_bias), eps, distill_token))
     return tuple(t.contiguous() for t in pyra_merge_backward_reference(
         grad_out, grad_out_size, x, size, out, out_size, src, dst, unm, a, b, ln_weight, ln_bias, eps,
         distill_token))

@@ -5,4 +5,4 @@ from .fpet_triton import fpet_merge  # noqa: F401
 from .fpet_triton_backward import fpet_merge_backward  # noqa: F401
 from .tome_triton import (merge_sum, merge_wavg, merge_wavg_backward, pyra_merge, tome_match,  # noqa: F401
                           tome_merge, unmerge)
-
+from .pyra_triton_backward import pyra_merge_backward  # noqa: F401
