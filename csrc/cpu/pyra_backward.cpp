@@ -189,45 +189,51 @@ void check_matching(const int64_t* src, const int64_t* dst, const int64_t* unm, 
   }
 }
 
-#define CHECK_OPT_CPU_FLOAT(t, name)                                                               \
-  TORCH_CHECK((t).device().is_cpu(), name " must be a CPU tensor, got ", (t).device());           \
-  TORCH_CHECK(at::isFloatingType((t).scalar_type()), name " must be a floating tensor, got ", (t).scalar_type())
+constexpr const char* kOp = "pyra_merge_backward";
+
+// Argument checks that name the argument (the arguments arrive through loops and helpers, where the
+// CHECK_* macros of common.h would print the C++ expression).
+void check_tensor(const at::Tensor& t, const char* name, at::IntArrayRef shape, bool index) {
+  TORCH_CHECK(t.defined(), kOp, ": ", name, " must be a tensor");
+  TORCH_CHECK(t.device().is_cpu(), kOp, ": ", name, " must be a CPU tensor, got ", t.device());
+  if (index) {
+    TORCH_CHECK(t.scalar_type() == at::kLong, kOp, ": ", name, " must be an int64 tensor, got ", t.scalar_type());
+  } else {
+    TORCH_CHECK(at::isFloatingType(t.scalar_type()), kOp, ": ", name, " must be a floating tensor, got ",
+                t.scalar_type());
+  }
+  TORCH_CHECK(t.sizes() == shape, kOp, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pyra_merge_backward_cpu(
     const at::Tensor& grad_out_, const std::optional<at::Tensor>& grad_out_size, const at::Tensor& x_,
     const std::optional<at::Tensor>& size, const at::Tensor& out_, const at::Tensor& out_size_,
     const at::Tensor& src_idx_, const at::Tensor& dst_idx_, const at::Tensor& unm_idx_, const at::Tensor& a_,
     const at::Tensor& b_, const at::Tensor& ln_weight_, const at::Tensor& ln_bias_, double eps, bool distill_token) {
-  CHECK_BND(x_);
-  CHECK_BND(grad_out_);
-  CHECK_BND(out_);
-  for (const at::Tensor* t : {&src_idx_, &dst_idx_, &unm_idx_}) {
-    CHECK_CPU(*t);
-    CHECK_INDEX(*t);
-    CHECK_DIM(*t, 2);
-  }
+  TORCH_CHECK(x_.dim() == 3, kOp, ": x must have 3 dimensions [B, N, C], got shape ", x_.sizes());
+  TORCH_CHECK(src_idx_.dim() == 2, kOp, ": src_idx must have shape [B, r], got ", src_idx_.sizes());
   const int64_t B = x_.size(0), N = x_.size(1), C = x_.size(2);
   const int64_t Na = (N + 1) / 2, Nb = N / 2, r = src_idx_.size(1);
-  TORCH_CHECK(r <= Na && r <= Nb, "pyra_merge_backward: src_idx must have at most min(ceil(N/2), N//2) = ",
-              std::min(Na, Nb), " columns, got ", src_idx_.sizes());
-  TORCH_CHECK(!distill_token || Nb == 0 || r < Na,
-              "pyra_merge_backward: with distill_token, at least one A row must stay unmerged, got r = ", r);
-  CHECK_SHAPE(src_idx_, B, r);
-  CHECK_SHAPE(dst_idx_, B, r);
-  CHECK_SHAPE(unm_idx_, B, Na - r);
-  CHECK_SHAPE(grad_out_, B, N - r, C);
-  CHECK_SHAPE(out_, B, N - r, C);
-  CHECK_OPT_CPU_FLOAT(out_size_, "out_size");
-  CHECK_SHAPE(out_size_, B, N - r, 1);
-  for (const at::Tensor* t : {&a_, &b_, &ln_weight_, &ln_bias_}) {
-    CHECK_CPU(*t);
-    CHECK_FLOATING(*t);
+  check_tensor(x_, "x", {B, N, C}, false);
+  TORCH_CHECK(r <= Na && r <= Nb, kOp, ": src_idx must have at most min(ceil(N/2), N//2) = ", std::min(Na, Nb),
+              " columns, got ", src_idx_.sizes());
+  TORCH_CHECK(!distill_token || Nb == 0 || r < Na, kOp,
+              ": with distill_token, at least one A row must stay unmerged, got r = ", r);
+  check_tensor(src_idx_, "src_idx", {B, r}, true);
+  check_tensor(dst_idx_, "dst_idx", {B, r}, true);
+  check_tensor(unm_idx_, "unm_idx", {B, Na - r}, true);
+  check_tensor(grad_out_, "grad_out", {B, N - r, C}, false);
+  check_tensor(out_, "out", {B, N - r, C}, false);
+  check_tensor(out_size_, "out_size", {B, N - r, 1}, false);
+  if (grad_out_size.has_value() && grad_out_size->defined()) {
+    check_tensor(*grad_out_size, "grad_out_size", {B, N - r, 1}, false);
   }
-  CHECK_SHAPE(a_, r, 1);
-  CHECK_SHAPE(b_, 1, C);
-  CHECK_SHAPE(ln_weight_, C);
-  CHECK_SHAPE(ln_bias_, C);
-  TORCH_CHECK(std::isfinite(eps) && eps > 0, "pyra_merge_backward: eps must be a positive finite float, got ", eps);
+  if (size.has_value() && size->defined()) check_tensor(*size, "size", {B, N, 1}, false);
+  check_tensor(a_, "a", {r, 1}, false);
+  check_tensor(b_, "b", {1, C}, false);
+  check_tensor(ln_weight_, "ln_weight", {C}, false);
+  check_tensor(ln_bias_, "ln_bias", {C}, false);
+  TORCH_CHECK(std::isfinite(eps) && eps > 0, kOp, ": eps must be a positive finite float, got ", eps);
 
   const at::Tensor x = x_.contiguous(), grad_out = grad_out_.contiguous(), out = out_.contiguous();
   const at::Tensor src = src_idx_.contiguous(), dst = dst_idx_.contiguous(), unm = unm_idx_.contiguous();
@@ -292,8 +298,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (out_size_.scalar_type() != at::kFloat) grad_size = grad_size.to(out_size_.scalar_type());
   return {grad_x, grad_a, grad_b, grad_lw, grad_lb, grad_size};
 }
-
-#undef CHECK_OPT_CPU_FLOAT
 
 }  // namespace
 }  // namespace fpet
