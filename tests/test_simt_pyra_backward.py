@@ -76,7 +76,7 @@ def test_backward_half_dtypes(dtype, pdtype):
     check(args, tol=TOLS[dtype])
 
 
-@pytest.mark.parametrize("bsz,n,c,r", [pytest.param(1, 197, 64, 16, id="vit"), pytest.param(5, 24, 40, 12, id="B>sms"),
+@pytest.mark.parametrize("bsz,n,c,r", [pytest.param(1, 197, 64, 16, id="vit"), pytest.param(5, 24, 40, 11, id="B>sms"),
                                        pytest.param(1, 50, 300, 24, id="wide")])
 def test_backward_shapes(bsz, n, c, r):
     check(make(bsz, n, c, r, True, False, seed=4))
