@@ -17,7 +17,7 @@ and the matching (``src_idx``, ``dst_idx``, ``unm_idx``). Two launches:
    (e) the sources grouped by destination (stable counting sort, rank order within a destination).
    The parameter gradients are per-image partial sums ``[B, r + 3C]``, summed over images afterwards
    by ``torch.sum`` (a fixed-order reduction).
-2. ``_pyra_bwd_tokens_kernel``, one program per (image, block of tokens): the tokens are enumerated
+2. ``_pyra_bwd_tokens_kernel``, one program per (image, block of tokens of one kind): the tokens are enumerated
    as the unmerged slots, then the sources (rank order), then the B rows; each gets ``g_z`` (its
    row's ``g_num``; a source adds ``G wc wt_k + g_y[k]``; a B row adds the ``g_y`` of its sources in
    rank order), ``grad_x = g_z s`` and ``grad_size = <g_z, x> - <g_num, out> + grad_out_size`` of its
@@ -233,53 +233,39 @@ if HAS_TRITON:
         group_by_destination(dst_b, r, wsi_ptr + img * r, BLOCK_K)
 
     @triton.jit
-    def _pyra_bwd_tokens_kernel(x_ptr, s_ptr, go_ptr, gos_ptr, os_ptr, out_ptr, src_ptr, dst_ptr, unm_ptr,
-                                a_ptr, b_ptr, lw_ptr, wsf_ptr, wsi_ptr, gx_ptr, gsize_ptr, N, C, r,
-                                HAS_SIZE: tl.constexpr, HAS_GSIZE: tl.constexpr, DISTILL: tl.constexpr,
-                                BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
-        img = tl.program_id(0).to(tl.int64)
-        na = (N + 1) // 2
-        nb = N // 2
-        n_out = N - r
-        x_b = x_ptr + img * N * C
-        s_b = s_ptr + img * N
-        go_b = go_ptr + img * n_out * C
-        os_b = os_ptr + img * n_out
-        out_b = out_ptr + img * n_out * C
-        src_b = src_ptr + img * r
-        dst_b = dst_ptr + img * r
-        ws = wsf_ptr + img * (6 * r + 2 * C)
-        sorted_b = wsi_ptr + img * r
-        gx_b = gx_ptr + img * N * C
-        gsize_b = gsize_ptr + img * N
-
-        # items: unmerged slots [0, na - r), sources [na - r, na) (rank order), B rows [na, na + nb)
-        ii = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-        is_unm = ii < na - r
-        is_src = (ii >= na - r) & (ii < na)
-        is_b = (ii >= na) & (ii < na + nb)
-        valid = ii < na + nb
-        k = tl.where(is_src, ii - (na - r), 0)
-        j = tl.where(is_b, ii - na, 0)
-        ui = tl.load(unm_ptr + img * (na - r) + ii, mask=is_unm, other=0)
-        si = tl.load(src_b + k, mask=is_src, other=0)
-        dk = tl.load(dst_b + k, mask=is_src, other=0)
-        row_u = ii
-        if DISTILL:
-            row_u = tl.where(ii > 0, ii + 1, ii)
-        pos = tl.where(is_unm, 2 * ui, tl.where(is_src, 2 * si, 2 * j + 1))
-        row = tl.where(is_unm, row_u, _out_row_b(tl.where(is_src, dk, j), na, r, DISTILL))
-        # per source: its statistics; per B row: where its sources start in the sorted list, how many
-        mean = tl.load(ws + k, mask=is_src, other=0.0)
-        rstd = tl.load(ws + r + k, mask=is_src, other=0.0)
-        wt = tl.load(ws + 2 * r + k, mask=is_src, other=0.0)
-        gv = tl.load(ws + 3 * r + k, mask=is_src, other=0.0)
-        m1 = tl.load(ws + 4 * r + k, mask=is_src, other=0.0)
-        m2 = tl.load(ws + 5 * r + k, mask=is_src, other=0.0)
-        ak = tl.load(a_ptr + k, mask=is_src, other=0.0).to(tl.float32)
-        start, cnt = destination_ranges(dst_b, r, tl.where(is_b, j, 2147483647), BLOCK_K)
-        cnt = tl.where(is_b, cnt, 0)
-        maxc = tl.max(cnt, 0)
+    def _token_block(x_b, s_b, go_b, gos_b, os_b, out_b, src_b, dst_b, unm_b, a_ptr, b_ptr, lw_ptr, ws, sorted_b,
+                     gx_b, gsize_b, blk, na, nb, r, C, KIND: tl.constexpr, HAS_SIZE: tl.constexpr,
+                     HAS_GSIZE: tl.constexpr, DISTILL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
+        """grad_x and grad_size of one block of tokens of one KIND: 0 unmerged slots, 1 sources (ranks),
+        2 B rows. Each kind compiles its own code (fewer live registers than one mixed block)."""
+        ii = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+        if KIND == 0:
+            valid = ii < na - r
+            pos = 2 * tl.load(unm_b + ii, mask=valid, other=0)
+            row = ii
+            if DISTILL:
+                row = tl.where(ii > 0, ii + 1, ii)
+        elif KIND == 1:
+            valid = ii < r
+            si = tl.load(src_b + ii, mask=valid, other=0)
+            dk = tl.load(dst_b + ii, mask=valid, other=0)
+            pos = 2 * si
+            row = _out_row_b(dk, na, r, DISTILL)
+            mean = tl.load(ws + ii, mask=valid, other=0.0)
+            rstd = tl.load(ws + r + ii, mask=valid, other=0.0)
+            wt = tl.load(ws + 2 * r + ii, mask=valid, other=0.0)
+            gv = tl.load(ws + 3 * r + ii, mask=valid, other=0.0)
+            m1 = tl.load(ws + 4 * r + ii, mask=valid, other=0.0)
+            m2 = tl.load(ws + 5 * r + ii, mask=valid, other=0.0)
+            ak = tl.load(a_ptr + ii, mask=valid, other=0.0).to(tl.float32)
+        else:
+            valid = ii < nb
+            pos = 2 * ii + 1
+            row = _out_row_b(ii, na, r, DISTILL)
+            start, cnt = destination_ranges(dst_b, r, tl.where(valid, ii, 2147483647), BLOCK_K)
+            cnt = tl.where(valid, cnt, 0)
+            maxc = tl.max(cnt, 0)
         s_pos = load_sizes(s_b, pos, valid, HAS_SIZE)
         xdot = tl.zeros([BLOCK_T], tl.float32)
         odot = tl.zeros([BLOCK_T], tl.float32)
@@ -287,38 +273,83 @@ if HAS_TRITON:
             cc = c0 + tl.arange(0, BLOCK_C)
             vc = cc < C
             msk = valid[:, None] & vc[None, :]
-            lw = tl.load(lw_ptr + cc, mask=vc, other=0.0).to(tl.float32)
-            bv = tl.load(b_ptr + cc, mask=vc, other=0.0).to(tl.float32)
-            wc = tl.load(ws + 6 * r + cc, mask=vc, other=0.0)
-            gu = tl.load(ws + 6 * r + C + cc, mask=vc, other=0.0)
-            g = _gnum_rows(go_b, os_b, row, valid, cc, vc, C)
+            gz = _gnum_rows(go_b, os_b, row, valid, cc, vc, C)
             o = tl.load(out_b + row[:, None] * C + cc[None, :], mask=msk, other=0.0).to(tl.float32)
-            odot += tl.sum(g * o, 1)
-            gy = _grad_y(x_b, s_b, si, dk, is_src, mean, rstd, gv, m1, m2, ak, gu, bv, lw, cc, vc, C, HAS_SIZE)
-            gz = tl.where(is_src[:, None], g * (1.0 + wc[None, :] * wt[:, None]) + gy, g)
-            for t in range(0, maxc):
-                vt = t < cnt
-                kt = tl.load(sorted_b + start + t, mask=vt, other=0)
-                gz += _grad_y(x_b, s_b, tl.load(src_b + kt, mask=vt, other=0), tl.load(dst_b + kt, mask=vt, other=0),
-                              vt, tl.load(ws + kt, mask=vt, other=0.0), tl.load(ws + r + kt, mask=vt, other=0.0),
-                              tl.load(ws + 3 * r + kt, mask=vt, other=0.0), tl.load(ws + 4 * r + kt, mask=vt, other=0.0),
-                              tl.load(ws + 5 * r + kt, mask=vt, other=0.0),
-                              tl.load(a_ptr + kt, mask=vt, other=0.0).to(tl.float32), gu, bv, lw, cc, vc, C, HAS_SIZE)
+            odot += tl.sum(gz * o, 1)
+            if KIND == 1:
+                lw = tl.load(lw_ptr + cc, mask=vc, other=0.0).to(tl.float32)
+                bv = tl.load(b_ptr + cc, mask=vc, other=0.0).to(tl.float32)
+                wc = tl.load(ws + 6 * r + cc, mask=vc, other=0.0)
+                gu = tl.load(ws + 6 * r + C + cc, mask=vc, other=0.0)
+                gz = (gz * (1.0 + wc[None, :] * wt[:, None])
+                      + _grad_y(x_b, s_b, si, dk, valid, mean, rstd, gv, m1, m2, ak, gu, bv, lw, cc, vc, C, HAS_SIZE))
+            if KIND == 2:
+                lw = tl.load(lw_ptr + cc, mask=vc, other=0.0).to(tl.float32)
+                bv = tl.load(b_ptr + cc, mask=vc, other=0.0).to(tl.float32)
+                gu = tl.load(ws + 6 * r + C + cc, mask=vc, other=0.0)
+                for t in range(0, maxc):
+                    vt = t < cnt
+                    kt = tl.load(sorted_b + start + t, mask=vt, other=0)
+                    gz += _grad_y(x_b, s_b, tl.load(src_b + kt, mask=vt, other=0), tl.load(dst_b + kt, mask=vt, other=0),
+                                  vt, tl.load(ws + kt, mask=vt, other=0.0), tl.load(ws + r + kt, mask=vt, other=0.0),
+                                  tl.load(ws + 3 * r + kt, mask=vt, other=0.0),
+                                  tl.load(ws + 4 * r + kt, mask=vt, other=0.0),
+                                  tl.load(ws + 5 * r + kt, mask=vt, other=0.0),
+                                  tl.load(a_ptr + kt, mask=vt, other=0.0).to(tl.float32), gu, bv, lw, cc, vc, C,
+                                  HAS_SIZE)
             xv = tl.load(x_b + pos[:, None] * C + cc[None, :], mask=msk, other=0.0).to(tl.float32)
             xdot += tl.sum(tl.where(msk, gz * xv, 0.0), 1)
             store_rounded(gx_b + pos[:, None] * C + cc[None, :], gz * s_pos[:, None], msk)
         gden = -odot
         if HAS_GSIZE:
-            gden += tl.load(gos_ptr + img * n_out + row, mask=valid, other=0.0).to(tl.float32)
+            gden += tl.load(gos_b + row, mask=valid, other=0.0).to(tl.float32)
         tl.store(gsize_b + pos, xdot + gden, mask=valid)
+
+    @triton.jit
+    def _pyra_bwd_tokens_kernel(x_ptr, s_ptr, go_ptr, gos_ptr, os_ptr, out_ptr, src_ptr, dst_ptr, unm_ptr,
+                                a_ptr, b_ptr, lw_ptr, wsf_ptr, wsi_ptr, gx_ptr, gsize_ptr, N, C, r,
+                                HAS_SIZE: tl.constexpr, HAS_GSIZE: tl.constexpr, DISTILL: tl.constexpr,
+                                BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Programs along axis 1: the blocks of unmerged slots, then of sources (rank order), then of B rows."""
+        img = tl.program_id(0).to(tl.int64)
+        pid = tl.program_id(1)
+        na = (N + 1) // 2
+        nb = N // 2
+        n_out = N - r
+        nbu = tl.cdiv(na - r, BLOCK_T)
+        nbs = tl.cdiv(r, BLOCK_T)
+        x_b = x_ptr + img * N * C
+        s_b = s_ptr + img * N
+        go_b = go_ptr + img * n_out * C
+        gos_b = gos_ptr + img * n_out
+        os_b = os_ptr + img * n_out
+        out_b = out_ptr + img * n_out * C
+        src_b = src_ptr + img * r
+        dst_b = dst_ptr + img * r
+        unm_b = unm_ptr + img * (na - r)
+        ws = wsf_ptr + img * (6 * r + 2 * C)
+        sorted_b = wsi_ptr + img * r
+        gx_b = gx_ptr + img * N * C
+        gsize_b = gsize_ptr + img * N
+        if pid < nbu:
+            _token_block(x_b, s_b, go_b, gos_b, os_b, out_b, src_b, dst_b, unm_b, a_ptr, b_ptr, lw_ptr, ws, sorted_b,
+                         gx_b, gsize_b, pid, na, nb, r, C, 0, HAS_SIZE, HAS_GSIZE, DISTILL, BLOCK_T, BLOCK_K, BLOCK_C)
+        elif pid < nbu + nbs:
+            _token_block(x_b, s_b, go_b, gos_b, os_b, out_b, src_b, dst_b, unm_b, a_ptr, b_ptr, lw_ptr, ws, sorted_b,
+                         gx_b, gsize_b, pid - nbu, na, nb, r, C, 1, HAS_SIZE, HAS_GSIZE, DISTILL, BLOCK_T, BLOCK_K,
+                         BLOCK_C)
+        else:
+            _token_block(x_b, s_b, go_b, gos_b, os_b, out_b, src_b, dst_b, unm_b, a_ptr, b_ptr, lw_ptr, ws, sorted_b,
+                         gx_b, gsize_b, pid - nbu - nbs, na, nb, r, C, 2, HAS_SIZE, HAS_GSIZE, DISTILL, BLOCK_T,
+                         BLOCK_K, BLOCK_C)
 
 
 # ----------------------------------------------------------------------------- launcher
-# Tiles: 32 sources / tokens by 128 channels, 8 warps on the GPU; the interpreter's cost is per block
-# operation, so it runs 64-row tiles.
+# Tiles: 32 sources / tokens by 64 channels, 8 warps on the GPU (no register spills for sm_90, see
+# tests/aot_compile.py); the interpreter's cost is per block operation, so it runs 64-row tiles.
 BLOCK_K = 64 if interpreting() else 32
 BLOCK_T = 64 if interpreting() else 32
-BLOCK_C = 128
+BLOCK_C = 64
 NUM_WARPS = 8
 
 
@@ -402,7 +433,8 @@ def pyra_merge_backward(grad_out, grad_out_size, x, size, out, out_size, src_idx
                 x, s, grad_out, os32, src_idx, dst_idx, av, bv, lw, lb, wsf, wsi, part, n, c, r, float(eps),
                 HAS_SIZE=size is not None, DISTILL=bool(distill_token), BLOCK_K=BLOCK_K, BLOCK_C=BLOCK_C,
                 num_warps=NUM_WARPS)
-        _pyra_bwd_tokens_kernel[(bsz, cdiv(na + nb, BLOCK_T))](
+        blocks = cdiv(na - r, BLOCK_T) + cdiv(r, BLOCK_T) + cdiv(nb, BLOCK_T)
+        _pyra_bwd_tokens_kernel[(bsz, blocks)](
             x, s, grad_out, gs, os32, out, src_idx, dst_idx, unm_idx, av, bv, lw, wsf, wsi, grad_x, grad_size,
             n, c, r, HAS_SIZE=size is not None, HAS_GSIZE=grad_out_size is not None, DISTILL=bool(distill_token),
             BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
@@ -410,3 +442,25 @@ def pyra_merge_backward(grad_out, grad_out_size, x, size, out, out_size, src_idx
     return (grad_x, total[:r].view(r, 1).to(a.dtype, copy=True), total[r:r + c].view(1, c).to(b.dtype, copy=True),
             total[r + c:r + 2 * c].to(ln_weight.dtype, copy=True),
             total[r + 2 * c:].to(ln_bias.dtype, copy=True), grad_size.to(out_size.dtype))
+
+
+def aot_specs():
+    """(kernel, signature, constexprs, num_warps) of both launches as a GPU run makes them (x, grad_out and out
+    in one dtype, sizes and parameters float32), for compiling ahead of time for sm_90 without a GPU
+    (tests/aot_compile.py)."""
+    if not HAS_TRITON:
+        return []
+    specs = []
+    for dt in ("fp16", "bf16", "fp32"):
+        t = "*" + dt
+        sig1 = dict(x_ptr=t, s_ptr="*fp32", go_ptr=t, os_ptr="*fp32", src_ptr="*i64", dst_ptr="*i64", a_ptr="*fp32",
+                    b_ptr="*fp32", lw_ptr="*fp32", lb_ptr="*fp32", wsf_ptr="*fp32", wsi_ptr="*i32", part_ptr="*fp32",
+                    N="i32", C="i32", r="i32", eps="fp32")
+        const1 = dict(HAS_SIZE=True, DISTILL=False, BLOCK_K=32, BLOCK_C=BLOCK_C)
+        sig2 = dict(x_ptr=t, s_ptr="*fp32", go_ptr=t, gos_ptr="*fp32", os_ptr="*fp32", out_ptr=t, src_ptr="*i64",
+                    dst_ptr="*i64", unm_ptr="*i64", a_ptr="*fp32", b_ptr="*fp32", lw_ptr="*fp32", wsf_ptr="*fp32",
+                    wsi_ptr="*i32", gx_ptr=t, gsize_ptr="*fp32", N="i32", C="i32", r="i32")
+        const2 = dict(HAS_SIZE=True, HAS_GSIZE=True, DISTILL=False, BLOCK_T=32, BLOCK_K=32, BLOCK_C=BLOCK_C)
+        specs.append((_pyra_bwd_stats_kernel, sig1, const1, NUM_WARPS))
+        specs.append((_pyra_bwd_tokens_kernel, sig2, const2, NUM_WARPS))
+    return specs
