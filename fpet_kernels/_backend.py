@@ -52,10 +52,10 @@ OP_KERNELS = {
     "merge_wavg": ("merge_wavg", "merge_wavg_backward"),
     "unmerge": ("unmerge", "merge_sum"),
     "fpet_merge": ("fpet_merge", "fpet_merge_backward"),
-    "pyra_merge": ("pyra_merge",),  # its backward is PyTorch on every backend
+    "pyra_merge": ("pyra_merge", "pyra_merge_backward"),
 }
 RAW_KERNELS = ("tome_match", "tome_merge", "merge_wavg", "merge_wavg_backward", "unmerge", "merge_sum",
-               "fpet_merge", "fpet_merge_backward", "pyra_merge")
+               "fpet_merge", "fpet_merge_backward", "pyra_merge", "pyra_merge_backward")
 # Recorded benchmark results (see the module docstring and fpet_kernels/tuning/README.md).
 TUNING_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuning")
 RESULTS_FORMAT = 1

@@ -19,9 +19,9 @@ from triton.compiler import ASTSource  # noqa: E402
 
 
 def all_specs():
-    from fpet_kernels.ops import attention_triton, fpet_triton, fpet_triton_backward, tome_triton
+    from fpet_kernels.ops import attention_triton, fpet_triton, fpet_triton_backward, pyra_triton_backward, tome_triton
     return (tome_triton.aot_specs() + fpet_triton.aot_specs() + fpet_triton_backward.aot_specs()
-            + attention_triton.aot_specs())
+            + attention_triton.aot_specs() + pyra_triton_backward.aot_specs())
 
 
 def resources(cubin: bytes) -> str:

@@ -10,7 +10,7 @@ import fpet_kernels as fk
 from helpers import REQUIRE_EXTENSION, gen, gen_size, is_live, missing_message
 
 OPS = ("tome_match", "tome_merge", "merge_wavg", "merge_wavg_backward", "unmerge", "merge_sum", "fpet_merge",
-       "fpet_merge_backward", "pyra_merge")
+       "fpet_merge_backward", "pyra_merge", "pyra_merge_backward")
 B, N, C, D, R = 2, 17, 8, 4, 5  # N = 1 class token + a 4 x 4 grid
 
 
@@ -68,6 +68,8 @@ def _samples(dtype=torch.float32, grad=True):
     b = (0.3 * gen(1, C, dtype=dtype, seed=4)).requires_grad_(grad)
     lw = (1 + 0.1 * gen(C, dtype=dtype, seed=5)).requires_grad_(grad)
     lb = (0.1 * gen(C, dtype=dtype, seed=6)).requires_grad_(grad)
+    p_out, p_size, pm = fk.reference.pyra_merge_reference(x.detach(), metric, R, a.detach(), b.detach(), lw.detach(),
+                                                         lb.detach(), size.detach(), True, False)
     g = gen(B, n_out, C, dtype=dtype, seed=7)
     gf = gen(*f_out.shape, dtype=dtype, seed=8)
     gs = gen(*f_size.shape, dtype=torch.float32, seed=9)
@@ -85,6 +87,8 @@ def _samples(dtype=torch.float32, grad=True):
                                 (gf, None, x.detach(), metric, None, f_out, f_size, f_map, 1, 4, 4)],
         "pyra_merge": [(x, metric, R, a, b, lw, lb, size, True, False, 1e-5),
                        (x, metric, R, a, b, lw, lb, None, False, True, 1e-3)],
+        "pyra_merge_backward": [(g, None, x.detach(), size.detach(), p_out, p_size, pm.src_idx, pm.dst_idx,
+                                 pm.unm_idx, a.detach(), b.detach(), lw.detach(), lb.detach(), 1e-5, False)],
     }
 
 

@@ -5,6 +5,7 @@
 
 #include "../cuda/fpet_kernels.cuh"
 #include "../cuda/merge_kernels.cuh"
+#include "../cuda/pyra_backward_kernels.cuh"
 #include "../cuda/pyra_kernels.cuh"
 #include "../cuda/tome_kernels.cuh"
 #include "schemas.h"
@@ -37,5 +38,6 @@ TORCH_LIBRARY_IMPL(fpet_simt, CPU, m) {
   fpet::kernels::register_tome<fpet::kernels::HostExec>(m);
   fpet::kernels::register_merges<fpet::kernels::HostExec>(m);
   fpet::kernels::register_pyra<fpet::kernels::HostExec>(m);
+  fpet::kernels::register_pyra_backward<fpet::kernels::HostExec>(m);
   fpet::kernels::register_fpet<fpet::kernels::HostExec>(m);
 }

@@ -26,6 +26,11 @@ inline void define_kernel_schemas(torch::Library& m) {
   m.def("pyra_merge(Tensor x, Tensor metric, int r, Tensor a, Tensor b, Tensor ln_weight, Tensor ln_bias, "
         "Tensor? size, bool class_token, bool distill_token, float eps) -> "
         "(Tensor out, Tensor out_size, Tensor src_idx, Tensor dst_idx, Tensor unm_idx, Tensor token_map)");
+  // PYRA backward (pyra_backward.cpp)
+  m.def("pyra_merge_backward(Tensor grad_out, Tensor? grad_out_size, Tensor x, Tensor? size, Tensor out, "
+        "Tensor out_size, Tensor src_idx, Tensor dst_idx, Tensor unm_idx, Tensor a, Tensor b, Tensor ln_weight, "
+        "Tensor ln_bias, float eps, bool distill_token) -> (Tensor grad_x, Tensor grad_a, Tensor grad_b, "
+        "Tensor grad_ln_weight, Tensor grad_ln_bias, Tensor grad_size)");
 }
 
 }  // namespace fpet

@@ -2,8 +2,8 @@
 
 Read top to bottom:
   1. reference: the spec in plain PyTorch (fallback and oracle) and the closed-form backward;
-  2. registered ops ``torch.ops.fpet.pyra_merge`` (C++ kernels) and ``pyra_merge_triton``, fake
-     kernels, autograd;
+  2. registered ops ``torch.ops.fpet.{pyra_merge, pyra_merge_backward}`` (C++ kernels) and their
+     ``_triton`` twins, fake kernels, autograd;
   3. the public API ``pyra_merge``.
 
 Per merging layer PYRA learns ``a`` [r, 1], ``b`` [1, C] and a LayerNorm over C. On the sized
@@ -126,9 +126,21 @@ def _fake_pyra(x, metric, r, a, b, ln_weight, ln_bias, size, class_token, distil
             x.new_empty(bsz, n, **i64))
 
 
+def _fake_pyra_backward(grad_out, grad_out_size, x, size, out, out_size, src, dst, unm, a, b, ln_weight, ln_bias,
+                        eps, distill_token):
+    return (torch.empty_like(x), torch.empty_like(a), torch.empty_like(b), torch.empty_like(ln_weight),
+            torch.empty_like(ln_bias), x.new_empty(*x.shape[:2], 1, dtype=out_size.dtype))
+
+
 library.define("pyra_merge", "(Tensor x, Tensor metric, int r, Tensor a, Tensor b, Tensor ln_weight, "
                              "Tensor ln_bias, Tensor? size, bool class_token, bool distill_token, float eps) "
                              "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", _fake_pyra, "tome_triton")
+# The fused backward (csrc/cpu/pyra_backward.cpp, csrc/cuda/pyra_backward.cu, pyra_triton_backward.py).
+library.define("pyra_merge_backward", "(Tensor grad_out, Tensor? grad_out_size, Tensor x, Tensor? size, Tensor out, "
+                                      "Tensor out_size, Tensor src_idx, Tensor dst_idx, Tensor unm_idx, Tensor a, "
+                                      "Tensor b, Tensor ln_weight, Tensor ln_bias, float eps, bool distill_token) "
+                                      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", _fake_pyra_backward,
+               "pyra_triton_backward")
 
 
 def _pyra_setup(ctx, inputs, output):
@@ -145,8 +157,8 @@ def _pyra_backward(ctx, grad_out, grad_out_size, *_):
     if ctx.r == 0:
         return (grad_out if need[0] else None, None, None, torch.zeros_like(a), torch.zeros_like(b),
                 torch.zeros_like(lnw), torch.zeros_like(lnb), grad_out_size if need[7] else None, None, None, None)
-    # One formula for every kernel family: a dozen batched PyTorch ops, device-agnostic.
-    gx, ga, gb, gw, gbias, gs = pyra_merge_backward_reference(
+    # the fused backward of the forward's kernel family
+    gx, ga, gb, gw, gbias, gs = ctx.kernels.pyra_merge_backward(
         grad_out, grad_out_size, x, size, out, out_size, src, dst, unm, a, b, lnw, lnb, *ctx.args)
     return (gx if need[0] else None, None, None, ga if need[3] else None, gb if need[4] else None,
             gw if need[5] else None, gbias if need[6] else None, gs.to(size.dtype) if need[7] else None,
