@@ -181,7 +181,7 @@ def run_variant(model, x, method, backend, mode, args):
             fwd()
             tokens = None
             if method != "-":
-                size = fk.patch.merge_state(model)["size"]
+                size = fk.patch.merge_state(model, x[:1])["size"]
                 tokens = None if size is None else int(size.shape[1])
             if mode == "graph":
                 graph = CapturedForward(fwd)

@@ -307,10 +307,45 @@ def warm_profiler() -> None:
         pass
 
 
+# ----------------------------------------------------------------------------- spread
+# The fused path's logits may differ from the reference patch's by at most this fraction of the
+# reference logits' standard deviation (max abs difference); beyond it bench_model.py exits with status 3.
+# float32: the kernels sum in another order (observed <= 1e-6 of the std); half precision: rounding of
+# the merged tokens and, rarely, a near-tie matched the other way.
+LOGIT_TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 1e-1}
+
+
+def spread(values) -> float:
+    """Half the range of ``values`` after dropping the highest and the lowest when there are 5 or more
+    (one round disturbed by another process does not widen it); 0 for fewer than 2 values.
+
+    A speed-up printed as ``1.61x ±0.03`` means the per-round speed-ups (each the ratio of two
+    forwards timed back to back in the same round) lie within 1.58-1.64 (bar the extreme two)."""
+    v = sorted(values)
+    if len(v) >= 5:
+        v = v[1:-1]
+    return (v[-1] - v[0]) / 2 if len(v) >= 2 else 0.0
+
+
+def paired_ratios(num: dict, den: dict) -> list:
+    """``num[k] / den[k]`` for every round ``k`` both have: ratios of samples taken in the same round."""
+    return [num[k] / den[k] for k in sorted(set(num) & set(den)) if den[k] > 0]
+
+
+def ratio_stats(num: dict, den: dict):
+    """(median, spread) of the paired per-round ratios ``num / den``; (None, None) without a common round,
+    (median, None) with one (no spread to tell)."""
+    r = paired_ratios(num, den)
+    if not r:
+        return None, None
+    return statistics.median(r), (spread(r) if len(r) >= 2 else None)
+
+
 # ----------------------------------------------------------------------------- CSV and plot
 CSV_FIELDS = ["date", "device", "device_type", "torch", "timm", "triton", "version", "commit", "model", "variant",
-              "method", "r", "dtype", "batch", "mode", "median_ms", "min_ms", "images_per_s", "speedup", "bound_ms",
-              "bound_speedup", "target", "target_met", "fused_backend", "reps", "note"]
+              "method", "r", "dtype", "batch", "mode", "median_ms", "spread_ms", "min_ms", "images_per_s", "speedup",
+              "speedup_spread", "vs_reference_patch", "vs_reference_patch_spread", "bound_ms", "bound_speedup",
+              "target", "target_met", "fused_backend", "reps", "max_dlogit", "logit_tolerance", "note"]
 
 
 def ips_text(batch: int, ms: float) -> str:

@@ -18,7 +18,7 @@ from .ops.tome import (Matching, ToMeMerge, ToMeUnmerge, bipartite_soft_matching
                        tome_match, tome_merge, unmerge)
 from . import patch, reference  # noqa: E402
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402  (the one version string: fpet_kernels/_version.py)
 
 __all__ = [
     "backends", "bipartite_soft_matching", "bipartite_diff_matching", "merge_wavg", "merge_source", "parse_r",

@@ -73,19 +73,27 @@ def load_extension() -> None:
     global _EXT, _EXT_ERROR
     if _EXT is not None:
         return
+    from ._version import check_extension_torch
     try:
         _EXT = importlib.import_module("fpet_kernels._C")
         _EXT_ERROR = None
     except ImportError as exc:  # pragma: no cover - depends on the install
-        _EXT_ERROR = ("fpet_kernels._C is not built (pip install --no-build-isolation -e .)"
-                      if isinstance(exc, ModuleNotFoundError) else f"{type(exc).__name__}: {exc}")
+        other_torch = check_extension_torch()  # a build for another torch fails to load: say so
+        if other_torch:
+            _EXT_ERROR = other_torch
+            warnings.warn(other_torch, RuntimeWarning, stacklevel=2)
+        elif isinstance(exc, ModuleNotFoundError):
+            _EXT_ERROR = "fpet_kernels._C is not built (pip install --no-build-isolation -e .)"
+        else:
+            _EXT_ERROR = f"{type(exc).__name__}: {exc}"
         return
-    built = getattr(_EXT, "TORCH_VERSION", None)
+    built = getattr(_EXT, "TORCH_VERSION", None)  # compiled into _C: known even without _build_info.py
     running = torch.__version__.split("+")[0]
-    if built is not None and built != running:  # pragma: no cover - depends on the install
-        warnings.warn(f"fpet_kernels._C was compiled against torch {built} but torch {running} is loaded; "
-                      "rebuild it (pip install --no-build-isolation --force-reinstall --no-deps .) if an op "
-                      "fails to load or crashes", RuntimeWarning, stacklevel=2)
+    msg = check_extension_torch() or (
+        f"fpet_kernels._C was compiled against torch {built} but torch {running} is loaded; rebuild it "
+        "(pip install --no-build-isolation --no-deps --force-reinstall .)" if built and built != running else None)
+    if msg:  # pragma: no cover - depends on the install
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
 
 
 def extension_loaded() -> bool:

@@ -54,15 +54,62 @@ def test_zero_cost_wraps_and_restores(mc):
     assert mc.signature(model) == clean
 
 
-def test_bench_model_quick(tmp_path):
+def test_spread_and_paired_ratios(mc):
+    assert mc.spread([]) == 0 and mc.spread([5.0]) == 0
+    assert mc.spread([1.0, 3.0]) == 1.0
+    assert mc.spread([10.0, 1.0, 2.0, 3.0, -7.0]) == 1.0  # the extremes 10 and -7 are dropped from 5 values on
+    num, den = {0: 10.0, 1: 12.0, 2: 9.0}, {0: 5.0, 1: 6.0, 3: 1.0}
+    assert mc.paired_ratios(num, den) == [2.0, 2.0]  # only the rounds both have
+    assert mc.ratio_stats(num, den) == (2.0, 0.0)
+    assert mc.ratio_stats({0: 1.0}, {0: 2.0}) == (0.5, None)  # one round: no spread to tell
+    assert mc.ratio_stats({0: 1.0}, {1: 2.0}) == (None, None)
+
+
+def _bench(tmp_path, *extra):
     try:
         import matplotlib  # noqa: F401
         plot = []
     except ImportError:
         plot = ["--no-plot"]
     cmd = [sys.executable, os.path.join(BENCH, "bench_model.py"), "--quick", "--device", "cpu", "--model", TINY,
-           "--out", str(tmp_path)] + plot
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+           "--out", str(tmp_path)] + plot + list(extra)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900), plot
+
+
+def test_bench_model_detects_wrong_logits(tmp_path):
+    """A fused path whose logits differ from the reference patch's makes the job fail (status 3): here
+    the tolerance is made negative, so that any difference (even 0) counts."""
+    code = ("import sys; sys.path.insert(0, %r); import bench_model as bm; "
+            "bm.LOGIT_TOLERANCE = {'float32': -1.0}; "
+            "sys.exit(bm.main(['--quick', '--device', 'cpu', '--model', %r, '--methods', 'tome', '--sweep-r', "
+            "'--no-plot', '--out', %r]))" % (BENCH, TINY, str(tmp_path)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "the fused path disagrees with the reference patch" in proc.stderr
+    assert "LOGITS DIFFER" in proc.stdout
+
+
+def test_bench_model_train_quick(tmp_path):
+    proc, _ = _bench(tmp_path, "--train", "--methods", "fpet", "tome")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "PET fine-tuning step" in proc.stdout
+    with open(tmp_path / "model_train_cpu.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["variant"], r["method"]) for r in rows] == [
+        ("plain PET", "-"), ("reference patch", "fpet"), ("fused", "fpet"), ("reference patch", "tome"),
+        ("fused", "tome")]
+    saved = {(r["variant"], r["method"]): float(r["saved_mib"]) for r in rows}
+    assert all(float(r["median_ms"]) > 0 for r in rows)
+    # merging keeps fewer activations for the backward than the plain PET model
+    assert saved[("fused", "fpet")] < saved[("plain PET", "-")]
+    assert saved[("fused", "tome")] < saved[("plain PET", "-")]
+    for m in ("fpet", "tome"):
+        fused = next(r for r in rows if r["variant"] == "fused" and r["method"] == m)
+        assert float(fused["max_dlogit"]) <= float(fused["logit_tolerance"])
+
+
+def test_bench_model_quick(tmp_path):
+    proc, plot = _bench(tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| variant | method | r | dtype | B |" in proc.stdout
     assert "ToMe r sweep" in proc.stdout
@@ -72,10 +119,10 @@ def test_bench_model_quick(tmp_path):
     assert {r["method"] for r in rows} == {"-", "tome", "fpet", "pyra"}
     assert {r["r"] for r in rows if r["method"] == "tome"} == {"0", "16"}
     assert all(r["batch"] == "1" and r["dtype"] == "float32" and r["model"] == TINY for r in rows)
-    for r in rows:  # measured, or (before fpet_kernels.patch existed) marked unavailable
-        assert r["median_ms"] or r["note"].startswith("unavailable"), r
-        if r["median_ms"]:
-            assert float(r["median_ms"]) > 0 and float(r["images_per_s"]) > 0
-    assert any(r["median_ms"] for r in rows if r["variant"] == "fused")  # fpet_kernels.patch exists now
+    for r in rows:
+        assert float(r["median_ms"]) > 0 and float(r["images_per_s"]) > 0 and r["reps"] == "1", r
+    for r in rows:  # every fused row was checked against the reference patch
+        if r["variant"] == "fused" and r["r"] != "0":
+            assert float(r["max_dlogit"]) <= float(r["logit_tolerance"]), r
     if not plot:
         assert (tmp_path / "model_throughput_cpu.png").stat().st_size > 0
