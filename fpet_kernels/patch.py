@@ -124,8 +124,8 @@ class _FKBlock:
                 info["token_map"] = compose_token_map(info["token_map"], tmap)
         y = self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         adapter = getattr(self, "fk_adapter", None)
-        if adapter is not None:
-            y = y + adapter(x)
+        if adapter is not None:  # an adapter with fused_residual adds y itself (one fused op)
+            y = adapter(x, y) if getattr(adapter, "fused_residual", False) else y + adapter(x)
         return x + y
 
 
