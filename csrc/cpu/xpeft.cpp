@@ -26,6 +26,18 @@ struct XpeftScratch {
   std::vector<float> x, h, y, res;
 };
 
+// The m x d float32 rows of a tile: x itself when it is float32, else converted into buf.
+template <typename T>
+const float* tile_rows(const T* src, int64_t m, int64_t d, std::vector<float>& buf) {
+  buf.resize(static_cast<size_t>(m * d));
+  for (int64_t i = 0; i < m; ++i) load_row(src + i * d, buf.data() + i * d, d);
+  return buf.data();
+}
+template <>
+const float* tile_rows<float>(const float* src, int64_t, int64_t, std::vector<float>&) {
+  return src;
+}
+
 struct XpeftTask {
   int64_t row, n0, n1;
 };
@@ -141,18 +153,11 @@ at::Tensor xpeft_adapter_cpu(const at::Tensor& x_, const std::optional<at::Tenso
       sc.h.resize(static_cast<size_t>(kTileTokens * rp));
       sc.y.resize(static_cast<size_t>(kTileTokens * dp));
       sc.res.resize(static_cast<size_t>(d));
-      if constexpr (!std::is_same_v<scalar_t, float>) sc.x.resize(static_cast<size_t>(kTileTokens * d));
       for (int64_t t = t0; t < t1; ++t) {
         const XpeftTask& task = tasks[t];
         const int64_t p = pp[task.row], m = task.n1 - task.n0;
         const int64_t base = (task.row * N + task.n0) * d;
-        const float* X;
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          X = xp + base;
-        } else {
-          for (int64_t i = 0; i < m; ++i) load_row(xp + base + i * d, sc.x.data() + i * d, d);
-          X = sc.x.data();
-        }
+        const float* X = tile_rows<scalar_t>(xp + base, m, d, sc.x);
         // h = relu(X @ down[p] + down_bias[p])   [m, rp]
         float* H = sc.h.data();
         gemm_packed(m, rp, d, X, d, 1, down_panel(p), rp, H, rp);
