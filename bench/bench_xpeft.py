@@ -38,18 +38,25 @@ def _sync(dev):
         torch.cuda.synchronize()
 
 
-def timeit(fn, dev, repeats: int, warmup: int = 2) -> float:
-    """Median wall time of ``fn()`` in ms."""
-    for _ in range(warmup):
-        fn()
+STAT = {"median": statistics.median, "min": min}
+
+
+def time_all(fns: dict, dev, repeats: int, stat: str = "median", warmup: int = 2) -> dict:
+    """Wall time in ms of each ``fns[name]()``, median or minimum of ``repeats`` rounds. The
+    providers run interleaved, one call each per round, so that a shared machine's drifting load
+    hits all of them alike (the ratios are what the targets are about)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     _sync(dev)
-    ts = []
+    ts = {k: [] for k in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        _sync(dev)
-        ts.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ts)
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            _sync(dev)
+            ts[k].append((time.perf_counter() - t) * 1e3)
+    return {k: STAT[stat](v) for k, v in ts.items()}
 
 
 def loop_over_profiles(x, idx, down, db, up, ub, s):
@@ -79,17 +86,23 @@ def main(argv=None):
     ap.add_argument("--shapes", default="vit-b,minilm")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--backend", default=None, help="fused op backend (default: automatic)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--stat", default="median", choices=tuple(STAT),
+                    help="median, or min (best of the repeats: steadier on a shared machine)")
     ap.add_argument("--quick", action="store_true", help="B=8, P in 1,8, 3 repeats (smoke test)")
     args = ap.parse_args(argv)
     if args.quick:
         args.batch, args.profiles, args.repeats = 8, "1,8", 3
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev, dt = torch.device(args.device), getattr(torch, args.dtype)
+    rep = dict(repeats=args.repeats, stat=args.stat)
     ps = [int(p) for p in args.profiles.split(",")]
     r, s = args.rank, 0.1
     print(f"device {dev}, {args.dtype}, B={args.batch}, rank {r}, threads {torch.get_num_threads()}, "
           f"torch {torch.__version__}")
     hdr = f"{'shape':<8} {'P':>3} {'fused':>9} {'one-prof':>9} {'ratio':>6} {'loop':>9} {'loop/1':>7} " \
-          f"{'einsum':>9} {'torch-1':>9} {'combine':>9}  (ms, median of {args.repeats})"
+          f"{'einsum':>9} {'torch-1':>9} {'combine':>9}  (ms, {args.stat} of {args.repeats})"
     print(hdr)
     worst = {}
     for shape in args.shapes.split(","):
@@ -104,24 +117,23 @@ def main(argv=None):
         bank = torch.randn(args.bank, d, r, generator=g).to(dev, dt)
         idx1 = torch.zeros(args.batch, dtype=torch.int64, device=dev)
         with torch.inference_mode():
-            t_one = timeit(lambda: xpeft_adapter(x, idx1, down[:1], db[:1], up[:1], ub[:1], s, backend=args.backend),
-                           dev, args.repeats)
-            t_torch = timeit(lambda: x + s * (torch.relu(x @ down[0] + db[0]) @ up[0] + ub[0]), dev, args.repeats)
-            t_loop1 = timeit(lambda: loop_over_profiles(x, idx1, down, db, up, ub, s), dev, args.repeats)
             for p in ps:
                 idx = (torch.arange(args.batch, device=dev) % p)[torch.randperm(args.batch, generator=g).to(dev)]
                 w = torch.softmax(torch.randn(p, args.bank, generator=g), -1).to(dev, dt)
-                t_f = timeit(lambda: xpeft_adapter(x, idx, down[:p], db[:p], up[:p], ub[:p], s, backend=args.backend),
-                             dev, args.repeats)
-                t_l = timeit(lambda: loop_over_profiles(x, idx, down, db, up, ub, s), dev, args.repeats)
-                t_e = timeit(lambda: einsum_per_example(x, idx, down, db, up, ub, s), dev, args.repeats)
-                # combination of P profiles' down and up projections over the bank, one layer
-                t_c = timeit(lambda: (torch.einsum("pn,ndr->pdr", w, bank), torch.einsum("pn,ndr->pdr", w, bank)),
-                             dev, args.repeats)
-                ratio = t_f / t_one
+                t = time_all({
+                    "fused": lambda: xpeft_adapter(x, idx, down[:p], db[:p], up[:p], ub[:p], s, backend=args.backend),
+                    "one": lambda: xpeft_adapter(x, idx1, down[:1], db[:1], up[:1], ub[:1], s, backend=args.backend),
+                    "loop": lambda: loop_over_profiles(x, idx, down, db, up, ub, s),
+                    "loop1": lambda: loop_over_profiles(x, idx1, down, db, up, ub, s),
+                    "einsum": lambda: einsum_per_example(x, idx, down, db, up, ub, s),
+                    "torch1": lambda: x + s * (torch.relu(x @ down[0] + db[0]) @ up[0] + ub[0]),
+                    # combination of P profiles' down and up projections over the bank, one layer
+                    "combine": lambda: (torch.einsum("pn,ndr->pdr", w, bank), torch.einsum("pn,ndr->pdr", w, bank)),
+                }, dev, **rep)
+                ratio = t["fused"] / t["one"]
                 worst[(shape, p)] = ratio
-                print(f"{shape:<8} {p:>3} {t_f:>9.3f} {t_one:>9.3f} {ratio:>5.2f}x {t_l:>9.3f} {t_l / t_loop1:>6.2f}x "
-                      f"{t_e:>9.3f} {t_torch:>9.3f} {t_c:>9.3f}")
+                print(f"{shape:<8} {p:>3} {t['fused']:>9.3f} {t['one']:>9.3f} {ratio:>5.2f}x {t['loop']:>9.3f} "
+                      f"{t['loop'] / t['loop1']:>6.2f}x {t['einsum']:>9.3f} {t['torch1']:>9.3f} {t['combine']:>9.3f}")
     big = [(k, v) for k, v in worst.items() if k[1] == max(ps)]
     for (shape, p), v in big:
         print(f"target {shape}: fused P={p} / one profile = {v:.2f}x (target <= {TARGET}x): "
