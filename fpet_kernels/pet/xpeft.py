@@ -47,7 +47,6 @@ optionally the tensors of a head module.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from collections import OrderedDict
