@@ -53,9 +53,10 @@ OP_KERNELS = {
     "unmerge": ("unmerge", "merge_sum"),
     "fpet_merge": ("fpet_merge", "fpet_merge_backward"),
     "pyra_merge": ("pyra_merge", "pyra_merge_backward"),
+    "xpeft_adapter": ("xpeft_adapter",),  # its backward is PyTorch on every backend; no CUDA C++ kernel
 }
 RAW_KERNELS = ("tome_match", "tome_merge", "merge_wavg", "merge_wavg_backward", "unmerge", "merge_sum",
-               "fpet_merge", "fpet_merge_backward", "pyra_merge", "pyra_merge_backward")
+               "fpet_merge", "fpet_merge_backward", "pyra_merge", "pyra_merge_backward", "xpeft_adapter")
 # Recorded benchmark results (see the module docstring and fpet_kernels/tuning/README.md).
 TUNING_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuning")
 RESULTS_FORMAT = 1

@@ -58,7 +58,10 @@ class FKBlock(Block):
     def _mlp_residual(self, x: Tensor) -> Tensor:
         y = self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         adapter = getattr(self, "fk_adapter", None)
-        return x + (y if adapter is None else y + adapter(x))
+        if adapter is None:
+            return x + y
+        # an adapter with ``fused_residual`` (X-PEFT) adds y itself, in the same fused op
+        return x + (adapter(x, y) if getattr(adapter, "fused_residual", False) else y + adapter(x))
 
 
 # ----------------------------------------------------------------------------- model

@@ -12,3 +12,5 @@ Modules:
 """
 from .modules import *  # noqa: F401,F403
 from .modules import __all__  # noqa: F401
+from .xpeft import (XPeft, XPeftSite, add_profile, load_profile, mask_weights, profile_bytes, profile_names,  # noqa: F401,E402
+                    remove_profile, save_profile, set_profiles, train_profile)
