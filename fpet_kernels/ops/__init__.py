@@ -1,2 +1,2 @@
 """One module per op family: reference -> registered op -> fake kernel -> autograd -> public API."""
-from . import fpet, pyra, tome  # noqa: F401  (importing registers torch.ops.fpet.*)
+from . import fpet, pyra, sparse, tome  # noqa: F401  (importing registers torch.ops.fpet.*)
