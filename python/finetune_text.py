@@ -167,7 +167,7 @@ def run_method(method, base_model, data, args, progress):
             progress.set_postfix(method=method, loss=f"{loss:.3f}")
     # peak memory of one more step on a fixed batch (same batch for every method)
     ids, mask, y = next(batches(train_enc, train_y, args.batch_size, seed=12345))
-    peak = peak_step_memory(lambda: step(ids, mask, y))
+    peak = peak_step_memory(lambda: step(ids, mask, y)) if args.memory else float("nan")
     acc = evaluate(model, test_enc, test_y, args.eval_batch_size)
     path = os.path.join(args.out, f"task_{method}.safetensors")
     stored = full_bytes(model, path) if method == "full" else pet.save(model, path)["bytes"]
@@ -261,6 +261,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=3, help="steps left out of the step time")
     ap.add_argument("--latency-repeats", type=int, default=10)
+    ap.add_argument("--no-memory", dest="memory", action="store_false",
+                    help="skip the peak-memory measurement (the profiler's memory timeline is slow on a busy CPU)")
     ap.add_argument("--rank", type=int, default=8, help="LoRA and HiWi rank")
     ap.add_argument("--pafi-ratio", type=float, default=0.005)
     ap.add_argument("--hiwi-targets", default="ffn_bias")
