@@ -384,7 +384,7 @@ class PyraModulation(nn.Module):
 
     def forward(self, x: Tensor, metric: Tensor, size: Optional[Tensor] = None, class_token: bool = False,
                 distill_token: bool = False, backend: Optional[str] = None, return_matching: bool = False):
-        from .ops.pyra import pyra_merge
+        from ..ops.pyra import pyra_merge
         return pyra_merge(x, metric, self.r, self.a, self.b, self.norm.weight, self.norm.bias, size=size,
                           class_token=class_token, distill_token=distill_token, eps=self.norm.eps,
                           backend=backend, return_matching=return_matching)
