@@ -54,9 +54,11 @@ OP_KERNELS = {
     "fpet_merge": ("fpet_merge", "fpet_merge_backward"),
     "pyra_merge": ("pyra_merge", "pyra_merge_backward"),
     "xpeft_adapter": ("xpeft_adapter",),  # its backward is PyTorch on every backend; no CUDA C++ kernel
+    "masked_weight_grad": ("masked_weight_grad",),  # PaFi's sparse weight gradient; no CUDA C++ kernel
 }
 RAW_KERNELS = ("tome_match", "tome_merge", "merge_wavg", "merge_wavg_backward", "unmerge", "merge_sum",
-               "fpet_merge", "fpet_merge_backward", "pyra_merge", "pyra_merge_backward", "xpeft_adapter")
+               "fpet_merge", "fpet_merge_backward", "pyra_merge", "pyra_merge_backward", "xpeft_adapter",
+               "masked_weight_grad")
 # Recorded benchmark results (see the module docstring and fpet_kernels/tuning/README.md).
 TUNING_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuning")
 RESULTS_FORMAT = 1

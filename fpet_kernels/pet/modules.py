@@ -27,7 +27,8 @@ from torch import Tensor
 __all__ = [
     "BINARY_LEVEL", "binarize", "BinaryLinear", "pack_binary", "unpack_binary", "AdaptFormerAdapter", "LoRAQKV",
     "RefinementAdapter", "PyraModulation", "PET_MODULES", "METHODS", "apply", "merge_lora", "mark_trainable",
-    "pet_parameters", "parameter_report", "format_report", "register_method", "methods",
+    "pet_parameters", "parameter_report", "format_report", "register_method", "methods", "HEAD_NAMES",
+    "register_pet_module", "is_pet_module", "register_folder", "fold", "heads",
 ]
 
 #: The two optimal 1-bit quantisation levels of a standard normal are +-sqrt(2/pi) (= E|z|).
@@ -106,13 +107,24 @@ class BinaryLinear(nn.Linear):
     latent full-precision weight is what the optimiser updates (straight-through)."""
 
     binary = True
+    #: ``(mu, sigma)`` fixed by ``pet.load`` for a layer restored from its packed bits (then the latent
+    #: weight holds the two levels and the forward reproduces the saved weight bit for bit); None: the
+    #: statistics of the latent weight, as in training.
+    binary_stats: Optional[Tuple[float, float]] = None
 
     def binary_weight(self) -> Tensor:
         """The weight the forward uses (differentiable, straight-through)."""
+        if self.binary_stats is not None:
+            w = self.weight
+            dt = _stat_dtype(w.dtype)
+            mu = torch.tensor(self.binary_stats[0], dtype=dt, device=w.device)
+            sigma = torch.tensor(self.binary_stats[1], dtype=dt, device=w.device)
+            w_q = _levels(w.detach().to(dt) >= mu, mu, sigma, w.dtype)
+            return w_q + (w - w.detach()) if w.requires_grad else w_q
         return binarize(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, binarize(self.weight), self.bias)
+        return F.linear(x, self.binary_weight(), self.bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "BinaryLinear":
@@ -139,7 +151,12 @@ def pack_binary(linear: nn.Linear) -> dict:
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"linear must be an nn.Linear (e.g. BinaryLinear), got {type(linear).__name__}")
     w = linear.weight.detach()
-    mu, sigma = _stats(w)
+    fixed = getattr(linear, "binary_stats", None)
+    if fixed is not None:
+        mu = torch.tensor(fixed[0], dtype=_stat_dtype(w.dtype), device=w.device)
+        sigma = torch.tensor(fixed[1], dtype=_stat_dtype(w.dtype), device=w.device)
+    else:
+        mu, sigma = _stats(w)
     bits = (w.to(mu.dtype) >= mu).flatten().to(torch.uint8)
     pad = (-bits.numel()) % 8
     if pad:
@@ -243,6 +260,20 @@ class LoRAQKV(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A_v.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B_q.weight)
         nn.init.zeros_(self.lora_B_v.weight)
+        self._register_load_state_dict_pre_hook(self._load_plain_keys)
+
+    def _load_plain_keys(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                         error_msgs):
+        """A plain checkpoint (``qkv.weight``/``qkv.bias``, as timm saves it) loads into the wrapped
+        ``base``; LoRA parameters absent from it keep their current values."""
+        plain = [k for k in ("weight", "bias") if prefix + k in state_dict and prefix + "base." + k not in state_dict]
+        if not plain:
+            return
+        for k in plain:
+            state_dict[prefix + "base." + k] = state_dict.pop(prefix + k)
+        for name, p in self.named_parameters():
+            if not name.startswith("base.") and prefix + name not in state_dict:
+                state_dict[prefix + name] = p.detach()
 
     # delegation to the wrapped linear
     @property
@@ -364,6 +395,27 @@ class PyraModulation(nn.Module):
 
 #: Module types whose parameters are PET parameters (for LoRAQKV: all but the wrapped ``.base``).
 PET_MODULES = (LoRAQKV, AdaptFormerAdapter, RefinementAdapter, PyraModulation)
+#: Types added by other method modules (PaFi, HiWi, ...) through :func:`register_pet_module`.
+_EXTRA_PET_TYPES: List[type] = []
+
+
+def register_pet_module(cls: type) -> type:
+    """Declare ``cls`` a PET module type. Its PET parameters are ``cls.pet_named_parameters(self)``
+    when it defines that method (e.g. a linear layer whose own weight stays frozen), else all of them."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"cls must be an nn.Module subclass, got {cls!r}")
+    if cls not in _EXTRA_PET_TYPES and cls not in PET_MODULES:
+        _EXTRA_PET_TYPES.append(cls)
+    return cls
+
+
+def _pet_types() -> tuple:
+    return PET_MODULES + tuple(_EXTRA_PET_TYPES)
+
+
+def is_pet_module(mod: nn.Module) -> bool:
+    """True for an instance of a PET module type (built-in or registered)."""
+    return isinstance(mod, _pet_types())
 
 
 # ----------------------------------------------------------------------------- 3. model-level helpers
@@ -470,18 +522,23 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def _pet_modules(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
     """Outermost PET modules of ``model`` (a PET module nested in another is covered by its parent)."""
-    if isinstance(model, PET_MODULES):
+    types = _pet_types()
+    if isinstance(model, types):
         yield "", model
         return
     found: List[str] = []
     for name, mod in model.named_modules():
-        if isinstance(mod, PET_MODULES) and not any(name.startswith(f + ".") for f in found):
+        if isinstance(mod, types) and not any(name.startswith(f + ".") for f in found):
             found.append(name)
             yield name, mod
 
 
 def _own_parameters(mod: nn.Module) -> Iterator[Tuple[str, nn.Parameter]]:
-    """A PET module's own parameters: all of them, except a LoRAQKV's wrapped base."""
+    """A PET module's own parameters: all of them, except a LoRAQKV's wrapped base (and what a
+    registered type's ``pet_named_parameters`` leaves out)."""
+    if hasattr(mod, "pet_named_parameters"):
+        yield from mod.pet_named_parameters()
+        return
     for name, p in mod.named_parameters():
         if isinstance(mod, LoRAQKV) and name.startswith("base."):
             continue
@@ -499,21 +556,62 @@ def pet_parameters(model: nn.Module) -> List[nn.Parameter]:
     return out
 
 
+#: The task heads :func:`mark_trainable` trains and ``pet.save`` stores: timm's ``head``, ``head_dist``
+#: (DeiT distilled), ``attn_pool`` (SigLIP / MAP pooling) and ``fc_norm`` (what ``reset_classifier``
+#: replaces), and Hugging Face's ``classifier`` (BERT/RoBERTa/ViT ``*ForSequenceClassification`` /
+#: ``*ForImageClassification``) and ``score``. Attributes of the model itself only; a pre-trained
+#: ``pooler`` is part of the backbone and stays frozen.
+HEAD_NAMES = ("head", "head_dist", "attn_pool", "fc_norm", "classifier", "score")
+
+
+def heads(model: nn.Module) -> Dict[str, nn.Module]:
+    """``{name: module}`` for the heads of ``model`` among :data:`HEAD_NAMES` that hold parameters."""
+    out = {}
+    for name in HEAD_NAMES:
+        mod = getattr(model, name, None)
+        if isinstance(mod, nn.Module) and any(True for _ in mod.parameters()):
+            out[name] = mod
+    return out
+
+
 def mark_trainable(model: nn.Module, train_head: bool = True) -> nn.Module:
-    """Freeze everything except the PET parameters and, when ``train_head``, ``model.head``; returns model."""
+    """Freeze everything except the PET parameters (LoRA, adapters, PaFi's deltas, HiWi's adapters, ...)
+    and, when ``train_head``, every head of the model (:data:`HEAD_NAMES`); returns model."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _bool("train_head", train_head)
-    head = getattr(model, "head", None)
-    if train_head and not isinstance(head, nn.Module):
-        raise ValueError(f"train_head=True but model ({type(model).__name__}) has no .head module; "
+    found = heads(model)
+    if train_head and not found:
+        raise ValueError(f"train_head=True but model ({type(model).__name__}) has none of the heads {HEAD_NAMES}; "
                          "pass train_head=False")
     model.requires_grad_(False)
     for p in pet_parameters(model):
         p.requires_grad_(True)
     if train_head:
-        head.requires_grad_(True)
+        for mod in found.values():
+            mod.requires_grad_(True)
     return model
+
+
+#: Functions that write one method's trained state into the backbone's own modules (see :func:`fold`).
+_FOLDERS: List[object] = []
+
+
+def register_folder(fn) -> None:
+    """Make :func:`fold` call ``fn(model)`` (PaFi, HiWi and other weight-side methods register one)."""
+    if fn not in _FOLDERS:
+        _FOLDERS.append(fn)
+
+
+def fold(model: nn.Module) -> nn.Module:
+    """Write every foldable PET method into the backbone's weights, in place: LoRA (``merge_lora``), PaFi
+    deltas, HiWi adapters. Afterwards those layers are plain ``nn.Linear`` again: the module types and
+    the forward are the backbone's. Returns model."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    for fn in _FOLDERS:
+        fn(model)
+    return merge_lora(model)
 
 
 def parameter_report(model: nn.Module) -> Dict[str, object]:
@@ -551,8 +649,7 @@ def parameter_report(model: nn.Module) -> Dict[str, object]:
         entry[0] += 1
         entry[1] += n_mod
         entry[2] += b_mod
-    head = getattr(model, "head", None)
-    head_params = sum(p.numel() for p in head.parameters()) if isinstance(head, nn.Module) else 0
+    head_params = sum(p.numel() for mod in heads(model).values() for p in mod.parameters())
     return dict(total_params=total, trainable_params=trainable, pet_params=pet_params, binary_params=binary_params,
                 pet_bytes=pet_bytes, pet_bytes_fp32=4 * pet_params, head_params=head_params,
                 by_type={k: tuple(v) for k, v in by_type.items()})

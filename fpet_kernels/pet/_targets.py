@@ -1,0 +1,83 @@
+"""Which ``nn.Linear`` layers of a model the weight-side methods (PaFi, HiWi) may touch.
+
+The transformer blocks are found structurally: the ``nn.ModuleList`` / ``nn.Sequential`` holding the
+most ``nn.Linear`` layers whose every child holds one (timm ``model.blocks``, Hugging Face
+``encoder.layer``). Linear layers inside PET modules (LoRA's low-rank factors, adapters) are never
+eligible. Feed-forward layers are recognised by their name inside the block: ``mlp.*`` / ``ffn.*`` /
+``feed_forward.*`` (timm, DistilBERT, ...) or ``intermediate.dense`` and ``output.dense`` (BERT,
+RoBERTa; ``attention.output.dense`` is the attention projection, not the feed-forward)."""
+from __future__ import annotations
+
+import re
+from typing import List, Sequence, Tuple, Union
+
+import torch.nn as nn
+
+from .modules import is_pet_module
+
+FFN_PATTERN = re.compile(r"(^|\.)(mlp|ffn|feed_forward)\.|^intermediate\.dense$|^output\.dense$")
+
+
+def _linear_names(mod: nn.Module) -> List[Tuple[str, nn.Linear]]:
+    """``(name, linear)`` for every nn.Linear under ``mod``, skipping PET modules' insides."""
+    out, skip = [], []
+    for name, m in mod.named_modules():
+        if any(name == s or name.startswith(s + ".") for s in skip):
+            continue
+        if is_pet_module(m) and not isinstance(m, nn.Linear):
+            skip.append(name)
+            continue
+        if isinstance(m, nn.Linear):
+            out.append((name, m))
+    return out
+
+
+def find_blocks(model: nn.Module) -> Tuple[str, nn.Module]:
+    """``(qualified name, container)`` of the model's block list (see the module doc)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    best, best_n = None, 0
+    for name, m in model.named_modules():
+        if not isinstance(m, (nn.ModuleList, nn.Sequential)) or len(m) == 0:
+            continue
+        counts = [len(_linear_names(child)) for child in m]
+        if min(counts) == 0:
+            continue
+        if sum(counts) > best_n:
+            best, best_n = (name, m), sum(counts)
+    if best is None:
+        raise ValueError(f"no eligible module: {type(model).__name__} has no list of blocks holding nn.Linear layers "
+                         "(timm ViT .blocks or Hugging Face encoder.layer); pass targets= as name patterns")
+    return best
+
+
+def block_linears(model: nn.Module, ffn_only: bool = False) -> List[Tuple[str, nn.Linear]]:
+    """Qualified names and modules of the nn.Linear layers inside the blocks (only the feed-forward
+    ones with ``ffn_only``), in module order."""
+    prefix, blocks = find_blocks(model)
+    out = []
+    for i, blk in enumerate(blocks):
+        for rel, lin in _linear_names(blk):
+            if ffn_only and not FFN_PATTERN.search(rel):
+                continue
+            out.append((f"{prefix}.{i}.{rel}" if prefix else f"{i}.{rel}", lin))
+    return out
+
+
+def pattern_linears(model: nn.Module, patterns: Union[str, Sequence[str]]) -> List[Tuple[str, nn.Linear]]:
+    """nn.Linear layers (outside PET modules) whose qualified name matches one of the regex
+    ``patterns`` (``re.search``)."""
+    pats = [patterns] if isinstance(patterns, str) else list(patterns)
+    if not pats or not all(isinstance(p, str) for p in pats):
+        raise TypeError(f"targets must be a string or a list of regex strings, got {patterns!r}")
+    try:
+        compiled = [re.compile(p) for p in pats]
+    except re.error as e:
+        raise ValueError(f"targets holds an invalid regular expression: {e}") from e
+    return [(n, m) for n, m in _linear_names(model) if any(c.search(n) for c in compiled)]
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)

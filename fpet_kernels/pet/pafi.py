@@ -1,0 +1,271 @@
+"""PaFi (Liao, Meng, Monz, ACL 2023): task-agnostic sparse fine-tuning of the pre-trained weights with
+the smallest absolute magnitude.
+
+    pet.apply(model, "pafi", ratio=0.005)   # the k smallest-|w| entries of each block nn.Linear weight train
+    pet.mark_trainable(model)               # the k-vectors ``pafi_delta`` (+ heads) train, all else frozen
+    ...train...
+    pet.fold(model)                         # plain nn.Linear layers again (the weights hold W0 + delta)
+
+Selection rule (:func:`pafi_mask`): per weight matrix (``scope="matrix"``, default) or over all eligible
+entries at once (``scope="global"``), the ``k = max(1, round(ratio * n))`` entries of smallest
+``|w|`` of the pre-trained weight, ties broken by the lower flat (row-major) index (in module order for
+``scope="global"``). It depends on the pre-trained weights and the settings only: every task shares it.
+
+Training cost: each target becomes a :class:`PaFiLinear` (an ``nn.Linear`` subclass sharing the original
+``weight``/``bias`` Parameters) with one trainable parameter, ``pafi_delta`` [k]. The forward is the plain
+dense layer on ``weight``, which holds ``W0 + scatter(delta)``: a forward pre-hook compares
+``pafi_delta._version`` with the version last written and, when the optimiser (or ``load``) changed
+the delta in place, rewrites the k entries (``index_put``, O(k)). The backward computes ``grad_x`` as the
+frozen layer does and the k weight-gradient entries with ``fpet_kernels.ops.sparse.masked_weight_grad``:
+no dense ``[out, in]`` weight gradient, optimiser state for k values only. (A delta changed through
+``.data`` bypasses the version counter: call :meth:`PaFiLinear.sync` after such writes.)
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..ops import sparse
+from . import _targets
+from .modules import register_folder, register_method, register_pet_module
+
+__all__ = ["pafi_mask", "pafi_indices", "PaFiLinear", "apply_pafi", "fold_pafi", "pafi_modules", "pafi_fingerprint",
+           "SCOPES"]
+
+SCOPES = ("matrix", "global")
+
+
+# ----------------------------------------------------------------------------- selection rule
+def _ratio(ratio) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(float(ratio)):
+        raise TypeError(f"ratio must be a real number in (0, 1], got {type(ratio).__name__} {ratio!r}")
+    if not 0.0 < float(ratio) <= 1.0:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    return float(ratio)
+
+
+def _budget(ratio: float, n: int) -> int:
+    return min(n, max(1, int(math.floor(ratio * n + 0.5))))
+
+
+def _smallest(values: Tensor, k: int) -> Tensor:
+    """Flat indices (ascending) of the k smallest ``values``, ties by the lower index."""
+    if torch.isnan(values).any():
+        raise ValueError("weight holds NaN: the magnitude ranking is undefined")
+    order = torch.sort(values, stable=True).indices[:k]
+    return order.sort().values
+
+
+def pafi_indices(weight: Tensor, ratio: float) -> Tensor:
+    """Row-major flat indices (int64, ascending) of the entries :func:`pafi_mask` selects."""
+    if not isinstance(weight, Tensor) or not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating torch.Tensor, got {type(weight).__name__}")
+    if weight.numel() == 0:
+        raise ValueError("weight must have at least one element")
+    ratio = _ratio(ratio)
+    return _smallest(weight.detach().abs().flatten(), _budget(ratio, weight.numel()))
+
+
+def pafi_mask(weight: Tensor, ratio: float) -> Tensor:
+    """PaFi's selection for one tensor: a bool tensor of ``weight``'s shape, True at the
+    ``k = max(1, round(ratio * weight.numel()))`` entries of smallest absolute value (ties: lower
+    row-major flat index first). ``ratio`` must be in (0, 1]."""
+    idx = pafi_indices(weight, ratio)
+    mask = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
+    mask[idx] = True
+    return mask.view(weight.shape)
+
+
+def _global_indices(weights: Sequence[Tensor], ratio: float) -> List[Tensor]:
+    """``scope="global"``: one ranking over all entries, concatenated in module order."""
+    dt = torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
+    flat = torch.cat([w.detach().abs().flatten().to(dt) for w in weights])
+    idx = _smallest(flat, _budget(ratio, flat.numel()))
+    out, start = [], 0
+    for w in weights:
+        sel = idx[(idx >= start) & (idx < start + w.numel())] - start
+        out.append(sel)
+        start += w.numel()
+    return out
+
+
+# ----------------------------------------------------------------------------- the layer
+class _PaFiLinearFn(torch.autograd.Function):
+    """``y = F.linear(x, weight, bias)``; gradients: x (dense, as a frozen layer), bias when it trains,
+    ``delta`` through the masked weight-gradient op; never the dense weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, delta, rows, cols, backend):
+        ctx.backend = backend
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x if ctx.needs_input_grad[3] else None, weight, rows, cols)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rows, cols = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g_x = g_b = g_d = None
+        if need[0]:
+            g_x = dy.matmul(weight.to(dy.dtype))
+        if ctx.has_bias and need[2]:
+            g_b = dy.reshape(-1, dy.shape[-1]).sum(0)
+        if need[3]:
+            g2 = dy.reshape(-1, dy.shape[-1])
+            x2 = x.reshape(-1, x.shape[-1]).to(g2.dtype)
+            g_d = sparse.call(ctx.backend, g2, x2, rows, cols)
+        if need[1]:
+            raise RuntimeError("PaFiLinear's weight must stay frozen (it holds W0 + scatter(pafi_delta)); "
+                               "train pafi_delta instead (pet.mark_trainable)")
+        return g_x, None, g_b, g_d, None, None, None
+
+
+@register_pet_module
+class PaFiLinear(nn.Linear):
+    """``nn.Linear`` whose weight entries at ``pafi_index`` are ``pafi_base + pafi_delta`` (see the module
+    doc). Buffers (not saved in ``state_dict``; recomputed from the pre-trained weight): ``pafi_index``
+    (flat), ``pafi_rows``, ``pafi_cols``, ``pafi_base`` (the pre-trained values there)."""
+
+    def __init__(self, linear: nn.Linear, index: Tensor, settings: Dict[str, object], backend: Optional[str] = None):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight  # the same Parameter objects: optimisers / tied weights stay valid
+        self.bias = linear.bias
+        w = self.weight
+        index = index.to(device=w.device, dtype=torch.int64)
+        self.register_buffer("pafi_index", index, persistent=False)
+        self.register_buffer("pafi_rows", index // self.in_features, persistent=False)
+        self.register_buffer("pafi_cols", index % self.in_features, persistent=False)
+        self.register_buffer("pafi_base", w.detach().flatten()[index].clone(), persistent=False)
+        self.pafi_delta = nn.Parameter(torch.zeros(index.numel(), dtype=w.dtype, device=w.device))
+        self.pafi_settings = dict(settings)
+        self.backend = backend
+        self._synced = self.pafi_delta._version
+        self.register_forward_pre_hook(PaFiLinear._sync_hook)
+        self._register_load_state_dict_pre_hook(self._load_plain_keys)
+
+    def pet_named_parameters(self):
+        yield "pafi_delta", self.pafi_delta
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Write ``pafi_base + pafi_delta`` into the k entries of ``weight`` (O(k))."""
+        flat = self.weight.view(-1)
+        flat.index_copy_(0, self.pafi_index, (self.pafi_base + self.pafi_delta).to(flat.dtype))
+        self._synced = self.pafi_delta._version
+
+    @staticmethod
+    def _sync_hook(mod, args):
+        if mod.pafi_delta._version != mod._synced:
+            mod.sync()
+
+    def _load_plain_keys(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        """A plain checkpoint's ``weight`` is the new pre-trained weight: the base values are taken from it
+        (the mask stays: re-apply PaFi to recompute it) and ``pafi_delta`` keeps its value when absent."""
+        w = state_dict.get(prefix + "weight")
+        if w is None:
+            return
+        if prefix + "pafi_delta" not in state_dict:
+            state_dict[prefix + "pafi_delta"] = self.pafi_delta.detach().clone()
+        delta = state_dict[prefix + "pafi_delta"]
+        w = w.clone()
+        with torch.no_grad():
+            self.pafi_base.copy_(w.flatten()[self.pafi_index.to(w.device)].to(self.pafi_base.dtype))
+            w.view(-1)[self.pafi_index.to(w.device)] = (self.pafi_base.to(w.device) + delta.to(w.device)).to(w.dtype)
+        state_dict[prefix + "weight"] = w
+        self._synced = -1  # the delta parameter is about to be overwritten: resync at the next forward
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pafi_delta.requires_grad and torch.is_grad_enabled():
+            be = sparse.resolve_backend(self.backend, x.device, x.dtype)
+            return _PaFiLinearFn.apply(x, self.weight, self.bias, self.pafi_delta, self.pafi_rows, self.pafi_cols, be)
+        return F.linear(x, self.weight, self.bias)
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` sharing this layer's ``weight``/``bias`` (which hold W0 + delta)."""
+        self.sync()
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device="meta")
+        out.weight = self.weight
+        out.bias = self.bias
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, k={self.pafi_index.numel()}, ratio={self.pafi_settings.get('ratio')}"
+
+
+# ----------------------------------------------------------------------------- model level
+def pafi_modules(model: nn.Module) -> List[Tuple[str, PaFiLinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, PaFiLinear)]
+
+
+def _resolve_targets(model: nn.Module, targets) -> List[Tuple[str, nn.Linear]]:
+    if targets == "blocks":
+        found = _targets.block_linears(model)
+    elif targets == "ffn":
+        found = _targets.block_linears(model, ffn_only=True)
+    else:
+        found = _targets.pattern_linears(model, targets)
+    if not found:
+        raise ValueError(f"no eligible module: targets={targets!r} matches no nn.Linear of {type(model).__name__}")
+    return found
+
+
+def apply_pafi(model: nn.Module, ratio: float = 0.005, targets: Union[str, Sequence[str]] = "blocks",
+               scope: str = "matrix", backend: Optional[str] = None) -> nn.Module:
+    """``pet.apply(model, "pafi", ...)``: every target ``nn.Linear`` becomes a :class:`PaFiLinear`.
+
+    ``ratio`` (0, 1]: the budget, a fraction of each target's weight entries (``scope="matrix"``) or of
+    all targets' entries (``scope="global"``). ``targets``: ``"blocks"`` (every nn.Linear inside the
+    transformer blocks: attention and feed-forward), ``"ffn"`` (the feed-forward ones), or regex
+    patterns matched against qualified module names. ``backend``: of the masked weight-gradient op."""
+    ratio = _ratio(ratio)
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if backend is not None and backend not in sparse.BACKENDS:
+        raise ValueError(f"backend must be None or one of {sparse.BACKENDS}, got {backend!r}")
+    if pafi_modules(model):
+        raise ValueError("model already has PaFi layers; method='pafi' was applied twice")
+    found = _resolve_targets(model, targets)
+    if scope == "matrix":
+        indices = [pafi_indices(lin.weight, ratio) for _, lin in found]
+    else:
+        indices = _global_indices([lin.weight for _, lin in found], ratio)
+    settings = dict(ratio=ratio, scope=scope, targets=targets if isinstance(targets, str) else list(targets))
+    new = [(name, PaFiLinear(lin, idx, settings, backend)) for (name, lin), idx in zip(found, indices)]
+    for name, mod in new:
+        _targets.replace_module(model, name, mod)
+    return model
+
+
+def fold_pafi(model: nn.Module) -> nn.Module:
+    """Replace every :class:`PaFiLinear` by a plain ``nn.Linear`` holding ``W0 + scatter(delta)``."""
+    for name, mod in pafi_modules(model):
+        _targets.replace_module(model, name, mod.to_linear())
+    return model
+
+
+def pafi_fingerprint(model: nn.Module) -> str:
+    """sha256 of the PaFi settings, and per target its name, shape, dtype, selected indices and the
+    pre-trained values there: equal for two models exactly when a task's deltas mean the same thing."""
+    h = hashlib.sha256()
+    mods = pafi_modules(model)
+    if not mods:
+        raise ValueError("model has no PaFi layers (pet.apply(model, 'pafi') first)")
+    h.update(repr(sorted(mods[0][1].pafi_settings.items())).encode())
+    for name, m in mods:
+        h.update(f"{name}|{tuple(m.weight.shape)}|{m.weight.dtype}".encode())
+        h.update(m.pafi_index.cpu().numpy().tobytes())
+        h.update(m.pafi_base.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+register_method("pafi", apply_pafi, {"ratio", "targets", "scope", "backend"})
+register_folder(fold_pafi)

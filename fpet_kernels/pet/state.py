@@ -1,0 +1,315 @@
+"""``pet.save`` / ``pet.load``: the state one task needs, in one safetensors file.
+
+What a file holds (tensor key prefixes; settings and fingerprints in the safetensors metadata):
+  ``pet/<module>.<param>``  parameters of the PET modules (LoRA, AdaptFormer, the refinement adapter,
+                           PYRA's modulation, ...); a 1-bit ``BinaryLinear`` weight is stored as
+                           ``bits/<module>.weight`` (uint8, 8 signs a byte, ``pack_binary``) plus its
+                           two floats (mu, sigma) in the metadata;
+  ``pafi/<module>``        PaFi: the k delta values of each target only (the indices are recomputed from
+                           the pre-trained weights and checked against the stored fingerprint);
+  ``hiwi/<param>``         HiWi: the folded deltas ``f(P)`` of the target tensors;
+  ``head/<name>.<key>``    the heads (``modules.HEAD_NAMES``): their full state dicts.
+
+``load`` checks, before changing anything, that the backbone matches (structure and a sample of values
+of every frozen tensor), that the PET modules have the same names, shapes and settings, and for PaFi
+that the mask fingerprint matches; any mismatch raises ``ValueError`` saying what differs. A model
+without PaFi layers gets them (with the file's settings) on load. Switching a model between tasks
+writes only the stored tensors: O(k) for PaFi, O(target size) for HiWi, the PET and head parameters.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from . import hiwi as _hiwi
+from . import pafi as _pafi
+from .modules import (BinaryLinear, LoRAQKV, _own_parameters, _pet_modules, heads, pack_binary, unpack_binary)
+
+__all__ = ["save", "load", "FORMAT"]
+
+FORMAT = "fpet_kernels.pet/1"
+#: Attribute set on a model by ``load`` of a HiWi task: the pre-trained target tensors (so the next
+#: task is ``P0 + delta``). A plain dict on the model object, not a buffer: the module tree is unchanged.
+HIWI_BASE_ATTR = "_fk_hiwi_base"
+_SAMPLE = 16
+
+
+def _safetensors():
+    try:
+        import safetensors.torch as st
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise RuntimeError("pet.save / pet.load need the safetensors package: pip install safetensors") from e
+    return st
+
+
+# ----------------------------------------------------------------------------- what belongs to a task
+def _generic_pet(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """PET modules saved parameter by parameter (not PaFi / HiWi, which have their own forms)."""
+    return [(n, m) for n, m in _pet_modules(model)
+            if not isinstance(m, (_pafi.PaFiLinear, _hiwi.HiWiAdapter))]
+
+
+def _hiwi_targets(model: nn.Module) -> Dict[str, Tensor]:
+    """``{qualified param name: parameter}`` of the HiWi targets: of the HiWi layers, or of a previous load."""
+    out = {}
+    for n, m in _hiwi.hiwi_modules(model):
+        if m.hiwi_weight is not None:
+            out[f"{n}.weight"] = m.weight
+        if m.hiwi_bias is not None:
+            out[f"{n}.bias"] = m.bias
+    base = getattr(model, HIWI_BASE_ATTR, None)
+    if base:
+        params = dict(model.named_parameters())
+        out.update({k: params[k] for k in base if k in params})
+    return out
+
+
+def _norm_names(model: nn.Module) -> Dict[str, str]:
+    """Parameter name -> the backbone's name (a LoRAQKV's ``qkv.base.weight`` is ``qkv.weight``)."""
+    lora = [n for n, m in model.named_modules() if isinstance(m, LoRAQKV)]
+    out = {}
+    for name, _ in model.named_parameters():
+        norm = name
+        for p in lora:
+            if name.startswith(p + ".base."):
+                norm = p + "." + name[len(p) + 6:]
+        out[name] = norm
+    return out
+
+
+def _backbone_fingerprint(model: nn.Module, skip_names=()) -> str:
+    """sha256 over the frozen backbone tensors: names, shapes, dtypes and the first/last 16 values of each
+    (O(number of tensors), not O(parameters)). PET parameters, heads, PaFi-target weights and HiWi
+    targets (which a task changes) are left out."""
+    skip = {id(p) for _, m in _pet_modules(model) for _, p in _own_parameters(m)}
+    skip |= {id(p) for mod in heads(model).values() for p in mod.parameters()}
+    skip |= {id(m.weight) for _, m in _pafi.pafi_modules(model)}
+    skip |= {id(p) for p in _hiwi_targets(model).values()}
+    names = _norm_names(model)
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda t: names[t[0]]):
+        if id(p) in skip or name in skip_names:
+            continue
+        flat = p.detach().reshape(-1)
+        sample = torch.cat([flat[:_SAMPLE], flat[-_SAMPLE:]]).double().cpu()
+        h.update(f"{names[name]}|{tuple(p.shape)}|{p.dtype}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _tensor_fingerprint(t: Tensor) -> str:
+    return hashlib.sha256(t.detach().double().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- save
+def save(model: nn.Module, path: str) -> Dict[str, int]:
+    """Write the task state of ``model`` to ``path`` (safetensors; see the module doc). Returns
+    ``{"tensors": n, "bytes": size of the file}``. Save a HiWi or PaFi model *before* ``pet.fold``
+    (folded, they are plain backbones again)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    tensors: Dict[str, Tensor] = {}
+    meta: Dict[str, object] = {"format": FORMAT, "backbone": _backbone_fingerprint(model), "model": type(model).__name__}
+    # generic PET modules
+    pet_meta, binary = {}, {}
+    for name, mod in _generic_pet(model):
+        pet_meta[name] = [type(mod).__name__, mod.extra_repr()]
+        bin_w = {id(m.weight): m for m in mod.modules() if isinstance(m, BinaryLinear)}
+        for pname, p in _own_parameters(mod):
+            key = f"{name}.{pname}" if name else pname
+            if id(p) in bin_w:
+                d = pack_binary(bin_w[id(p)])
+                tensors[f"bits/{key}"] = d["bits"].contiguous()
+                binary[key] = [d["mu"], d["sigma"], list(d["shape"]), str(d["dtype"]).replace("torch.", "")]
+            else:
+                tensors[f"pet/{key}"] = p.detach().contiguous()
+    meta["pet"], meta["binary"] = pet_meta, binary
+    # PaFi
+    pafi = _pafi.pafi_modules(model)
+    if pafi:
+        meta["pafi"] = {"settings": pafi[0][1].pafi_settings, "fingerprint": _pafi.pafi_fingerprint(model),
+                        "modules": [n for n, _ in pafi]}
+        for n, m in pafi:
+            tensors[f"pafi/{n}"] = m.pafi_delta.detach().contiguous()
+    # HiWi: folded deltas
+    hiwi_meta = {}
+    for n, m in _hiwi.hiwi_modules(model):
+        for which, delta in m.deltas().items():
+            key = f"{n}.{which}"
+            tensors[f"hiwi/{key}"] = delta.contiguous()
+            hiwi_meta[key] = _tensor_fingerprint(getattr(m, which))
+    base = getattr(model, HIWI_BASE_ATTR, None) or {}
+    params = dict(model.named_parameters())
+    for key, p0 in base.items():
+        if key not in hiwi_meta:
+            tensors[f"hiwi/{key}"] = (params[key].detach() - p0).contiguous()
+            hiwi_meta[key] = _tensor_fingerprint(p0)
+    meta["hiwi"] = hiwi_meta
+    # heads
+    head_meta = {}
+    for hname, mod in heads(model).items():
+        head_meta[hname] = type(mod).__name__
+        for k, v in mod.state_dict().items():
+            tensors[f"head/{hname}.{k}"] = v.detach().contiguous()
+    meta["heads"] = head_meta
+    if not tensors:
+        raise ValueError(f"model ({type(model).__name__}) has no PET state and no head to save")
+    st = _safetensors()
+    st.save_file({k: v.cpu() if v.device.type != "cpu" else v for k, v in tensors.items()}, os.fspath(path),
+                 metadata={k: json.dumps(v) for k, v in meta.items()})
+    return {"tensors": len(tensors), "bytes": os.path.getsize(path)}
+
+
+# ----------------------------------------------------------------------------- load
+def _read(path) -> Tuple[Dict[str, Tensor], Dict[str, object]]:
+    st = _safetensors()
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    from safetensors import safe_open
+    with safe_open(os.fspath(path), framework="pt") as f:
+        raw = f.metadata() or {}
+    if raw.get("format") != json.dumps(FORMAT):
+        raise ValueError(f"{path} is not a pet.save file (format {raw.get('format')!r}, expected {FORMAT!r})")
+    meta = {k: json.loads(v) for k, v in raw.items()}
+    return st.load_file(os.fspath(path)), meta
+
+
+def _diff(kind: str, want, have) -> str:
+    want, have = set(want), set(have)
+    parts = []
+    if want - have:
+        parts.append(f"the file has {sorted(want - have)[:5]} which the model lacks")
+    if have - want:
+        parts.append(f"the model has {sorted(have - want)[:5]} which the file lacks")
+    return f"{kind} differ: " + "; ".join(parts)
+
+
+def load(model: nn.Module, path: str) -> nn.Module:
+    """Load a :func:`save` file into ``model`` (in place; returns it). ``model`` is the same backbone with
+    the same PET methods applied (PaFi is applied from the file's settings when the model has none);
+    anything else raises ``ValueError`` before the model is changed."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    tensors, meta = _read(path)
+    if _hiwi.hiwi_modules(model) and meta.get("hiwi"):
+        raise ValueError("model has unfolded HiWi adapters; a task file holds folded deltas: load it into the "
+                         "plain backbone (or pet.fold(model) first)")
+    created_pafi = False
+    if meta.get("pafi") and not _pafi.pafi_modules(model):
+        s = meta["pafi"]["settings"]
+        _pafi.apply_pafi(model, ratio=s["ratio"], targets=s["targets"], scope=s["scope"])
+        created_pafi = True
+    try:
+        _check(model, tensors, meta, path)
+    except Exception:
+        if created_pafi:
+            _pafi.fold_pafi(model)  # deltas are zero: the backbone is unchanged
+        raise
+    _write(model, tensors, meta)
+    return model
+
+
+def _check(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, object], path) -> None:
+    if _backbone_fingerprint(model, skip_names=set(meta.get("hiwi") or ())) != meta["backbone"]:
+        raise ValueError(f"{path} was saved from another backbone (or other backbone weights) than "
+                         f"{type(model).__name__}: backbone fingerprints differ")
+    # generic PET modules: same names, types, settings, shapes
+    have = {n: [type(m).__name__, m.extra_repr()] for n, m in _generic_pet(model)}
+    want = meta.get("pet", {})
+    if set(have) != set(want):
+        raise ValueError(_diff("PET modules", want, have))
+    for n in want:
+        if have[n] != want[n]:
+            raise ValueError(f"PET module {n!r} has other settings: file {want[n]}, model {have[n]}")
+    params = {f"{n}.{p}" if n else p: t for n, m in _generic_pet(model) for p, t in _own_parameters(m)}
+    stored = {k[4:] for k in tensors if k.startswith("pet/")} | {k[5:] for k in tensors if k.startswith("bits/")}
+    if set(params) != stored:
+        raise ValueError(_diff("PET parameters", stored, params))
+    for k, p in params.items():
+        if f"pet/{k}" in tensors and tuple(tensors[f"pet/{k}"].shape) != tuple(p.shape):
+            raise ValueError(f"PET parameter {k}: file shape {tuple(tensors[f'pet/{k}'].shape)}, "
+                             f"model shape {tuple(p.shape)}")
+        if k in meta.get("binary", {}) and tuple(meta["binary"][k][2]) != tuple(p.shape):
+            raise ValueError(f"1-bit weight {k}: file shape {tuple(meta['binary'][k][2])}, model {tuple(p.shape)}")
+    # PaFi
+    pafi_meta = meta.get("pafi")
+    pafi = _pafi.pafi_modules(model)
+    if pafi_meta:
+        fp = _pafi.pafi_fingerprint(model)
+        if fp != pafi_meta["fingerprint"]:
+            raise ValueError("PaFi mask fingerprint differs: the file was saved from another backbone or with other "
+                             f"mask settings (file: {pafi_meta['settings']}, model: {pafi[0][1].pafi_settings})")
+    elif pafi:
+        raise ValueError(f"model has PaFi layers but {path} holds no PaFi deltas")
+    # HiWi
+    hiwi_meta = meta.get("hiwi") or {}
+    if hiwi_meta:
+        params_all = dict(model.named_parameters())
+        base = getattr(model, HIWI_BASE_ATTR, None) or {}
+        for key, fph in hiwi_meta.items():
+            if key not in params_all:
+                raise ValueError(f"HiWi target {key} of {path} is not a parameter of {type(model).__name__}")
+            p0 = base.get(key, params_all[key])
+            if tuple(tensors[f"hiwi/{key}"].shape) != tuple(p0.shape) or _tensor_fingerprint(p0) != fph:
+                raise ValueError(f"HiWi target {key}: the model's pre-trained tensor differs from the one the task "
+                                 "was trained on (another backbone)")
+        other = set(base) - set(hiwi_meta)
+        if other:
+            raise ValueError(f"model holds another HiWi task's targets {sorted(other)[:5]} that {path} does not set")
+    # heads
+    have_heads = heads(model)
+    if set(have_heads) != set(meta.get("heads", {})):
+        raise ValueError(_diff("heads", meta.get("heads", {}), have_heads))
+    for hname, mod in have_heads.items():
+        sd = mod.state_dict()
+        keys = {k[len(hname) + 6:] for k in tensors if k.startswith(f"head/{hname}.")}
+        if keys != set(sd):
+            raise ValueError(_diff(f"head {hname!r} entries", keys, sd))
+        for k, v in sd.items():
+            if tuple(tensors[f"head/{hname}.{k}"].shape) != tuple(v.shape):
+                raise ValueError(f"head {hname}.{k}: file shape {tuple(tensors[f'head/{hname}.{k}'].shape)}, "
+                                 f"model shape {tuple(v.shape)} (another number of classes?)")
+
+
+@torch.no_grad()
+def _write(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, object]) -> None:
+    for n, m in _generic_pet(model):
+        bin_mods = {id(b.weight): b for b in m.modules() if isinstance(b, BinaryLinear)}
+        for pname, p in _own_parameters(m):
+            key = f"{n}.{pname}" if n else pname
+            if f"pet/{key}" in tensors:
+                p.copy_(tensors[f"pet/{key}"].to(p.device, p.dtype))
+                if id(p) in bin_mods:
+                    bin_mods[id(p)].binary_stats = None
+            else:
+                mu, sigma, shape, dtype = meta["binary"][key]
+                w = unpack_binary(dict(bits=tensors[f"bits/{key}"], mu=mu, sigma=sigma, shape=shape,
+                                       dtype=getattr(torch, dtype)))
+                p.copy_(w.to(p.device, p.dtype))
+                bin_mods[id(p)].binary_stats = (mu, sigma)
+    for n, m in _pafi.pafi_modules(model):
+        m.pafi_delta.copy_(tensors[f"pafi/{n}"].to(m.pafi_delta.device, m.pafi_delta.dtype))
+        m.sync()
+    hiwi_meta = meta.get("hiwi") or {}
+    if hiwi_meta:
+        params = dict(model.named_parameters())
+        base = getattr(model, HIWI_BASE_ATTR, None)
+        if base is None:
+            base = {}
+            object.__setattr__(model, HIWI_BASE_ATTR, base)
+        for key in hiwi_meta:
+            p = params[key]
+            if key not in base:
+                base[key] = p.detach().clone()
+            p.copy_(base[key] + tensors[f"hiwi/{key}"].to(p.device, p.dtype))
+    for hname, mod in heads(model).items():
+        sd = {k[len(hname) + 6:]: v for k, v in tensors.items() if k.startswith(f"head/{hname}.")}
+        mod.load_state_dict(sd)
