@@ -200,8 +200,8 @@ def pyra_merge(x: Tensor, metric: Tensor, r: int, a: Tensor, b: Tensor, ln_weigh
     _checks.param("b", b, (1, c), x)
     _checks.param("ln_weight", ln_weight, (c,), x)
     _checks.param("ln_bias", ln_bias, (c,), x)
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
-        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    eps = _checks.finite_positive("pyra_merge", "eps", eps)
+    _checks.backend_dtypes(backend, x=x, metric=metric, a=a, b=b, ln_weight=ln_weight, ln_bias=ln_bias, size=size)
     dtypes = (x.dtype, metric.dtype, a.dtype, b.dtype, ln_weight.dtype, ln_bias.dtype)
     be = _backend.resolve(backend, x.device, dtypes + (() if size is None else (size.dtype,)), op="pyra_merge")
     out, out_size, *m = torch.ops.fpet.pyra_merge(x, metric, r, a[:r], b, ln_weight, ln_bias, size, class_token,
