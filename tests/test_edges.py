@@ -192,7 +192,7 @@ def test_kernel_entries_check_their_arguments(kbe, case):
         "map_shape": (lambda: kernel(kbe, "merge_sum")(x, tmap[:, :4], 5), "token_map"),
         "map_dtype": (lambda: kernel(kbe, "merge_sum")(x, tmap.int(), 5), "token_map"),
         "n_out": (lambda: kernel(kbe, "merge_sum")(x, tmap, -1), "n_out"),
-        "x_dtype": (lambda: kernel(kbe, "merge_sum")(x.double(), tmap, 5), "x"),
+        "x_dtype": (lambda: kernel(kbe, "merge_sum")(x.int(), tmap, 5), "x"),
         "metric_batch": (lambda: kernel(kbe, "tome_merge")(x, metric[:1], r, None, False, False), "metric"),
     }
     call, what = calls[case]
