@@ -121,6 +121,29 @@ def kernel_map(op: str, t, device, shape, n_out: int, name: str = "token_map") -
     map_range(op, name, t, n_out)
 
 
+def fpet_layout(op: str, n: int, num_prefix, H, W) -> None:
+    """FPET's layout as the kernels take it: 0 <= num_prefix <= N, H, W >= 1, num_prefix + H * W == N.
+    (The public API also wants two destination cells, ``ops.fpet.resolve_grid``; the kernels handle
+    fewer: a row without a second top entry matches its only column.)"""
+    kernel_int(op, "num_prefix", num_prefix, 0, n)
+    kernel_int(op, "H", H, 1, max(n, 1))
+    kernel_int(op, "W", W, 1, max(n, 1))
+    if num_prefix + H * W != n:
+        raise ValueError(f"{op}: num_prefix + H * W = {num_prefix} + {H} * {W} must equal N = {n}")
+
+
+def reference_map_args(op: str, x, token_map, n_out: int, size=None, x_name: str = "x") -> None:
+    """The arguments of a token-map merge in the reference: the kernels' checks, any float dtype."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.is_floating_point():
+        raise ValueError(f"{op}: {x_name} must be a floating [B, N, C] tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    kernel_int(op, "n_out", n_out, 0)
+    kernel_tensor(op, "token_map", token_map, x.device, shape=(x.shape[0], None), dtypes=(torch.int64,))
+    map_range(op, "token_map", token_map, n_out)
+    if size is not None:
+        kernel_tensor(op, "size", size, x.device, shape=(x.shape[0], token_map.shape[1], 1), dtypes=FLOAT_DTYPES)
+
+
 def map_range(op: str, name: str, t: torch.Tensor, n_out: int) -> None:
     """Entries of the token map ``t`` must be in ``[-1, n_out)``. A data check: one host sync, and
     skipped while tracing (fake tensors) or capturing a CUDA graph (the kernels that read maps

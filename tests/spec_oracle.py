@@ -45,7 +45,10 @@ def _scale(u, k):
 
 
 def cap_r(r, n, class_token, distill_token):
-    """Spec 1.1."""
+    """Spec 1.1, and no merges when the distillation token is the only B token (it is never a
+    destination; docs/semantics.md)."""
+    if n // 2 - int(distill_token) <= 0:
+        return 0
     return max(0, min(r, (n - int(class_token) - int(distill_token)) // 2))
 
 

@@ -134,7 +134,7 @@ def pyra_merge(be, x, metric, r, a, b, lnw, lnb, size=None, cls=False, dist=Fals
 
 # ----------------------------------------------------------------------------- heap safety
 @pytest.mark.parametrize("p,h,w,what", [(-1, 4, 4, "num_prefix"), (1, -4, -4, "H"), (20, 4, 4, "num_prefix"),
-                                        (17, 0, 0, "H"), (15, 1, 2, "destination cells"),
+                                        (17, 0, 0, "H"), (2, 4, 4, "N"),
                                         (1, 8, 4, "grid|num_prefix")])
 def test_fpet_kernels_reject_bad_layouts(kbe, p, h, w, what):
     """The fuzz reproducer: fpet_merge with num_prefix = -1, H = W = -4 or num_prefix > N wrote out of
@@ -458,3 +458,24 @@ def test_r_is_capped_before_any_kernel():
         out, _, m = fk.tome_merge(x, metric, 100, None, True, backend=be)
         assert out.shape[1] == 9 - 4 and m.src_idx.shape[1] == 4
     assert math.isclose(fk.ops.tome.cap_r(100, 9, True, False), 4)
+
+
+def test_reference_checks_its_arguments():
+    """The reference (the registered op's "reference" body) names the argument, no raw gather /
+    arange / broadcast error."""
+    x, metric = torch.randn(2, 17, 8), torch.randn(2, 17, 4)
+    with pytest.raises(ValueError, match="num_prefix"):
+        fpet_ops.fpet_merge_reference(x, metric, None, -1, 4, 4)
+    with pytest.raises(ValueError, match="H"):
+        fpet_ops.fpet_merge_reference(x, metric, None, 1, -4, -4)
+    tmap = torch.zeros(2, 17, dtype=torch.long)
+    with pytest.raises(ValueError, match="token_map"):
+        tome_ops.merge_wavg_reference(x, None, tmap[:1], 3)
+    with pytest.raises(ValueError, match="token_map"):
+        tome_ops.merge_sum_reference(x, tmap.int(), 3)
+    with pytest.raises(ValueError, match="size"):
+        tome_ops.merge_wavg_reference(x, torch.ones(2, 5, 1), tmap, 3)
+    with pytest.raises(ValueError, match="n_out"):
+        tome_ops.merge_sum_reference(x, tmap, -1)
+    with pytest.raises(ValueError, match="out_size"):
+        tome_ops.merge_wavg_backward_reference(torch.randn(2, 3, 8), None, torch.ones(2, 4, 1), tmap)

@@ -164,7 +164,7 @@ def test_merges_out_of_range_entries_raise(entry):
 def test_merges_empty_shapes():
     x = torch.randn(2, 5, 4)
     tmap = random_map(2, 5, 3, seed=0)
-    assert SIMT.merge_sum(x, tmap, 0).shape == (2, 0, 4)
+    assert SIMT.merge_sum(x, torch.full_like(tmap, -1), 0).shape == (2, 0, 4)  # n_out = 0: every entry is -1
     out, osz = SIMT.merge_wavg(x[:0], None, tmap[:0], 3)
     assert out.shape == (0, 3, 4) and osz.shape == (0, 3, 1)
     out, osz = SIMT.merge_wavg(x[:, :, :0], None, tmap, 3)

@@ -31,15 +31,12 @@ struct FpetLayout {
   }
 };
 
-// 0 <= num_prefix <= N, H, W >= 1, num_prefix + H * W == N, at least two destination cells (spec 2.1).
+// 0 <= num_prefix <= N, H, W >= 1, num_prefix + H * W == N (spec 2.1).
 void check_layout(int64_t N, int64_t p, int64_t H, int64_t W) {
   TORCH_CHECK(p >= 0 && p <= N, "num_prefix must be in [0, N = ", N, "], got ", p);
   TORCH_CHECK(H >= 1 && W >= 1 && H <= N && W <= N, "grid H, W must be in [1, N = ", N, "], got ", H, ", ", W);
   TORCH_CHECK(p + H * W == N, "grid does not match the tokens: num_prefix + H * W = ", p, " + ", H, " * ", W,
               " != N = ", N);
-  const int64_t nb_grid = H * W - (((H + 1) / 2) * ((W + 1) / 2) + (H / 2) * (W / 2));
-  TORCH_CHECK(nb_grid >= 2, "grid (", H, ", ", W, ") has ", nb_grid,
-              " destination cells; FPET matching needs at least 2");
 }
 
 // Normalised metric rows, scores and the top-2 of every A row, for one image.

@@ -640,15 +640,12 @@ struct FpetInputGradBody {
 // ---------------------------------------------------------------------------------------------
 // Launchers
 // ---------------------------------------------------------------------------------------------
-// 0 <= num_prefix <= N, H, W >= 1, num_prefix + H * W == N, at least two destination cells (spec 2.1).
+// 0 <= num_prefix <= N, H, W >= 1, num_prefix + H * W == N (spec 2.1).
 inline FpetGrid checked_fpet_grid(int64_t N, int64_t p, int64_t H, int64_t W, const char* op) {
   TORCH_CHECK(p >= 0 && p <= N, op, ": num_prefix must be in [0, N = ", N, "], got ", p);
   TORCH_CHECK(H >= 1 && W >= 1 && H <= N && W <= N, op, ": grid H, W must be in [1, N = ", N, "], got ", H, ", ", W);
   TORCH_CHECK(p + H * W == N, op, ": grid does not match the tokens: num_prefix + H * W = ", p, " + ", H, " * ", W,
               " != N = ", N);
-  const int64_t nb_grid = H * W - (((H + 1) / 2) * ((W + 1) / 2) + (H / 2) * (W / 2));
-  TORCH_CHECK(nb_grid >= 2, op, ": grid (", H, ", ", W, ") has ", nb_grid,
-              " destination cells; FPET matching needs at least 2");
   return FpetGrid::make(static_cast<int>(p), static_cast<int>(H), static_cast<int>(W));
 }
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _checks
-from .tome import NORM_EPS, compute_dtype, merge_wavg_reference, normalize, size_dtype
+from .tome import NORM_EPS, compute_dtype, merge_wavg_reference, normalize, safe_div, size_dtype
 
 
 # ----------------------------------------------------------------------------- 1. reference
@@ -139,6 +139,7 @@ def fpet_merge_reference(x: Tensor, metric: Tensor, size: Optional[Tensor], num_
     """Spec 2.5: ``x' = (z_B + M^T z_A) / (s_B + M^T s_A)``, ``z = x * s``, with the forward (one-hot)
     ``M`` applied as a gather: a token's values reach only the row it merges into. Returns
     (x', size', token_map); differentiable in x and size (the matching is a constant)."""
+    _checks.fpet_layout("fpet_merge", x.shape[1], num_prefix, h, w)
     tmap = fpet_token_map(metric, num_prefix, h, w)
     nb = grid_sizes(num_prefix, h, w)[1]
     cdt = compute_dtype(x, metric, size)
@@ -149,6 +150,13 @@ def fpet_merge_reference(x: Tensor, metric: Tensor, size: Optional[Tensor], num_
 def fpet_merge_backward_reference(grad_out, grad_size, x, metric, size, out, out_size, token_map,
                                   num_prefix: int, h: int, w: int):
     """The straight-through backward in closed form (what the kernels compute; see csrc/README.md)."""
+    _checks.fpet_layout("fpet_merge_backward", x.shape[1], num_prefix, h, w)
+    nb = grid_sizes(num_prefix, h, w)[1]
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        _checks.kernel_tensor("fpet_merge_backward", name, t, x.device, shape=(x.shape[0], nb, x.shape[2]),
+                              dtypes=_checks.FLOAT_DTYPES)
+    _checks.kernel_tensor("fpet_merge_backward", "token_map", token_map, x.device, shape=tuple(x.shape[:2]),
+                          dtypes=(torch.int64,))
     cdt = compute_dtype(x, metric, size)
     a_idx, b_idx = checkerboard(num_prefix, h, w, x.device)
     m = metric.to(cdt)
@@ -166,8 +174,8 @@ def fpet_merge_backward_reference(grad_out, grad_size, x, metric, size, out, out
     xs = x.to(cdt)
     z = xs * s
     den = out_size.to(cdt)
-    g_num = grad_out.to(cdt) / den
-    g_den = -(grad_out.to(cdt) * out.to(cdt)).sum(-1, keepdim=True) / den
+    g_num = safe_div(grad_out.to(cdt), den)  # a row of merged size 0 is the constant 0: no gradient
+    g_den = safe_div(-(grad_out.to(cdt) * out.to(cdt)).sum(-1, keepdim=True), den)
     if grad_size is not None:
         g_den = g_den + grad_size.to(cdt)
     dm = z[:, a_idx] @ g_num.transpose(1, 2) + s[:, a_idx] @ g_den.transpose(1, 2)  # dL/dM [B, Na, Nb]
@@ -190,7 +198,7 @@ def fpet_merge_backward_reference(grad_out, grad_size, x, metric, size, out, out
     g_z[:, a_idx] = g_num.gather(1, idx.expand(-1, -1, g_num.shape[-1])) * hit
     g_z[:, b_idx] = g_num
     g_s = (g_z * xs).sum(-1, keepdim=True)
-    g_s[:, a_idx] += g_den.gather(1, idx) * hit
+    g_s[:, a_idx] = torch.where(hit, g_s[:, a_idx] + g_den.gather(1, idx), 0)  # a dropped token: exactly 0
     g_s[:, b_idx] += g_den
     return (g_z * s).to(x.dtype), grad_metric.to(metric.dtype), g_s.to(out_size.dtype)
 

@@ -155,6 +155,10 @@ def _dump_index(token_map: Tensor, n_out: int) -> Tensor:
 
 def merge_wavg_reference(x: Tensor, size: Optional[Tensor], token_map: Tensor, n_out: int):
     """Size-weighted average of the tokens each output row holds (map entries -1 are dropped)."""
+    _checks.reference_map_args("merge_wavg", x, token_map, n_out, size)
+    if token_map.shape[1] != x.shape[1]:
+        raise ValueError(f"merge_wavg: token_map has {token_map.shape[1]} entries per image but x has "
+                         f"{x.shape[1]} tokens")
     bsz, n, c = x.shape
     cdt = compute_dtype(x, size)
     s = torch.ones(bsz, n, 1, dtype=cdt, device=x.device) if size is None else size.to(cdt)
@@ -168,6 +172,8 @@ def merge_wavg_reference(x: Tensor, size: Optional[Tensor], token_map: Tensor, n
 
 def unmerge_reference(y: Tensor, token_map: Tensor) -> Tensor:
     """Spec 1.8: every input token gets the row that holds it (zeros for dropped tokens)."""
+    _checks.reference_map_args("unmerge", y, token_map, y.shape[1] if isinstance(y, Tensor) and y.dim() == 3 else 0,
+                               x_name="y")
     bsz, n = token_map.shape
     out = y.gather(1, token_map.clamp_min(0).unsqueeze(-1).expand(bsz, n, y.shape[-1]))
     return torch.where((token_map >= 0).unsqueeze(-1), out, torch.zeros_like(out))
@@ -175,6 +181,10 @@ def unmerge_reference(y: Tensor, token_map: Tensor) -> Tensor:
 
 def merge_sum_reference(x: Tensor, token_map: Tensor, n_out: int) -> Tensor:
     """Adjoint of ``unmerge``: each output row sums the tokens mapped to it."""
+    _checks.reference_map_args("merge_sum", x, token_map, n_out)
+    if token_map.shape[1] != x.shape[1]:
+        raise ValueError(f"merge_sum: token_map has {token_map.shape[1]} entries per image but x has "
+                         f"{x.shape[1]} tokens")
     bsz, n, c = x.shape
     cdt = compute_dtype(x)
     idx = _dump_index(token_map, n_out).expand(bsz, n, c)
@@ -186,6 +196,10 @@ def merge_wavg_backward_reference(grad_out: Tensor, size: Optional[Tensor], out_
                                   token_map: Tensor) -> Tensor:
     """d merge_wavg / d x: ``grad_x[n] = grad_out[map[n]] * s[n] / out_size[map[n]]`` (0 where
     ``out_size[map[n]] == 0``: that output row is the constant 0)."""
+    _checks.reference_map_args("merge_wavg_backward", grad_out, token_map, grad_out.shape[1], size,
+                               x_name="grad_out")
+    _checks.kernel_tensor("merge_wavg_backward", "out_size", out_size, grad_out.device,
+                          shape=(grad_out.shape[0], grad_out.shape[1], 1), dtypes=_checks.FLOAT_DTYPES)
     cdt = compute_dtype(grad_out, out_size)
     g = unmerge_reference(safe_div(grad_out.to(cdt), out_size.to(cdt)), token_map)
     if size is not None:

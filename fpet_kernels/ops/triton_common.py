@@ -55,16 +55,8 @@ def check_merge_inputs(op: str, x, metric, size=None, metric_name: str = "metric
 
 
 def check_grid(op: str, n: int, num_prefix, H, W) -> None:
-    """FPET's layout: 0 <= num_prefix <= N, H, W >= 1, num_prefix + H * W == N, and at least two
-    destination cells (spec 2.1). Checked before any index is computed from it."""
-    _checks.kernel_int(op, "num_prefix", num_prefix, 0, n)
-    _checks.kernel_int(op, "H", H, 1, max(n, 1))
-    _checks.kernel_int(op, "W", W, 1, max(n, 1))
-    if num_prefix + H * W != n:
-        raise ValueError(f"{op}: num_prefix + H * W = {num_prefix} + {H} * {W} must equal N = {n}")
-    nb_grid = H * W - (((H + 1) // 2) * ((W + 1) // 2) + (H // 2) * (W // 2))
-    if nb_grid < 2:
-        raise ValueError(f"{op}: grid ({H}, {W}) has {nb_grid} destination cells; FPET matching needs at least 2")
+    """FPET's layout (``_checks.fpet_layout``), checked before any index is computed from it."""
+    _checks.fpet_layout(op, n, num_prefix, H, W)
 
 
 def check_r(op: str, r, n: int, class_token, distill_token) -> int:
