@@ -146,14 +146,21 @@ template <typename T>
 inline void acc_add(float* acc, const T* x, float s, int64_t n) {
   for (int64_t i = 0; i < n; ++i) acc[i] += static_cast<float>(x[i]) * s;
 }
-// out[c] = acc[c] / den
+// A merged row whose sizes sum to 0 is 0 (docs/semantics.md).
+template <typename T>
+inline void zero_row(T* out, int64_t n) {
+  std::fill(out, out + n, static_cast<T>(0.f));
+}
+// out[c] = acc[c] / den (0 when den == 0)
 template <typename T>
 inline void acc_store(const float* acc, float den, T* out, int64_t n) {
+  if (den == 0.f) return zero_row(out, n);
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(acc[i] / den);
 }
-// out[c] = (x[c] * s) / s: a token that merges with nobody. Exact copy when s == 1.
+// out[c] = (x[c] * s) / s: a token that merges with nobody. Exact copy when s == 1, 0 when s == 0.
 template <typename T>
 inline void scaled_copy(const T* x, float s, T* out, int64_t n) {
+  if (s == 0.f) return zero_row(out, n);
   if (s == 1.0f) {
     std::memcpy(out, x, static_cast<size_t>(n) * sizeof(T));
   } else {
@@ -167,6 +174,7 @@ inline void scaled_copy(const T* x, float s, T* out, int64_t n) {
 template <typename T>
 inline void weighted_mean_row(const T* x, int64_t ldx, const int64_t* pos, const float* w, int64_t count, float den,
                               T* out, int64_t n, float* acc) {
+  if (den == 0.f) return zero_row(out, n);
   if (count == 1 && w[0] == den) {
     scaled_copy(x + pos[0] * ldx, w[0], out, n);
     return;
@@ -236,6 +244,29 @@ inline float normalize_row(const float* m, float* out, int64_t n) {
 }
 
 inline float sigmoid_f32(float v) { return 1.0f / (1.0f + std::exp(-v)); }
+
+// The largest ToMe r (docs/semantics.md): (N - protected) / 2, and 0 when no B token may be a
+// destination (the distillation token is the only B token).
+inline int64_t tome_r_cap(int64_t N, bool class_token, bool distill_token) {
+  if (N / 2 - int64_t(distill_token) <= 0) return 0;
+  return std::max<int64_t>(0, (N - int64_t(class_token) - int64_t(distill_token)) / 2);
+}
+
+inline int64_t checked_r(int64_t r, int64_t N, bool class_token, bool distill_token) {
+  const int64_t cap = tome_r_cap(N, class_token, distill_token);
+  TORCH_CHECK(r >= 0 && r <= cap, "r must be in [0, ", cap, "] (the cap for N = ", N, " tokens), got ", r);
+  return r;
+}
+
+// Copies x [B, N, C] exactly and the sizes as float32 (ones when absent): r == 0 is the identity.
+inline void identity_merge(const at::Tensor& x, const at::Tensor& s, at::Tensor& out, at::Tensor& out_size) {
+  out.copy_(x);
+  if (s.defined()) {
+    out_size.copy_(s.view(out_size.sizes()));
+  } else {
+    out_size.fill_(1.0f);
+  }
+}
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 

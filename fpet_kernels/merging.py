@@ -11,7 +11,7 @@ from torch import Tensor
 
 from . import _backend, _checks
 from .ops.fpet import FPETMerge
-from .ops.tome import ToMeMerge, compute_dtype, merge_wavg_map
+from .ops.tome import ToMeMerge, compute_dtype, merge_wavg_map, safe_div
 
 
 def merge_wavg(merge, x: Tensor, size: Optional[Tensor] = None):
@@ -23,23 +23,25 @@ def merge_wavg(merge, x: Tensor, size: Optional[Tensor] = None):
         _checks.tokens("size", size, last=1)
         _checks.same_tokens("x", x, "size", size)
     if isinstance(merge, ToMeMerge):
-        if x.shape[1] != merge.matching.token_map.shape[1]:
-            raise ValueError(f"x has {x.shape[1]} tokens but the matching was built for "
-                             f"{merge.matching.token_map.shape[1]}")
+        _checks.closure_input("x", x, merge.matching.token_map, merge.matching.token_map.shape[1])
         if merge.r == 0:
             s = torch.ones(*x.shape[:2], 1, dtype=compute_dtype(x, size), device=x.device) if size is None \
                 else size.to(compute_dtype(x, size))
             return x, s
+        _checks.backend_dtypes(merge.backend, x=x, size=size)
         be = _backend.resolve(merge.backend, x.device, _checks.dtypes(x=x, size=size), op="merge_wavg")
         return merge_wavg_map(x, size, merge.matching.token_map, merge.n_out, be)
     if isinstance(merge, FPETMerge):
         from .ops.fpet import fpet_merge_op_call
         return fpet_merge_op_call(merge, x, size)
+    if not callable(merge):
+        raise TypeError(f"merge must be a merge callable (e.g. from bipartite_soft_matching), got "
+                        f"{type(merge).__name__}")
     cdt = compute_dtype(x, size)
     s = torch.ones(*x.shape[:2], 1, dtype=cdt, device=x.device) if size is None else size.to(cdt)
     num = merge(x.to(cdt) * s, mode="sum")
     den = merge(s, mode="sum")
-    return (num / den).to(x.dtype), den
+    return safe_div(num, den).to(x.dtype), den
 
 
 def merge_source(merge, x: Tensor, source: Optional[Tensor] = None) -> Tensor:
@@ -49,4 +51,9 @@ def merge_source(merge, x: Tensor, source: Optional[Tensor] = None) -> Tensor:
     if source is None:
         n = x.shape[1]
         source = torch.eye(n, device=x.device, dtype=x.dtype)[None].expand(x.shape[0], n, n)
+    else:
+        _checks.tokens("source", source)
+        if source.shape[:2] != x.shape[:2] or source.device != x.device:
+            raise ValueError(f"source must be [B, N, N0] with x's B and N on x's device ({tuple(x.shape[:2])}, "
+                             f"{x.device}), got {tuple(source.shape)} on {source.device}")
     return merge(source, mode="amax")

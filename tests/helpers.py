@@ -128,3 +128,33 @@ def assert_thread_invariant(run):
         torch.set_num_threads(threads)
     for a, b in zip(one, many):
         assert torch.equal(a, b)
+
+
+class _MapOps:
+    """The token-map ops of one backend with the registered ops' signatures: the C++ ops
+    (``torch.ops.fpet.*``), their Triton twins, or the reference (with its argument checks)."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+
+    def merge_wavg(self, x, size, token_map, n_out):
+        from fpet_kernels.ops.tome import merge_wavg_map
+        return merge_wavg_map(x, size, token_map, n_out, self.backend)
+
+    def merge_sum(self, x, token_map, n_out):
+        from fpet_kernels.ops import library, tome
+        if self.backend == "reference":
+            tome.check_map_range(token_map, n_out)
+            return tome.merge_sum_reference(x, token_map, n_out)
+        return library.family(self.backend).merge_sum(x, token_map, n_out)
+
+    def unmerge(self, y, token_map):
+        from fpet_kernels.ops import library, tome
+        if self.backend == "reference":
+            tome.check_map_range(token_map, y.shape[1])
+            return tome.unmerge_reference(y, token_map)
+        return library.family(self.backend).unmerge(y, token_map)
+
+
+def map_ops(backend: str) -> _MapOps:
+    return _MapOps(backend)

@@ -45,7 +45,10 @@ def _scale(u, k):
 
 
 def cap_r(r, n, class_token, distill_token):
-    """Spec 1.1."""
+    """Spec 1.1, and no merges when the distillation token is the only B token (it is never a
+    destination; docs/semantics.md)."""
+    if n // 2 - int(distill_token) <= 0:
+        return 0
     return max(0, min(r, (n - int(class_token) - int(distill_token)) // 2))
 
 
@@ -405,9 +408,12 @@ def fpet_dense_ste(x, metric, size, num_prefix, h, w, eps=NORM_EPS):
         mask = torch.zeros(scores.shape[-1], dtype=torch.bool)
         mask[:num_prefix] = True
         scores = scores.masked_fill(mask, -math.inf)
-    t = scores.topk(2, dim=-1).values.mean(-1, keepdim=True)
+    # the two top entries: the two largest scores, ties to the lower column (torch.max returns the first)
+    v1, i1 = scores.max(dim=-1, keepdim=True)
+    v2, i2 = scores.scatter(-1, i1, -math.inf).max(dim=-1, keepdim=True)
+    t = (scores.gather(-1, i1) + scores.gather(-1, i2)) / 2
     soft = torch.sigmoid(scores - t)
-    hard = (soft > 0.5).to(soft.dtype)
+    hard = torch.zeros_like(soft).scatter(-1, i1, (v1 > v2).to(soft.dtype))  # top1 > top2, compared as scores
     m = soft + (hard - soft).detach()
     s = torch.ones(*x.shape[:2], 1, dtype=x.dtype) if size is None else size
     z = x * s

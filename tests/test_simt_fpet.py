@@ -178,8 +178,15 @@ def test_fpet_argument_errors(simt_ops):
         bw(out, None, x, metric, None, out, out_size[:, 1:], tmap, 1, 4, 4)
 
 
-@pytest.mark.parametrize("p,H,W", [(3, 0, 0), (0, 1, 1), (1, 1, 2), (0, 2, 1), (2, 1, 3)],
-                         ids=["prefix-only", "1x1", "p1-1x2", "2x1", "p2-1x3"])
+def test_fpet_prefix_only_layout_is_rejected():
+    """H, W <= 0 is not a grid (docs/semantics.md): the launchers reject it, naming H."""
+    x, metric = torch.randn(2, 3, 6), torch.randn(2, 3, 4)
+    with pytest.raises(RuntimeError, match="H, W must be in"):
+        torch.ops.fpet_simt.fpet_merge(x, metric, None, 3, 0, 0)
+
+
+@pytest.mark.parametrize("p,H,W", [(0, 1, 1), (1, 1, 2), (0, 2, 1), (2, 1, 3)],
+                         ids=["1x1", "p1-1x2", "2x1", "p2-1x3"])
 def test_fpet_degenerate_grids(configure, p, H, W):
     """No A tokens, no B tokens, a single B column, W == 1 (no odd columns)."""
     configure(1, 64)

@@ -1,6 +1,6 @@
 """The CUDA kernels of PYRA's backward (csrc/cuda/pyra_backward_kernels.cuh), run on the host by the
 SIMT emulator (``torch.ops.fpet_simt.pyra_merge_backward``), against the CPU kernel
-(``torch.ops.fpet_C.pyra_merge_backward``) in every emulator configuration.
+(``torch.ops.fpet.pyra_merge_backward``) in every emulator configuration.
 
 The sums over channels run in another order than the CPU kernel's (row_sums lanes), and grad_size is one
 fused sum of ``g_z x - g_num out`` where the CPU kernel takes two dot products, so float32 agrees to a
@@ -19,7 +19,7 @@ from fpet_kernels.ops import pyra as pyra_ops
 pytestmark = pytest.mark.usefixtures("simt")
 
 SIMT = torch.ops.fpet_simt
-CPU = torch.ops.fpet_C
+CPU = torch.ops.fpet
 
 GRADS = ("x", "a", "b", "ln_weight", "ln_bias", "size")
 TOLS = {torch.float32: 3e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

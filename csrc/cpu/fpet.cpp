@@ -31,9 +31,10 @@ struct FpetLayout {
   }
 };
 
+// 0 <= num_prefix <= N, H, W >= 1, num_prefix + H * W == N (spec 2.1).
 void check_layout(int64_t N, int64_t p, int64_t H, int64_t W) {
-  TORCH_CHECK(p >= 0, "num_prefix must be >= 0, got ", p);
-  TORCH_CHECK(H >= 0 && W >= 0, "grid H, W must be >= 0, got ", H, ", ", W);
+  TORCH_CHECK(p >= 0 && p <= N, "num_prefix must be in [0, N = ", N, "], got ", p);
+  TORCH_CHECK(H >= 1 && W >= 1 && H <= N && W <= N, "grid H, W must be in [1, N = ", N, "], got ", H, ", ", W);
   TORCH_CHECK(p + H * W == N, "grid does not match the tokens: num_prefix + H * W = ", p, " + ", H, " * ", W,
               " != N = ", N);
 }
@@ -41,12 +42,13 @@ void check_layout(int64_t N, int64_t p, int64_t H, int64_t W) {
 // Normalised metric rows, scores and the top-2 of every A row, for one image.
 struct FpetWorkspace {
   int64_t Dp = 0, Nbp = 0;
-  std::vector<float> an, bn, bnt, scores, norm_a, norm_b, t;
+  std::vector<float> an, bn, bnt, scores, norm_a, norm_b, t, v1, v2;
   std::vector<int64_t> top1, top2;
 };
 
 // scores[i][j] = <a_i, b_j> (prefix columns -inf), row stride Nbp. t[i] = (top1 + top2) / 2;
-// top1/top2 the column indices of the two largest values, lowest index first on ties (-1: none).
+// top1/top2 the column indices of the two largest values, lowest index first on ties, NaN scores
+// skipped (-1: none, value -inf).
 void fpet_scores_image(const float* metric, const FpetLayout& L, int64_t D, FpetWorkspace& ws) {
   const int64_t Na = L.Na, Nb = L.Nb;
   const int64_t Dp = round_up(std::max<int64_t>(D, 1), kGemmNR);
@@ -60,6 +62,8 @@ void fpet_scores_image(const float* metric, const FpetLayout& L, int64_t D, Fpet
   ws.norm_a.resize(static_cast<size_t>(Na));
   ws.norm_b.resize(static_cast<size_t>(Nb));
   ws.t.resize(static_cast<size_t>(Na));
+  ws.v1.resize(static_cast<size_t>(Na));
+  ws.v2.resize(static_cast<size_t>(Na));
   ws.top1.resize(static_cast<size_t>(Na));
   ws.top2.resize(static_cast<size_t>(Na));
   for (int64_t i = 0; i < Na; ++i) ws.norm_a[i] = normalize_row(metric + L.a_pos[i] * D, ws.an.data() + i * Dp, D);
@@ -85,17 +89,17 @@ void fpet_scores_image(const float* metric, const FpetLayout& L, int64_t D, Fpet
       }
     }
     ws.t[i] = (v1 + v2) / 2.0f;
+    ws.v1[i] = v1;
+    ws.v2[i] = v2;
     ws.top1[i] = i1;
     ws.top2[i] = i2;
   }
 }
 
-// The hard match of A row i: its top column iff sigmoid(s - t) > 0.5 in float32, else -1.
+// The hard match of A row i: its top column iff top1 > top2 (compared as scores), else -1.
 inline int64_t hard_match(const FpetWorkspace& ws, int64_t i) {
   const int64_t j = ws.top1[i];
-  if (j < 0) return -1;
-  const float d = ws.scores[i * ws.Nbp + j] - ws.t[i];
-  return sigmoid_f32(d) > 0.5f ? j : -1;
+  return j >= 0 && ws.v1[i] > ws.v2[i] ? j : -1;
 }
 
 struct MergeScratch {
@@ -192,10 +196,10 @@ struct BackwardScratch {
   std::vector<int64_t> match;
 };
 
-// dm = (dn - n <n, dn>) / ||m||, or dn / 1e-12 when ||m|| < 1e-12 (the clamp has no gradient).
+// dm = (dn - n <n, dn>) / ||m||, and 0 when !(||m|| > 1e-12) (a zero or non-finite row: docs/semantics.md).
 inline void normalize_backward(const float* n, const float* dn, float norm, float* dm, int64_t D) {
-  if (norm < kNormEps) {
-    for (int64_t d = 0; d < D; ++d) dm[d] = dn[d] / kNormEps;
+  if (!(norm > kNormEps) || std::isinf(norm)) {
+    std::fill(dm, dm + D, 0.f);
     return;
   }
   const float nd = dot_f32(n, dn, D);
@@ -224,10 +228,15 @@ void fpet_backward_image(const void* grad_out, at::ScalarType go_type, const flo
     load_row_any(static_cast<const char*>(grad_out) + j * C * go_esize, go_type, g, C);
     load_row_any(static_cast<const char*>(out) + j * C * out_esize, out_type, sc.row.data(), C);
     const float os = out_size[j];
-    float gd = -dot_f32(g, sc.row.data(), C) / os;
+    float gd = 0.f;
+    if (os == 0.f) {  // the output row is the constant 0: no gradient through it
+      std::fill(g, g + C, 0.f);
+    } else {
+      gd = -dot_f32(g, sc.row.data(), C) / os;
+      for (int64_t c = 0; c < C; ++c) g[c] = g[c] / os;
+    }
     if (grad_size) gd += grad_size[j];
     sc.gden[j] = gd;
-    for (int64_t c = 0; c < C; ++c) g[c] = g[c] / os;
   }
   transpose_pad(sc.gnum.data(), Nb, C, C, sc.gnumt.data(), Nbp);
   // z_A [Na][C], s_A [Na], the forward matching.
@@ -255,7 +264,7 @@ void fpet_backward_image(const void* grad_out, at::ScalarType go_type, const flo
     const float t = ws.t[i];
     float rowsum = 0.f;
     for (int64_t j = 0; j < Nb; ++j) {
-      if (j < p) {
+      if (j < p || std::isnan(sr[j])) {  // prefix columns and NaN scores take no part
         g[j] = 0.f;
         continue;
       }
@@ -270,7 +279,10 @@ void fpet_backward_image(const void* grad_out, at::ScalarType go_type, const flo
     if (ws.top1[i] >= 0) g[ws.top1[i]] -= half;
     if (ws.top2[i] >= 0) g[ws.top2[i]] -= half;
   }
-  // dA_n = dS B_n [Na][Dp], dB_n = dS^T A_n [Nb][Dp].
+  // dA_n = dS B_n [Na][Dp], dB_n = dS^T A_n [Nb][Dp]; rows of a NaN metric (their dS entries are 0)
+  // enter as 0 so that they spread no NaN.
+  for (float& v : ws.an) v = std::isnan(v) ? 0.f : v;
+  for (float& v : ws.bn) v = std::isnan(v) ? 0.f : v;
   sc.dan.resize(static_cast<size_t>(Na * Dp));
   sc.dbn.resize(static_cast<size_t>(Nb * Dp));
   gemm_packed(Na, Dp, Nb, G, Nbp, 1, ws.bn.data(), Dp, sc.dan.data(), Dp);

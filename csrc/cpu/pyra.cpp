@@ -24,13 +24,6 @@ void pyra_merge_image(const T* x, const float* s, int64_t N, int64_t C, int64_t 
                       const int64_t* src_idx, const int64_t* dst_idx, const int64_t* unm_idx, const PyraParams& prm,
                       T* out, float* out_size, PyraScratch& sc) {
   auto size_of = [s](int64_t pos) { return s ? s[pos] : 1.0f; };
-  if (r == 0) {  // as tome_merge: out = (x * s) / s, out_size = s
-    for (int64_t n = 0; n < N; ++n) {
-      scaled_copy(x + n * C, size_of(n), out + n * C, C);
-      out_size[n] = size_of(n);
-    }
-    return;
-  }
   const int64_t Na = (N + 1) / 2, Nb = N / 2;
   const TomeRows rows{Na, r, distill_token};
   sc.w.resize(static_cast<size_t>(r * C));
@@ -108,9 +101,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t B = x_.size(0), N = x_.size(1), C = x_.size(2), D = metric.size(2);
   TORCH_CHECK(metric.size(0) == B && metric.size(1) == N, "metric must be [B, N, D] with x's B, N = ", B, ", ",
               N, ", got ", metric.sizes());
-  const int64_t p = int64_t(class_token) + int64_t(distill_token);
-  const int64_t cap = std::max<int64_t>(0, (N - p) / 2);
-  TORCH_CHECK(r >= 0 && r <= cap, "r must be in [0, (N - protected) // 2] = [0, ", cap, "], got ", r);
+  checked_r(r, N, class_token, distill_token);
+  TORCH_CHECK(std::isfinite(eps) && eps > 0, "eps must be a finite number > 0, got ", eps);
   for (const at::Tensor* t : {&a_, &b_, &ln_weight_, &ln_bias_}) {
     CHECK_CPU(*t);
     CHECK_FLOATING(*t);
@@ -135,6 +127,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   float* osp = out_size.data_ptr<float>();
   int64_t *sp = src.data_ptr<int64_t>(), *dp = dst.data_ptr<int64_t>();
   int64_t *up = unm.data_ptr<int64_t>(), *tp = map.data_ptr<int64_t>();
+  if (r == 0) {  // the identity: x copied bit for bit, the sizes as given
+    at::Tensor o = outs.out, os = outs.out_size;
+    identity_merge(x, s, o, os);
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      TomeWorkspace ws;
+      for (int64_t b = b0; b < b1; ++b) {
+        tome_match_image(mp + b * N * D, N, D, 0, class_token, distill_token, ws, sp, dp, up + b * Na, tp + b * N);
+      }
+    });
+    return {out, out_size, src, dst, unm, map};
+  }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pyra_merge", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();

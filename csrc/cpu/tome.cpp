@@ -38,13 +38,6 @@ void tome_merge_image(const T* x, const float* s, int64_t N, int64_t C, int64_t 
                       float* out_size, int64_t c0, int64_t c1, MergeScratch& sc) {
   const int64_t cw = c1 - c0;
   auto size_of = [s](int64_t pos) { return s ? s[pos] : 1.0f; };
-  if (r == 0) {  // identity: out = (x * s) / s, out_size = s
-    for (int64_t n = 0; n < N; ++n) {
-      scaled_copy(x + n * C + c0, size_of(n), out + n * C + c0, cw);
-      if (out_size) out_size[n] = size_of(n);
-    }
-    return;
-  }
   const int64_t Na = (N + 1) / 2, Nb = N / 2;
   const TomeRows rows{Na, r, distill_token};
   for (int64_t k = 0; k < Na - r; ++k) {
@@ -72,13 +65,6 @@ void tome_merge_image(const T* x, const float* s, int64_t N, int64_t C, int64_t 
     weighted_mean_row(x + c0, C, sc.pos.data(), sc.w.data(), count, den, out + row * C + c0, cw, sc.acc.data());
     if (out_size) out_size[row] = den;
   }
-}
-
-int64_t checked_r(int64_t r, int64_t N, bool class_token, bool distill_token) {
-  const int64_t p = int64_t(class_token) + int64_t(distill_token);
-  const int64_t cap = std::max<int64_t>(0, (N - p) / 2);
-  TORCH_CHECK(r >= 0 && r <= cap, "r must be in [0, (N - protected) // 2] = [0, ", cap, "], got ", r);
-  return r;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tome_match_cpu(const at::Tensor& metric, int64_t r,
@@ -125,6 +111,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   float* osp = out_size.data_ptr<float>();
   int64_t *sp = src.data_ptr<int64_t>(), *dp = dst.data_ptr<int64_t>();
   int64_t *up = unm.data_ptr<int64_t>(), *tp = map.data_ptr<int64_t>();
+  if (r == 0) {  // the identity: x copied bit for bit, the sizes as given
+    at::Tensor o = outs.out, os = outs.out_size;
+    identity_merge(x, s, o, os);
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      TomeWorkspace ws;
+      for (int64_t b = b0; b < b1; ++b) {
+        tome_match_image(mp + b * N * D, N, D, 0, class_token, distill_token, ws, sp, dp, up + b * Na, tp + b * N);
+      }
+    });
+    return {out, out_size, src, dst, unm, map};
+  }
   const ChannelSplit split = split_channels(B, C, N);
   const bool fused = split.chunks == 1;
 
@@ -194,13 +191,9 @@ std::tuple<at::Tensor, at::Tensor> merge_wavg_cpu(const at::Tensor& x_, const st
         ++sc.count[m];
         acc_add(sc.acc.data() + m * cw, xb + n * C, sv, cw);
       }
-      for (int64_t m = 0; m < n_out; ++m) {
-        if (sc.count[m] > 0) {
-          acc_store(sc.acc.data() + m * cw, sc.den[m], ob + m * C, cw);
-        } else {
-          std::fill(ob + m * C, ob + m * C + cw, static_cast<scalar_t>(0.f));
-        }
-        if (first) osp[b * n_out + m] = sc.count[m] > 0 ? sc.den[m] : 0.f;
+      for (int64_t m = 0; m < n_out; ++m) {  // a row whose sizes sum to 0 (or that nobody maps to) is 0
+        acc_store(sc.acc.data() + m * cw, sc.den[m], ob + m * C, cw);
+        if (first) osp[b * n_out + m] = sc.den[m];
       }
     });
   });
@@ -216,6 +209,7 @@ at::Tensor merge_wavg_backward_cpu(const at::Tensor& grad_out_, const std::optio
   CHECK_DIM(token_map_, 2);
   TORCH_CHECK(token_map_.size(0) == B, "token_map must have ", B, " rows, got ", token_map_.sizes());
   const int64_t N = token_map_.size(1);
+  CHECK_FLOATING(grad_out_);
   CHECK_CPU(out_size_);
   CHECK_FLOATING(out_size_);
   CHECK_SHAPE(out_size_, B, n_out, 1);
@@ -241,6 +235,10 @@ at::Tensor merge_wavg_backward_cpu(const at::Tensor& grad_out_, const std::optio
         }
         const float sv = sp_all ? sp_all[b * N + n] : 1.0f;
         const float den = osp[b * n_out + m];
+        if (den == 0.f) {  // the output row is the constant 0
+          zero_row(dst, cw);
+          continue;
+        }
         const scalar_t* src = gp + (b * n_out + m) * C + c0;
         for (int64_t c = 0; c < cw; ++c) dst[c] = static_cast<scalar_t>(static_cast<float>(src[c]) * sv / den);
       }

@@ -8,7 +8,7 @@
 //   2. score tiles A x B (prefix columns skipped: they are -inf); per A row the two largest values
 //      and the column of the largest, scanning the columns in ascending order (strict >: the lowest
 //      column wins a tie, NaN never does)
-//   3. hard match: top1 column iff sigmoid(top1 - (top1 + top2) / 2) > 0.5, else -1
+//   3. hard match: top1 column iff top1 > top2 (compared as scores), else -1
 //   4. sources grouped by destination in ascending A index (counts, block scan, stable slots)
 //   5. token_map and merged sizes (block of slice 0), merged rows of this block's channel slice:
 //      B row j's sum starts with the row itself and adds its sources in ascending A index.
@@ -196,9 +196,8 @@ struct FpetMergeBody {
     // 3. hard matches
     blk.each([&](int t) {
       for (int i = t; i < Na; i += T) {
-        const float tv = (sm.v1[i] + sm.v2[i]) / 2.0f;
         const int j = sm.i1[i];
-        sm.match[i] = j >= 0 && simt::sigmoid(sm.v1[i] - tv) > 0.5f ? j : -1;
+        sm.match[i] = j >= 0 && sm.v1[i] > sm.v2[i] ? j : -1;
       }
     });
     // 4. sources per destination (ascending A index)
@@ -245,7 +244,8 @@ struct FpetMergeBody {
           const int64_t pi = sm.apos[sm.list[h]];
           acc += static_cast<float>(xb[pi * C + c]) * s[pi];
         }
-        ob[int64_t(j) * C + c] = static_cast<scalar_t>(acc / sm.bden[j]);
+        // a merged row whose sizes sum to 0 is 0 (docs/semantics.md)
+        ob[int64_t(j) * C + c] = static_cast<scalar_t>(sm.bden[j] == 0.f ? 0.f : acc / sm.bden[j]);
       }
     });
   }
@@ -351,7 +351,8 @@ struct FpetScoreGradBody {
           return go[e] * ot[e];
         },
         [&](int j, float dot) {
-          float gd = -dot / os[j];
+          const float osj = os[j];
+          float gd = osj == 0.f ? 0.f : -dot / osj;  // a constant-0 row passes no gradient
           if (gs.defined()) gd += gs[j];
           sm.gden[j] = gd;
           if (lead) ws_gden[b * Nb + j] = gd;
@@ -409,7 +410,8 @@ struct FpetScoreGradBody {
             const int i = i0 + r, j = j0 + r;
             sm.tiles.a[r * ld + k] =
                 r < rows ? static_cast<float>(xb[int64_t(sm.apos[i]) * C + c]) * sm.sa[r] : 0.f;
-            sm.tiles.b[r * ld + k] = j < Nb ? go[int64_t(j) * C + c] / os[j] : 0.f;
+            const float osj = j < Nb ? static_cast<float>(os[j]) : 0.f;
+            sm.tiles.b[r * ld + k] = j < Nb && osj != 0.f ? go[int64_t(j) * C + c] / osj : 0.f;
           }
         });
         blk.each([&](int t) {
@@ -434,7 +436,7 @@ struct FpetScoreGradBody {
           const int j = j0 + jj;
           if (ii >= rows || j >= Nb) continue;
           float* pij = P + int64_t(i0 + ii) * Nb + j;
-          if (j < p) {
+          if (j < p || *pij != *pij) {  // prefix columns and NaN scores take no part
             *pij = 0.f;
             continue;
           }
@@ -555,6 +557,7 @@ struct FpetInputGradBody {
         if (r < rows) {
           const int64_t pos = sm.pos[r];
           v = m[pos * D + k] / fmaxf(nrm[pos], simt::kNormEps);
+          v = v == v ? v : 0.f;  // a NaN row (its dS entries are 0) spreads no NaN
         }
         sm.own[r * ld + k] = v;
         sm.acc[r * ld + k] = 0.f;
@@ -569,6 +572,7 @@ struct FpetInputGradBody {
           if (q0 + q < n_oth) {
             const int64_t pos = is_a ? sm.bpos[q0 + q] : sm.apos[q0 + q];
             v = m[pos * D + k] / fmaxf(nrm[pos], simt::kNormEps);
+            v = v == v ? v : 0.f;
           }
           sm.oth[q * ld + k] = v;
         }
@@ -592,7 +596,7 @@ struct FpetInputGradBody {
         }
       });
     }
-    // through the normalisation: dm = (dn - n <n, dn>) / ||m||, or dn / eps when ||m|| < eps
+    // through the normalisation: dm = (dn - n <n, dn>) / ||m||, 0 unless eps < ||m|| < inf
     simt::row_sums(
         blk, rows, D, sm.dt, [&](int r, int k) { return sm.own[r * ld + k] * sm.acc[r * ld + k]; },
         [&](int r, float v) { sm.nd[r] = v; });
@@ -601,7 +605,8 @@ struct FpetInputGradBody {
         const int r = e / D, k = e % D;
         const int64_t pos = sm.pos[r];
         const float norm = nrm[pos], dn = sm.acc[r * ld + k];
-        const float v = norm < simt::kNormEps ? dn / simt::kNormEps : (dn - sm.own[r * ld + k] * sm.nd[r]) / norm;
+        const bool ok = norm > simt::kNormEps && norm < simt::pos_inf();
+        const float v = ok ? (dn - sm.own[r * ld + k] * sm.nd[r]) / norm : 0.f;
         grad_metric.store(gm0 + pos * D + k, v);
       }
     });
@@ -612,7 +617,8 @@ struct FpetInputGradBody {
           const int j = sm.dst[r];
           if (j < 0) return 0.f;
           const int64_t pos = sm.pos[r];
-          return go[int64_t(j) * C + c] / os[j] * static_cast<float>(xb[pos * C + c]);
+          const float osj = os[j];
+          return osj == 0.f ? 0.f : go[int64_t(j) * C + c] / osj * static_cast<float>(xb[pos * C + c]);
         },
         [&](int r, float v) {
           const int j = sm.dst[r];
@@ -623,7 +629,8 @@ struct FpetInputGradBody {
         const int r = e / C, c = e % C;
         const int j = sm.dst[r];
         const int64_t pos = sm.pos[r];
-        const float v = j < 0 ? 0.f : go[int64_t(j) * C + c] / os[j] * s[pos];
+        const float osj = j < 0 ? 0.f : static_cast<float>(os[j]);
+        const float v = osj == 0.f ? 0.f : go[int64_t(j) * C + c] / osj * s[pos];
         gxb[pos * C + c] = static_cast<scalar_t>(v);
       }
     });
@@ -633,9 +640,10 @@ struct FpetInputGradBody {
 // ---------------------------------------------------------------------------------------------
 // Launchers
 // ---------------------------------------------------------------------------------------------
+// 0 <= num_prefix <= N, H, W >= 1, num_prefix + H * W == N (spec 2.1).
 inline FpetGrid checked_fpet_grid(int64_t N, int64_t p, int64_t H, int64_t W, const char* op) {
-  TORCH_CHECK(p >= 0, op, ": num_prefix must be >= 0, got ", p);
-  TORCH_CHECK(H >= 0 && W >= 0, op, ": grid H, W must be >= 0, got ", H, ", ", W);
+  TORCH_CHECK(p >= 0 && p <= N, op, ": num_prefix must be in [0, N = ", N, "], got ", p);
+  TORCH_CHECK(H >= 1 && W >= 1 && H <= N && W <= N, op, ": grid H, W must be in [1, N = ", N, "], got ", H, ", ", W);
   TORCH_CHECK(p + H * W == N, op, ": grid does not match the tokens: num_prefix + H * W = ", p, " + ", H, " * ", W,
               " != N = ", N);
   return FpetGrid::make(static_cast<int>(p), static_cast<int>(H), static_cast<int>(W));
@@ -711,6 +719,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_backward_launch(
   const at::Tensor grad_size = checked_size<Exec>(grad_size_in, B, Nb, op, "grad_size");
   const at::Tensor size = checked_size<Exec>(size_in, B, N, op);
   const at::Tensor token_map = checked_map<Exec>(token_map_in, B, N, op);
+  check_map_range(token_map, Nb, op);
   check_int32(N * std::max<int64_t>({C, D, 1}), op, "N * max(C, D)");
   check_int32(Na * Nb, op, "Na * Nb");
   check_same_device(metric, x, op, "metric");

@@ -16,6 +16,10 @@
 
 #include <optional>
 
+#if defined(__CUDACC__)
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#endif
+
 #include "simt.cuh"
 
 namespace fpet {
@@ -91,6 +95,21 @@ at::Tensor checked_map(const at::Tensor& map, int64_t B, int64_t N, const char* 
   TORCH_CHECK(map.dim() == 2 && map.size(0) == B && map.size(1) == N, op, ": ", name, " must have shape [", B, ", ",
               N, "], got ", map.sizes());
   return map.contiguous();
+}
+
+// Token-map entries must be in [-1, n_out): checked on the host before the launch (one device
+// sync). While a CUDA graph is being captured no sync is possible; the kernels then skip
+// out-of-range entries (they never index memory with them), so nothing is read or written out
+// of bounds either way.
+inline void check_map_range(const at::Tensor& map, int64_t n_out, const char* op, const char* name = "token_map") {
+  if (map.numel() == 0) return;
+#if defined(__CUDACC__)
+  if (map.is_cuda() && c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return;
+#endif
+  const auto mm = at::aminmax(map);
+  const int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
+  TORCH_CHECK(lo >= -1 && hi < n_out, op, ": ", name, " entries must be in [-1, ", n_out, "), got entries in [", lo,
+              ", ", hi, "]");
 }
 
 // Kernel index arithmetic is 32-bit within an image; the image offset is 64-bit.

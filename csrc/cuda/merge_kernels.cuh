@@ -91,8 +91,9 @@ struct GatherBody {
               *dst = static_cast<scalar_t>(0.f);
             } else if (!scaled) {
               *dst = y[src * C + c];
-            } else {
-              *dst = static_cast<scalar_t>(static_cast<float>(y[src * C + c]) * sm.s[i] / sm.den[i]);
+            } else {  // an output row of merged size 0 is the constant 0: no gradient
+              *dst = static_cast<scalar_t>(sm.den[i] == 0.f ? 0.f
+                                                            : static_cast<float>(y[src * C + c]) * sm.s[i] / sm.den[i]);
             }
           }
         });
@@ -219,7 +220,7 @@ struct ReduceBody {
             const float v = static_cast<float>(xb[n * C + c]);
             acc += wavg ? v * s[n] : v;
           }
-          if (wavg) acc = h1 > h0 ? acc / sm.den[i] : 0.f;
+          if (wavg) acc = sm.den[i] != 0.f ? acc / sm.den[i] : 0.f;  // sizes summing to 0: 0
           ob[int64_t(m0 + i) * C + c] = static_cast<scalar_t>(acc);
         }
       });
@@ -290,6 +291,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_launch(const char* op, const at::Tenso
   const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
   const at::Tensor map = checked_map<Exec>(map_in, B, N, op);
   TORCH_CHECK(n_out >= 0, op, ": n_out must be >= 0, got ", n_out);
+  check_map_range(map, n_out, op);
   check_int32(N, op, "N");
   check_int32(C, op, "C");
   check_int32(n_out, op, "n_out");
@@ -339,6 +341,7 @@ at::Tensor unmerge(const at::Tensor& y_in, const at::Tensor& token_map) {
   const typename Exec::Guard guard(y_in.device());
   const at::Tensor y = checked_bnd<Exec>(y_in, op, "y");
   const at::Tensor map = checked_map_rows<Exec>(token_map, y.size(0), op);
+  check_map_range(map, y.size(1), op);
   return gather_launch<Exec>(op, "y", y, map, at::Tensor(), at::Tensor());
 }
 
@@ -350,6 +353,7 @@ at::Tensor merge_wavg_backward(const at::Tensor& grad_out_in, const std::optiona
   const at::Tensor g = checked_bnd<Exec>(grad_out_in, op, "grad_out");
   const int64_t B = g.size(0), n_out = g.size(1);
   const at::Tensor map = checked_map_rows<Exec>(token_map, B, op);
+  check_map_range(map, n_out, op);
   const int64_t N = map.size(1);
   const at::Tensor size = checked_size<Exec>(size_in, B, N, op);
   check_device<Exec>(out_size_in, op, "out_size");

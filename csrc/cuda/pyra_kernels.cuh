@@ -28,6 +28,7 @@ TomeOutputs pyra_merge(const at::Tensor& x_in, const at::Tensor& metric, int64_t
   const at::Tensor x = checked_bnd<Exec>(x_in, op, "x");
   const int64_t N = x.size(1), C = x.size(2);
   checked_tome_r(r, N, class_token, distill_token, op);
+  TORCH_CHECK(std::isfinite(eps) && eps > 0, op, ": eps must be a finite number > 0, got ", eps);
   // The contiguous parameters live until the launch has returned (PyraParams holds raw pointers).
   const at::Tensor a = checked_param<Exec>(a_in, {r, 1}, op, "a");
   const at::Tensor b = checked_param<Exec>(b_in, {1, C}, op, "b");

@@ -99,6 +99,7 @@ struct AnyPtr {
 // in the last bit; kernels only compare sigmoid(d) against 0.5, or return it as a value).
 // ---------------------------------------------------------------------------------------------
 FPET_HD float neg_inf() { return -std::numeric_limits<float>::infinity(); }
+FPET_HD float pos_inf() { return std::numeric_limits<float>::infinity(); }
 FPET_HD bool is_nan(float v) { return v != v; }
 // NaN sorts first (as torch.sort(descending=True) and torch.max): a strict weak order.
 FPET_HD bool greater(float a, float b) { return (is_nan(a) && !is_nan(b)) || a > b; }

@@ -117,7 +117,7 @@ struct TomeBody {
     int64_t* map_b = token_map + b * N;
     const TomeSmem sm = TomeSmem::make(smem_base, N, D, r, cw, pyra.enabled());
 
-    if (r == 0) {  // the identity: out = (x * s) / s, out_size = s
+    if (r == 0) {  // the identity: out = x (bit for bit), out_size = s
       blk.each([&](int t) {
         if (!lead) return;
         for (int n = t; n < N; n += T) {
@@ -126,7 +126,7 @@ struct TomeBody {
         }
         for (int i = t; i < Na; i += T) unm_b[i] = i;
       });
-      if (xb) copy_rows(blk, xb, s, ob, N, c0, cw, [](int n) { return n; }, [](int n) { return n; });
+      if (xb) copy_rows(blk, xb, s, ob, N, c0, cw, [](int n) { return n; }, [](int n) { return n; }, true);
       return;
     }
 
@@ -242,24 +242,27 @@ struct TomeBody {
           const float v = static_cast<float>(xb[int64_t(2 * i) * C + c]) * s[2 * i];
           acc += pyra.enabled() ? v + v * sm.wc[c - c0] * sm.wt[sm.rank[i]] : v;
         }
-        ob[int64_t(rows.b_row(j)) * C + c] = static_cast<scalar_t>(acc / sm.bden[j]);
+        // a merged row whose sizes sum to 0 is 0 (docs/semantics.md)
+        ob[int64_t(rows.b_row(j)) * C + c] = static_cast<scalar_t>(sm.bden[j] == 0.f ? 0.f : acc / sm.bden[j]);
       }
     });
   }
 
-  // out[out_row(k)][c] = (x[pos(k)][c] * s) / s for k < rows, c in the slice (exact copy if s == 1).
+  // out[out_row(k)][c] = (x[pos(k)][c] * s) / s for k < rows, c in the slice (exact copy if s == 1 or
+  // `exact`, 0 if s == 0).
   template <class Blk, class Pos, class Row>
   FPET_HD void copy_rows(Blk& blk, const scalar_t* xb, const AnyPtr& s, scalar_t* ob, int rows, int c0, int cw,
-                         Pos pos, Row out_row) const {
+                         Pos pos, Row out_row, bool exact = false) const {
     const int T = blk.size();
     blk.each([&](int t) {
       for (int e = t; e < rows * cw; e += T) {
         const int k = e / cw, c = c0 + e % cw;
         const int64_t p = pos(k);
-        const float sv = s[p];
+        const float sv = exact ? 1.0f : static_cast<float>(s[p]);
         const scalar_t v = xb[p * C + c];
-        ob[int64_t(out_row(k)) * C + c] =
-            sv == 1.0f ? v : static_cast<scalar_t>((static_cast<float>(v) * sv) / sv);
+        ob[int64_t(out_row(k)) * C + c] = sv == 1.0f ? v
+                                          : sv == 0.f ? static_cast<scalar_t>(0.f)
+                                                      : static_cast<scalar_t>((static_cast<float>(v) * sv) / sv);
       }
     });
   }
@@ -306,10 +309,13 @@ struct TomeBody {
 // ---------------------------------------------------------------------------------------------
 using TomeOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// r in [0, cap]: cap = (N - protected) / 2, and 0 when no B token may be a destination (the
+// distillation token is the only B token); docs/semantics.md.
 inline int64_t checked_tome_r(int64_t r, int64_t N, bool class_token, bool distill_token, const char* op) {
-  const int64_t p = int64_t(class_token) + int64_t(distill_token);
-  const int64_t cap = std::max<int64_t>(0, (N - p) / 2);
-  TORCH_CHECK(r >= 0 && r <= cap, op, ": r must be in [0, (N - protected) // 2] = [0, ", cap, "], got ", r);
+  const int64_t cap = N / 2 - int64_t(distill_token) <= 0
+                          ? 0
+                          : std::max<int64_t>(0, (N - int64_t(class_token) - int64_t(distill_token)) / 2);
+  TORCH_CHECK(r >= 0 && r <= cap, op, ": r must be in [0, ", cap, "] (the cap for N = ", N, " tokens), got ", r);
   return r;
 }
 

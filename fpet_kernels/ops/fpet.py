@@ -20,7 +20,7 @@ from torch import Tensor
 from .. import _backend, _checks
 from . import library
 from .shapes import NORM_EPS, compute_dtype, grid_sizes, size_dtype
-from .tome import normalize
+from .tome import merge_wavg_reference, normalize, safe_div
 
 
 # ----------------------------------------------------------------------------- 1. reference
@@ -69,12 +69,41 @@ def _scores(metric: Tensor, num_prefix: int, h: int, w: int):
     return scores, a_idx, b_idx
 
 
+def top2(scores: Tensor):
+    """The two top entries of every score row (docs/semantics.md): the two largest scores, ties to
+    the lower column index; NaN scores are skipped (as -inf). Returns ``(v1, i1, v2, i2)`` [B, Na]."""
+    s = torch.where(torch.isnan(scores), -torch.inf, scores)
+    v1, i1 = s.max(dim=-1)  # ties: the first (lowest j) maximum
+    v2, i2 = s.scatter(-1, i1.unsqueeze(-1), -torch.inf).max(dim=-1)
+    return v1, i1, v2, i2
+
+
+def valid_scores(scores: Tensor) -> Tensor:
+    """Entries that take part in the matching and carry gradient: not NaN, not a prefix column (-inf)."""
+    return ~torch.isnan(scores) & (scores > -torch.inf)
+
+
+def hard_matching(scores: Tensor):
+    """Spec 2.4 forward: row i matches its top-1 column iff ``top1 > top2`` (strictly, compared as
+    scores); ``(match [B, Na] (-1: none), v1, i1, v2, i2)``."""
+    v1, i1, v2, i2 = top2(scores)
+    match = torch.where(v1 > v2, i1, -1)
+    return match, v1, i1, v2, i2
+
+
 def diff_matching_reference(metric: Tensor, num_prefix: int, h: int, w: int):
-    """Spec 2.3-2.4: the straight-through matching matrix ``M`` [B, Na, Nb] and the index sets."""
+    """Spec 2.3-2.4: the straight-through matching matrix ``M`` [B, Na, Nb] and the index sets.
+    The forward value of ``M`` is the hard match (``top1 > top2``), its gradient that of
+    ``soft = sigmoid(S - t)``, ``t`` the mean of the two top entries (0 on NaN / prefix entries)."""
     scores, a_idx, b_idx = _scores(metric, num_prefix, h, w)
-    t = scores.topk(2, dim=-1).values.mean(dim=-1, keepdim=True)
-    soft = torch.sigmoid(scores - t)
-    hard = (soft > 0.5).to(soft.dtype)
+    with torch.no_grad():
+        match, _, i1, _, i2 = hard_matching(scores)
+        valid = valid_scores(scores)
+        hard = torch.zeros_like(scores).scatter_(-1, match.clamp_min(0).unsqueeze(-1), 1.0)
+        hard = hard * (match >= 0).unsqueeze(-1)
+    clean = torch.where(torch.isnan(scores), -torch.inf, scores)
+    t = (clean.gather(-1, i1.unsqueeze(-1)) + clean.gather(-1, i2.unsqueeze(-1))) / 2
+    soft = torch.where(valid, torch.sigmoid(torch.where(valid, scores, 0) - t), 0)
     return soft + (hard - soft).detach(), a_idx, b_idx
 
 
@@ -89,21 +118,41 @@ def token_map_from_matching(m: Tensor, a_idx: Tensor, b_idx: Tensor, n: int) -> 
     return tmap
 
 
+def fpet_token_map(metric: Tensor, num_prefix: int, h: int, w: int) -> Tensor:
+    """The forward matching as a token map [B, N]: B tokens -> their B index, A tokens -> the B index
+    they merge into, -1 when they match nothing (a tie, or no valid score)."""
+    with torch.no_grad():
+        scores, a_idx, b_idx = _scores(metric, num_prefix, h, w)
+        match = hard_matching(scores)[0]
+    bsz, n = metric.shape[:2]
+    tmap = torch.empty(bsz, n, dtype=torch.int64, device=metric.device)
+    tmap[:, a_idx] = match
+    tmap[:, b_idx] = torch.arange(b_idx.numel(), device=metric.device)
+    return tmap
+
+
 def fpet_merge_reference(x: Tensor, metric: Tensor, size: Optional[Tensor], num_prefix: int, h: int, w: int):
-    """Spec 2.5 dense: ``x' = (z_B + M^T z_A) / (s_B + M^T s_A)``, ``z = x * s``. Returns (x', size', token_map)."""
-    m, a_idx, b_idx = diff_matching_reference(metric, num_prefix, h, w)
+    """Spec 2.5: ``x' = (z_B + M^T z_A) / (s_B + M^T s_A)``, ``z = x * s``, with the forward (one-hot)
+    ``M`` applied as a gather: a token's values reach only the row it merges into. Returns
+    (x', size', token_map); differentiable in x and size (the matching is a constant)."""
+    _checks.fpet_layout("fpet_merge", x.shape[1], num_prefix, h, w)
+    tmap = fpet_token_map(metric, num_prefix, h, w)
+    nb = grid_sizes(num_prefix, h, w)[1]
     cdt = compute_dtype(x, metric, size)
-    s = torch.ones(*x.shape[:2], 1, dtype=cdt, device=x.device) if size is None else size.to(cdt)
-    z = x.to(cdt) * s
-    mt = m.transpose(1, 2).to(cdt)
-    num = z[:, b_idx] + mt @ z[:, a_idx]
-    den = s[:, b_idx] + mt @ s[:, a_idx]
-    return (num / den).to(x.dtype), den.to(size_dtype(x, size)), token_map_from_matching(m, a_idx, b_idx, x.shape[1])
+    out, den = merge_wavg_reference(x.to(cdt), None if size is None else size.to(cdt), tmap, nb)
+    return out.to(x.dtype), den.to(size_dtype(x, size)), tmap
 
 
 def fpet_merge_backward_reference(grad_out, grad_size, x, metric, size, out, out_size, token_map,
                                   num_prefix: int, h: int, w: int):
     """The straight-through backward in closed form (what the kernels compute; see csrc/README.md)."""
+    _checks.fpet_layout("fpet_merge_backward", x.shape[1], num_prefix, h, w)
+    nb = grid_sizes(num_prefix, h, w)[1]
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        _checks.kernel_tensor("fpet_merge_backward", name, t, x.device, shape=(x.shape[0], nb, x.shape[2]),
+                              dtypes=_checks.FLOAT_DTYPES)
+    _checks.kernel_tensor("fpet_merge_backward", "token_map", token_map, x.device, shape=tuple(x.shape[:2]),
+                          dtypes=(torch.int64,))
     cdt = compute_dtype(x, metric, size)
     a_idx, b_idx = checkerboard(num_prefix, h, w, x.device)
     m = metric.to(cdt)
@@ -113,27 +162,30 @@ def fpet_merge_backward_reference(grad_out, grad_size, x, metric, size, out, out
     scores = a @ b.transpose(-1, -2)
     if num_prefix:
         scores[..., :num_prefix] = -torch.inf
-    top = scores.topk(2, dim=-1)
-    soft = torch.sigmoid(scores - top.values.mean(dim=-1, keepdim=True))
+    v1, i1, v2, i2 = top2(scores)
+    valid = valid_scores(scores)
+    soft = torch.sigmoid(torch.where(valid, scores, 0) - ((v1 + v2) / 2).unsqueeze(-1))
 
     s = torch.ones(*x.shape[:2], 1, dtype=cdt, device=x.device) if size is None else size.to(cdt)
     xs = x.to(cdt)
     z = xs * s
     den = out_size.to(cdt)
-    g_num = grad_out.to(cdt) / den
-    g_den = -(grad_out.to(cdt) * out.to(cdt)).sum(-1, keepdim=True) / den
+    g_num = safe_div(grad_out.to(cdt), den)  # a row of merged size 0 is the constant 0: no gradient
+    g_den = safe_div(-(grad_out.to(cdt) * out.to(cdt)).sum(-1, keepdim=True), den)
     if grad_size is not None:
         g_den = g_den + grad_size.to(cdt)
     dm = z[:, a_idx] @ g_num.transpose(1, 2) + s[:, a_idx] @ g_den.transpose(1, 2)  # dL/dM [B, Na, Nb]
-    p = dm * soft * (1 - soft)
-    tops = torch.zeros_like(p).scatter_(-1, top.indices, 1.0)
+    p = torch.where(valid, dm * soft * (1 - soft), 0)
+    # t's share goes to the two top entries that are valid scores (a NaN / prefix column has none)
+    tops = (torch.zeros_like(p).scatter_(-1, i1.unsqueeze(-1), (v1 > -torch.inf).to(p.dtype).unsqueeze(-1))
+            + torch.zeros_like(p).scatter_(-1, i2.unsqueeze(-1), (v2 > -torch.inf).to(p.dtype).unsqueeze(-1)))
     ds = p - 0.5 * p.sum(-1, keepdim=True) * tops
+    # B rows with a NaN metric (all their scores NaN, P = 0 there) must not spread NaN: 0 rows
     dn = torch.zeros_like(mn)
-    dn[:, a_idx] = ds @ b
-    dn[:, b_idx] = ds.transpose(1, 2) @ a
-    big = norms > NORM_EPS
-    grad_metric = torch.where(big, (dn - mn * (mn * dn).sum(-1, keepdim=True)) / norms.clamp_min(NORM_EPS),
-                              dn / NORM_EPS)
+    dn[:, a_idx] = ds @ torch.nan_to_num(b, nan=0.0)
+    dn[:, b_idx] = ds.transpose(1, 2) @ torch.nan_to_num(a, nan=0.0)
+    big = (norms > NORM_EPS) & torch.isfinite(norms)
+    grad_metric = torch.where(big, (dn - mn * (mn * dn).sum(-1, keepdim=True)) / norms.clamp_min(NORM_EPS), 0)
 
     match = token_map[:, a_idx]
     hit = (match >= 0).unsqueeze(-1)
@@ -142,7 +194,7 @@ def fpet_merge_backward_reference(grad_out, grad_size, x, metric, size, out, out
     g_z[:, a_idx] = g_num.gather(1, idx.expand(-1, -1, g_num.shape[-1])) * hit
     g_z[:, b_idx] = g_num
     g_s = (g_z * xs).sum(-1, keepdim=True)
-    g_s[:, a_idx] += g_den.gather(1, idx) * hit
+    g_s[:, a_idx] = torch.where(hit, g_s[:, a_idx] + g_den.gather(1, idx), 0)  # a dropped token: exactly 0
     g_s[:, b_idx] += g_den
     return (g_z * s).to(x.dtype), grad_metric.to(metric.dtype), g_s.to(out_size.dtype)
 
@@ -210,6 +262,7 @@ def fpet_merge(x: Tensor, metric: Tensor, size: Optional[Tensor] = None, class_t
     if num_prefix is not None:
         p = _checks.count("num_prefix", num_prefix)
     h, w = resolve_grid(x.shape[1], p, grid)
+    _checks.backend_dtypes(backend, x=x, metric=metric, size=size)
     be = _backend.resolve(backend, x.device, _checks.dtypes(x=x, metric=metric, size=size), op="fpet_merge")
     out, out_size, tmap = _fpet_merge_call(x, metric, size, p, h, w, be)
     return (out, out_size, tmap) if return_token_map else (out, out_size)
@@ -220,6 +273,7 @@ class FPETMerge:
     ``M`` (differentiable in the metric). "mean" divides by ``1 + M^T 1``; "amax" uses the hard match."""
 
     def __init__(self, metric: Tensor, num_prefix: int, h: int, w: int, backend: Optional[str]):
+        _checks.backend_name(backend)
         self.metric, self.num_prefix, self.h, self.w, self.backend = metric, num_prefix, h, w, backend
         self.m, self.a_idx, self.b_idx = diff_matching_reference(metric, num_prefix, h, w)
         self.n_in = metric.shape[1]
@@ -232,27 +286,29 @@ class FPETMerge:
         if mode not in ("sum", "mean", "amax"):
             raise ValueError(f"mode must be 'sum', 'mean' or 'amax', got {mode!r}")
         _checks.tokens("x", x)
-        if x.shape[1] != self.n_in:
-            raise ValueError(f"x has {x.shape[1]} tokens but the matching was built for {self.n_in}")
+        _checks.closure_input("x", x, self.metric, self.n_in)
         xa, xb = x[:, self.a_idx], x[:, self.b_idx]
+        tmap = self.token_map[:, self.a_idx]
+        nb = xb.shape[1]
+        # the hard (forward) merge as a scatter into the B rows (row nb: the dropped A rows), so a
+        # token's values reach only the row it merges into
+        idx = torch.where(tmap >= 0, tmap, torch.full_like(tmap, nb)).unsqueeze(-1).expand_as(xa)
+        ext = torch.cat([xb, xb[:, :1]], dim=1)
         if mode == "amax":
-            tmap = self.token_map[:, self.a_idx]
-            nb = xb.shape[1]
-            idx = torch.where(tmap >= 0, tmap, torch.full_like(tmap, nb)).unsqueeze(-1).expand_as(xa)
-            ext = torch.cat([xb, xb[:, :1]], dim=1)
             return ext.scatter_reduce(1, idx, xa, reduce="amax")[:, :nb]
-        mt = self.m.transpose(1, 2).to(x.dtype)
-        out = xb + mt @ xa
+        out = ext.scatter_add(1, idx, xa)[:, :nb]
+        # the straight-through gradient in the metric: (M - hard)^T x_A is 0 in value; non-finite
+        # entries of x_A are left out of it (their gradient is not a number anyway)
+        delta = (self.m - self.m.detach()).transpose(1, 2).to(x.dtype)
+        out = out + delta @ torch.where(torch.isfinite(xa), xa, torch.zeros((), dtype=x.dtype, device=x.device))
         if mode == "mean":
-            out = out / (1 + mt.sum(-1, keepdim=True))
+            out = out / (1 + self.m.transpose(1, 2).to(x.dtype).sum(-1, keepdim=True))
         return out
 
 
 def fpet_merge_op_call(merge: FPETMerge, x: Tensor, size: Optional[Tensor]):
     """``merge_wavg`` of an FPET closure: the fused op on the closure's metric (same values, same gradients)."""
-    if x.shape[1] != merge.n_in:
-        raise ValueError(f"x has {x.shape[1]} tokens but the matching was built for {merge.n_in}")
-    _checks.same_tokens("x", x, "metric", merge.metric)
+    _checks.closure_input("x", x, merge.metric, merge.n_in)
     be = _backend.resolve(merge.backend, x.device, _checks.dtypes(x=x, metric=merge.metric, size=size),
                           op="fpet_merge")
     out, out_size, _ = _fpet_merge_call(x, merge.metric, size, merge.num_prefix, merge.h, merge.w, be)
@@ -264,6 +320,7 @@ def bipartite_diff_matching(metric: Tensor, class_token: bool = False, distill_t
     """Drop-in for FPET's differentiable matching: returns ``merge``. ``fpet_kernels.merge_wavg(merge,
     x, size)`` recognises it and runs the fused ``fpet_merge`` op (same values and gradients)."""
     _checks.tokens("metric", metric)
+    _checks.backend_name(backend)
     p = int(_checks.flag("class_token", class_token)) + int(_checks.flag("distill_token", distill_token))
     h, w = resolve_grid(metric.shape[1], p, grid)
     return FPETMerge(metric, p, h, w, backend)

@@ -1,8 +1,8 @@
 """Triton forward of ``fpet_merge`` (``ops/fpet.py``); the backward is in ``fpet_triton_backward.py``.
 
 ONE launch, grid (B, channel splits). Each program: checkerboard similarity tiles with a running
-top-2 per A row, the hard match (top1 column iff ``sigmoid(top1 - (top1 + top2) / 2) > 0.5``, none
-on a tie), the token map, the A rows grouped by their destination, and the size-weighted gather
+top-2 per A row (NaN scores skipped), the hard match (top1 column iff ``top1 > top2``, none on a
+tie), the token map, the A rows grouped by their destination, and the size-weighted gather
 of every B row (its matched A rows in ascending order). The forward matching is one-hot, so the
 merge is a gather: no dense ``M^T x`` product.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .shapes import grid_sizes
-from .triton_common import HAS_TRITON, channel_split, pow2, tl, triton
+from .triton_common import HAS_TRITON, channel_split, check_grid, check_merge_inputs, pow2, tl, triton
 
 if HAS_TRITON:
     from .triton_common import (checkerboard_a, checkerboard_b, group_by_destination, merge_destinations, similarity,
@@ -36,7 +36,7 @@ if HAS_TRITON:
         match_ws = ws_ptr + g * 2 * NA   # [Na] B index each A row merges into, -1: none
         sorted_ws = match_ws + NA        # [Na] A indices grouped by destination
 
-        # 1. match: running top-2 over the B tiles; hard match iff sigmoid(top1 - t) > 0.5
+        # 1. match: running top-2 over the B tiles (NaN scores skipped); hard match iff top1 > top2
         for i0 in range(0, NA, BLOCK):
             ii = i0 + tl.arange(0, BLOCK)
             vi = ii < NA
@@ -49,7 +49,7 @@ if HAS_TRITON:
                 jj = j0 + tl.arange(0, BLOCK)
                 vj = jj < NB
                 s = similarity(a, unit_rows(m_b, checkerboard_b(jj, P, H, W), vj, D, D_PAD), PREC)
-                s = tl.where(((jj < P) | (jj >= NB))[None, :] | (ii < 0)[:, None], float("-inf"), s)
+                s = tl.where(((jj < P) | (jj >= NB))[None, :] | (ii < 0)[:, None] | (s != s), float("-inf"), s)
                 bmax = tl.max(s, 1)
                 barg = tl.min(tl.where(s == bmax[:, None], jj[None, :], 2147483647), 1)
                 bsec = tl.max(tl.where(jj[None, :] == barg[:, None], float("-inf"), s), 1)
@@ -57,9 +57,7 @@ if HAS_TRITON:
                 t2 = tl.where(upd, tl.maximum(t1, bsec), tl.maximum(t2, bmax))
                 arg = tl.where(upd, barg, arg)
                 t1 = tl.where(upd, bmax, t1)
-            diff = t1 - (t1 + t2) * 0.5
-            hard = 1.0 / (1.0 + tl.exp(-diff)) > 0.5
-            match = tl.where(hard, arg, -1)
+            match = tl.where(t1 > t2, arg, -1)
             tl.store(match_ws + ii, match, mask=vi)
             tl.store(map_ptr + b * N + pos_a, match.to(tl.int64), mask=vi & first)
         for j0 in range(0, NB, BLOCK):
@@ -82,6 +80,9 @@ if HAS_TRITON:
 def fpet_merge(x, metric, size, num_prefix, H, W, split=None):
     """One launch: FPET matching and merge. Returns (out [B, Nb, C], out_size [B, Nb, 1] f32, token_map [B, N])."""
     from . import tome_triton as cfg  # tile shapes shared with the ToMe kernel
+    op = "fpet_merge (triton)"
+    check_merge_inputs(op, x, metric, size)
+    check_grid(op, x.shape[1], num_prefix, H, W)
     x, metric = x.contiguous(), metric.contiguous()
     size = None if size is None else size.contiguous()
     bsz, n, c = x.shape

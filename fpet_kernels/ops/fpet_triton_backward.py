@@ -28,8 +28,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import _checks
 from .shapes import grid_sizes
-from .triton_common import HAS_TRITON, cdiv, interpreting, pow2, tl, triton
+from .triton_common import HAS_TRITON, cdiv, check_grid, check_merge_inputs, interpreting, pow2, tl, triton
 
 if HAS_TRITON:
     from .triton_common import checkerboard_a, checkerboard_b, load_sizes, store_rounded, unit_rows
@@ -62,11 +63,17 @@ if HAS_TRITON:
 
     @triton.jit
     def _normalize_backward(dn, n, nrm):
-        """Gradient through ``n = m / max(||m||, eps)``: ``(dn - n <n, dn>) / ||m||``, ``dn / eps``
-        for rows with ``||m|| <= eps``."""
+        """Gradient through ``n = m / max(||m||, eps)``: ``(dn - n <n, dn>) / ||m||``, and 0 for rows
+        with ``||m|| <= eps`` or a non-finite norm (docs/semantics.md)."""
+        big = (nrm > 1e-12) & (nrm < float("inf"))
+        n = tl.where(big[:, None], n, 0.0)
         proj = tl.sum(n * dn, 1)
-        big = nrm > 1e-12
-        return tl.where(big[:, None], (dn - n * proj[:, None]) / tl.maximum(nrm, 1e-12)[:, None], dn / 1e-12)
+        return tl.where(big[:, None], (dn - n * proj[:, None]) / tl.where(big, nrm, 1.0)[:, None], 0.0)
+
+    @triton.jit
+    def _no_nan(v):
+        """Rows of a NaN metric enter the gradient products as 0 (their dS entries are 0)."""
+        return tl.where(v == v, v, 0.0)
 
     @triton.jit
     def _fpet_bwd_metric_kernel(
@@ -108,7 +115,7 @@ if HAS_TRITON:
                 o = tl.load(out_ptr + jj[:, None] * C + c[None, :], mask=msk, other=0.0).to(tl.float32)
                 acc += tl.sum(g * o, 1)
             den = tl.load(osz_ptr + jj, mask=vj, other=1.0).to(tl.float32)
-            gd = -acc / den
+            gd = tl.where(den != 0, -acc / tl.where(den != 0, den, 1.0), 0.0)  # constant-0 rows: no gradient
             if HAS_GSIZE:
                 gd += tl.load(gsz_in_ptr + jj, mask=vj, other=0.0).to(tl.float32)
             tl.store(gden_ptr + jj, gd, mask=vj)
@@ -122,7 +129,7 @@ if HAS_TRITON:
             vi = ii < Na
             pa = checkerboard_a(ii, p, H, W)
             ra, nrm_a = _raw_rows(m_ptr, pa, vi, D, D_PAD)
-            an = ra.to(tl.float32) / tl.maximum(nrm_a, 1e-12)[:, None]
+            an = _no_nan(ra.to(tl.float32) / tl.maximum(nrm_a, 1e-12)[:, None])
             sa = load_sizes(s_ptr, pa, vi, HAS_SIZE)
 
             # pass 1: running top-2 of the score rows (tiles come in increasing j: ties keep the earlier)
@@ -135,7 +142,7 @@ if HAS_TRITON:
                 vj = jj < Nb
                 rb, nrm_b = _raw_rows(m_ptr, checkerboard_b(jj, p, H, W), vj, D, D_PAD)
                 sc = _cosine(ra, nrm_a, rb, nrm_b, NATIVE_M, SCORE_PREC)
-                sc = tl.where((vj & (jj >= p))[None, :], sc, float("-inf"))
+                sc = tl.where((vj & (jj >= p))[None, :] & (sc == sc), sc, float("-inf"))  # NaN: skipped
                 m1 = tl.max(sc, 1)
                 j1 = tl.min(tl.where(sc == m1[:, None], jj[None, :], 2147483647), 1)
                 not1 = jj[None, :] != j1[:, None]
@@ -150,6 +157,8 @@ if HAS_TRITON:
                 r2 = second_v
                 i2 = second_i
             t = (r1 + r2) * 0.5
+            i1 = tl.where(r1 > float("-inf"), i1, -1)  # a top entry exists only as a valid score
+            i2 = tl.where(r2 > float("-inf"), i2, -1)
 
             # pass 2: P = G * soft * (1 - soft), tile by tile
             rowsum = tl.zeros([BI], dtype=tl.float32)
@@ -170,13 +179,14 @@ if HAS_TRITON:
                 den = tl.load(osz_ptr + jj, mask=vj, other=1.0).to(tl.float32)
                 gd = tl.load(gden_ptr + jj, mask=vj, other=0.0)
                 # G = <x_A s_A, grad_out / out_size> + s_A g_den
-                g = sa[:, None] * (g / den[None, :] + gd[None, :])
+                g = sa[:, None] * (tl.where((den != 0)[None, :], g / tl.where(den != 0, den, 1.0)[None, :], 0.0)
+                                   + gd[None, :])
 
                 rb, nrm_b = _raw_rows(m_ptr, checkerboard_b(jj, p, H, W), vj, D, D_PAD)
                 sc = _cosine(ra, nrm_a, rb, nrm_b, NATIVE_M, SCORE_PREC)
-                bn = rb.to(tl.float32) / tl.maximum(nrm_b, 1e-12)[:, None]
-                soft = 1.0 / (1.0 + tl.exp(t[:, None] - sc))
-                live = vi[:, None] & (vj & (jj >= p))[None, :]
+                bn = _no_nan(rb.to(tl.float32) / tl.maximum(nrm_b, 1e-12)[:, None])
+                live = vi[:, None] & (vj & (jj >= p))[None, :] & (sc == sc)
+                soft = 1.0 / (1.0 + tl.exp(t[:, None] - tl.where(live, sc, 0.0)))
                 pm = tl.where(live, g * soft * (1.0 - soft), 0.0)
                 rowsum += tl.sum(pm, 1)
                 da += tl.dot(pm, bn, input_precision=GRAD_PREC)
@@ -186,8 +196,8 @@ if HAS_TRITON:
                 tl.store(wp, db, mask=vj[:, None])
                 tl.debug_barrier()  # the next i-block reads this tile back (possibly another thread)
 
-            b1 = unit_rows(m_ptr, checkerboard_b(i1, p, H, W), vi, D, D_PAD)
-            b2 = unit_rows(m_ptr, checkerboard_b(i2, p, H, W), vi, D, D_PAD)
+            b1 = _no_nan(unit_rows(m_ptr, checkerboard_b(i1, p, H, W), vi & (i1 >= 0), D, D_PAD))
+            b2 = _no_nan(unit_rows(m_ptr, checkerboard_b(i2, p, H, W), vi & (i2 >= 0), D, D_PAD))
             dn = da - (0.5 * rowsum)[:, None] * (b1 + b2)
             gm = _normalize_backward(dn, an, nrm_a)
             store_rounded(gm_ptr + pa[:, None] * D + dd[None, :], gm, vi[:, None] & d_ok[None, :])
@@ -208,7 +218,7 @@ if HAS_TRITON:
                 k1 = tl.load(top_ptr + ii, mask=vi, other=-1)
                 k2 = tl.load(top_ptr + Na + ii, mask=vi, other=-1)
                 hit = (k1[None, :] == jj[:, None]).to(tl.float32) + (k2[None, :] == jj[:, None]).to(tl.float32)
-                an = unit_rows(m_ptr, checkerboard_a(ii, p, H, W), vi, D, D_PAD)
+                an = _no_nan(unit_rows(m_ptr, checkerboard_a(ii, p, H, W), vi, D, D_PAD))
                 corr += tl.dot(hit * rs[None, :], an, input_precision=GRAD_PREC)
             db = tl.load(dbw_ptr + jj[:, None] * D_PAD + dd[None, :], mask=vj[:, None], other=0.0)
             dn = db - 0.5 * corr
@@ -240,8 +250,10 @@ if HAS_TRITON:
         hit = vt & (dest >= 0)
         dest = tl.where(hit, dest, 0)
         s = load_sizes(s_ptr, tt, vt, HAS_SIZE)
-        den = tl.load(osz_ptr + dest, mask=hit, other=1.0).to(tl.float32)
+        den = tl.load(osz_ptr + dest, mask=hit, other=0.0).to(tl.float32)
         gd = tl.load(gden_ptr + dest, mask=hit, other=0.0)
+        ok = den != 0  # an output row of merged size 0 is the constant 0: no gradient
+        den = tl.where(ok, den, 1.0)
         cc = tl.arange(0, BC)
         acc = tl.zeros([BT], dtype=tl.float32)
         for c0 in range(0, C, BC):
@@ -249,10 +261,11 @@ if HAS_TRITON:
             c_ok = c < C
             gz = tl.load(go_ptr + dest[:, None] * C + c[None, :], mask=hit[:, None] & c_ok[None, :],
                          other=0.0).to(tl.float32) / den[:, None]
+            gz = tl.where(ok[:, None], gz, 0.0)
             msk = vt[:, None] & c_ok[None, :]
             xv = tl.load(x_ptr + tt[:, None] * C + c[None, :], mask=msk, other=0.0).to(tl.float32)
-            acc += tl.sum(gz * xv, 1)
-            store_rounded(gx_ptr + tt[:, None] * C + c[None, :], gz * s[:, None], msk)
+            acc += tl.sum(tl.where(hit[:, None], gz * xv, 0.0), 1)  # a dropped token: exactly 0
+            store_rounded(gx_ptr + tt[:, None] * C + c[None, :], tl.where(hit[:, None], gz * s[:, None], 0.0), msk)
         tl.store(gsz_ptr + tt, acc + gd, mask=vt)
 
 
@@ -290,19 +303,17 @@ def fpet_merge_backward(grad_out: Tensor, grad_size: Optional[Tensor], x: Tensor
     ``block_*`` override the tile sizes (powers of two >= 32; tests use them to span several tiles)."""
     if not HAS_TRITON:
         raise RuntimeError("fpet_merge_backward (triton): triton is not installed")
-    bsz, n, c = x.shape
-    d = metric.shape[-1]
+    op = "fpet_merge_backward (triton)"
+    bsz, n, c, d = check_merge_inputs(op, x, metric, size)
+    check_grid(op, n, num_prefix, H, W)
     na, nb = grid_sizes(num_prefix, H, W)
-    if n != num_prefix + H * W:
-        raise ValueError(f"x has N={n} tokens but num_prefix + H*W = {num_prefix + H * W}")
-    if nb - num_prefix < 2:
-        raise ValueError(f"grid ({H}, {W}) has {nb - num_prefix} destination cells; FPET matching needs at least 2")
-    if tuple(grad_out.shape) != (bsz, nb, c) or tuple(out.shape) != (bsz, nb, c):
-        raise ValueError(f"grad_out/out must be [{bsz}, {nb}, {c}], got {tuple(grad_out.shape)}, {tuple(out.shape)}")
-    for name, t in (("x", x), ("metric", metric), ("grad_out", grad_out), ("out", out)):
-        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"fpet_merge_backward (triton): {name} must be float32/float16/bfloat16, got {t.dtype}")
     dev = x.device
+    for name, t, shape in (("grad_out", grad_out, (bsz, nb, c)), ("out", out, (bsz, nb, c)),
+                           ("out_size", out_size, (bsz, nb, 1))):
+        _checks.kernel_tensor(op, name, t, dev, shape=shape)
+    if grad_size is not None:
+        _checks.kernel_tensor(op, "grad_size", grad_size, dev, shape=(bsz, nb, 1))
+    _checks.kernel_map(op, token_map, dev, (bsz, n), nb)
     grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
     grad_metric = torch.empty_like(metric, memory_format=torch.contiguous_format)
     grad_s = torch.empty(bsz, n, 1, dtype=torch.float32, device=dev)

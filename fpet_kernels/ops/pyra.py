@@ -185,14 +185,14 @@ def pyra_merge(x: Tensor, metric: Tensor, r: int, a: Tensor, b: Tensor, ln_weigh
     _checks.param("b", b, (1, c), x)
     _checks.param("ln_weight", ln_weight, (c,), x)
     _checks.param("ln_bias", ln_bias, (c,), x)
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
-        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    eps = _checks.finite_positive("pyra_merge", "eps", eps)
+    _checks.backend_dtypes(backend, x=x, metric=metric, a=a, b=b, ln_weight=ln_weight, ln_bias=ln_bias, size=size)
     dtypes = _checks.dtypes(x=x, metric=metric, a=a, b=b, ln_weight=ln_weight, ln_bias=ln_bias, size=size)
     be = _backend.resolve(backend, x.device, dtypes, op="pyra_merge")
     if be == "reference":
         out, out_size, m = pyra_merge_reference(x, metric, r, a[:r], b, ln_weight, ln_bias, size, class_token,
-                                                distill_token, float(eps))
+                                                distill_token, eps)
     else:
         out, out_size, *m = library.call(library.family(be).pyra_merge, x, metric, r, a[:r], b, ln_weight, ln_bias,
-                                         size, class_token, distill_token, float(eps))
+                                         size, class_token, distill_token, eps)
     return (out, out_size, Matching(*m)) if return_matching else (out, out_size)

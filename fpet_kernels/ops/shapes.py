@@ -1,8 +1,10 @@
 """Shape and dtype rules shared by the references, the kernels' Python launchers and the fake kernels.
 
-A leaf module: it imports nothing from the package, so every other module may import it."""
+A leaf module: it imports only ``_checks`` (another leaf), so every other module may import it."""
 import torch
 from torch import Tensor
+
+from .._checks import map_range, r_cap
 
 NORM_EPS = 1e-12  # metric rows: m / max(||m||, 1e-12), as F.normalize (a zero row stays zero)
 
@@ -18,8 +20,8 @@ def size_dtype(x: Tensor, size) -> torch.dtype:
 
 
 def cap_r(r: int, n: int, class_token: bool, distill_token: bool) -> int:
-    """Spec 1.1: ``r = min(r, (N - protected) // 2)``, never below 0."""
-    return max(0, min(r, (n - int(class_token) - int(distill_token)) // 2))
+    """Spec 1.1: ``r = min(r, cap)``, never below 0 (the cap counts valid destinations: ``_checks.r_cap``)."""
+    return max(0, min(r, r_cap(n, class_token, distill_token)))
 
 
 def grid_sizes(num_prefix: int, h: int, w: int) -> tuple:
@@ -29,11 +31,6 @@ def grid_sizes(num_prefix: int, h: int, w: int) -> tuple:
     return na, num_prefix + h * w - na
 
 
-def check_map_range(token_map: Tensor, n_out: int) -> None:
-    """Entries must be in [-1, n_out) (a data check: done eagerly, never while tracing, where the
-    gathers of the reference still refuse out-of-range indices)."""
-    if torch.compiler.is_compiling():
-        return
-    if token_map.numel() and (int(token_map.min()) < -1 or int(token_map.max()) >= n_out):
-        raise ValueError(f"token_map entries must be in [-1, {n_out}), got [{int(token_map.min())}, "
-                         f"{int(token_map.max())}]")
+def check_map_range(token_map: Tensor, n_out: int, op: str = "token map") -> None:
+    """Entries must be in [-1, n_out) (a data check: one host sync, skipped while tracing or capturing)."""
+    map_range(op, "token_map", token_map, n_out)

@@ -25,7 +25,21 @@ from .shapes import NORM_EPS, cap_r, check_map_range, compute_dtype, size_dtype 
 
 # ----------------------------------------------------------------------------- 1. reference
 def normalize(metric: Tensor) -> Tensor:
-    return metric / metric.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+    """``m / max(||m||, 1e-12)`` (as F.normalize). Its gradient at a row with ``||m|| <= 1e-12`` is 0
+    (docs/semantics.md): F.normalize's ``dn / 1e-12`` there overflows half precision."""
+    norm = metric.norm(dim=-1, keepdim=True)
+    big = norm > NORM_EPS
+    m = torch.where(big, metric, metric.detach())
+    return m / torch.where(big, norm, norm.detach()).clamp_min(NORM_EPS)
+
+
+r_cap = _checks.r_cap
+
+
+def safe_div(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den``, and 0 where ``den == 0`` (a merged row whose sizes sum to 0; docs/semantics.md)."""
+    zero = den == 0
+    return torch.where(zero, torch.zeros((), dtype=num.dtype, device=num.device), num / torch.where(zero, 1, den))
 
 
 def output_rows(na: int, nb: int, r: int, distill_token: bool, device) -> tuple[Tensor, Tensor]:
@@ -110,25 +124,36 @@ def tome_merge_reference(x: Tensor, metric: Tensor, r: int, size: Optional[Tenso
         return x.clone(), s.clone(), Matching(src, dst, unm, tmap)
     num = merge_by_indices(x.to(cdt) * s, src, dst, unm, "sum", distill_token)
     den = merge_by_indices(s, src, dst, unm, "sum", distill_token)
-    return (num / den).to(x.dtype), den, Matching(src, dst, unm, tmap)
+    return safe_div(num, den).to(x.dtype), den, Matching(src, dst, unm, tmap)
+
+
+def _dump_index(token_map: Tensor, n_out: int) -> Tensor:
+    """The output row of every token, ``n_out`` (an extra row, dropped afterwards) for entries -1:
+    a dropped token never meets another row's values (no ``0 * inf``)."""
+    return torch.where(token_map >= 0, token_map, n_out).unsqueeze(-1)
 
 
 def merge_wavg_reference(x: Tensor, size: Optional[Tensor], token_map: Tensor, n_out: int):
     """Size-weighted average of the tokens each output row holds (map entries -1 are dropped)."""
+    _checks.reference_map_args("merge_wavg", x, token_map, n_out, size)
+    if token_map.shape[1] != x.shape[1]:
+        raise ValueError(f"merge_wavg: token_map has {token_map.shape[1]} entries per image but x has "
+                         f"{x.shape[1]} tokens")
     bsz, n, c = x.shape
     cdt = compute_dtype(x, size)
     s = torch.ones(bsz, n, 1, dtype=cdt, device=x.device) if size is None else size.to(cdt)
-    keep = (token_map >= 0).unsqueeze(-1)
-    idx = token_map.clamp_min(0).unsqueeze(-1)
-    s = s * keep
-    num = torch.zeros(bsz, n_out, c, dtype=cdt, device=x.device).scatter_add(1, idx.expand(bsz, n, c), x.to(cdt) * s)
-    den = torch.zeros(bsz, n_out, 1, dtype=cdt, device=x.device).scatter_add(1, idx, s)
-    out = torch.where(den > 0, num / den.clamp_min(torch.finfo(cdt).tiny), torch.zeros_like(num))
-    return out.to(x.dtype), den
+    idx = _dump_index(token_map, n_out)
+    num = torch.zeros(bsz, n_out + 1, c, dtype=cdt, device=x.device).scatter_add(1, idx.expand(bsz, n, c),
+                                                                                 x.to(cdt) * s)
+    den = torch.zeros(bsz, n_out + 1, 1, dtype=cdt, device=x.device).scatter_add(1, idx, s)
+    num, den = num[:, :n_out], den[:, :n_out]
+    return safe_div(num, den).to(x.dtype), den
 
 
 def unmerge_reference(y: Tensor, token_map: Tensor) -> Tensor:
     """Spec 1.8: every input token gets the row that holds it (zeros for dropped tokens)."""
+    _checks.reference_map_args("unmerge", y, token_map, y.shape[1] if isinstance(y, Tensor) and y.dim() == 3 else 0,
+                               x_name="y")
     bsz, n = token_map.shape
     out = y.gather(1, token_map.clamp_min(0).unsqueeze(-1).expand(bsz, n, y.shape[-1]))
     return torch.where((token_map >= 0).unsqueeze(-1), out, torch.zeros_like(out))
@@ -136,19 +161,27 @@ def unmerge_reference(y: Tensor, token_map: Tensor) -> Tensor:
 
 def merge_sum_reference(x: Tensor, token_map: Tensor, n_out: int) -> Tensor:
     """Adjoint of ``unmerge``: each output row sums the tokens mapped to it."""
+    _checks.reference_map_args("merge_sum", x, token_map, n_out)
+    if token_map.shape[1] != x.shape[1]:
+        raise ValueError(f"merge_sum: token_map has {token_map.shape[1]} entries per image but x has "
+                         f"{x.shape[1]} tokens")
     bsz, n, c = x.shape
     cdt = compute_dtype(x)
-    keep = (token_map >= 0).unsqueeze(-1)
-    idx = token_map.clamp_min(0).unsqueeze(-1).expand(bsz, n, c)
-    out = torch.zeros(bsz, n_out, c, dtype=cdt, device=x.device).scatter_add(1, idx, x.to(cdt) * keep)
-    return out.to(x.dtype)
+    idx = _dump_index(token_map, n_out).expand(bsz, n, c)
+    out = torch.zeros(bsz, n_out + 1, c, dtype=cdt, device=x.device).scatter_add(1, idx, x.to(cdt))
+    return out[:, :n_out].to(x.dtype)
 
 
 def merge_wavg_backward_reference(grad_out: Tensor, size: Optional[Tensor], out_size: Tensor,
                                   token_map: Tensor) -> Tensor:
-    """d merge_wavg / d x: ``grad_x[n] = grad_out[map[n]] * s[n] / out_size[map[n]]``."""
+    """d merge_wavg / d x: ``grad_x[n] = grad_out[map[n]] * s[n] / out_size[map[n]]`` (0 where
+    ``out_size[map[n]] == 0``: that output row is the constant 0)."""
+    _checks.reference_map_args("merge_wavg_backward", grad_out, token_map, grad_out.shape[1], size,
+                               x_name="grad_out")
+    _checks.kernel_tensor("merge_wavg_backward", "out_size", out_size, grad_out.device,
+                          shape=(grad_out.shape[0], grad_out.shape[1], 1), dtypes=_checks.FLOAT_DTYPES)
     cdt = compute_dtype(grad_out, out_size)
-    g = unmerge_reference(grad_out.to(cdt) / out_size.to(cdt), token_map)
+    g = unmerge_reference(safe_div(grad_out.to(cdt), out_size.to(cdt)), token_map)
     if size is not None:
         g = g * size.to(cdt)
     return g.to(grad_out.dtype)
@@ -160,7 +193,7 @@ def merge_wavg_size_grad(grad_out: Tensor, grad_out_size: Optional[Tensor], x: T
     ``grad_s[n] = <grad_out[m], x[n] - out[m]> / out_size[m] + grad_out_size[m]`` with ``m = map[n]``."""
     cdt = compute_dtype(x, out_size)
     g = (unmerge_reference(grad_out.to(cdt), token_map) * (x.to(cdt) - unmerge_reference(out.to(cdt), token_map)))
-    g = g.sum(-1, keepdim=True) / unmerge_reference(out_size.to(cdt), token_map).clamp_min(torch.finfo(cdt).tiny)
+    g = safe_div(g.sum(-1, keepdim=True), unmerge_reference(out_size.to(cdt), token_map))
     if grad_out_size is not None:
         g = g + unmerge_reference(grad_out_size.to(cdt), token_map)
     return g * (token_map >= 0).unsqueeze(-1)
@@ -307,6 +340,7 @@ def tome_match(metric: Tensor, r: int, class_token: bool = False, distill_token:
     _checks.tokens("metric", metric)
     r = cap_r(_checks.count("r", r), metric.shape[1], _checks.flag("class_token", class_token),
               _checks.flag("distill_token", distill_token))
+    _checks.backend_dtypes(backend, metric=metric)
     be = _backend.resolve(backend, metric.device, {"metric": metric.dtype}, op="tome_match")
     if be == "reference":
         return Matching(*tome_match_reference(metric, r, class_token, distill_token))
@@ -323,7 +357,12 @@ def tome_merge(x: Tensor, metric: Tensor, r: int, size: Optional[Tensor] = None,
     _checks.merge_inputs(x, metric, size)
     r = cap_r(_checks.count("r", r), x.shape[1], _checks.flag("class_token", class_token),
               _checks.flag("distill_token", distill_token))
+    _checks.backend_dtypes(backend, x=x, metric=metric, size=size)
     be = _backend.resolve(backend, x.device, _checks.dtypes(x=x, metric=metric, size=size), op="tome_merge")
+    if r == 0:  # spec 5: the identity, x itself (bit-identical), sizes as given (float32) or ones
+        return (x, size.to(size_dtype(x, size)) if size is not None
+                else torch.ones(*x.shape[:2], 1, dtype=size_dtype(x, size), device=x.device),
+                Matching(*tome_match_reference(metric, 0, class_token, distill_token)))
     if be == "reference":
         return tome_merge_reference(x, metric, r, size, class_token, distill_token)
     out, out_size, *m = library.call(library.family(be).tome_merge, x, metric, r, size, class_token, distill_token)
@@ -346,6 +385,7 @@ def unmerge(y: Tensor, matching, backend: Optional[str] = None) -> Tensor:
         n_out = tmap.shape[1] - matching.src_idx.shape[1]
         if y.shape[1] != n_out:
             raise ValueError(f"y has {y.shape[1]} tokens but the matching produced {n_out}")
+    _checks.backend_dtypes(backend, y=y)
     be = _backend.resolve(backend, y.device, {"y": y.dtype}, op="unmerge")
     if be == "reference":
         check_map_range(tmap, y.shape[1])
@@ -357,8 +397,11 @@ def compose_token_map(token_map: Optional[Tensor], matching) -> Tensor:
     """Compact source tracking (spec 1.10): given the map of the original tokens onto the tokens
     before this merge (``None`` = identity), return their map onto the tokens after it."""
     step = _as_map(matching)
+    _checks.token_map("matching.token_map", step)
     if token_map is None:
         return step
+    _checks.token_map("token_map", token_map, step, tokens_name="matching.token_map")
+    _checks.map_range("compose_token_map", "token_map", token_map, step.shape[1])
     out = step.gather(1, token_map.clamp_min(0))
     return torch.where(token_map >= 0, out, torch.full_like(out, -1))
 
@@ -367,6 +410,7 @@ class ToMeMerge:
     """``merge(x, mode="mean")`` of a ToMe matching (ToMe's closure API, spec 1.7)."""
 
     def __init__(self, matching: Matching, distill_token: bool, backend: Optional[str] = None):
+        _checks.backend_name(backend)
         self.matching = matching
         self.backend = backend
         self.distill_token = distill_token
@@ -377,9 +421,7 @@ class ToMeMerge:
         if mode not in ("sum", "mean", "amax"):
             raise ValueError(f"mode must be 'sum', 'mean' or 'amax', got {mode!r}")
         _checks.tokens("x", x)
-        if x.shape[1] != self.matching.token_map.shape[1]:
-            raise ValueError(f"x has {x.shape[1]} tokens but the matching was built for "
-                             f"{self.matching.token_map.shape[1]}")
+        _checks.closure_input("x", x, self.matching.token_map, self.matching.token_map.shape[1])
         m = self.matching
         return merge_by_indices(x, m.src_idx, m.dst_idx, m.unm_idx, mode, self.distill_token)
 
@@ -391,6 +433,9 @@ class ToMeUnmerge:
         self.matching = matching
 
     def __call__(self, y: Tensor) -> Tensor:
+        _checks.tokens("y", y)
+        n_out = self.matching.token_map.shape[1] - self.matching.src_idx.shape[1]
+        _checks.closure_input("y", y, self.matching.token_map, n_out)
         if self.matching.src_idx.shape[1] == 0:
             return y
         return unmerge_reference(y, self.matching.token_map)

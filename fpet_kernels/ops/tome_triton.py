@@ -8,15 +8,18 @@ of its sources, whose statistics the same program computes first). Matching and 
 bit-identical to the reference (float32 scores); merged rows agree to float32 rounding.
 
 ``unmerge`` / ``merge_wavg_backward``: one gather launch. ``merge_sum`` / ``merge_wavg`` for an
-arbitrary token map: one launch, each output block summing its one-hot slice of the input with
-an exact float32 ``tl.dot``.
+arbitrary token map: the positions grouped by destination (a stable ``torch.sort`` of the map),
+then one launch in which every output row gathers its group: O(N * C), and a token's values
+reach only the row it maps to (no one-hot product, where ``0 * inf`` would spread a non-finite
+token over its tile).
 """
 from __future__ import annotations
 
 import torch
 
-from .shapes import check_map_range
-from .triton_common import (HAS_TRITON, cdiv, channel_split, interpreting, pow2, tl, triton)
+from .. import _checks
+from .triton_common import (HAS_TRITON, cdiv, channel_split, check_merge_inputs, check_r, interpreting, pow2, tl,
+                            triton)
 
 if HAS_TRITON:
     from .triton_common import (group_by_destination, load_sizes, merge_destinations, similarity, store_rounded,
@@ -68,6 +71,7 @@ if HAS_TRITON:
                 jj = j0 + tl.arange(0, BLOCK)
                 vj = jj < nb
                 s = similarity(a, unit_rows(m_b, 2 * jj + 1, vj, D, D_PAD), PREC)
+                s = tl.where(s != s, float("inf"), s)  # NaN: the largest score (as torch.max / torch.sort)
                 bad = (jj >= nb)[None, :] | (ii < 0)[:, None]
                 if DISTILL:
                     bad = bad | (jj == 0)[None, :]
@@ -122,7 +126,8 @@ if HAS_TRITON:
                 msk = is_unm[:, None] & (cc < c_hi)[None, :]
                 xv = tl.load(x_b + (2 * ii)[:, None] * C + cc[None, :], mask=msk, other=0.0).to(tl.float32)
                 store_rounded(o_b + row_u[:, None] * C + cc[None, :],
-                              xv * s_u[:, None] / tl.where(is_unm, s_u, 1.0)[:, None], msk)
+                              tl.where(s_u[:, None] != 0, xv * s_u[:, None] / tl.where(s_u != 0, s_u, 1.0)[:, None],
+                                       0.0), msk)
         for j0 in range(0, nb, BLOCK):
             jj = j0 + tl.arange(0, BLOCK)
             tl.store(map_ptr + b * N + 2 * jj + 1, _out_row_b(jj, na, r, DISTILL).to(tl.int64),
@@ -231,43 +236,48 @@ if HAS_TRITON:
         cc = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         vn = nn < N
         mp = tl.load(map_ptr + b * N + nn, mask=vn, other=-1)
-        hit = vn & (mp >= 0)
+        hit = vn & (mp >= 0) & (mp < M)  # out of range (only while a CUDA graph is captured): none
         msk = hit[:, None] & (cc < C)[None, :]
         v = tl.load(y_ptr + b * M * C + mp[:, None] * C + cc[None, :], mask=msk, other=0.0).to(tl.float32)
-        if SCALE:
-            w = load_sizes(s_ptr + b * N, nn, hit, HAS_SIZE) / tl.load(osize_ptr + b * M + mp, mask=hit, other=1.0)
-            v = v * w[:, None]
+        if SCALE:  # an output row of merged size 0 is the constant 0: no gradient
+            osz = tl.load(osize_ptr + b * M + mp, mask=hit, other=0.0)
+            w = tl.where(osz != 0, load_sizes(s_ptr + b * N, nn, hit, HAS_SIZE) / tl.where(osz != 0, osz, 1.0), 0.0)
+            v = tl.where(hit[:, None], v * w[:, None], 0.0)
         store_rounded(out_ptr + b * N * C + nn[:, None] * C + cc[None, :], v, vn[:, None] & (cc < C)[None, :])
 
     @triton.jit
-    def _scatter_kernel(x_ptr, map_ptr, out_ptr, s_ptr, osize_ptr, N, M, C,
-                        WAVG: tl.constexpr, HAS_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_C: tl.constexpr):
-        """out[m] = sum_{n: map[n] = m} x[n] (WAVG: size-weighted average, and the merged sizes),
-        as one-hot [BLOCK_M, BLOCK_N] x [BLOCK_N, BLOCK_C] products: exact, in a fixed order."""
+    def _segment_sum_kernel(x_ptr, order_ptr, start_ptr, out_ptr, s_ptr, osize_ptr, N, M, C,
+                            WAVG: tl.constexpr, HAS_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_C: tl.constexpr):
+        """out[m] = sum_{n: map[n] = m} x[n] (WAVG: size-weighted average, and the merged sizes) as a
+        gather: ``order`` lists the positions grouped by destination (ascending position within a
+        group), ``start[m] .. start[m + 1]`` is output row m's group. O(N * C) work; a token's values
+        reach only its own output row; sums in ascending position (the CPU kernels' order)."""
         b = tl.program_id(0).to(tl.int64)
         mm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         pc = tl.program_id(2)
         cc = pc * BLOCK_C + tl.arange(0, BLOCK_C)
+        vm = mm < M
+        vc = cc < C
+        st = tl.load(start_ptr + b * (M + 1) + mm, mask=vm, other=0)
+        cnt = tl.load(start_ptr + b * (M + 1) + mm + 1, mask=vm, other=0) - st
+        maxc = tl.max(cnt, 0)
         acc = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
         den = tl.zeros([BLOCK_M], tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            nn = n0 + tl.arange(0, BLOCK_N)
-            vn = nn < N
-            mp = tl.load(map_ptr + b * N + nn, mask=vn, other=-1)
-            onehot = (mp[None, :] == mm[:, None]).to(tl.float32)
-            v = tl.load(x_ptr + b * N * C + nn[:, None] * C + cc[None, :], mask=vn[:, None] & (cc < C)[None, :],
+        for t in range(0, maxc):
+            vt = t < cnt
+            n_idx = tl.load(order_ptr + b * N + st + t, mask=vt, other=0)
+            v = tl.load(x_ptr + b * N * C + n_idx[:, None] * C + cc[None, :], mask=vt[:, None] & vc[None, :],
                         other=0.0).to(tl.float32)
             if WAVG:
-                s = load_sizes(s_ptr + b * N, nn, vn & (mp >= 0), HAS_SIZE)
-                v = v * s[:, None]
-                den += tl.sum(onehot * s[None, :], 1)
-            acc += tl.dot(onehot, v, input_precision="ieee")
-        vm = mm < M
-        if WAVG:
-            acc = tl.where(den[:, None] > 0, acc / tl.where(den > 0, den, 1.0)[:, None], 0.0)
+                sv = load_sizes(s_ptr + b * N, n_idx, vt, HAS_SIZE)
+                den += sv
+                v = v * sv[:, None]
+            acc += tl.where(vt[:, None], v, 0.0)
+        if WAVG:  # a row whose sizes sum to 0 (or that nobody maps to) is 0
+            acc = tl.where(den[:, None] != 0, acc / tl.where(den != 0, den, 1.0)[:, None], 0.0)
             tl.store(osize_ptr + b * M + mm, den, mask=vm & (pc == 0))
-        store_rounded(out_ptr + b * M * C + mm[:, None] * C + cc[None, :], acc, vm[:, None] & (cc < C)[None, :])
+        store_rounded(out_ptr + b * M * C + mm[:, None] * C + cc[None, :], acc, vm[:, None] & vc[None, :])
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -293,16 +303,20 @@ def _size_arg(size, x):
 
 def tome_merge(x, metric, r, size, class_token, distill_token, pyra=None):
     """One launch: ToMe matching and size-weighted merge (PYRA-modulated with ``pyra=(a, b, lnw, lnb, eps)``).
-    Inputs contiguous; 1 <= r <= cap. Returns (out, out_size, src_idx, dst_idx, unm_idx, token_map)."""
+    0 <= r <= cap. Returns (out, out_size, src_idx, dst_idx, unm_idx, token_map)."""
+    op = "pyra_merge (triton)" if pyra is not None else "tome_merge (triton)"
+    check_merge_inputs(op, x, metric, size)
+    check_r(op, r, x.shape[1], class_token, distill_token)
     x, metric = x.contiguous(), metric.contiguous()
     size = None if size is None else size.contiguous()
     bsz, n, c = x.shape
     d = metric.shape[-1]
     na = (n + 1) // 2
     dev = x.device
-    if r == 0:  # the identity, no launch: copies (op outputs never alias inputs), the identity matching
+    if r == 0:  # the identity: a copy of x and of the sizes (float32), no launch
         i64 = dict(dtype=torch.int64, device=dev)
-        out_size = torch.ones(bsz, n, 1, dtype=torch.float32, device=dev) if size is None else size.float().clone()
+        out_size = (torch.ones(bsz, n, 1, dtype=torch.float32, device=dev) if size is None
+                    else size.to(torch.float32, copy=True))
         return (x.clone(), out_size, torch.empty(bsz, 0, **i64), torch.empty(bsz, 0, **i64),
                 torch.arange(na, **i64).expand(bsz, na).contiguous(), torch.arange(n, **i64).expand(bsz, n).contiguous())
     out = torch.empty(bsz, n - r, c, dtype=x.dtype, device=dev)
@@ -329,13 +343,23 @@ def tome_merge(x, metric, r, size, class_token, distill_token, pyra=None):
 
 def tome_match(metric, r, class_token, distill_token):
     """The matching alone: the fused kernel run on the metric itself (its merged rows are discarded)."""
+    _checks.kernel_tokens("tome_match (triton)", "metric", metric)
     return tome_merge(metric, metric, r, None, class_token, distill_token)[2:]
 
 
 def pyra_merge(x, metric, r, a, b, ln_weight, ln_bias, size, class_token, distill_token, eps):
     """PYRA forward: the ToMe kernel with the modulation phase on (one launch)."""
+    op = "pyra_merge (triton)"
+    bsz, n, c, _ = check_merge_inputs(op, x, metric, size)
+    check_r(op, r, n, class_token, distill_token)
+    for name, t, shape in (("a", a, (r, 1)), ("b", b, (1, c)), ("ln_weight", ln_weight, (c,)),
+                           ("ln_bias", ln_bias, (c,))):
+        _checks.kernel_tensor(op, name, t, x.device, shape=shape)
+    eps = _checks.finite_positive(op, "eps", eps)
+    if r == 0:
+        return tome_merge(x, metric, 0, size, class_token, distill_token)
     pyra = (a.contiguous().view(-1), b.contiguous().view(-1), ln_weight.contiguous(), ln_bias.contiguous(), eps)
-    return tome_merge(x, metric, r, size, class_token, distill_token, pyra=pyra if r > 0 else None)
+    return tome_merge(x, metric, r, size, class_token, distill_token, pyra=pyra)
 
 
 def _gather(y, token_map, size=None, out_size=None, scale=False):
@@ -353,17 +377,21 @@ def _gather(y, token_map, size=None, out_size=None, scale=False):
     return out
 
 
-def _check_map(token_map, n_out):
-    """User-supplied maps are range-checked before a kernel indexes memory with them (one host sync)."""
-    check_map_range(token_map, n_out)
-
-
 def unmerge(y, token_map):
-    _check_map(token_map, y.shape[1])
+    op = "unmerge (triton)"
+    _checks.kernel_tokens(op, "y", y)
+    _checks.kernel_map(op, token_map, y.device, (y.shape[0], None), y.shape[1])
     return _gather(y, token_map)
 
 
 def merge_wavg_backward(grad_out, size, out_size, token_map):
+    op = "merge_wavg_backward (triton)"
+    _checks.kernel_tokens(op, "grad_out", grad_out)
+    bsz, n_out = grad_out.shape[:2]
+    _checks.kernel_map(op, token_map, grad_out.device, (bsz, None), n_out)
+    if size is not None:
+        _checks.kernel_tensor(op, "size", size, grad_out.device, shape=(bsz, token_map.shape[1], 1))
+    _checks.kernel_tensor(op, "out_size", out_size, grad_out.device, shape=(bsz, n_out, 1))
     return _gather(grad_out, token_map, size, out_size.contiguous(), scale=True)
 
 
@@ -375,21 +403,34 @@ def _scatter(x, token_map, n_out, size=None, wavg=False):
     out_size = torch.empty(bsz, n_out, 1, dtype=torch.float32, device=x.device)
     if bsz == 0 or n_out == 0:
         return out, out_size
+    # positions grouped by destination (dropped and out-of-range entries last), ascending within a group
+    key = torch.where((token_map >= 0) & (token_map < n_out), token_map, n_out)
+    sorted_key, order = torch.sort(key, dim=1, stable=True)
+    starts = torch.searchsorted(sorted_key, torch.arange(n_out + 1, device=x.device).expand(bsz, n_out + 1)
+                                .contiguous())
     s, has_size = _size_arg(size, x)
     bc = min(BLOCK_C, pow2(c, 32))
-    grid = (bsz, cdiv(n_out, BLOCK), cdiv(c, bc))
-    _scatter_kernel[grid](x, token_map, out, s, out_size, n, n_out, c, WAVG=wavg, HAS_SIZE=has_size,
-                          BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_C=bc, num_warps=4)
+    grid = (bsz, cdiv(n_out, BLOCK_J), max(1, cdiv(c, bc)))  # C == 0: one program still writes the sizes
+    _segment_sum_kernel[grid](x, order.contiguous(), starts, out, s, out_size, n, n_out, c, WAVG=wavg,
+                              HAS_SIZE=has_size, BLOCK_M=BLOCK_J, BLOCK_C=bc, num_warps=4)
     return out, out_size
 
 
+def _check_reduce(op, x, size, token_map, n_out):
+    _checks.kernel_tokens(op, "x", x)
+    _checks.kernel_int(op, "n_out", n_out, 0)
+    _checks.kernel_map(op, token_map, x.device, tuple(x.shape[:2]), n_out)
+    if size is not None:
+        _checks.kernel_tensor(op, "size", size, x.device, shape=(x.shape[0], x.shape[1], 1))
+
+
 def merge_sum(x, token_map, n_out):
-    _check_map(token_map, n_out)
+    _check_reduce("merge_sum (triton)", x, None, token_map, n_out)
     return _scatter(x, token_map, n_out)[0]
 
 
 def merge_wavg(x, size, token_map, n_out):
-    _check_map(token_map, n_out)
+    _check_reduce("merge_wavg (triton)", x, size, token_map, n_out)
     return _scatter(x, token_map, n_out, size, wavg=True)
 
 
@@ -409,6 +450,8 @@ def aot_specs():
         ptrs = dict(map_ptr="*i64", out_ptr=f"*{dt}", s_ptr="*fp32", osize_ptr="*fp32", N="i32", M="i32", C="i32")
         specs.append((_gather_kernel, dict(y_ptr=f"*{dt}", **ptrs), dict(SCALE=True, HAS_SIZE=True, BLOCK_N=32,
                                                                           BLOCK_C=128), 4))
-        specs.append((_scatter_kernel, dict(x_ptr=f"*{dt}", **ptrs), dict(WAVG=True, HAS_SIZE=True, BLOCK_M=32,
-                                                                           BLOCK_N=32, BLOCK_C=128), 4))
+        specs.append((_segment_sum_kernel, dict(x_ptr=f"*{dt}", order_ptr="*i64", start_ptr="*i64",
+                                                out_ptr=f"*{dt}", s_ptr="*fp32", osize_ptr="*fp32", N="i32",
+                                                M="i32", C="i32"),
+                      dict(WAVG=True, HAS_SIZE=True, BLOCK_M=32, BLOCK_C=128), 4))
     return specs

@@ -21,6 +21,8 @@ import os
 
 import torch
 
+from .. import _checks
+
 try:  # Triton is optional: CPU-only installs of torch do not ship it
     import triton
     import triton.language as tl
@@ -38,6 +40,30 @@ def interpreting() -> bool:
 def live() -> bool:
     """The triton backend can run: Triton imports, and a GPU is present or the interpreter is on."""
     return HAS_TRITON and (torch.cuda.is_available() or interpreting())
+
+
+def check_merge_inputs(op: str, x, metric, size=None, metric_name: str = "metric"):
+    """The inputs of a fused merge kernel: x [B, N, C], metric [B, N, D], size [B, N, 1] (or None),
+    kernel dtypes, one device. Returns (B, N, C, D)."""
+    _checks.kernel_tokens(op, "x", x)
+    dev = x.device
+    bsz, n, c = x.shape
+    _checks.kernel_tensor(op, metric_name, metric, dev, shape=(bsz, n, None))
+    if size is not None:
+        _checks.kernel_tensor(op, "size", size, dev, shape=(bsz, n, 1))
+    return bsz, n, c, metric.shape[-1]
+
+
+def check_grid(op: str, n: int, num_prefix, H, W) -> None:
+    """FPET's layout (``_checks.fpet_layout``), checked before any index is computed from it."""
+    _checks.fpet_layout(op, n, num_prefix, H, W)
+
+
+def check_r(op: str, r, n: int, class_token, distill_token) -> int:
+    """ToMe's r within [0, cap] (the cap of ``ops.tome.cap_r``)."""
+    _checks.flag("class_token", class_token)
+    _checks.flag("distill_token", distill_token)
+    return _checks.kernel_int(op, "r", r, 0, _checks.r_cap(n, class_token, distill_token))
 
 
 def cdiv(a: int, b: int) -> int:
@@ -215,9 +241,11 @@ if HAS_TRITON:
                 k, pos_s = _source(sorted_ws + start + t, vt, src_ws, p, H, W, FPET)
                 z = tl.load(x_b + pos_s[:, None] * C + cc[None, :], mask=vt[:, None] & vc[None, :],
                             other=0.0).to(tl.float32) * load_sizes(s_b, pos_s, vt, HAS_SIZE)[:, None]
-                if PYRA:
+                if PYRA:  # masked lanes stay 0 (wc may be NaN: no 0 * NaN)
                     wt = tl.load(wt_ws + k, mask=vt, other=0.0)
-                    z = z + z * wc[None, :] * wt[:, None]
+                    z = tl.where(vt[:, None] & vc[None, :], z + z * wc[None, :] * wt[:, None], 0.0)
                 acc += z
-            store_rounded(o_b + row_j[:, None] * C + cc[None, :], acc / tl.where(vj, den, 1.0)[:, None],
+            ok = vj & (den != 0)  # a merged row whose sizes sum to 0 is 0 (docs/semantics.md)
+            store_rounded(o_b + row_j[:, None] * C + cc[None, :],
+                          tl.where(ok[:, None], acc / tl.where(ok, den, 1.0)[:, None], 0.0),
                           vj[:, None] & vc[None, :])
