@@ -194,6 +194,9 @@ def timm(model: nn.Module, method: str = "tome", r=16, prop_attn: bool = True, t
     ``prop_attn``: proportional attention (``+ log(size)``) once tokens carry sizes.
     ``trace_source``: keep the compact ``token_map`` [B, N0] (``merge_state(model)``).
     ``backend``: kernel backend of the merge ops (None: automatic; "reference": the pure-PyTorch ops)."""
+    from .integrations import peft as _peft, support
+    outer, model = model, _peft._unwrap_peft(model)  # a peft.PeftModel: patch the model inside
+    support.check_timm(model)
     _check_model(model)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -234,12 +237,22 @@ def timm(model: nn.Module, method: str = "tome", r=16, prop_attn: bool = True, t
             for name in ("fk_refine", "fk_pyra"):
                 if getattr(blk, name, None) is not None:
                     getattr(blk, name).to(device=ref.device, dtype=ref.dtype)
-    return model
+    return _peft.register_merge_modules(outer) if outer is not model else model
+
+
+def hf(model: nn.Module, method: str = "tome", **kw):
+    """Patch a Hugging Face transformers ViT / DeiT for token merging (``fpet_kernels/patch_hf.py``)."""
+    from . import patch_hf
+    return patch_hf.hf(model, method, **kw)
 
 
 def remove(model: nn.Module) -> nn.Module:
-    """Undo :func:`timm`: the original classes, no merge modules (PET adapters stay). Same outputs as
-    before patching."""
+    """Undo :func:`timm` (or :func:`hf`): the original classes, no merge modules (PET adapters stay).
+    Same outputs as before patching."""
+    from .integrations.peft import _unwrap_peft
+    if type(_unwrap_peft(model)).__module__.startswith(("transformers.", "fpet_kernels.patch_hf")):
+        from . import patch_hf
+        return patch_hf.remove_hf(model)
     if hasattr(model, "_fk_info"):
         del model._fk_info
     if hasattr(model, "_fk_base_class"):
