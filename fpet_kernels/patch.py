@@ -250,7 +250,10 @@ def remove(model: nn.Module) -> nn.Module:
     """Undo :func:`timm` (or :func:`hf`): the original classes, no merge modules (PET adapters stay).
     Same outputs as before patching."""
     from .integrations.peft import _unwrap_peft
-    if type(_unwrap_peft(model)).__module__.startswith(("transformers.", "fpet_kernels.patch_hf")):
+    if _unwrap_peft(model) is not model:  # a peft.PeftModel: unpatch the model inside
+        remove(_unwrap_peft(model))
+        return model
+    if type(model).__module__.startswith(("transformers.", "fpet_kernels.patch_hf")):
         from . import patch_hf
         return patch_hf.remove_hf(model)
     if hasattr(model, "_fk_info"):
