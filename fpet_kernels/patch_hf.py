@@ -248,8 +248,8 @@ def hf(model: nn.Module, method: str = "tome", r=16, prop_attn: bool = True, tra
     :func:`fpet_kernels.patch.timm` (``r``, ``merge_layer``, ``refine``, ``binary_refine``,
     ``prop_attn``, ``backend``); the merge modules live on the layers (``layers[i].fk_refine``,
     ``layers[i].fk_pyra``). A ``peft.PeftModel`` wrapping one is accepted."""
-    from .integrations.peft import _unwrap_peft
-    model = _unwrap_peft(model)
+    from .integrations.peft import _unwrap_peft, register_merge_modules
+    outer, model = model, _unwrap_peft(model)
     base = _base_model(model)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -294,7 +294,7 @@ def hf(model: nn.Module, method: str = "tome", r=16, prop_attn: bool = True, tra
     base.__class__ = fk_model
     # transformers keys the outputs it can record (output_hidden_states) on the model's class name
     _CAN_RECORD_REGISTRY[base] = getattr(base, "_can_record_outputs", None)
-    return model
+    return register_merge_modules(outer) if outer is not model else model
 
 
 def remove_hf(model: nn.Module) -> nn.Module:

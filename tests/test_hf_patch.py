@@ -266,3 +266,29 @@ def test_refused_inputs_and_models():
         fk.patch.hf(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="fk.patch.hf"):
         fk.patch.timm(h)
+
+
+def test_peft_model_round_trip(tmp_path):
+    peft = pytest.importorskip("peft")
+
+    def base():
+        torch.manual_seed(0)
+        return hf_twin(None, "vit", torch.float32)[0]
+    h = base()
+    model = peft.get_peft_model(h, peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4))
+    assert fk.patch.hf(model, "pyra", **KW["pyra"]) is model
+    assert "fk_pyra" in model.peft_config["default"].modules_to_save
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model.train()
+    model(images(dtype=torch.float32)).logits.square().sum().backward()
+    opt.step()
+    model.eval()
+    expected = logits(model, images(dtype=torch.float32))
+    model.save_pretrained(tmp_path)
+    fresh = fk.patch.hf(base(), "pyra", **KW["pyra"])  # the same base weights, patched the same way
+    trained = model.get_base_model().vit.layers[0].fk_pyra.modules_to_save.default
+    assert not torch.equal(trained.b, fresh.vit.layers[0].fk_pyra.b)  # fk_pyra trained: it must be saved
+    loaded = peft.PeftModel.from_pretrained(fresh, tmp_path)
+    assert (logits(loaded, images(dtype=torch.float32)) - expected).abs().max().item() == 0
+    fk.patch.remove(model)
+    assert type(model.get_base_model().vit) is ViTModel
