@@ -2,10 +2,10 @@
 
 Mechanism: each forward op of the package (``torch.ops.fpet.{tome_match, tome_merge, merge_wavg,
 unmerge, merge_sum, fpet_merge, pyra_merge, attention_inputs}``) gets a decomposition into its
-pure-PyTorch reference (written without in-place writes) in ``torch._decomp.decomposition_table``. The dynamo ONNX exporter builds its
-decomposition table from that table (plus ``torch.export.default_decompositions()``) for every op
-without an ONNX function, so the custom ops become standard aten ops (matmul, max, sort, gather,
-scatter_add ...) that onnxscript's torchlib translates. Registered once when ``fpet_kernels`` is
+pure-PyTorch reference (written without in-place writes) in ``torch._decomp.decomposition_table``.
+The dynamo ONNX exporter builds its decomposition table from that table (plus
+``torch.export.default_decompositions()``) for every op without an ONNX function, so the custom ops
+become standard aten ops (matmul, max, topk, gather, scatter ...) that onnxscript's torchlib translates. Registered once when ``fpet_kernels`` is
 imported (this module only touches ``torch._decomp``; no onnx import).
 
 Scope: nothing else reads that global table wholesale: ``torch.compile`` (Inductor) and

@@ -63,7 +63,8 @@ def register_merge_modules(peft_model):
         if not hasattr(cfg, "modules_to_save"):
             raise TypeError(f"PEFT method {cfg.peft_type} has no modules_to_save: the merge modules cannot be "
                             "trained and saved with it")
-        cfg.modules_to_save = list(cfg.modules_to_save or []) + [n for n in names if n not in (cfg.modules_to_save or [])]
+        have = list(cfg.modules_to_save or [])
+        cfg.modules_to_save = have + [n for n in names if n not in have]
         _set_trainable(peft_model, adapter, module_names=names, inference_mode=cfg.inference_mode,
                        activate_adapter=adapter in peft_model.active_adapters)
     return peft_model

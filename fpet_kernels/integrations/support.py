@@ -26,7 +26,8 @@ def _reason(model: nn.Module, vit_cls, block_cls, attn_cls) -> str | None:
         return (f"{cls.__name__} is an Eva / EVA02-style model (timm.models.eva: EvaBlock / EvaAttention with "
                 "rotary position embeddings)")
     rope = [name for name, mod in model.named_modules()
-            if any(k in type(mod).__name__.lower() for k in ("rope", "rotary")) or getattr(mod, "rope", None) is not None]
+            if any(k in type(mod).__name__.lower() for k in ("rope", "rotary"))
+            or getattr(mod, "rope", None) is not None]
     if rope:
         return f"{cls.__name__} uses rotary position embeddings (RoPE, at {rope[0] or 'the model'})"
     if not isinstance(model, vit_cls):
