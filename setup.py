@@ -4,7 +4,8 @@ Environment switches:
   FPET_NO_EXTENSION=1   pure-Python install (the package falls back to the reference ops)
   FORCE_CUDA=1          compile csrc/cuda/*.cu even if no CUDA toolkit is detected
   FPET_NO_CUDA=1        never compile CUDA sources
-  TORCH_CUDA_ARCH_LIST  CUDA architectures (default "9.0+PTX" when no GPU is visible)
+  TORCH_CUDA_ARCH_LIST  CUDA architectures (default DEFAULT_ARCHS when no GPU is visible: A100, A10/RTX 30xx,
+                        L4/RTX 40xx, H100/H200, plus PTX for newer GPUs)
   MAX_JOBS              parallel compile jobs (honoured by torch's ninja build)
   FPET_DEBUG=1          -O0 -g build
 """
@@ -15,6 +16,7 @@ import shutil
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 
 # torch finds the CUDA toolkit from CUDA_HOME, else from `which nvcc`; where nvcc is a wrapper
 # script outside the toolkit (/usr/local/bin/nvcc -> /usr/local/cuda) that guess has no headers.
@@ -39,9 +41,8 @@ def _extensions():
     debug = _flag("FPET_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
     cxx_flags = opt + ["-std=c++20", "-fopenmp"]
-    # csrc/emu: the CUDA kernels' source compiled for the host (torch.ops.fpet_simt, for tests).
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
-                     + glob.glob(os.path.join("csrc", "emu", "*.cpp")))
+    # csrc/emu (the CUDA kernels compiled for the host) is test-only: tests/simt_ext.py builds it.
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     include_dirs = [os.path.join(ROOT, "csrc")]
 
@@ -56,7 +57,7 @@ def _extensions():
     extra = {"cxx": cxx_flags}
     if use_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0+PTX"
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
         # torch's CUDA wheels ship the CUDA headers (cusparse.h, ...) under nvidia/cu*/include.
         # A toolkit with its own headers (CUDA_HOME/include) needs none of them: the import may fail.
         try:

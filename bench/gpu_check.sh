@@ -1,262 +1,408 @@
 #!/usr/bin/env bash
-# The one-call check for the GPU machine: environment, build, GPU tests, the GPU tests' small subset
-# under compute-sanitizer (memcheck, racecheck) with backend "cuda", the GPU benchmark table (every
-# live GPU backend: "triton", "cuda"), the recorded results of the automatic backend choice and the
-# kernel-launch count of one tome_merge call. Everything goes under ${OUT:-bench/results/gpu}.
+# bench/gpu_check.sh: the whole GPU check in ONE call of at most 9 minutes on a fresh GPU machine
+# (16 cores, no package registry: nothing is downloaded or installed from an index).
 #
-#   bash bench/gpu_check.sh                          # all steps; may not fit one 10-minute call, so:
-#   bash bench/gpu_check.sh --skip-table --skip-record --skip-profile        # call 1: build, tests, sanitizer
-#   bash bench/gpu_check.sh --skip-build --skip-tests --skip-sanitizer       # call 2: table, record, profile
-#   bash bench/gpu_check.sh --skip-build --skip-tests --quick
+#   OUT=/some/dir bash bench/gpu_check.sh     # results in $OUT (default: bench/results/gpu)
+#   bash bench/gpu_check.sh --dry-run         # or FPET_GPU_CHECK_DRY=1: the script's logic on a CPU
+#                                             # machine; GPU-only steps print a SKIP line
+#   bash bench/gpu_check.sh --list            # the phases, their caps and estimates
+#   bash bench/gpu_check.sh --only build,correctness     # some phases (comma list; also --skip ...)
 #
-# Options:  --skip-build  --skip-tests  --skip-sanitizer  --skip-table  --skip-record  --skip-profile
-#           --quick (passed to run_table.py and record_dispatch.py)
-#           --model  also the whole-model benchmark (bench/bench_model.py); it needs most of a call:
-#                    bash bench/gpu_check.sh --skip-build --skip-tests --skip-sanitizer --skip-table \
-#                      --skip-record --skip-profile --model
-# Environment (all optional):
-#   PYTEST_GPU_ARGS      pytest arguments of the GPU test run      (default: tests -q -m gpu -x)
-#   PYTEST_TRITON_ARGS   pytest arguments of the Triton test run   (default: tests -q -k triton)
-#   TRITON_TEST_BACKENDS FPET_TEST_BACKENDS of the Triton test run (default: triton)
-#   SANITIZER            compute-sanitizer binary (default: $CUDA_HOME/bin/compute-sanitizer, else PATH)
-#   SANITIZER_TESTS      pytest arguments under the sanitizer (default: tests/test_gpu.py -q -x -k sanitizer)
-#   SANITIZER_BACKENDS   FPET_TEST_BACKENDS under the sanitizer (default: cuda)
-#   RACECHECK_ARGS       extra racecheck options (default: --kernel-name kns=body_kernel, the fpet CUDA kernels)
-#   RECORD_ARGS          extra arguments for bench/record_dispatch.py
-#   TABLE_ARGS           extra arguments for bench/run_table.py (after the script's own; they win)
-#   PROFILE_ARGS         extra arguments for bench/profile_launches.py
-#   TOTAL_BUDGET         seconds for the whole script (default 570); each step also has a cap
+# Phases, in priority order (each prints its wall time; a failing or timed-out phase does not stop
+# the later ones; exit status 1 if any phase failed). Budget for an H200 machine (16 cores, fresh:
+# empty Triton cache). "cap" is the phase's timeout; a phase also never runs into the time the
+# later phases need at least ("min"), so the whole script ends by TOTAL_BUDGET (default 530 s).
 #
-# Output files: env.txt, build.log, tests.log (+ junit xml), table.md (the markdown table),
-# table.log (progress), results_gpu.csv (same columns as bench/results/results.csv),
-# sanitizer.log, tuning/<gpu>.json + record.log (the recorded results: copy the json to
-# fpet_kernels/tuning/ and commit it to ship the automatic choice), profile.md, launches.json,
-# trace_tome_merge_<provider>.json, summary.txt.
-# A failing step does not stop the script (set -u, no -e); the exit status is 1 if any step failed.
+# | # | phase       | cap s | min s | estimate s | basis of the estimate (details: docs/gpu_check.md)                   |
+# |---|-------------|------:|------:|-----------:|-----------------------------------------------------------------------|
+# | 0 | env         |     - |     - |          3 | nvidia-smi, versions                                                  |
+# | 1 | build       |   240 |    40 |     60-150 | ninja, MAX_JOBS=16: all ~10 files at once, the slowest bounds it.     |
+# |   |             |       |       |            | Measured CPU time (user+sys) per file, nvcc 13.0 for sm_90 only:      |
+# |   |             |       |       |            | merge.cu 66 s, tome.cu 70 s, fpet.cu 75 s; C++ files <= 85 s wall     |
+# |   |             |       |       |            | on 2 shared cores. One arch (TORCH_CUDA_ARCH_LIST from the device).   |
+# | 2 | correctness |   150 |    40 |      20-50 | tests/test_gpu.py: the "triton" part (~80 Triton variants x 0.5-6 s   |
+# |   |             |       |       |            | CPU of JIT, pytest-xdist -n 6) runs in the BACKGROUND from the start  |
+# |   |             |       |       |            | of the build (it needs no _C): 60-120 s hidden behind nvcc; after the |
+# |   |             |       |       |            | build the "cuda" part (no JIT; one torch.compile test)                |
+# | 3 | vit         |    60 |    20 |      15-35 | patched tiny ViT on GPU vs the CPU reference, 3 methods x 2 backends  |
+# | 4 | ops_table   |    70 |    30 |      30-50 | 5 cases x B{1,256} x f16 x {reference, triton, cuda, floor}: 40 rows  |
+# |   |             |       |       |            | of ~0.1 s do_bench + new Triton variants; 1 torch.compile row (~15 s) |
+# | 5 | model_table |   110 |    40 |      50-80 | ViT-B/16 f16: 7 variants at B=256 (~10 ms/forward, 0.25 s rows) and 7 |
+# |   |             |       |       |            | at B=1 graph replay; Triton JIT of the model's shapes ~20-40 s        |
+# | 6 | record      |    70 |    30 |      30-50 | 11 op/mode cases x B{1,256} x f16 x 2 backends: 44 do_bench medians   |
+# | 7 | sanitizer   |    90 |     - |      60-90 | OPTIONAL, last: memcheck of test_gpu.py -k test_sanitizer, backend|
+# |   |             |       |       |            | cuda; runs only if >= 75 s remain, else SKIP (not a failure)          |
+# |   | total       |   530 |       |    210-420 | + sanitizer if time allows; 9 min = 540 s                             |
+#
+# Result files (at most 8, all directly in $OUT or one folder down):
+#   summary.txt     environment, each phase's status and wall time, the summary
+#   build.log       the extension build
+#   tests.log       pytest output of correctness, vit and sanitizer
+#   ops_table.md    the op table (bench/run_table.py)      ops_table.csv  its rows
+#   model_table.md  the whole-model table (bench/bench_model_gpu.py)
+#   bench.log       progress of the table, model and record phases
+#   tuning/<gpu>.json  the recorded dispatch results (bench/record_dispatch.py): copy to
+#                   fpet_kernels/tuning/ and commit to ship the automatic backend choice
+#
+# Environment (optional): OUT, PYTHON (default python3), TOTAL_BUDGET (530), MAX_JOBS (all cores),
+# XDIST_WORKERS (12; 0 = no pytest-xdist), TABLE_ARGS / MODEL_ARGS / RECORD_ARGS (appended to the
+# phase's command), SANITIZER (compute-sanitizer binary), FPET_GPU_CHECK_DRY=1 (= --dry-run).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 ROOT=$(pwd)
 
-SKIP_BUILD=0 SKIP_TESTS=0 SKIP_SANITIZER=0 SKIP_TABLE=0 SKIP_RECORD=0 SKIP_PROFILE=0 MODEL=0 QUICK=()
-for arg in "$@"; do
-  case "$arg" in
-    --skip-build) SKIP_BUILD=1 ;;
-    --skip-tests) SKIP_TESTS=1 ;;
-    --skip-sanitizer) SKIP_SANITIZER=1 ;;
-    --skip-table) SKIP_TABLE=1 ;;
-    --skip-record) SKIP_RECORD=1 ;;
-    --skip-profile) SKIP_PROFILE=1 ;;
-    --quick) QUICK=(--quick) ;;
-    --model) MODEL=1 ;;
-    -h|--help) sed -n '2,37p' "${BASH_SOURCE[0]}"; exit 0 ;;
-    *) echo "unknown option: $arg (see --help)" >&2; exit 2 ;;
+PHASES=(build correctness vit ops_table model_table record sanitizer)
+declare -A CAP=([build]=240 [correctness]=150 [vit]=60 [ops_table]=70 [model_table]=110 [record]=70 [sanitizer]=90)
+declare -A MIN=([build]=40 [correctness]=40 [vit]=20 [ops_table]=30 [model_table]=40 [record]=30 [sanitizer]=0)
+declare -A EST=([build]="60-150" [correctness]="20-50 (+ triton part during the build)" [vit]="15-35" [ops_table]="30-50" [model_table]="50-80"
+                [record]="30-50" [sanitizer]="60-90 (optional)")
+SANITIZER_NEEDS=75
+TRITON_BG_CAP=240  # the correctness phase's "triton" part, started with the build
+GPU_BUDGET=530   # seconds: the whole script on the GPU machine (9 min = 540 s, minus margin)
+
+DRY="${FPET_GPU_CHECK_DRY:-0}"
+[[ "$DRY" == "1" || "$DRY" == "true" || "$DRY" == "yes" ]] && DRY=1 || DRY=0
+declare -A SKIP=()
+ONLY=""
+usage() { sed -n '2,12p' "${BASH_SOURCE[0]}"; }
+while (( $# )); do
+  case "$1" in
+    --dry-run) DRY=1 ;;
+    --list)
+      printf '%-3s %-12s %6s %6s  %s\n' "#" phase cap min estimate
+      i=1; for p in "${PHASES[@]}"; do printf '%-3s %-12s %6s %6s  %s\n' "$i" "$p" "${CAP[$p]}" "${MIN[$p]}" "${EST[$p]}"; i=$((i+1)); done
+      exit 0 ;;
+    --only) ONLY=",$2,"; shift ;;
+    --only=*) ONLY=",${1#--only=},"; ;;
+    --skip) for p in ${2//,/ }; do SKIP[$p]=1; done; shift ;;
+    --skip-build) SKIP[build]=1 ;;
+    --skip-tests) SKIP[correctness]=1; SKIP[vit]=1 ;;
+    --skip-sanitizer) SKIP[sanitizer]=1 ;;
+    --skip-table) SKIP[ops_table]=1 ;;
+    --skip-model) SKIP[model_table]=1 ;;
+    --skip-record) SKIP[record]=1 ;;
+    --skip-profile|--quick|--model)  # options of the earlier script: its phases are sized to fit now
+      echo "note: $1 is no longer needed (every phase fits one call; profile_launches.py runs on its own)" >&2 ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
+  shift
+done
+for p in "${!SKIP[@]}"; do
+  [[ -n "${CAP[$p]+x}" ]] || { echo "unknown phase: $p (phases: ${PHASES[*]})" >&2; exit 2; }
 done
 
+PY="${PYTHON:-}"
+if [[ -z "$PY" ]]; then
+  for cand in python3 python; do command -v "$cand" >/dev/null 2>&1 && { PY=$cand; break; }; done
+fi
+[[ -n "$PY" ]] || { echo "no python3 on PATH (set PYTHON)" >&2; exit 2; }
+
 OUT_DIR="${OUT:-bench/results/gpu}"
-mkdir -p "$OUT_DIR"
-OUT_DIR=$(cd "$OUT_DIR" && pwd)
+mkdir -p "$OUT_DIR" && OUT_DIR=$(cd "$OUT_DIR" && pwd) || exit 2
 SUMMARY="$OUT_DIR/summary.txt"
-: > "$SUMMARY"
-PYTEST_GPU_ARGS="${PYTEST_GPU_ARGS:-tests -q -m gpu -x}"
-PYTEST_TRITON_ARGS="${PYTEST_TRITON_ARGS:-tests -q -k triton}"
-TRITON_TEST_BACKENDS="${TRITON_TEST_BACKENDS:-triton}"
-TABLE_ARGS="${TABLE_ARGS:-}"
-PROFILE_ARGS="${PROFILE_ARGS:-}"
-SANITIZER_TESTS="${SANITIZER_TESTS:-tests/test_gpu.py -q -x -k sanitizer -p no:cacheprovider}"
-SANITIZER_BACKENDS="${SANITIZER_BACKENDS:-cuda}"
-RACECHECK_ARGS="${RACECHECK_ARGS---kernel-name kns=body_kernel}"
-RECORD_ARGS="${RECORD_ARGS:-}"
-TOTAL_BUDGET="${TOTAL_BUDGET:-570}"
-DEADLINE=$((SECONDS + TOTAL_BUDGET))
-FAILED=()
-
-# The Triton kernels must run on the GPU, never in the CPU interpreter.
-unset TRITON_INTERPRET
-export PYTHONUNBUFFERED=1
+TESTS_LOG="$OUT_DIR/tests.log"
+BENCH_LOG="$OUT_DIR/bench.log"
+: > "$SUMMARY"; : > "$TESTS_LOG"; : > "$BENCH_LOG"
+if (( DRY )); then
+  # the dry run checks the logic, not the GPU budget: a busy CI machine gets generous timeouts
+  TOTAL_BUDGET="${TOTAL_BUDGET:-3600}"
+  for p in "${PHASES[@]}"; do CAP[$p]=600; MIN[$p]=0; done
+  TRITON_BG_CAP=600
+else
+  TOTAL_BUDGET="${TOTAL_BUDGET:-$GPU_BUDGET}"
+fi
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+export PYTHONUNBUFFERED=1
+# the Triton kernels run on the GPU, never in the CPU interpreter; no FPET_BACKEND from the shell
+unset TRITON_INTERPRET FPET_BACKEND
+# the checkout's package (built in place) first, for every python started here
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
+now() { [[ -n "${EPOCHREALTIME:-}" ]] && echo "${EPOCHREALTIME/,/.}" || date +%s.%N; }
+T0=$(now)
+elapsed() { awk -v a="$T0" -v b="$(now)" 'BEGIN { printf "%d", b - a }'; }
 note() { echo "$*" | tee -a "$SUMMARY"; }
+FAILED=()
+declare -A STATUS=() WALL=()
 
-# step_timeout CAP RESERVE: seconds this step may run, leaving RESERVE seconds for the later steps.
-step_timeout() {
-  local left=$((DEADLINE - SECONDS - $2))
-  echo $(( $1 < left ? $1 : left ))
+# seconds the later phases need at least (the ones that will run)
+reserve_after() {
+  local after=0 sum=0 p
+  for p in "${PHASES[@]}"; do
+    if (( after )) && wanted "$p"; then sum=$((sum + ${MIN[$p]})); fi
+    [[ "$p" == "$1" ]] && after=1
+  done
+  echo "$sum"
 }
+wanted() { [[ -z "${SKIP[$1]+x}" ]] && { [[ -z "$ONLY" ]] || [[ "$ONLY" == *",$1,"* ]]; }; }
 
-# run_step NAME CAP RESERVE LOG CMD...: run CMD with a timeout, output appended to LOG, status recorded.
-run_step() {
-  local name=$1 cap=$2 reserve=$3 log=$4
-  shift 4
-  local t
-  t=$(step_timeout "$cap" "$reserve")
-  if (( t < 15 )); then
-    note "SKIP  $name: no time left (TOTAL_BUDGET=$TOTAL_BUDGET)"
-    FAILED+=("$name (no time)")
-    return 0
+# run_phase NAME LOG CMD...: run CMD under a timeout (its cap, cut to leave the later phases their
+# minimum), output appended to LOG (and, for short logs, echoed), status and wall time recorded.
+run_phase() {
+  local name=$1 log=$2; shift 2
+  local left=$((TOTAL_BUDGET - $(elapsed) - $(reserve_after "$name")))
+  local t=${CAP[$name]}
+  (( left < t )) && t=$left
+  if (( t < 10 )); then
+    note "SKIP  $name: no time left (TOTAL_BUDGET=${TOTAL_BUDGET}s, $(elapsed)s used)"
+    STATUS[$name]=SKIP; FAILED+=("$name (no time)"); return 0
   fi
-  local t0=$SECONDS rc
-  echo "== $name (timeout ${t}s): $*" >> "$log"
-  timeout --kill-after=15 "$t" "$@" >> "$log" 2>&1
+  echo "== [$name] timeout ${t}s: $*" | tee -a "$log"
+  local t1 rc dt
+  t1=$(now)
+  timeout --kill-after=10 "$t" "$@" >> "$log" 2>&1
   rc=$?
-  local dt=$((SECONDS - t0))
+  dt=$(awk -v a="$t1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')
+  WALL[$name]=$dt
   if (( rc == 0 )); then
-    note "OK    $name (${dt}s)"
-  elif [[ "$name" == tests* ]] && (( rc == 5 )); then
-    note "WARN  $name: no tests selected (pytest rc 5, ${dt}s)"
+    STATUS[$name]=OK; note "OK    $name  ${dt}s"
   elif (( rc == 124 || rc == 137 )); then
-    note "FAIL  $name: timed out after ${t}s (rc $rc), see $(basename "$log")"
-    FAILED+=("$name")
+    STATUS[$name]=FAIL; FAILED+=("$name (timeout)"); note "FAIL  $name: timed out after ${t}s (rc $rc)  ${dt}s, see $(basename "$log")"
   else
-    note "FAIL  $name: rc $rc (${dt}s), see $(basename "$log")"
-    FAILED+=("$name")
+    STATUS[$name]=FAIL; FAILED+=("$name"); note "FAIL  $name: rc $rc  ${dt}s, see $(basename "$log")"
   fi
   return 0
 }
+skip_phase() { STATUS[$1]=SKIP; note "SKIP  $1: $2"; }
 
-# ---------------------------------------------------------------- environment
+# gpu_pytest ARGS...: tests/test_gpu.py on both GPU backends, the Triton JIT spread over cores:
+# pytest-xdist (XDIST_WORKERS processes) when installed, else one pytest per backend in parallel.
+XDIST=0
+XDIST_WORKERS="${XDIST_WORKERS:-12}"
+(( XDIST_WORKERS > 0 )) && "$PY" -c "import xdist" >/dev/null 2>&1 && XDIST=1
+# GPU_TEST_BACKENDS (default "triton cuda") names the backends.
+gpu_pytest() {
+  local backends="${GPU_TEST_BACKENDS:-triton cuda}"
+  if (( XDIST )); then
+    FPET_TEST_BACKENDS="${backends// /,}" "$PY" -m pytest tests/test_gpu.py -q -ra -p no:cacheprovider \
+      -n "$XDIST_WORKERS" "$@"
+    return
+  fi
+  local tmp rc=0 pids=() b
+  tmp=$(mktemp -d)
+  for b in $backends; do
+    FPET_TEST_BACKENDS=$b "$PY" -m pytest tests/test_gpu.py -q -ra -p no:cacheprovider "$@" > "$tmp/$b.log" 2>&1 &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
+  for b in $backends; do echo "-- backend $b"; cat "$tmp/$b.log"; done
+  rm -rf "$tmp"
+  return $rc
+}
+export -f gpu_pytest
+export PY XDIST XDIST_WORKERS
+
+# ---------------------------------------------------------------- 0: environment
 {
-  echo "# $(date -Is) $(hostname) $ROOT @ $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-  git status --short 2>/dev/null | head -30
-  nvidia-smi 2>&1 || echo "nvidia-smi failed"
-  python - <<'EOF' 2>&1
+  echo "# gpu_check $(date -Is) $(hostname) $ROOT @ $(git rev-parse --short HEAD 2>/dev/null || echo '?')$( (( DRY )) && echo ' DRY RUN')"
+  echo "# budget ${TOTAL_BUDGET}s, MAX_JOBS=$MAX_JOBS, python: $(command -v "$PY")"
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader 2>&1
+  else
+    echo "nvidia-smi: not on PATH"
+  fi
+  "$PY" - <<'EOF' 2>&1
 import platform, sys
 print("python", sys.version.split()[0], platform.platform())
 try:
     import torch
-    print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(),
-          torch.cuda.get_device_name() if torch.cuda.is_available() else "-")
+    cap = "{}.{}".format(*torch.cuda.get_device_capability()) if torch.cuda.is_available() else "-"
+    print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(), "capability", cap,
+          torch.cuda.get_device_name() if torch.cuda.is_available() else "")
 except Exception as exc:
     print("torch import failed:", exc)
-try:
-    import triton
-    print("triton", triton.__version__)
-except Exception as exc:
-    print("triton import failed:", exc)
-for mod in ("pytest", "pytest_benchmark", "ninja", "setuptools"):
+for mod in ("triton", "timm", "pytest", "xdist", "ninja", "setuptools"):
     try:
         m = __import__(mod)
-        print(mod, getattr(m, "__version__", "?"))
+        print(" ", mod, getattr(m, "__version__", "?"))
     except Exception as exc:
-        print(mod, "missing:", exc)
+        print(" ", mod, "MISSING:", type(exc).__name__, exc)
 EOF
-} > "$OUT_DIR/env.txt" 2>&1
-cat "$OUT_DIR/env.txt"
-
-# ---------------------------------------------------------------- build (the C++/CUDA extension)
-if (( SKIP_BUILD )); then
-  note "SKIP  build (--skip-build)"
-else
-  : > "$OUT_DIR/build.log"
-  run_step build 300 300 "$OUT_DIR/build.log" \
-    python -m pip install --no-build-isolation --no-deps --disable-pip-version-check -e .
-  tail -n 5 "$OUT_DIR/build.log"
-fi
-python -c "import fpet_kernels as fk, json; print('fpet_kernels.backends():', json.dumps(fk.backends()))" \
-  2>&1 | tee -a "$OUT_DIR/env.txt" "$SUMMARY"
-
-# ---------------------------------------------------------------- tests
-if (( SKIP_TESTS )); then
-  note "SKIP  tests (--skip-tests)"
-else
-  : > "$OUT_DIR/tests.log"
-  eval "gpu_args=($PYTEST_GPU_ARGS)"
-  eval "triton_args=($PYTEST_TRITON_ARGS)"
-  run_step "tests (gpu): pytest $PYTEST_GPU_ARGS" 150 270 "$OUT_DIR/tests.log" \
-    python -m pytest ${gpu_args[@]+"${gpu_args[@]}"} --junitxml="$OUT_DIR/tests_gpu.xml"
-  run_step "tests (triton): FPET_TEST_BACKENDS=$TRITON_TEST_BACKENDS pytest $PYTEST_TRITON_ARGS" 150 270 \
-    "$OUT_DIR/tests.log" \
-    env FPET_TEST_BACKENDS="$TRITON_TEST_BACKENDS" python -m pytest ${triton_args[@]+"${triton_args[@]}"} \
-    --junitxml="$OUT_DIR/tests_triton.xml"
-  grep -E "^(FAILED|ERROR)|passed|failed|error" "$OUT_DIR/tests.log" | tail -n 25
+} 2>&1 | tee -a "$SUMMARY"
+GPU=0
+if (( ! DRY )) && "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then GPU=1; fi
+if (( ! DRY && ! GPU )); then
+  note "no CUDA device visible: every GPU phase will fail (use --dry-run on a CPU machine)"
 fi
 
-# ---------------------------------------------------------------- compute-sanitizer (backend "cuda")
-if (( SKIP_SANITIZER )); then
-  note "SKIP  sanitizer (--skip-sanitizer)"
-else
-  SAN="${SANITIZER:-${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer}"
-  [[ -x "$SAN" ]] || SAN=$(command -v compute-sanitizer || true)
-  : > "$OUT_DIR/sanitizer.log"
-  if [[ -z "$SAN" || ! -x "$SAN" ]]; then
-    note "FAIL  sanitizer: compute-sanitizer not found (set SANITIZER or CUDA_HOME)"
-    FAILED+=("sanitizer (not found)")
+# ---------------------------------------------------------------- 2a: Triton tests, alongside the build
+# The "triton" backend needs no compiled extension, and its tests' cost is Triton's JIT (CPU): they
+# run in the background while nvcc builds (half the workers), the "cuda" tests after the build.
+CORR_K="not test_vit_patched and not test_sanitizer"
+BG_PID="" BG_DIR=""
+if wanted correctness && wanted build && (( DRY || GPU )); then
+  BG_DIR=$(mktemp -d)
+  BG_T1=$(now)
+  if (( DRY )); then
+    bg_cmd=("$PY" -m pytest tests/test_gpu.py -q --collect-only -p no:cacheprovider -k "$CORR_K")
   else
-    eval "san_args=($SANITIZER_TESTS)"
-    eval "race_extra=($RACECHECK_ARGS)"
-    # No caching allocator: memcheck then sees every tensor's own bounds, not the allocator's blocks.
-    run_step "sanitizer memcheck: FPET_TEST_BACKENDS=$SANITIZER_BACKENDS pytest $SANITIZER_TESTS" 180 200 \
-      "$OUT_DIR/sanitizer.log" env FPET_TEST_BACKENDS="$SANITIZER_BACKENDS" PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-      "$SAN" --tool memcheck --error-exitcode 1 --print-limit 20 \
-      python -m pytest ${san_args[@]+"${san_args[@]}"}
-    run_step "sanitizer racecheck: FPET_TEST_BACKENDS=$SANITIZER_BACKENDS pytest $SANITIZER_TESTS" 180 120 \
-      "$OUT_DIR/sanitizer.log" env FPET_TEST_BACKENDS="$SANITIZER_BACKENDS" \
-      "$SAN" --tool racecheck --error-exitcode 1 --print-limit 20 \
-      ${race_extra[@]+"${race_extra[@]}"} python -m pytest ${san_args[@]+"${san_args[@]}"}
-    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|error" "$OUT_DIR/sanitizer.log" | tail -n 10
+    bg_cmd=(env GPU_TEST_BACKENDS=triton XDIST_WORKERS=$(( (XDIST_WORKERS + 1) / 2 )) bash -c 'gpu_pytest -k "$1"' _ "$CORR_K")
+  fi
+  echo "== [correctness/triton] in the background during the build, timeout ${TRITON_BG_CAP}s: ${bg_cmd[*]}" \
+    | tee -a "$TESTS_LOG"
+  ( timeout --kill-after=10 "$TRITON_BG_CAP" "${bg_cmd[@]}" > "$BG_DIR/log" 2>&1; echo $? > "$BG_DIR/rc" ) &
+  BG_PID=$!
+fi
+
+# ---------------------------------------------------------------- 1: build (in place, one arch)
+if ! wanted build; then skip_phase build "not selected"
+elif (( DRY )); then
+  skip_phase build "dry run (would run: TORCH_CUDA_ARCH_LIST=<device capability> MAX_JOBS=$MAX_JOBS FORCE_CUDA=1 $PY setup.py build_ext --inplace)"
+  run_phase build "$OUT_DIR/build.log" "$PY" setup.py --name
+else
+  ARCH=$("$PY" -c "import torch; print('{}.{}'.format(*torch.cuda.get_device_capability()))" 2>/dev/null || echo "")
+  : > "$OUT_DIR/build.log"
+  if [[ -z "$ARCH" ]]; then
+    note "FAIL  build: cannot read the device's compute capability"; STATUS[build]=FAIL; FAILED+=(build)
+  else
+    # setup.py build_ext --inplace needs no pip and no index (pip -e would work offline too with
+    # --no-build-isolation --no-deps, but writes into site-packages); stale objects of another arch
+    # would be linked, so build/ goes first.
+    rm -rf build/temp.*
+    run_phase build "$OUT_DIR/build.log" env TORCH_CUDA_ARCH_LIST="$ARCH" FORCE_CUDA=1 \
+      "$PY" setup.py build_ext --inplace
+    grep -E "error|warning: .*(spill|stack)" "$OUT_DIR/build.log" | head -n 20
+    tail -n 3 "$OUT_DIR/build.log"
+  fi
+fi
+# what the package sees after the build (does not initialise CUDA on import; backends() does)
+"$PY" -c "import fpet_kernels as fk, json; b = fk.backends(); print('fk.backends() live:', json.dumps(b.get('live')))" \
+  2>&1 | tail -n 3 | tee -a "$SUMMARY"
+if (( ! DRY )) && [[ "${STATUS[build]:-}" == OK ]]; then
+  if ! "$PY" -c "import fpet_kernels as fk, sys; sys.exit(0 if fk.backends()['live'].get('cuda') else 1)" 2>/dev/null; then
+    note "FAIL  build: built, but the 'cuda' backend is not live (see build.log and fk.backends())"
+    STATUS[build]=FAIL; FAILED+=("build (cuda not live)")
   fi
 fi
 
-# ---------------------------------------------------------------- benchmark table
-if (( SKIP_TABLE )); then
-  note "SKIP  table (--skip-table)"
+# ---------------------------------------------------------------- 2: correctness of every op and gradient
+if ! wanted correctness; then skip_phase correctness "not selected"
+elif (( DRY )); then
+  skip_phase correctness "dry run (needs a GPU); collecting tests/test_gpu.py instead"
+  run_phase correctness "$TESTS_LOG" "$PY" -m pytest tests/test_gpu.py -q --collect-only -p no:cacheprovider \
+    -k "$CORR_K"
 else
-  t=$(step_timeout 280 60)
-  # run_table.py stops starting measurements 40 s before its timeout and caps the compile time, so
-  # that it still prints its table and writes the CSV; TABLE_ARGS come last and override these.
-  max_s=$(( t > 80 ? t - 40 : 40 ))
-  budget=$(( max_s / 2 < 120 ? max_s / 2 : 120 ))
-  eval "table_extra=($TABLE_ARGS)"
-  : > "$OUT_DIR/table.log"
-  run_step table 280 60 "$OUT_DIR/table.log" \
-    bash -c 'out=$1; shift; exec python bench/run_table.py "$@" > "$out/table.md"' _ "$OUT_DIR" \
-    --csv "$OUT_DIR/results_gpu.csv" --max-seconds "$max_s" --compile-budget "$budget" \
-    ${QUICK[@]+"${QUICK[@]}"} ${table_extra[@]+"${table_extra[@]}"}
+  if [[ -n "$BG_PID" ]]; then
+    run_phase correctness "$TESTS_LOG" env GPU_TEST_BACKENDS=cuda bash -c 'gpu_pytest -k "$1"' _ "$CORR_K"
+  else
+    run_phase correctness "$TESTS_LOG" bash -c 'gpu_pytest -k "$1"' _ "$CORR_K"
+  fi
+  grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$TESTS_LOG" | tail -n 15
+fi
+# the background Triton part: its result joins the correctness phase
+if [[ -n "$BG_PID" ]]; then
+  wait "$BG_PID"
+  bg_rc=$(cat "$BG_DIR/rc" 2>/dev/null || echo 1)
+  bg_dt=$(awk -v a="$BG_T1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')
+  { echo "== [correctness/triton] output (started with the build)"; cat "$BG_DIR/log"; } >> "$TESTS_LOG"
+  grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$BG_DIR/log" | tail -n 15
+  rm -rf "$BG_DIR"
+  WALL[correctness]="${WALL[correctness]:-0}+${bg_dt}"
+  if (( bg_rc == 0 )); then
+    note "OK    correctness/triton (in the background since the build started)  ${bg_dt}s"
+  else
+    why="rc $bg_rc"; (( bg_rc == 124 || bg_rc == 137 )) && why="timed out after ${TRITON_BG_CAP}s"
+    note "FAIL  correctness/triton: $why  ${bg_dt}s, see tests.log"
+    STATUS[correctness]=FAIL; FAILED+=("correctness/triton")
+  fi
 fi
 
-# ---------------------------------------------------------------- recorded results for the automatic choice
-if (( SKIP_RECORD )); then
-  note "SKIP  record (--skip-record)"
+# ---------------------------------------------------------------- 3: patched tiny ViT on GPU vs the CPU reference
+if ! wanted vit; then skip_phase vit "not selected"
+elif (( DRY )); then
+  skip_phase vit "dry run (needs a GPU); collecting the ViT tests instead"
+  run_phase vit "$TESTS_LOG" "$PY" -m pytest tests/test_gpu.py -q --collect-only -k test_vit_patched -p no:cacheprovider
 else
-  t=$(step_timeout 240 60)
-  eval "record_extra=($RECORD_ARGS)"
-  : > "$OUT_DIR/record.log"
-  run_step "record (dispatch results into $OUT_DIR/tuning)" 240 60 "$OUT_DIR/record.log" \
-    python bench/record_dispatch.py --out "$OUT_DIR/tuning" --max-seconds $(( t > 60 ? t - 30 : 30 )) \
-    ${QUICK[@]+"${QUICK[@]}"} ${record_extra[@]+"${record_extra[@]}"}
-  tail -n 12 "$OUT_DIR/record.log"
+  run_phase vit "$TESTS_LOG" bash -c 'gpu_pytest -k test_vit_patched'
+  grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$TESTS_LOG" | tail -n 5
 fi
 
-# ---------------------------------------------------------------- kernel launches of one tome_merge call
-if (( SKIP_PROFILE )); then
-  note "SKIP  profile (--skip-profile)"
+# ---------------------------------------------------------------- 4: op table, B=1 and B=256, float16
+if ! wanted ops_table; then skip_phase ops_table "not selected"
+elif (( DRY )); then
+  skip_phase ops_table "dry run (needs a GPU); checking bench/run_table.py --help instead"
+  run_phase ops_table "$BENCH_LOG" "$PY" bench/run_table.py --help
 else
-  eval "profile_extra=($PROFILE_ARGS)"
-  : > "$OUT_DIR/profile.log"
-  run_step "profile (one kernel launch per tome_merge)" 90 0 "$OUT_DIR/profile.log" \
-    bash -c 'out=$1; shift; exec python bench/profile_launches.py "$@" > "$out/profile.md"' _ "$OUT_DIR" \
-    --out "$OUT_DIR" ${profile_extra[@]+"${profile_extra[@]}"}
+  left=$((TOTAL_BUDGET - $(elapsed) - $(reserve_after ops_table)))
+  t=$(( left < ${CAP[ops_table]} ? left : ${CAP[ops_table]} ))
+  eval "table_extra=(${TABLE_ARGS:-})"
+  run_phase ops_table "$BENCH_LOG" bash -c 'out=$1; shift; exec "$@" > "$out/ops_table.md"' _ "$OUT_DIR" \
+    "$PY" bench/run_table.py --device cuda --dtypes float16 --batches 1 256 --quick \
+    --providers reference reference+compile triton cuda floor --compile-batches 256 --compile-max 1 \
+    --compile-budget 40 --max-seconds $(( t > 40 ? t - 15 : 25 )) --csv "$OUT_DIR/ops_table.csv" \
+    ${table_extra[@]+"${table_extra[@]}"}
 fi
 
-# ---------------------------------------------------------------- whole-model benchmark (issue: model layer)
-if (( MODEL )); then
-  t=$(step_timeout 540 0)
-  : > "$OUT_DIR/model.log"
-  run_step "model benchmark" 540 0 "$OUT_DIR/model.log" \
-    bash -c 'out=$1; shift; exec python bench/bench_model.py "$@" > "$out/model.md"' _ "$OUT_DIR" \
-    --keep-going --max-seconds $(( t > 80 ? t - 40 : 40 )) --out "$OUT_DIR" ${QUICK[@]+"${QUICK[@]}"}
+# ---------------------------------------------------------------- 5: whole-model table
+if ! wanted model_table; then skip_phase model_table "not selected"
+elif (( DRY )); then
+  note "DRY   model_table: the same code path on CPU (tiny ViT, reference backend, no CUDA graphs)"
+  run_phase model_table "$BENCH_LOG" bash -c 'out=$1; shift; exec "$@" > "$out/model_table.md"' _ "$OUT_DIR" \
+    "$PY" bench/bench_model_gpu.py --device cpu --tiny --reps 1 --eager-batches 2 --backends reference
+else
+  left=$((TOTAL_BUDGET - $(elapsed) - $(reserve_after model_table)))
+  t=$(( left < ${CAP[model_table]} ? left : ${CAP[model_table]} ))
+  eval "model_extra=(${MODEL_ARGS:-})"
+  run_phase model_table "$BENCH_LOG" bash -c 'out=$1; shift; exec "$@" > "$out/model_table.md"' _ "$OUT_DIR" \
+    "$PY" bench/bench_model_gpu.py --device cuda --dtype float16 --eager-batches 256 --graph-batches 1 \
+    --max-seconds $(( t > 40 ? t - 20 : 20 )) ${model_extra[@]+"${model_extra[@]}"}
+fi
+
+# ---------------------------------------------------------------- 6: recorded dispatch results
+if ! wanted record; then skip_phase record "not selected"
+elif (( DRY )); then
+  skip_phase record "dry run (needs a GPU); checking bench/record_dispatch.py --help instead"
+  run_phase record "$BENCH_LOG" "$PY" bench/record_dispatch.py --help
+else
+  left=$((TOTAL_BUDGET - $(elapsed) - $(reserve_after record)))
+  t=$(( left < ${CAP[record]} ? left : ${CAP[record]} ))
+  eval "record_extra=(${RECORD_ARGS:-})"
+  run_phase record "$BENCH_LOG" "$PY" bench/record_dispatch.py --quick --out "$OUT_DIR/tuning" \
+    --max-seconds $(( t > 30 ? t - 15 : 15 )) ${record_extra[@]+"${record_extra[@]}"}
+  tail -n 14 "$BENCH_LOG"
+fi
+
+# ---------------------------------------------------------------- 7: compute-sanitizer memcheck (optional, last)
+if ! wanted sanitizer; then skip_phase sanitizer "not selected"
+elif (( DRY )); then skip_phase sanitizer "dry run (needs a GPU)"
+else
+  SAN="${SANITIZER:-}"
+  [[ -z "$SAN" ]] && for c in "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" "$(command -v compute-sanitizer 2>/dev/null)"; do
+    [[ -n "$c" && -x "$c" ]] && { SAN=$c; break; }
+  done
+  left=$((TOTAL_BUDGET - $(elapsed)))
+  if [[ -z "$SAN" ]]; then
+    skip_phase sanitizer "compute-sanitizer not found (optional; set SANITIZER)"
+  elif (( left < SANITIZER_NEEDS )); then
+    skip_phase sanitizer "optional, ${left}s left < ${SANITIZER_NEEDS}s (the earlier phases come first)"
+  else
+    # no caching allocator: memcheck then sees each tensor's own bounds; backend "cuda" only (memcheck
+    # of Triton's JIT kernels adds minutes); the small shapes of test_sanitizer_every_op_small
+    run_phase sanitizer "$TESTS_LOG" env FPET_TEST_BACKENDS=cuda PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+      "$SAN" --tool memcheck --error-exitcode 1 --print-limit 20 \
+      "$PY" -m pytest tests/test_gpu.py -q -x -p no:cacheprovider -k test_sanitizer
+    grep -E "ERROR SUMMARY|[0-9]+ (passed|failed)" "$TESTS_LOG" | tail -n 4
+  fi
 fi
 
 # ---------------------------------------------------------------- report
-[[ -s "$OUT_DIR/table.md" ]] && { echo; cat "$OUT_DIR/table.md"; }
-[[ -s "$OUT_DIR/profile.md" ]] && { echo; cat "$OUT_DIR/profile.md"; }
-[[ -s "$OUT_DIR/model.md" ]] && { echo; cat "$OUT_DIR/model.md"; }
-echo
-echo "== summary ($SECONDS s, files in $OUT_DIR)"
-cat "$SUMMARY"
+for f in ops_table.md model_table.md; do
+  [[ -s "$OUT_DIR/$f" ]] && { echo; cat "$OUT_DIR/$f"; }
+done
+nfiles=$(find "$OUT_DIR" -type f | wc -l)
+if (( nfiles > 8 )); then
+  note "FAIL  outputs: $nfiles files in $OUT_DIR (at most 8 come back):"; find "$OUT_DIR" -type f | sed 's/^/  /'
+  FAILED+=("outputs ($nfiles files > 8)")
+fi
+echo | tee -a "$SUMMARY"
+note "== summary: $(elapsed)s of ${TOTAL_BUDGET}s budget$( (( DRY )) && echo ' (DRY RUN: GPU steps skipped)'), files in $OUT_DIR"
+for p in "${PHASES[@]}"; do
+  note "$(printf '%-12s %-5s %8s  (estimate %s s)' "$p" "${STATUS[$p]:-?}" "${WALL[$p]:+${WALL[$p]}s}" "${EST[$p]}")"
+done
 if (( ${#FAILED[@]} )); then
-  echo "FAILED steps: ${FAILED[*]}" | tee -a "$SUMMARY"
+  note "FAILED: ${FAILED[*]}"
   exit 1
 fi
-echo "all steps passed" | tee -a "$SUMMARY"
+note "all phases passed$( (( DRY )) && echo ' (dry run)')"
 exit 0

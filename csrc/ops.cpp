@@ -1,17 +1,49 @@
-// The TORCH_LIBRARY block of fpet_kernels: the schemas of every raw kernel (csrc/schemas.h,
-// contracts in csrc/README.md). Implementations register with TORCH_LIBRARY_IMPL in csrc/cpu/*.cpp and
-// csrc/cuda/*.cu. The kernels are raw: no autograd, no fake kernels, no argument defaults.
+// The Python module `fpet_kernels._C`. Loading it registers the C++ kernels as the CPU
+// (csrc/cpu/*.cpp) and CUDA (csrc/cuda/*.cu) implementations of the public ops `torch.ops.fpet.*`
+// with TORCH_LIBRARY_IMPL. The schemas, fake kernels and autograd of those ops are defined in
+// Python next to their reference (fpet_kernels/ops/<family>.py), which imports this module only
+// after defining them. The module itself holds two introspection functions.
 #include <Python.h>
-#include <torch/library.h>
+#include <torch/version.h>
 
-#include "schemas.h"
+#ifdef FPET_WITH_CUDA
+namespace fpet {
+int cuda_image_version(int device);  // csrc/cuda/probe.cu
+}
+#endif
 
-TORCH_LIBRARY(fpet_C, m) { fpet::define_kernel_schemas(m); }
+namespace {
 
-// `import fpet_kernels._C` loads this library, which runs the registrations above; the Python
-// module itself is empty (the ops live in torch.ops.fpet_C).
+// _C.cuda_image_version(device) -> int: see csrc/cuda/probe.cu (-1 without CUDA kernels).
+PyObject* py_cuda_image_version(PyObject*, PyObject* arg) {
+  long device = PyLong_AsLong(arg);
+  if (device == -1 && PyErr_Occurred()) return nullptr;
+#ifdef FPET_WITH_CUDA
+  return PyLong_FromLong(fpet::cuda_image_version(static_cast<int>(device)));
+#else
+  return PyLong_FromLong(-1);
+#endif
+}
+
+PyMethodDef methods[] = {
+    {"cuda_image_version", py_cuda_image_version, METH_O,
+     "Binary version of this extension's CUDA code for a device (-1: none can run there)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
-  return PyModule_Create(&module_def);
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods, nullptr, nullptr, nullptr, nullptr};
+  PyObject* mod = PyModule_Create(&module_def);
+  if (mod == nullptr) return nullptr;
+  // The torch this extension was compiled against (the C++ ABI must match the torch loaded).
+  PyModule_AddObject(mod, "TORCH_VERSION", PyUnicode_FromFormat("%d.%d.%d", TORCH_VERSION_MAJOR,
+                                                               TORCH_VERSION_MINOR, TORCH_VERSION_PATCH));
+#ifdef FPET_WITH_CUDA
+  PyModule_AddIntConstant(mod, "WITH_CUDA", 1);
+#else
+  PyModule_AddIntConstant(mod, "WITH_CUDA", 0);
+#endif
+  return mod;
 }

@@ -20,13 +20,16 @@ The automatic choice per op:
                 the medians over the (mode, dtype, batch) cells every live candidate has. Without
                 recorded results for this GPU: the default order ``DEFAULT_GPU_ORDER`` (cuda, then
                 triton). ``backends()["auto_source"]`` says which of the two decided.
-"cuda" is live for an op when the extension registers CUDA kernels for the op's forward and
-backward kernels (``OP_KERNELS``): the CUDA kernels arrive op by op, and the automatic choice never
-picks a backend that cannot run the op's backward.
+"cuda" is live for an op on a device when the extension registers CUDA kernels for the op's forward
+and backward (``OP_KERNELS``) and holds code that device can run (``cuda_image``): a build without
+code for the GPU's architecture makes the automatic choice fall back to Triton, saying so once, and
+an explicit ``backend="cuda"`` raise. Nothing here runs at import: the extension is loaded by
+``fpet_kernels.ops`` once the schemas exist, and CUDA and Triton are probed at their first use.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -41,8 +44,8 @@ GPU_BACKENDS = ("cuda", "triton")
 # The automatic choice on CUDA tensors when no results were recorded on this GPU: the CUDA C++
 # kernels first (no JIT compilation, smallest launch overhead), then Triton.
 DEFAULT_GPU_ORDER = ("cuda", "triton")
-# The public ops that resolve a backend, and the raw kernels (``torch.ops.fpet_C.*``) each needs:
-# its forward kernel first, then those its autograd calls with the same backend.
+# The public ops that resolve a backend, and the registered ops (``torch.ops.fpet.*``) each needs:
+# its forward first, then those its autograd calls with the same kernel family.
 OP_KERNELS = {
     "tome_match": ("tome_match",),
     "tome_merge": ("tome_merge", "merge_wavg_backward"),
@@ -57,49 +60,125 @@ RAW_KERNELS = ("tome_match", "tome_merge", "merge_wavg", "merge_wavg_backward", 
 TUNING_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuning")
 RESULTS_FORMAT = 1
 
-_EXT_ERROR: str | None = None
-try:  # the extension is optional: the package always imports
-    importlib.import_module("fpet_kernels._C")
-    _EXT_LOADED = True
-except ImportError as exc:  # pragma: no cover - depends on the install
-    _EXT_LOADED = False
-    _EXT_ERROR = ("fpet_kernels._C is not built (pip install --no-build-isolation -e .)"
-                  if isinstance(exc, ModuleNotFoundError) else f"{type(exc).__name__}: {exc}")
+
+# ----------------------------------------------------------------------------- the extension
+_EXT = None
+_EXT_ERROR: str | None = "fpet_kernels._C was not loaded yet"
+
+
+def load_extension() -> None:
+    """Load ``fpet_kernels._C``: its C++ kernels register as the CPU/CUDA implementations of the ops
+    ``torch.ops.fpet.*``. Called once by ``fpet_kernels.ops`` after every op family defined its
+    schemas. The extension is optional: without it the package runs the Triton and reference paths."""
+    global _EXT, _EXT_ERROR
+    if _EXT is not None:
+        return
+    try:
+        _EXT = importlib.import_module("fpet_kernels._C")
+        _EXT_ERROR = None
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        _EXT_ERROR = ("fpet_kernels._C is not built (pip install --no-build-isolation -e .)"
+                      if isinstance(exc, ModuleNotFoundError) else f"{type(exc).__name__}: {exc}")
+        return
+    built = getattr(_EXT, "TORCH_VERSION", None)
+    running = torch.__version__.split("+")[0]
+    if built is not None and built != running:  # pragma: no cover - depends on the install
+        warnings.warn(f"fpet_kernels._C was compiled against torch {built} but torch {running} is loaded; "
+                      "rebuild it (pip install --no-build-isolation --force-reinstall --no-deps .) if an op "
+                      "fails to load or crashes", RuntimeWarning, stacklevel=2)
+
+
+def extension_loaded() -> bool:
+    return _EXT is not None
 
 
 def _has_kernel(op: str, key: str) -> bool:
-    if not _EXT_LOADED:
+    if _EXT is None:
         return False
     try:
-        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"fpet_C::{op}", key))
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"fpet::{op}", key))
     except RuntimeError:
         return False
 
 
-def _probe() -> dict[str, bool]:
-    from .ops import triton_common
-    return {
-        "reference": True,
-        "cpu": _has_kernel("tome_merge", "CPU"),
-        "cuda": _has_kernel("tome_merge", "CUDA") and torch.cuda.is_available(),
-        "triton": triton_common.live(),
-    }
+_CUDA_KERNELS: dict | None = None
 
 
-# Fixed for the process, probed once at import: resolve() runs inside torch.compile traces, where
-# a call into torch._C would break the graph.
-_LIVE = _probe()
-# Raw kernels with a CUDA kernel compiled into the extension (whether or not a GPU is present).
-_CUDA_KERNELS = {k: _has_kernel(k, "CUDA") for k in RAW_KERNELS}
+def _cuda_kernels() -> dict:
+    """Registered ops with a CUDA kernel compiled into the extension (whether or not a GPU is present)."""
+    global _CUDA_KERNELS
+    if _CUDA_KERNELS is None:
+        _CUDA_KERNELS = {k: _has_kernel(k, "CUDA") for k in RAW_KERNELS}
+    return _CUDA_KERNELS
 
 
-def op_live(op: str | None, name: str) -> bool:
-    """Whether backend ``name`` can run public op ``op`` with its backward (``op=None``: any op)."""
-    if not _LIVE.get(name, False):
-        return False
-    if name != "cuda" or op is None:
+def _constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without importing torch._dynamo (which imports Triton)
+    when the package is imported: the mark it sets, read by dynamo when it traces a call of ``fn``."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+_LIVE: dict = {}
+
+
+def _probe(name: str) -> bool:
+    if name == "reference":
         return True
-    return all(_CUDA_KERNELS.get(k, False) for k in OP_KERNELS.get(op, ()))
+    if name == "cpu":
+        return _has_kernel("tome_merge", "CPU")
+    if name == "cuda":
+        return _has_kernel("tome_merge", "CUDA") and torch.cuda.is_available()
+    # Triton: importable, and a GPU present or its CPU interpreter on (imported only when asked).
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# Constant for the process; probed at its first use (importing the package initialises neither CUDA
+# nor Triton) and evaluated eagerly, never traced, by torch.compile.
+@_constant_result
+def _is_live(name: str) -> bool:
+    got = _LIVE.get(name)
+    if got is None:
+        got = _LIVE[name] = _probe(name)
+    return got
+
+
+def live() -> dict:
+    """Which backends can run here (the device being present for GPU backends)."""
+    return {name: _is_live(name) for name in BACKENDS}
+
+
+_CUDA_IMAGE: dict = {}
+
+
+def cuda_image(index: int) -> int:
+    """The binary version of the extension's CUDA code that CUDA device ``index`` runs (e.g. 90), or
+    -1 when the build holds no code for that device's architecture (then ``cuda`` is not live there)."""
+    got = _CUDA_IMAGE.get(index)
+    if got is None:
+        fn = getattr(_EXT, "cuda_image_version", None)
+        got = _CUDA_IMAGE[index] = int(fn(index)) if fn is not None and _is_live("cuda") else -1
+    return got
+
+
+def op_live(op: str | None, name: str, index: int | None = None) -> bool:
+    """Whether backend ``name`` can run public op ``op`` with its backward (``op=None``: any op), on
+    CUDA device ``index`` for ``cuda`` when given."""
+    if not _is_live(name):
+        return False
+    if name != "cuda":
+        return True
+    if index is not None and cuda_image(index) < 0:
+        return False
+    if op is None:
+        return True
+    return all(_cuda_kernels().get(k, False) for k in OP_KERNELS.get(op, ()))
 
 
 # ----------------------------------------------------------------------------- recorded results
@@ -176,10 +255,16 @@ def _find_results(gpu: str, capability: str, results: list) -> tuple[dict | None
     return None, ""
 
 
-def choose_gpu_backend(op: str | None, gpu: str, capability: str, results: list) -> tuple[str | None, str]:
-    """(the automatic backend of ``op`` on CUDA tensors of GPU ``gpu``, where the choice came
-    from). None when no GPU backend can run the op (the caller falls back to the reference)."""
-    cands = [b for b in DEFAULT_GPU_ORDER if op_live(op, b)]
+def choose_gpu_backend(op: str | None, gpu: str, capability: str, results: list,
+                       index: int | None = None) -> tuple[str | None, str]:
+    """(the automatic backend of ``op`` on CUDA tensors of GPU ``gpu`` (device ``index``), where the
+    choice came from). None when no GPU backend can run the op (the caller falls back to the reference)."""
+    cands = [b for b in DEFAULT_GPU_ORDER if op_live(op, b, index)]
+    if "cuda" not in cands and "cuda" in DEFAULT_GPU_ORDER and index is not None and op_live(op, "cuda"):
+        _warn_once(f"cuda-image-{index}",
+                   f"fpet_kernels: the extension's CUDA kernels hold no code for {gpu} (sm {capability}); "
+                   f"using {cands[0] if cands else 'the reference'} instead. Rebuild with "
+                   f"TORCH_CUDA_ARCH_LIST={capability} to use them.")
     if not cands:
         return None, f"no GPU backend is live for {op or 'this op'}"
     if op is None:
@@ -233,21 +318,17 @@ def _auto_cuda_choice(op: str | None, index: int) -> tuple[str | None, str]:
     got = _AUTO_CUDA.get(key)
     if got is None:
         gpu, cap = _gpu_identity(index)
-        got = _AUTO_CUDA[key] = choose_gpu_backend(op, gpu, cap, _results())
+        dev = torch.cuda.current_device() if index < 0 else index
+        got = _AUTO_CUDA[key] = choose_gpu_backend(op, gpu, cap, _results(), dev)
     return got
 
 
 # Constant for the process and evaluated eagerly (never traced) by torch.compile: its first call
 # reads files and queries the device, which a trace could not contain.
-@torch.compiler.assume_constant_result
+@_constant_result
 def _auto_cuda(op: str, index: int) -> str:
     be, _ = _auto_cuda_choice(op or None, index)
     return be or ""
-
-
-def live() -> dict[str, bool]:
-    """Which backends can run here (the device being present for GPU backends)."""
-    return _LIVE
 
 
 def _summary(per_op: dict) -> str:
@@ -262,22 +343,24 @@ def backends() -> dict:
 
     Keys: ``live`` (backend -> bool), ``auto`` (device -> the chosen backend, or ``op=backend,...``
     when the ops differ), ``auto_per_op`` (device -> op -> backend), ``auto_source`` (device -> op
-    -> where the choice came from), ``cuda_device`` (name and compute capability, when a GPU is
-    present), ``extension``, ``extension_cuda`` (the extension holds CUDA kernels, GPU or not),
-    ``cuda_kernels`` (the raw kernels compiled for CUDA), ``env`` (the value of ``FPET_BACKEND``),
-    ``env_var``, ``tuning_dir`` and ``results_files`` (recorded results shipped in the package).
+    -> where the choice came from), ``cuda_device`` (name, compute capability and the binary version
+    of the extension's code it runs, -1 for none, when a GPU is present), ``extension``,
+    ``extension_cuda`` (the extension holds CUDA kernels, GPU or not), ``cuda_kernels`` (the ops
+    with a compiled CUDA kernel), ``env`` (the value of ``FPET_BACKEND``), ``env_var``,
+    ``tuning_dir`` and ``results_files`` (recorded results shipped in the package).
 
     >>> import fpet_kernels as fk; fk.backends()["live"]["reference"]
     True
     """
-    lv = dict(live())
+    lv = live()
+    cuda_k = _cuda_kernels()
     per_op = {"cpu": {op: ("cpu" if op_live(op, "cpu") else "reference") for op in OP_KERNELS}}
     source = {"cpu": {op: ("the C++ kernels (the only compiled CPU backend)" if per_op["cpu"][op] == "cpu"
                            else "no compiled CPU kernel is live") for op in OP_KERNELS}}
     info_cuda = None
     if torch.cuda.is_available():
         gpu, cap = _gpu_identity(-1)
-        info_cuda = {"name": gpu, "capability": cap}
+        info_cuda = {"name": gpu, "capability": cap, "extension_image": cuda_image(torch.cuda.current_device())}
         per_op["cuda"], source["cuda"] = {}, {}
         for op in OP_KERNELS:
             be, why = _auto_cuda_choice(op, -1)
@@ -289,9 +372,9 @@ def backends() -> dict:
         "auto_per_op": per_op,
         "auto_source": source,
         "cuda_device": info_cuda,
-        "extension": _EXT_LOADED,
-        "extension_cuda": any(_CUDA_KERNELS.values()),
-        "cuda_kernels": [k for k, v in _CUDA_KERNELS.items() if v],
+        "extension": _EXT is not None,
+        "extension_cuda": any(cuda_k.values()),
+        "cuda_kernels": [k for k, v in cuda_k.items() if v],
         "env": os.environ.get(ENV_VAR),
         "env_var": ENV_VAR,
         "tuning_dir": TUNING_DIR,
@@ -312,7 +395,10 @@ def _warn_once(key: str, msg: str) -> None:
 
 
 def resolve(backend: str | None, device: torch.device, dtypes=(), op: str | None = None) -> str:
-    """Pick the backend for one call of public op ``op`` on tensors of ``device`` and ``dtypes``."""
+    """Pick the backend for one call of public op ``op`` on tensors of ``device`` and ``dtypes``
+    (a sequence of dtypes, or a dict ``{argument name: dtype}`` so that errors name the tensor)."""
+    named = dtypes if isinstance(dtypes, dict) else {f"input {i}": d for i, d in enumerate(dtypes)}
+    dtypes = tuple(named.values())
     name = backend if backend is not None else (os.environ.get(ENV_VAR) or "auto")
     src = "backend" if backend is not None else ENV_VAR
     if not isinstance(name, str):
@@ -321,11 +407,10 @@ def resolve(backend: str | None, device: torch.device, dtypes=(), op: str | None
     if name not in BACKENDS + ("auto",):
         raise ValueError(f"{src}={name!r} is not one of {BACKENDS + ('auto',)}")
     kernel_ok = all(d in KERNEL_DTYPES for d in dtypes)
-    lv = live()
     if name == "auto":
         if not kernel_ok:  # float64 and friends: only the reference computes them
             return "reference"
-        if device.type == "cpu" and op_live(op, "cpu"):
+        if device.type == "cpu" and _is_live("cpu"):
             return "cpu"
         if device.type == "cuda":
             chosen = _auto_cuda(op or "", -1 if device.index is None else device.index)
@@ -340,44 +425,36 @@ def resolve(backend: str | None, device: torch.device, dtypes=(), op: str | None
         return "reference"
     if name == "reference":
         return name
+    lv = live()
     if not lv[name]:
-        if name == "cuda" and any(_CUDA_KERNELS.values()) and not torch.cuda.is_available():
+        cuda_k = _cuda_kernels()
+        if name == "cuda" and any(cuda_k.values()) and not torch.cuda.is_available():
             why = ": the extension holds CUDA kernels but no CUDA device is present"
         elif _EXT_ERROR and name in ("cpu", "cuda"):
             why = f": the extension failed to load ({_EXT_ERROR})"
-        elif name == "cuda" and _EXT_LOADED:
-            why = ": the extension was built without CUDA kernels (see README, CUDA backend)"
+        elif name == "cuda" and _EXT is not None:
+            why = ": the extension was built without CUDA kernels (see docs/backends.md)"
         else:
             why = ""
         raise RuntimeError(f"{src}={name!r} was requested but is not live in this install{why}; "
                            f"live backends: {[k for k, v in lv.items() if v]}")
-    if name == "cuda" and op is not None and not _CUDA_KERNELS.get(OP_KERNELS[op][0], False):
+    if name == "cuda" and op is not None and not _cuda_kernels().get(OP_KERNELS[op][0], False):
         raise RuntimeError(f"{src}='cuda' was requested for {op}, but the extension has no CUDA kernel "
-                           f"fpet_C::{OP_KERNELS[op][0]} (CUDA kernels in this build: "
-                           f"{[k for k, v in _CUDA_KERNELS.items() if v]}); use backend='triton'")
+                           f"for fpet::{OP_KERNELS[op][0]} (CUDA kernels in this build: "
+                           f"{[k for k, v in _cuda_kernels().items() if v]}); use backend='triton'")
+    if name == "cuda" and device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if cuda_image(index) < 0:
+            gpu, cap = _gpu_identity(index)
+            raise RuntimeError(f"{src}='cuda' was requested, but the extension's CUDA kernels hold no code for "
+                               f"{gpu} (sm {cap}); rebuild with TORCH_CUDA_ARCH_LIST={cap} or use backend='triton'")
     want = "cpu" if name == "cpu" else "cuda"
     if name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         want = "cpu"
     if device.type != want:
         raise ValueError(f"{src}={name!r} runs on {want} tensors, but the inputs are on {device}")
     if not kernel_ok:
-        bad = [str(d) for d in dtypes if d not in KERNEL_DTYPES]
-        raise ValueError(f"{src}={name!r} supports float32, float16 and bfloat16; got {bad} "
+        bad = ", ".join(f"{k} is {d}" for k, d in named.items() if d not in KERNEL_DTYPES)
+        raise ValueError(f"{src}={name!r} supports float32, float16 and bfloat16 tensors; {bad} "
                          "(use backend='reference' for other dtypes)")
     return name
-
-
-def kernels(backend: str):
-    """The kernel table of a compiled backend: ``torch.ops.fpet_C`` (C++/CUDA) or the Triton module
-    with the same names and signatures (``fpet_kernels/ops/triton_ops.py``)."""
-    if backend == "triton":
-        return importlib.import_module("fpet_kernels.ops.triton_ops")
-    return torch.ops.fpet_C
-
-
-def direct_call(backend: str, *tensors) -> bool:
-    """Eager calls that need no gradient skip the Python custom-op wrapper (about 40 us a call) and
-    go straight to the backend's kernel: same kernel, same results, less host time at B=1."""
-    if backend == "reference" or torch.compiler.is_compiling():
-        return False
-    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))

@@ -71,3 +71,8 @@ def token_map(name: str, m, y: torch.Tensor | None = None) -> None:
             raise ValueError(f"{name} has batch {m.shape[0]} but the tokens have batch {y.shape[0]}")
         if m.device != y.device:
             raise ValueError(f"{name} is on {m.device} but the tokens are on {y.device}")
+
+
+def dtypes(**tensors) -> dict:
+    """``{name: dtype}`` of the given tensors (None skipped): what ``_backend.resolve`` names in errors."""
+    return {k: t.dtype for k, t in tensors.items() if t is not None}

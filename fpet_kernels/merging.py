@@ -11,7 +11,7 @@ from torch import Tensor
 
 from . import _backend, _checks
 from .ops.fpet import FPETMerge
-from .ops.tome import ToMeMerge, compute_dtype
+from .ops.tome import ToMeMerge, compute_dtype, merge_wavg_map
 
 
 def merge_wavg(merge, x: Tensor, size: Optional[Tensor] = None):
@@ -30,9 +30,8 @@ def merge_wavg(merge, x: Tensor, size: Optional[Tensor] = None):
             s = torch.ones(*x.shape[:2], 1, dtype=compute_dtype(x, size), device=x.device) if size is None \
                 else size.to(compute_dtype(x, size))
             return x, s
-        be = _backend.resolve(merge.backend, x.device, (x.dtype,) + (() if size is None else (size.dtype,)),
-                              op="merge_wavg")
-        return torch.ops.fpet.merge_wavg(x, size, merge.matching.token_map, merge.n_out, be)
+        be = _backend.resolve(merge.backend, x.device, _checks.dtypes(x=x, size=size), op="merge_wavg")
+        return merge_wavg_map(x, size, merge.matching.token_map, merge.n_out, be)
     if isinstance(merge, FPETMerge):
         from .ops.fpet import fpet_merge_op_call
         return fpet_merge_op_call(merge, x, size)

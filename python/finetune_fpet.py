@@ -94,7 +94,7 @@ def main():
     x, y = synthetic_batch(256, img, num_classes, device, dtype, gen)
     with torch.inference_mode():
         acc = (model(x).argmax(-1) == y).float().mean().item()
-    tokens = fk.patch.merge_state(model)["size"].shape[1]
+    tokens = fk.patch.merge_state(model, x[:1])["size"].shape[1]  # an explicit call: the model keeps no state
     merged = throughput(model, args.batch, img, device, dtype)
     print(f"accuracy on fresh synthetic data: {acc:.3f} (chance {1 / num_classes:.2f})")
     print(f"tokens after block {merge_layer}: {tokens}; throughput {merged:.1f} img/s vs {shipped:.1f} img/s as "

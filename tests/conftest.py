@@ -8,6 +8,7 @@ not build.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -21,12 +22,13 @@ import pytest  # noqa: E402
 
 import fpet_kernels as fk  # noqa: E402
 
+import simt_ext  # noqa: E402
 from helpers import REQUIRE_EXTENSION, is_live, missing_message  # noqa: E402
 
 # The backends that run on CPU tensors, from the package's own list of backends: "reference", the
 # C++ "cpu" kernels, and "triton" in Triton's interpreter (TRITON_INTERPRET=1, set above when there
 # is no GPU). GPU tensors are tested in test_gpu.py. FPET_TEST_BACKENDS=a,b restricts the list.
-_ON_CPU = ("reference", "cpu") + (("triton",) if fk.ops.triton_common.HAS_TRITON
+_ON_CPU = ("reference", "cpu") + (("triton",) if importlib.util.find_spec("triton") is not None
                                    and os.environ.get("TRITON_INTERPRET") == "1" else ())
 _ONLY = [b.strip() for b in os.environ.get("FPET_TEST_BACKENDS", "").split(",") if b.strip()]
 CPU_BACKENDS = tuple(k for k in fk.backends()["live"] if k in _ON_CPU and (not _ONLY or k in _ONLY or k == "reference"))
@@ -84,19 +86,13 @@ SIMT_CONFIGS = [pytest.param((0, 256, 4), id="fwd-256-sm4"), pytest.param((1, 25
                 pytest.param((0, 64, 1), id="fwd-64-sm1"), pytest.param((1, 64, 4), id="rev-64-sm4")]
 
 
-def simt_live() -> bool:
-    try:
-        return bool(torch._C._dispatch_has_kernel_for_dispatch_key("fpet_simt::tome_merge", "CPU"))
-    except RuntimeError:
-        return False
-
-
 @pytest.fixture
 def simt_ops():
-    """``torch.ops.fpet_simt`` (skipped when missing, failing under FPET_REQUIRE_EXTENSION=1); its
-    configuration is reset to the default (0, 256, 4) afterwards."""
-    if not simt_live():
-        msg = missing_message("cuda") + " (the host build of the CUDA kernels, torch.ops.fpet_simt, is missing)"
+    """``torch.ops.fpet_simt`` (tests/simt_ext.py builds it on first use; skipped when it cannot be
+    built, failing under FPET_REQUIRE_EXTENSION=1); its configuration is reset to the default
+    (0, 256, 4) afterwards."""
+    if not simt_ext.live():
+        msg = simt_ext.load() or "torch.ops.fpet_simt has no kernels"
         if REQUIRE_EXTENSION:
             pytest.fail(f"FPET_REQUIRE_EXTENSION=1: {msg}", pytrace=False)
         pytest.skip(msg)

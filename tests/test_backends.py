@@ -39,6 +39,8 @@ def fake_gpu(monkeypatch, tmp_path):
     monkeypatch.setattr(_backend, "_LIVE", dict(_backend._LIVE, cuda=True, triton=True))
     monkeypatch.setattr(_backend, "_CUDA_KERNELS", {k: True for k in _backend.RAW_KERNELS})
     monkeypatch.setattr(_backend, "_gpu_identity", lambda index: H100)
+    monkeypatch.setattr(_backend, "_CUDA_IMAGE", {0: 90})  # the extension holds sm_90 code
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     _backend._reset_auto()
     yield tmp_path
     _backend._reset_auto()
@@ -64,7 +66,7 @@ def test_backends_reports_live_choice_and_extension():
     assert info["auto"]["cpu"] == expect and set(info["auto_per_op"]["cpu"].values()) == {expect}
     assert info["env_var"] == "FPET_BACKEND"
     # the extension's CUDA status is known without a GPU (a dispatcher query)
-    has = _backend._EXT_LOADED and torch._C._dispatch_has_kernel_for_dispatch_key("fpet_C::tome_merge", "CUDA")
+    has = _backend.extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key("fpet::tome_merge", "CUDA")
     assert info["extension_cuda"] == bool(has)
     assert ("tome_merge" in info["cuda_kernels"]) == bool(has)
     if not torch.cuda.is_available():
@@ -80,7 +82,7 @@ def test_backends_env(monkeypatch):
 def test_backends_with_a_gpu_without_results(fake_gpu, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     info = fk.backends()
-    assert info["cuda_device"] == {"name": H100[0], "capability": H100[1]}
+    assert info["cuda_device"] == {"name": H100[0], "capability": H100[1], "extension_image": 90}
     assert info["auto"]["cuda"] == "cuda"
     for op, why in info["auto_source"]["cuda"].items():
         assert why.startswith("default order cuda/triton: no recorded results for NVIDIA H100"), (op, why)
@@ -123,13 +125,27 @@ def test_explicit_cuda_for_an_op_without_cuda_kernels(fake_gpu, monkeypatch):
                         | {"tome_match": True, "tome_merge": True})
     assert _backend.resolve("cuda", CUDA0, (torch.float16,), op="tome_merge") == "cuda"
     with pytest.raises(RuntimeError, match=r"backend='cuda' was requested for fpet_merge, but the extension has no "
-                                           r"CUDA kernel fpet_C::fpet_merge"):
+                                           r"CUDA kernel for fpet::fpet_merge"):
         _backend.resolve("cuda", CUDA0, (torch.float16,), op="fpet_merge")
     # the automatic choice needs the forward and backward kernels: tome_merge's backward is missing
     _backend._reset_auto()
     assert _backend.resolve(None, CUDA0, (torch.float16,), op="tome_match") == "cuda"
     assert _backend.resolve(None, CUDA0, (torch.float16,), op="tome_merge") == "triton"
     assert _backend.resolve(None, CUDA0, (torch.float16,), op="fpet_merge") == "triton"
+
+
+def test_cuda_without_code_for_the_gpu_falls_back_to_triton(fake_gpu, monkeypatch):
+    """A build without code for this GPU's architecture (e.g. 9.0 only on an A100): the automatic
+    choice takes Triton and says so once; an explicit backend='cuda' raises, naming the fix."""
+    monkeypatch.setattr(_backend, "_CUDA_IMAGE", {0: -1})
+    monkeypatch.setattr(_backend, "_gpu_identity", lambda index: ("NVIDIA A100-SXM4-80GB", "8.0"))
+    _backend._reset_auto()
+    _backend._warned.discard("cuda-image-0")
+    with pytest.warns(RuntimeWarning, match=r"hold no code for NVIDIA A100.*\(sm 8.0\); using triton"):
+        assert _backend.resolve(None, CUDA0, (torch.float16,), op="tome_merge") == "triton"
+    assert _backend.resolve(None, CUDA0, (torch.float16,), op="fpet_merge") == "triton"  # no second warning
+    with pytest.raises(RuntimeError, match=r"backend='cuda' was requested, but .*TORCH_CUDA_ARCH_LIST=8.0"):
+        _backend.resolve("cuda", CUDA0, (torch.float16,), op="tome_merge")
 
 
 # ----------------------------------------------------------------------------- automatic choice on CUDA tensors

@@ -56,7 +56,8 @@ def patch(model, method, backend, trace_source=True):
 def forward(model, x):
     with torch.no_grad():
         out = model(x)
-    st = fk.patch.merge_state(model)
+    st = fk.patch.merge_state(model, x)
+    torch.testing.assert_close(model.forward_head(st["features"]), out, atol=0, rtol=0)  # the same forward
     return out, st["size"], st["token_map"]
 
 
@@ -165,13 +166,14 @@ def test_r_zero_uses_timm_attention_unchanged_and_r_is_settable():
     before = forward_plain(model, x)
     fk.patch.timm(model, "tome", r=0)
     assert torch.equal(forward_plain(model, x), before)
+    assert fk.patch.merge_state(model, x)["size"] is None
     model.r = 3
-    assert fk.patch.merge_state(model)["size"] is None
-    forward_plain(model, x)
-    assert fk.patch.merge_state(model)["size"].shape[1] == 17 - 9
+    assert fk.patch.merge_state(model, x)["size"].shape[1] == 17 - 9
     model.r = [3, 0, 1]
-    forward_plain(model, x)
-    assert fk.patch.merge_state(model)["size"].shape[1] == 17 - 4
+    assert fk.patch.merge_state(model, x)["size"].shape[1] == 17 - 4
+    with pytest.raises(ValueError, match="r"):
+        model.r = -2
+    assert model.r == [3, 0, 1]
 
 
 def test_prop_attn_off_matches_plain_sdpa_merging():
@@ -187,8 +189,9 @@ def test_unmerge_to_patch_grid_with_token_map():
     model = patch(tiny_vit(), "tome", None)
     x = images()
     with torch.no_grad():
-        feats = model.forward_features(x)
-    tmap = fk.patch.merge_state(model)["token_map"]
+        feats, st = model.forward_features_with_state(x)
+    tmap = st.token_map
+    assert feats.shape == (2, 17 - 9, 48)
     full = fk.unmerge(feats, tmap)
     assert full.shape == (2, 17, 48)
     torch.testing.assert_close(full[0, 5], feats[0, tmap[0, 5]])
@@ -255,4 +258,10 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="r"):
         fk.patch.timm(tiny_vit(), "tome", r=-1)
     with pytest.raises(ValueError, match="not patched"):
-        fk.patch.merge_state(tiny_vit())
+        fk.patch.merge_state(tiny_vit(), images())
+    with pytest.raises(TypeError, match="needs the input x"):
+        fk.patch.merge_state(fk.patch.timm(tiny_vit(), "tome", r=2))
+    with pytest.raises(ValueError, match="grid"):
+        fk.patch.timm(tiny_vit(), "fpet", merge_layer=1, grid=(4, 0))
+    with pytest.raises(ValueError, match="grid"):
+        fk.patch.timm(tiny_vit(), "tome", r=2, grid=(4, 4))

@@ -10,15 +10,23 @@ import fpet_kernels as fk
 from helpers import REQUIRE_EXTENSION, gen, gen_size, is_live, missing_message
 
 OPS = ("tome_match", "tome_merge", "merge_wavg", "merge_wavg_backward", "unmerge", "merge_sum", "fpet_merge",
-       "fpet_merge_backward", "pyra_merge", "pyra_merge_backward")
+       "fpet_merge_backward", "pyra_merge")
 B, N, C, D, R = 2, 17, 8, 4, 5  # N = 1 class token + a 4 x 4 grid
+
+
+def _op(name: str, backend: str):
+    """The registered op a kernel backend runs: the C++ kernels are ``torch.ops.fpet.<name>`` itself
+    (CPU and CUDA implementations, picked by the dispatcher), Triton is ``<name>_triton``."""
+    return getattr(torch.ops.fpet, name + ("_triton" if backend == "triton" else "")).default
 
 
 def test_every_op_is_registered():
     for name in OPS:
-        assert hasattr(torch.ops.fpet, name), name
-        op = getattr(torch.ops.fpet, name).default
-        assert op._schema.arguments[-1].name == "backend"
+        for suffix in ("", "_triton"):
+            op = getattr(torch.ops.fpet, name + suffix).default
+            assert all(a.name != "backend" for a in op._schema.arguments)
+    with pytest.raises(RuntimeError, match="does not exist"):  # no second namespace of raw kernels
+        torch._C._dispatch_has_kernel_for_dispatch_key("fpet_C::tome_merge", "CPU")
 
 
 def test_extension_is_live_when_required():
@@ -27,13 +35,24 @@ def test_extension_is_live_when_required():
         pytest.skip("FPET_REQUIRE_EXTENSION is not set")
     assert fk.backends()["extension"], missing_message("cpu")
     assert is_live("cpu"), missing_message("cpu")
-    for name in ("tome_match", "tome_merge", "merge_wavg", "merge_wavg_backward", "unmerge", "merge_sum",
-                 "fpet_merge", "fpet_merge_backward", "pyra_merge"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fpet_C::{name}", "CPU"), \
-            f"the extension registers no CPU kernel for fpet_C::{name}"
+    for name in OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fpet::{name}", "CPU"), \
+            f"the extension registers no CPU kernel for fpet::{name}"
 
 
-def _samples(backend, dtype=torch.float32, grad=True):
+def test_fake_tensor_mode_traces_public_calls():
+    """FakeTensorMode (what torch.export and compilers trace with) through the public API, no grad."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x, metric = torch.empty(2, 197, 32), torch.empty(2, 197, 16)
+        y, s, m = fk.tome_merge(x, metric, 16, class_token=True)
+        assert y.shape == (2, 181, 32) and s.shape == (2, 181, 1) and m.token_map.shape == (2, 197)
+        assert fk.unmerge(y, m).shape == (2, 197, 32)
+        z, sz = fk.fpet_merge(x, metric, class_token=True)
+        assert z.shape == (2, 99, 32) and sz.dtype == torch.float32
+
+
+def _samples(dtype=torch.float32, grad=True):
     """Per op: a list of (args) tuples, small inputs, with and without optional tensors."""
     x = gen(B, N, C, dtype=dtype, seed=0).requires_grad_(grad)
     metric = gen(B, N, D, dtype=dtype, seed=1)
@@ -41,53 +60,45 @@ def _samples(backend, dtype=torch.float32, grad=True):
     m = fk.tome_match(metric, R, True, backend="reference")
     n_out = N - R
     y = gen(B, n_out, C, dtype=dtype, seed=2).requires_grad_(grad)
-    out, out_size, *_ = torch.ops.fpet.tome_merge(x.detach(), metric, R, size.detach(), True, False, "reference")
+    out, out_size, _ = fk.reference.tome_merge_reference(x.detach(), metric, R, size.detach(), True, False)
     tmap_drop = m.token_map.clone()
     tmap_drop[:, 3] = -1  # a dropped token (FPET ties)
-    f_out, f_size, f_map = torch.ops.fpet.fpet_merge(x.detach(), metric, size.detach(), 1, 4, 4, "reference")
+    f_out, f_size, f_map = fk.reference.fpet_merge_reference(x.detach(), metric, size.detach(), 1, 4, 4)
     a = gen(R, 1, dtype=dtype, seed=3).requires_grad_(grad)
     b = (0.3 * gen(1, C, dtype=dtype, seed=4)).requires_grad_(grad)
     lw = (1 + 0.1 * gen(C, dtype=dtype, seed=5)).requires_grad_(grad)
     lb = (0.1 * gen(C, dtype=dtype, seed=6)).requires_grad_(grad)
-    p_out, p_size, src, dst, unm, _ = torch.ops.fpet.pyra_merge(x.detach(), metric, R, a.detach(), b.detach(),
-                                                                lw.detach(), lb.detach(), size.detach(), True, False,
-                                                                1e-5, "reference")
     g = gen(B, n_out, C, dtype=dtype, seed=7)
     gf = gen(*f_out.shape, dtype=dtype, seed=8)
     gs = gen(*f_size.shape, dtype=torch.float32, seed=9)
     mg = metric.detach().clone().requires_grad_(grad)
     return {
-        "tome_match": [(metric, R, True, False, backend), (metric, 0, False, False, backend),
-                       (metric, R, True, True, backend)],
-        "tome_merge": [(x, metric, R, size, True, False, backend), (x, metric, R, None, False, True, backend),
-                       (x, metric, 0, size, True, False, backend)],
-        "merge_wavg": [(x, size, m.token_map, n_out, backend), (x, None, tmap_drop, n_out, backend)],
-        "merge_wavg_backward": [(g, size.detach(), out_size, m.token_map, backend),
-                                (g, None, out_size, tmap_drop, backend)],
-        "unmerge": [(y, m.token_map, backend), (y, tmap_drop, backend)],
-        "merge_sum": [(x, m.token_map, n_out, backend), (x, tmap_drop, n_out, backend)],
-        "fpet_merge": [(x, mg, size, 1, 4, 4, backend), (x, mg, None, 1, 4, 4, backend),
-                       (x, metric, size, 1, 2, 8, backend)],
-        "fpet_merge_backward": [(gf, gs, x.detach(), metric, size.detach(), f_out, f_size, f_map, 1, 4, 4, backend),
-                                (gf, None, x.detach(), metric, None, f_out, f_size, f_map, 1, 4, 4, backend)],
-        "pyra_merge": [(x, metric, R, a, b, lw, lb, size, True, False, 1e-5, backend),
-                       (x, metric, R, a, b, lw, lb, None, False, True, 1e-3, backend)],
-        "pyra_merge_backward": [(g, None, x.detach(), size.detach(), p_out, p_size, src, dst, unm, a.detach(),
-                                 b.detach(), lw.detach(), lb.detach(), 1e-5, False, backend)],
+        "tome_match": [(metric, R, True, False), (metric, 0, False, False), (metric, R, True, True)],
+        "tome_merge": [(x, metric, R, size, True, False), (x, metric, R, None, False, True),
+                       (x, metric, 0, size, True, False)],
+        "merge_wavg": [(x, size, m.token_map, n_out), (x, None, tmap_drop, n_out)],
+        "merge_wavg_backward": [(g, size.detach(), out_size, m.token_map), (g, None, out_size, tmap_drop)],
+        "unmerge": [(y, m.token_map), (y, tmap_drop)],
+        "merge_sum": [(x, m.token_map, n_out), (x, tmap_drop, n_out)],
+        "fpet_merge": [(x, mg, size, 1, 4, 4), (x, mg, None, 1, 4, 4), (x, metric, size, 1, 2, 8)],
+        "fpet_merge_backward": [(gf, gs, x.detach(), metric, size.detach(), f_out, f_size, f_map, 1, 4, 4),
+                                (gf, None, x.detach(), metric, None, f_out, f_size, f_map, 1, 4, 4)],
+        "pyra_merge": [(x, metric, R, a, b, lw, lb, size, True, False, 1e-5),
+                       (x, metric, R, a, b, lw, lb, None, False, True, 1e-3)],
     }
 
 
 @pytest.mark.parametrize("op_name", OPS)
-def test_opcheck(backend, op_name):
-    op = getattr(torch.ops.fpet, op_name).default
-    for args in _samples(backend)[op_name]:
+def test_opcheck(kernel_backend, op_name):
+    op = _op(op_name, kernel_backend)
+    for args in _samples()[op_name]:
         opcheck(op, args)
 
 
 @pytest.mark.parametrize("op_name", ["tome_merge", "fpet_merge", "pyra_merge", "merge_wavg", "unmerge"])
-def test_opcheck_half(backend, op_name):
-    op = getattr(torch.ops.fpet, op_name).default
-    for args in _samples(backend, torch.bfloat16, grad=False)[op_name][:1]:
+def test_opcheck_half(kernel_backend, op_name):
+    op = _op(op_name, kernel_backend)
+    for args in _samples(torch.bfloat16, grad=False)[op_name][:1]:
         opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
@@ -196,3 +207,12 @@ def test_torch_export(backend):
     _compare(got, exp, atol=0, rtol=0)
     x2 = gen(2, 197, 32, seed=22)
     _compare(ep.module()(x2, metric, size), mod(x2, metric, size), atol=0, rtol=0)
+
+
+def test_emulator_schemas_equal_the_public_ops(simt_ops):
+    """csrc/emu/schemas.h (the test-only emulator) declares the schemas of torch.ops.fpet.*."""
+    for name in OPS:
+        got = getattr(simt_ops, name).default._schema
+        exp = getattr(torch.ops.fpet, name).default._schema
+        assert [(a.name, str(a.type)) for a in got.arguments] == [(a.name, str(a.type)) for a in exp.arguments], name
+        assert [str(r.type) for r in got.returns] == [str(r.type) for r in exp.returns], name

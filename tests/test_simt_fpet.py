@@ -1,5 +1,5 @@
 """The FPET CUDA kernels (csrc/cuda/fpet_kernels.cuh) run on the host by the SIMT emulator
-(``torch.ops.fpet_simt``, csrc/emu/), compared with the CPU kernels (``torch.ops.fpet_C``, checked
+(``torch.ops.fpet_simt``, csrc/emu/), compared with the CPU kernels (``torch.ops.fpet``, checked
 against the spec elsewhere): forward and straight-through backward, every dtype, prefix tokens,
 odd grids, tied rows, both thread orders (a race shows as a differing result), fewer threads per
 block, and a small multiprocessor count so that the forward's channel split is exercised."""
@@ -88,14 +88,14 @@ def _check_backward(got, exp, dtype, mdtype, what):
 
 def _run_both(B, p, H, W, C, D, dtype, mdtype, sdtype, ties, grad_size, what, seed=0):
     x, metric, size = _inputs(B, p, H, W, C, D, dtype, mdtype, sdtype, ties, seed=seed)
-    exp = torch.ops.fpet_C.fpet_merge(x, metric, size, p, H, W)
+    exp = torch.ops.fpet.fpet_merge(x, metric, size, p, H, W)
     got = torch.ops.fpet_simt.fpet_merge(x, metric, size, p, H, W)
     _check_forward(got, exp, dtype, what)
     out, out_size, tmap = exp
     grad_out = gen(*out.shape, seed=seed + 5).to(dtype)
     gsz = gen(*out_size.shape, seed=seed + 6) if grad_size else None
     args = (grad_out, gsz, x, metric, size, out, out_size, tmap, p, H, W)
-    _check_backward(torch.ops.fpet_simt.fpet_merge_backward(*args), torch.ops.fpet_C.fpet_merge_backward(*args),
+    _check_backward(torch.ops.fpet_simt.fpet_merge_backward(*args), torch.ops.fpet.fpet_merge_backward(*args),
                     dtype, mdtype, what + " backward")
     return tmap
 
@@ -151,7 +151,7 @@ def test_fpet_noncontiguous(configure):
     configure(0, 256)
     x = gen(2, 31, 24)
     metric = gen(2, 12, 31).transpose(1, 2)
-    exp = torch.ops.fpet_C.fpet_merge(x[..., ::2], metric, None, 1, 5, 6)
+    exp = torch.ops.fpet.fpet_merge(x[..., ::2], metric, None, 1, 5, 6)
     got = torch.ops.fpet_simt.fpet_merge(x[..., ::2], metric, None, 1, 5, 6)
     _check_forward(got, exp, torch.float32, "non-contiguous")
 
@@ -166,7 +166,7 @@ def test_fpet_argument_errors(simt_ops):
         torch.ops.fpet_simt.fpet_merge(x, metric, torch.ones(1, 16, 1), 1, 4, 4)
     with pytest.raises(RuntimeError, match="fpet_merge: x must be float32, float16 or bfloat16"):
         torch.ops.fpet_simt.fpet_merge(x.double(), metric, None, 1, 4, 4)
-    out, out_size, tmap = torch.ops.fpet_C.fpet_merge(x, metric, None, 1, 4, 4)
+    out, out_size, tmap = torch.ops.fpet.fpet_merge(x, metric, None, 1, 4, 4)
     bw = torch.ops.fpet_simt.fpet_merge_backward
     with pytest.raises(RuntimeError, match="fpet_merge_backward: token_map must be an int64"):
         bw(out, None, x, metric, None, out, out_size, tmap.int(), 1, 4, 4)

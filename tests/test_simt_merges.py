@@ -1,6 +1,6 @@
 """The CUDA kernels of the token-map merges (csrc/cuda/merge_kernels.cuh: unmerge, merge_sum,
 merge_wavg, merge_wavg_backward), run on the host by the SIMT emulator (``torch.ops.fpet_simt``),
-against the CPU kernels (``torch.ops.fpet_C``).
+against the CPU kernels (``torch.ops.fpet``).
 
 Both sum every group in ascending input position in float32 and round once to the output dtype,
 so the results are equal; the comparison allows a tight tolerance for float32 all the same. Every
@@ -20,7 +20,7 @@ import fpet_kernels  # noqa: F401  (loads the extension and its libraries)
 pytestmark = pytest.mark.usefixtures("simt")
 
 SIMT = torch.ops.fpet_simt
-CPU = torch.ops.fpet_C
+CPU = torch.ops.fpet
 
 DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.float16, id="f16"),
           pytest.param(torch.bfloat16, id="bf16")]

@@ -1,6 +1,6 @@
 """The CUDA kernel of the PYRA merge (the ToMe body of csrc/cuda/tome_kernels.cuh with its PYRA
 modulation, launcher csrc/cuda/pyra_kernels.cuh), run on the host by the SIMT emulator
-(``torch.ops.fpet_simt.pyra_merge``), against the CPU kernel (``torch.ops.fpet_C.pyra_merge``).
+(``torch.ops.fpet_simt.pyra_merge``), against the CPU kernel (``torch.ops.fpet.pyra_merge``).
 
 Indices must be equal; merged rows and sizes close (the LayerNorm statistics and the two weights
 are sums in another order than the CPU kernel's, so float32 agrees to a few ulps, not bitwise).
@@ -18,7 +18,7 @@ import fpet_kernels  # noqa: F401  (loads the extension and its libraries)
 pytestmark = pytest.mark.usefixtures("simt")
 
 SIMT = torch.ops.fpet_simt
-CPU = torch.ops.fpet_C
+CPU = torch.ops.fpet
 
 TOLS = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 FLAGS = [pytest.param(False, False, id="plain"), pytest.param(True, False, id="cls"),

@@ -1,5 +1,5 @@
 """The CUDA ToMe kernels (csrc/cuda/tome_kernels.cuh) run on the host through torch.ops.fpet_simt,
-against the C++ CPU kernels (torch.ops.fpet_C on CPU tensors, themselves checked against the spec).
+against the C++ CPU kernels (torch.ops.fpet on CPU tensors, themselves checked against the spec).
 
 The host runner executes the kernels' own source one thread at a time, in forward and reverse order
 within every phase and with 256 or 64 threads per block (the ``simt`` fixture in conftest.py):
@@ -10,7 +10,7 @@ import torch
 
 from helpers import DTYPE_TOLS, gen, gen_size
 
-CPU = torch.ops.fpet_C
+CPU = torch.ops.fpet
 
 SHAPES = [  # B, N, C, D, class_token, distill_token
     (2, 197, 96, 64, True, False),

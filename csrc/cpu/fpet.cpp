@@ -375,7 +375,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_backward_cpu(
 }  // namespace
 }  // namespace fpet
 
-TORCH_LIBRARY_IMPL(fpet_C, CPU, m) {
+TORCH_LIBRARY_IMPL(fpet, CPU, m) {
   m.impl("fpet_merge", &fpet::fpet_merge_cpu);
   m.impl("fpet_merge_backward", &fpet::fpet_merge_backward_cpu);
 }

@@ -157,4 +157,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }  // namespace
 }  // namespace fpet
 
-TORCH_LIBRARY_IMPL(fpet_C, CPU, m) { m.impl("pyra_merge", &fpet::pyra_merge_cpu); }
+TORCH_LIBRARY_IMPL(fpet, CPU, m) { m.impl("pyra_merge", &fpet::pyra_merge_cpu); }

@@ -307,7 +307,7 @@ at::Tensor merge_sum_cpu(const at::Tensor& x_, const at::Tensor& token_map_, int
 }  // namespace
 }  // namespace fpet
 
-TORCH_LIBRARY_IMPL(fpet_C, CPU, m) {
+TORCH_LIBRARY_IMPL(fpet, CPU, m) {
   m.impl("tome_match", &fpet::tome_match_cpu);
   m.impl("tome_merge", &fpet::tome_merge_cpu);
   m.impl("merge_wavg", &fpet::merge_wavg_cpu);

@@ -2,4 +2,4 @@
 #include "device_exec.cuh"
 #include "fpet_kernels.cuh"
 
-TORCH_LIBRARY_IMPL(fpet_C, CUDA, m) { fpet::kernels::register_fpet<fpet::kernels::CudaExec>(m); }
+TORCH_LIBRARY_IMPL(fpet, CUDA, m) { fpet::kernels::register_fpet<fpet::kernels::CudaExec>(m); }

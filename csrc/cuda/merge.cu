@@ -2,4 +2,4 @@
 #include "device_exec.cuh"
 #include "merge_kernels.cuh"
 
-TORCH_LIBRARY_IMPL(fpet_C, CUDA, m) { fpet::kernels::register_merges<fpet::kernels::CudaExec>(m); }
+TORCH_LIBRARY_IMPL(fpet, CUDA, m) { fpet::kernels::register_merges<fpet::kernels::CudaExec>(m); }

@@ -4,7 +4,7 @@
 #include "pyra_kernels.cuh"
 #include "tome_kernels.cuh"
 
-TORCH_LIBRARY_IMPL(fpet_C, CUDA, m) {
+TORCH_LIBRARY_IMPL(fpet, CUDA, m) {
   fpet::kernels::register_tome<fpet::kernels::CudaExec>(m);
   fpet::kernels::register_pyra<fpet::kernels::CudaExec>(m);
 }

@@ -1,5 +1,5 @@
 // The library `fpet_simt`: the CUDA kernels of csrc/cuda/ compiled for the host and run one
-// thread at a time (host_exec.h) on CPU tensors, with the schemas of `fpet_C`. Used by
+// thread at a time (host_exec.h) on CPU tensors, with the schemas of `fpet`. Used by
 // tests/test_simt_*.py to check the CUDA kernels' source on machines without a GPU.
 #include <torch/library.h>
 
@@ -7,7 +7,7 @@
 #include "../cuda/merge_kernels.cuh"
 #include "../cuda/pyra_kernels.cuh"
 #include "../cuda/tome_kernels.cuh"
-#include "../schemas.h"
+#include "schemas.h"
 #include "host_exec.h"
 
 namespace fpet {

@@ -1,7 +1,7 @@
 """ONNX export of patched models: ``torch.onnx.export(model, (x,), dynamo=True)`` with no extra argument.
 
 Mechanism: each forward op of the package (``torch.ops.fpet.{tome_match, tome_merge, merge_wavg,
-unmerge, merge_sum, fpet_merge, pyra_merge, attention_inputs}``) gets a decomposition into its
+unmerge, merge_sum, fpet_merge, pyra_merge}`` and their ``*_triton`` twins, ``attention_inputs_triton``) gets a decomposition into its
 pure-PyTorch reference (written without in-place writes) in ``torch._decomp.decomposition_table``.
 The dynamo ONNX exporter builds its decomposition table from that table (plus
 ``torch.export.default_decompositions()``) for every op without an ONNX function, so the custom ops
@@ -70,11 +70,11 @@ def _match(metric, r: int, class_token: bool, distill_token: bool):
     return src, dst_idx, unm, _token_map(n, src, dst_idx, unm, distill_token)
 
 
-def _tome_match(metric, r, class_token, distill_token, backend):
+def _tome_match(metric, r, class_token, distill_token, backend=None):
     return _match(metric, r, class_token, distill_token)
 
 
-def _tome_merge(x, metric, r, size, class_token, distill_token, backend):
+def _tome_merge(x, metric, r, size, class_token, distill_token, backend=None):
     src, dst, unm, tmap = _match(metric, r, class_token, distill_token)
     cdt = _tome.compute_dtype(x, size)
     s = torch.ones(*x.shape[:2], 1, dtype=cdt, device=x.device) if size is None else size.to(cdt)
@@ -85,19 +85,19 @@ def _tome_merge(x, metric, r, size, class_token, distill_token, backend):
     return (num / den).to(x.dtype), den, src, dst, unm, tmap
 
 
-def _merge_wavg(x, size, token_map, n_out, backend):
+def _merge_wavg(x, size, token_map, n_out, backend=None):
     return _tome.merge_wavg_reference(x, size, token_map, n_out)
 
 
-def _unmerge(y, token_map, backend):
+def _unmerge(y, token_map, backend=None):
     return _tome.unmerge_reference(y, token_map)
 
 
-def _merge_sum(x, token_map, n_out, backend):
+def _merge_sum(x, token_map, n_out, backend=None):
     return _tome.merge_sum_reference(x, token_map, n_out)
 
 
-def _fpet_merge(x, metric, size, num_prefix, H, W, backend):
+def _fpet_merge(x, metric, size, num_prefix, H, W, backend=None):
     m, a_idx, b_idx = _fpet.diff_matching_reference(metric, num_prefix, H, W)
     cdt = _tome.compute_dtype(x, metric, size)
     s = torch.ones(*x.shape[:2], 1, dtype=cdt, device=x.device) if size is None else size.to(cdt)
@@ -114,7 +114,7 @@ def _fpet_merge(x, metric, size, num_prefix, H, W, backend):
     return out.to(x.dtype), den.to(_tome.size_dtype(x, size)), tmap
 
 
-def _pyra_merge(x, metric, r, a, b, ln_weight, ln_bias, size, class_token, distill_token, eps, backend):
+def _pyra_merge(x, metric, r, a, b, ln_weight, ln_bias, size, class_token, distill_token, eps, backend=None):
     src, dst, unm, tmap = _match(metric, r, class_token, distill_token)
     r = src.shape[1]
     cdt = _tome.compute_dtype(x, size, a, b, ln_weight, ln_bias)
@@ -132,7 +132,7 @@ def _pyra_merge(x, metric, r, a, b, ln_weight, ln_bias, size, class_token, disti
     return (num / den).to(x.dtype), den.to(_tome.size_dtype(x, size)), src, dst, unm, tmap
 
 
-def _attention_inputs(qkv, size, num_heads, scale, pad_v, backend):
+def _attention_inputs(qkv, size, num_heads, scale, pad_v, backend=None):
     return tuple(_attention.attention_inputs_reference(qkv, size, num_heads, scale, pad_v))
 
 
@@ -148,9 +148,14 @@ def register() -> None:
         return
     table = torch._decomp.decomposition_table
     for name, fn in DECOMPOSITIONS.items():
-        packet = getattr(torch.ops.fpet, name, None)
-        if packet is not None:
-            table[packet.default] = fn
+        for op in registered_ops(name):
+            table[op] = fn
+
+
+def registered_ops(name: str) -> list:
+    """The op overloads of ``name``: the op and its Triton twin ``<name>_triton`` (same schema), those defined."""
+    packets = (getattr(torch.ops.fpet, n, None) for n in (name, f"{name}_triton"))
+    return [p.default for p in packets if p is not None]
     _REGISTERED = True
 
 

@@ -36,9 +36,9 @@ def _reason(model: nn.Module, vit_cls, block_cls, attn_cls) -> str | None:
     if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) == 0:
         return f"{cls.__name__} has no .blocks of transformer blocks"
     for i, blk in enumerate(blocks):
-        base = getattr(blk, "_fk_base_class", type(blk))
+        base = type(blk)
         attn = getattr(blk, "attn", None)
-        if base is not block_cls:
+        if not isinstance(blk, block_cls):  # timm's Block or the patch's subclass of it
             what = "parallel attention / MLP branches" if "Parallel" in base.__name__ else "a different block"
             return f"model.blocks[{i}] is a {base.__name__} ({what}), not timm's Block"
         if type(attn) is not attn_cls:

@@ -4,7 +4,7 @@ Read top to bottom:
   1. reference: qkv split, the merge metric (keys averaged over heads) and the exact fold of
      ``log(size)`` into one extra key channel (head dim padded to a multiple of 8), so that
      ``SDPA(q', k', v', scale) = softmax(q k^T * scale + log(size)^T) v`` runs without a mask;
-  2. the registered op ``torch.ops.fpet.attention_inputs`` (inference: no autograd; the training
+  2. the registered op ``torch.ops.fpet.attention_inputs_triton`` (inference: no autograd; the training
      path stays in differentiable PyTorch) and its fake kernel; the Triton kernel (one launch) is
      in ``attention_triton.py``;
   3. the public API: ``attention_inputs`` and ``proportional_sdpa``.
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend
+from . import library
 
 PAD = 8  # the padded head dim is a multiple of 8 (what SDPA's fused kernels want)
 
@@ -55,24 +56,18 @@ def attention_inputs_reference(qkv: Tensor, size: Optional[Tensor], num_heads: i
 
 
 # ----------------------------------------------------------------------------- 2. registered op
-@torch.library.custom_op("fpet::attention_inputs", mutates_args=(),
-                         schema="(Tensor qkv, Tensor? size, int num_heads, float scale, bool pad_v, str backend) "
-                                "-> (Tensor, Tensor, Tensor, Tensor)")
-def _attention_inputs_op(qkv, size, num_heads, scale, pad_v, backend):
-    if backend == "triton":
-        from .attention_triton import attention_inputs as kernel
-        return kernel(qkv, size, num_heads, scale, pad_v)
-    return tuple(t.contiguous() for t in attention_inputs_reference(qkv, size, num_heads, scale, pad_v))
-
-
-@_attention_inputs_op.register_fake
-def _(qkv, size, num_heads, scale, pad_v, backend):
+def _fake_attention_inputs(qkv, size, num_heads, scale, pad_v):
     bsz, n, three_c = qkv.shape
     hd = three_c // (3 * num_heads)
     e = hd if size is None else padded_dim(hd)
     ev = e if (pad_v and size is not None) else hd
     return (qkv.new_empty(bsz, num_heads, n, e), qkv.new_empty(bsz, num_heads, n, e),
             qkv.new_empty(bsz, num_heads, n, ev), qkv.new_empty(bsz, n, hd))
+
+
+# Triton only (no C++ kernel: on CPU this is a permute and a copy), inference only (no autograd).
+library.define("attention_inputs", "(Tensor qkv, Tensor? size, int num_heads, float scale, bool pad_v) "
+               "-> (Tensor, Tensor, Tensor, Tensor)", _fake_attention_inputs, "attention_triton", cpp=False)
 
 
 # ----------------------------------------------------------------------------- 3. public API
@@ -92,7 +87,8 @@ def attention_inputs(qkv: Tensor, size: Optional[Tensor], num_heads: int, scale:
     be = _attention_backend(backend, qkv)
     if needs_grad or be == "reference":
         return attention_inputs_reference(qkv, size, num_heads, scale, pad_v and size is not None)
-    return torch.ops.fpet.attention_inputs(qkv, size, num_heads, float(scale), bool(pad_v and size is not None), be)
+    return library.call(library.TRITON.attention_inputs, qkv, size, num_heads, float(scale),
+                        bool(pad_v and size is not None))
 
 
 def _attention_backend(backend: Optional[str], qkv: Tensor) -> str:

@@ -3,7 +3,8 @@
 Read top to bottom:
   1. reference: the dense straight-through formulation in plain PyTorch (fallback and oracle),
      and the analytic backward that the kernels implement;
-  2. registered ops ``torch.ops.fpet.{fpet_merge, fpet_merge_backward}``, fake kernels, autograd;
+  2. registered ops ``torch.ops.fpet.{fpet_merge, fpet_merge_backward}`` (C++ kernels) and their
+     ``_triton`` twins, fake kernels, autograd;
   3. the public API: ``fpet_merge``, ``bipartite_diff_matching`` (closure API).
 
 The forward matching matrix ``M`` is one-hot per A row (or empty on a tie), so the forward merge
@@ -17,7 +18,9 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _checks
-from .tome import NORM_EPS, compute_dtype, normalize, size_dtype
+from . import library
+from .shapes import NORM_EPS, compute_dtype, grid_sizes, size_dtype
+from .tome import normalize
 
 
 # ----------------------------------------------------------------------------- 1. reference
@@ -46,13 +49,6 @@ def resolve_grid(n: int, num_prefix: int, grid=None) -> tuple[int, int]:
     if n_b_grid < 2:
         raise ValueError(f"grid ({h}, {w}) has {n_b_grid} destination cells; FPET matching needs at least 2")
     return h, w
-
-
-def grid_sizes(num_prefix: int, h: int, w: int) -> tuple[int, int]:
-    """(Na, Nb) of the checkerboard split (spec 2.2): A = (even, even) + (odd, odd) cells; B = the
-    prefix tokens + the other cells."""
-    na = ((h + 1) // 2) * ((w + 1) // 2) + (h // 2) * (w // 2)
-    return na, num_prefix + h * w - na
 
 
 def checkerboard(num_prefix: int, h: int, w: int, device=None) -> tuple[Tensor, Tensor]:
@@ -152,64 +148,52 @@ def fpet_merge_backward_reference(grad_out, grad_size, x, metric, size, out, out
 
 
 # ----------------------------------------------------------------------------- 2. registered ops
-@torch.library.custom_op("fpet::fpet_merge", mutates_args=(),
-                         schema="(Tensor x, Tensor metric, Tensor? size, int num_prefix, int H, int W, str backend) "
-                                "-> (Tensor, Tensor, Tensor)")
-def _fpet_merge_op(x, metric, size, num_prefix, H, W, backend):
-    if backend == "reference":
-        with torch.no_grad():
-            out, den, tmap = fpet_merge_reference(x, metric, size, num_prefix, H, W)
-        return out.contiguous(), den.contiguous(), tmap
-    return tuple(_backend.kernels(backend).fpet_merge(x.contiguous(), metric.contiguous(),
-                                             None if size is None else size.contiguous(), num_prefix, H, W))
-
-
-@_fpet_merge_op.register_fake
-def _(x, metric, size, num_prefix, H, W, backend):
+# ``torch.ops.fpet.fpet_merge[_backward]``: C++ kernels (csrc/cpu/fpet.cpp, csrc/cuda/fpet.cu);
+# ``..._triton``: fpet_triton.py, fpet_triton_backward.py. See ops/library.py.
+def _fake_fpet(x, metric, size, num_prefix, H, W):
     bsz, n, c = x.shape
     nb = grid_sizes(num_prefix, H, W)[1]
     return (x.new_empty(bsz, nb, c), x.new_empty(bsz, nb, 1, dtype=size_dtype(x, size)),
             x.new_empty(bsz, n, dtype=torch.int64))
 
 
-@torch.library.custom_op("fpet::fpet_merge_backward", mutates_args=(),
-                         schema="(Tensor grad_out, Tensor? grad_size, Tensor x, Tensor metric, Tensor? size, "
-                                "Tensor out, Tensor out_size, Tensor token_map, int num_prefix, int H, int W, "
-                                "str backend) -> (Tensor, Tensor, Tensor)")
-def _fpet_merge_backward_op(grad_out, grad_size, x, metric, size, out, out_size, token_map, num_prefix, H, W,
-                            backend):
-    if backend == "reference":
-        return tuple(t.contiguous() for t in fpet_merge_backward_reference(
-            grad_out, grad_size, x, metric, size, out, out_size, token_map, num_prefix, H, W))
-    c = lambda t: None if t is None else t.contiguous()  # noqa: E731
-    return tuple(_backend.kernels(backend).fpet_merge_backward(
-        c(grad_out), c(grad_size), c(x), c(metric), c(size), c(out), c(out_size), c(token_map), num_prefix, H, W))
-
-
-@_fpet_merge_backward_op.register_fake
-def _(grad_out, grad_size, x, metric, size, out, out_size, token_map, num_prefix, H, W, backend):
+def _fake_fpet_backward(grad_out, grad_size, x, metric, size, out, out_size, token_map, num_prefix, H, W):
     return torch.empty_like(x), torch.empty_like(metric), x.new_empty(*x.shape[:2], 1, dtype=out_size.dtype)
 
 
+library.define("fpet_merge", "(Tensor x, Tensor metric, Tensor? size, int num_prefix, int H, int W) "
+                             "-> (Tensor, Tensor, Tensor)", _fake_fpet, "fpet_triton")
+library.define("fpet_merge_backward", "(Tensor grad_out, Tensor? grad_size, Tensor x, Tensor metric, Tensor? size, "
+                                      "Tensor out, Tensor out_size, Tensor token_map, int num_prefix, int H, int W) "
+                                      "-> (Tensor, Tensor, Tensor)", _fake_fpet_backward, "fpet_triton_backward")
+
+
 def _fpet_setup(ctx, inputs, output):
-    x, metric, size, num_prefix, h, w, backend = inputs
+    x, metric, size, num_prefix, h, w = inputs
     out, out_size, tmap = output
-    ctx.args = (num_prefix, h, w, backend)
+    ctx.args = (num_prefix, h, w)
     ctx.save_for_backward(x, metric, size, out, out_size, tmap)
 
 
 def _fpet_backward(ctx, grad_out, grad_out_size, _):
     x, metric, size, out, out_size, tmap = ctx.saved_tensors
     if not any(ctx.needs_input_grad[:3]):
-        return (None,) * 7
-    gx, gm, gs = torch.ops.fpet.fpet_merge_backward(grad_out, grad_out_size, x, metric, size, out, out_size, tmap,
-                                                    *ctx.args)
+        return (None,) * 6
+    gx, gm, gs = ctx.kernels.fpet_merge_backward(grad_out, grad_out_size, x, metric, size, out, out_size, tmap,
+                                                 *ctx.args)
     need = ctx.needs_input_grad
     return (gx if need[0] else None, gm if need[1] else None,
-            gs.to(size.dtype) if need[2] else None, None, None, None, None)
+            gs.to(size.dtype) if need[2] else None, None, None, None)
 
 
-torch.library.register_autograd("fpet::fpet_merge", _fpet_backward, setup_context=_fpet_setup)
+library.register_autograd("fpet_merge", _fpet_backward, _fpet_setup)
+
+
+def _fpet_merge_call(x, metric, size, num_prefix: int, h: int, w: int, backend: str):
+    """(x', size', token_map) on a resolved backend."""
+    if backend == "reference":
+        return fpet_merge_reference(x, metric, size, num_prefix, h, w)
+    return library.call(library.family(backend).fpet_merge, x, metric, size, num_prefix, h, w)
 
 
 # ----------------------------------------------------------------------------- 3. public API
@@ -226,12 +210,8 @@ def fpet_merge(x: Tensor, metric: Tensor, size: Optional[Tensor] = None, class_t
     if num_prefix is not None:
         p = _checks.count("num_prefix", num_prefix)
     h, w = resolve_grid(x.shape[1], p, grid)
-    be = _backend.resolve(backend, x.device, (x.dtype, metric.dtype) + (() if size is None else (size.dtype,)),
-                          op="fpet_merge")
-    if _backend.direct_call(be, x, metric, size):
-        out, out_size, tmap = _backend.kernels(be).fpet_merge(x, metric, size, p, h, w)
-    else:
-        out, out_size, tmap = torch.ops.fpet.fpet_merge(x, metric, size, p, h, w, be)
+    be = _backend.resolve(backend, x.device, _checks.dtypes(x=x, metric=metric, size=size), op="fpet_merge")
+    out, out_size, tmap = _fpet_merge_call(x, metric, size, p, h, w, be)
     return (out, out_size, tmap) if return_token_map else (out, out_size)
 
 
@@ -273,9 +253,9 @@ def fpet_merge_op_call(merge: FPETMerge, x: Tensor, size: Optional[Tensor]):
     if x.shape[1] != merge.n_in:
         raise ValueError(f"x has {x.shape[1]} tokens but the matching was built for {merge.n_in}")
     _checks.same_tokens("x", x, "metric", merge.metric)
-    be = _backend.resolve(merge.backend, x.device,
-                          (x.dtype, merge.metric.dtype) + (() if size is None else (size.dtype,)), op="fpet_merge")
-    out, out_size, _ = torch.ops.fpet.fpet_merge(x, merge.metric, size, merge.num_prefix, merge.h, merge.w, be)
+    be = _backend.resolve(merge.backend, x.device, _checks.dtypes(x=x, metric=merge.metric, size=size),
+                          op="fpet_merge")
+    out, out_size, _ = _fpet_merge_call(x, merge.metric, size, merge.num_prefix, merge.h, merge.w, be)
     return out, out_size
 
 

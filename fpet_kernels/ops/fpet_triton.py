@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .fpet import grid_sizes
+from .shapes import grid_sizes
 from .triton_common import HAS_TRITON, channel_split, pow2, tl, triton
 
 if HAS_TRITON:

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .fpet import grid_sizes
+from .shapes import grid_sizes
 from .triton_common import HAS_TRITON, cdiv, interpreting, pow2, tl, triton
 
 if HAS_TRITON:

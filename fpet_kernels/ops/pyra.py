@@ -2,7 +2,8 @@
 
 Read top to bottom:
   1. reference: the spec in plain PyTorch (fallback and oracle) and the closed-form backward;
-  2. registered ops ``torch.ops.fpet.{pyra_merge, pyra_merge_backward}``, fake kernels, autograd;
+  2. registered ops ``torch.ops.fpet.pyra_merge`` (C++ kernels) and ``pyra_merge_triton``, fake
+     kernels, autograd;
   3. the public API ``pyra_merge``.
 
 Per merging layer PYRA learns ``a`` [r, 1], ``b`` [1, C] and a LayerNorm over C. On the sized
@@ -17,8 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend, _checks
-from .tome import (Matching, assemble, cap_r, compute_dtype, merge_by_indices, output_rows, size_dtype,
-                   tome_match_reference)
+from . import library
+from .shapes import cap_r, compute_dtype, size_dtype
+from .tome import Matching, assemble, merge_by_indices, output_rows, tome_match_reference
 
 
 # ----------------------------------------------------------------------------- 1. reference
@@ -113,23 +115,9 @@ def pyra_merge_backward_reference(grad_out, grad_out_size, x, size, out, out_siz
 
 
 # ----------------------------------------------------------------------------- 2. registered ops
-@torch.library.custom_op("fpet::pyra_merge", mutates_args=(),
-                         schema="(Tensor x, Tensor metric, int r, Tensor a, Tensor b, Tensor ln_weight, "
-                                "Tensor ln_bias, Tensor? size, bool class_token, bool distill_token, float eps, "
-                                "str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
-def _pyra_merge_op(x, metric, r, a, b, ln_weight, ln_bias, size, class_token, distill_token, eps, backend):
-    if backend == "reference":
-        with torch.no_grad():
-            out, out_size, m = pyra_merge_reference(x, metric, r, a, b, ln_weight, ln_bias, size, class_token,
-                                                    distill_token, eps)
-        return (out.contiguous(), out_size.contiguous()) + tuple(t.contiguous() for t in m)
-    c = lambda t: None if t is None else t.contiguous()  # noqa: E731
-    return tuple(_backend.kernels(backend).pyra_merge(c(x), c(metric), r, c(a), c(b), c(ln_weight), c(ln_bias), c(size),
-                                             class_token, distill_token, eps))
-
-
-@_pyra_merge_op.register_fake
-def _(x, metric, r, a, b, ln_weight, ln_bias, size, class_token, distill_token, eps, backend):
+# ``torch.ops.fpet.pyra_merge``: C++ kernels (csrc/cpu/pyra.cpp, csrc/cuda/tome.cu);
+# ``pyra_merge_triton``: tome_triton.py. See ops/library.py.
+def _fake_pyra(x, metric, r, a, b, ln_weight, ln_bias, size, class_token, distill_token, eps):
     bsz, n, c = x.shape
     na = (n + 1) // 2
     i64 = dict(dtype=torch.int64)
@@ -138,30 +126,15 @@ def _(x, metric, r, a, b, ln_weight, ln_bias, size, class_token, distill_token, 
             x.new_empty(bsz, n, **i64))
 
 
-@torch.library.custom_op("fpet::pyra_merge_backward", mutates_args=(),
-                         schema="(Tensor grad_out, Tensor? grad_out_size, Tensor x, Tensor? size, Tensor out, "
-                                "Tensor out_size, Tensor src_idx, Tensor dst_idx, Tensor unm_idx, Tensor a, "
-                                "Tensor b, Tensor ln_weight, Tensor ln_bias, float eps, bool distill_token, "
-                                "str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
-def _pyra_merge_backward_op(grad_out, grad_out_size, x, size, out, out_size, src, dst, unm, a, b, ln_weight,
-                            ln_bias, eps, distill_token, backend):
-    # One implementation for every backend: a dozen batched PyTorch ops, device-agnostic.
-    return tuple(t.contiguous() for t in pyra_merge_backward_reference(
-        grad_out, grad_out_size, x, size, out, out_size, src, dst, unm, a, b, ln_weight, ln_bias, eps,
-        distill_token))
-
-
-@_pyra_merge_backward_op.register_fake
-def _(grad_out, grad_out_size, x, size, out, out_size, src, dst, unm, a, b, ln_weight, ln_bias, eps, distill_token,
-      backend):
-    return (torch.empty_like(x), torch.empty_like(a), torch.empty_like(b), torch.empty_like(ln_weight),
-            torch.empty_like(ln_bias), x.new_empty(*x.shape[:2], 1, dtype=out_size.dtype))
+library.define("pyra_merge", "(Tensor x, Tensor metric, int r, Tensor a, Tensor b, Tensor ln_weight, "
+                             "Tensor ln_bias, Tensor? size, bool class_token, bool distill_token, float eps) "
+                             "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", _fake_pyra, "tome_triton")
 
 
 def _pyra_setup(ctx, inputs, output):
-    x, _, r, a, b, lnw, lnb, size, _, distill_token, eps, backend = inputs
+    x, _, r, a, b, lnw, lnb, size, _, distill_token, eps = inputs
     out, out_size, src, dst, unm, _ = output
-    ctx.args = (eps, distill_token, backend)
+    ctx.args = (eps, distill_token)
     ctx.r = r
     ctx.save_for_backward(x, size, out, out_size, src, dst, unm, a, b, lnw, lnb)
 
@@ -171,16 +144,16 @@ def _pyra_backward(ctx, grad_out, grad_out_size, *_):
     need = ctx.needs_input_grad
     if ctx.r == 0:
         return (grad_out if need[0] else None, None, None, torch.zeros_like(a), torch.zeros_like(b),
-                torch.zeros_like(lnw), torch.zeros_like(lnb), grad_out_size if need[7] else None, None, None, None,
-                None)
-    gx, ga, gb, gw, gbias, gs = torch.ops.fpet.pyra_merge_backward(
+                torch.zeros_like(lnw), torch.zeros_like(lnb), grad_out_size if need[7] else None, None, None, None)
+    # One formula for every kernel family: a dozen batched PyTorch ops, device-agnostic.
+    gx, ga, gb, gw, gbias, gs = pyra_merge_backward_reference(
         grad_out, grad_out_size, x, size, out, out_size, src, dst, unm, a, b, lnw, lnb, *ctx.args)
     return (gx if need[0] else None, None, None, ga if need[3] else None, gb if need[4] else None,
             gw if need[5] else None, gbias if need[6] else None, gs.to(size.dtype) if need[7] else None,
-            None, None, None, None)
+            None, None, None)
 
 
-torch.library.register_autograd("fpet::pyra_merge", _pyra_backward, setup_context=_pyra_setup)
+library.register_autograd("pyra_merge", _pyra_backward, _pyra_setup)
 
 
 # ----------------------------------------------------------------------------- 3. public API
@@ -202,8 +175,12 @@ def pyra_merge(x: Tensor, metric: Tensor, r: int, a: Tensor, b: Tensor, ln_weigh
     _checks.param("ln_bias", ln_bias, (c,), x)
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
         raise ValueError(f"eps must be a positive float, got {eps!r}")
-    dtypes = (x.dtype, metric.dtype, a.dtype, b.dtype, ln_weight.dtype, ln_bias.dtype)
-    be = _backend.resolve(backend, x.device, dtypes + (() if size is None else (size.dtype,)), op="pyra_merge")
-    out, out_size, *m = torch.ops.fpet.pyra_merge(x, metric, r, a[:r], b, ln_weight, ln_bias, size, class_token,
-                                                  distill_token, float(eps), be)
+    dtypes = _checks.dtypes(x=x, metric=metric, a=a, b=b, ln_weight=ln_weight, ln_bias=ln_bias, size=size)
+    be = _backend.resolve(backend, x.device, dtypes, op="pyra_merge")
+    if be == "reference":
+        out, out_size, m = pyra_merge_reference(x, metric, r, a[:r], b, ln_weight, ln_bias, size, class_token,
+                                                distill_token, float(eps))
+    else:
+        out, out_size, *m = library.call(library.family(be).pyra_merge, x, metric, r, a[:r], b, ln_weight, ln_bias,
+                                         size, class_token, distill_token, float(eps))
     return (out, out_size, Matching(*m)) if return_matching else (out, out_size)

@@ -19,28 +19,13 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _checks
-
-NORM_EPS = 1e-12  # metric rows: m / max(||m||, 1e-12), as F.normalize (a zero row stays zero)
+from . import library
+from .shapes import NORM_EPS, cap_r, check_map_range, compute_dtype, size_dtype  # noqa: F401 (re-exported)
 
 
 # ----------------------------------------------------------------------------- 1. reference
-def compute_dtype(*ts) -> torch.dtype:
-    """float64 if any input is float64, else float32 (half inputs are computed in float32)."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in ts) else torch.float32
-
-
-def size_dtype(x: Tensor, size: Optional[Tensor]) -> torch.dtype:
-    """Merged sizes are float32 (float64 when x or size is float64, for gradcheck)."""
-    return compute_dtype(x, size)
-
-
 def normalize(metric: Tensor) -> Tensor:
     return metric / metric.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
-
-
-def cap_r(r: int, n: int, class_token: bool, distill_token: bool) -> int:
-    """Spec 1.1: ``r = min(r, (N - protected) // 2)``, never below 0."""
-    return max(0, min(r, (n - int(class_token) - int(distill_token)) // 2))
 
 
 def output_rows(na: int, nb: int, r: int, distill_token: bool, device) -> tuple[Tensor, Tensor]:
@@ -128,13 +113,6 @@ def tome_merge_reference(x: Tensor, metric: Tensor, r: int, size: Optional[Tenso
     return (num / den).to(x.dtype), den, Matching(src, dst, unm, tmap)
 
 
-def check_map_range(token_map: Tensor, n_out: int) -> None:
-    """Entries must be in [-1, n_out) (a data check: done inside the kernels, never while tracing)."""
-    if token_map.numel() and (int(token_map.min()) < -1 or int(token_map.max()) >= n_out):
-        raise ValueError(f"token_map entries must be in [-1, {n_out}), got [{int(token_map.min())}, "
-                         f"{int(token_map.max())}]")
-
-
 def merge_wavg_reference(x: Tensor, size: Optional[Tensor], token_map: Tensor, n_out: int):
     """Size-weighted average of the tokens each output row holds (map entries -1 are dropped)."""
     bsz, n, c = x.shape
@@ -188,12 +166,9 @@ def merge_wavg_size_grad(grad_out: Tensor, grad_out_size: Optional[Tensor], x: T
     return g * (token_map >= 0).unsqueeze(-1)
 
 
-# ----------------------------------------------------------------------------- 2. kernels
-def _contig(t):
-    return None if t is None else t.contiguous()
-
-
-# ----------------------------------------------------------------------------- 3. registered ops
+# ----------------------------------------------------------------------------- 2. registered ops
+# ``torch.ops.fpet.<op>``: C++ kernels (csrc/cpu/tome.cpp, csrc/cuda/{tome,merge}.cu);
+# ``torch.ops.fpet.<op>_triton``: tome_triton.py. Contracts: csrc/README.md. See ops/library.py.
 class Matching(NamedTuple):
     """The result of a ToMe matching: tensors only, so it flows through torch.compile.
 
@@ -205,21 +180,7 @@ class Matching(NamedTuple):
     token_map: Tensor
 
 
-@torch.library.custom_op("fpet::tome_match", mutates_args=(),
-                         schema="(Tensor metric, int r, bool class_token, bool distill_token, str backend) "
-                                "-> (Tensor, Tensor, Tensor, Tensor)")
-def _tome_match_op(metric, r, class_token, distill_token, backend):
-    if backend == "reference":
-        return tuple(t.contiguous() for t in tome_match_reference(metric, r, class_token, distill_token))
-    return tuple(_backend.kernels(backend).tome_match(metric.contiguous(), r, class_token, distill_token))
-
-
-@_tome_match_op.register_fake
-def _(metric, r, class_token, distill_token, backend):
-    return _fake_match(metric, r)
-
-
-def _fake_match(metric, r):
+def _fake_match(metric, r, class_token=False, distill_token=False):
     bsz, n, _ = metric.shape
     na = (n + 1) // 2
     kw = dict(dtype=torch.int64)
@@ -227,86 +188,46 @@ def _fake_match(metric, r):
             metric.new_empty(bsz, na - r, **kw), metric.new_empty(bsz, n, **kw))
 
 
-@torch.library.custom_op("fpet::tome_merge", mutates_args=(),
-                         schema="(Tensor x, Tensor metric, int r, Tensor? size, bool class_token, "
-                                "bool distill_token, str backend) "
-                                "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
-def _tome_merge_op(x, metric, r, size, class_token, distill_token, backend):
-    if backend == "reference":
-        out, out_size, m = tome_merge_reference(x, metric, r, size, class_token, distill_token)
-        return (out.contiguous(), out_size.contiguous()) + tuple(t.contiguous() for t in m)
-    return tuple(_backend.kernels(backend).tome_merge(x.contiguous(), metric.contiguous(), r, _contig(size), class_token, distill_token))
-
-
-@_tome_merge_op.register_fake
-def _(x, metric, r, size, class_token, distill_token, backend):
+def _fake_merge(x, metric, r, size, class_token, distill_token):
     bsz, n, c = x.shape
     return (x.new_empty(bsz, n - r, c), x.new_empty(bsz, n - r, 1, dtype=size_dtype(x, size))) + _fake_match(metric, r)
 
 
-@torch.library.custom_op("fpet::merge_wavg", mutates_args=(),
-                         schema="(Tensor x, Tensor? size, Tensor token_map, int n_out, str backend) -> (Tensor, Tensor)")
-def _merge_wavg_op(x, size, token_map, n_out, backend):
-    if backend == "reference":
-        check_map_range(token_map, n_out)
-        out, den = merge_wavg_reference(x, size, token_map, n_out)
-        return out.contiguous(), den.contiguous()
-    return tuple(_backend.kernels(backend).merge_wavg(x.contiguous(), _contig(size), token_map.contiguous(), n_out))
-
-
-@_merge_wavg_op.register_fake
-def _(x, size, token_map, n_out, backend):
+def _fake_wavg(x, size, token_map, n_out):
     bsz, _, c = x.shape
     return x.new_empty(bsz, n_out, c), x.new_empty(bsz, n_out, 1, dtype=size_dtype(x, size))
 
 
-@torch.library.custom_op("fpet::merge_wavg_backward", mutates_args=(),
-                         schema="(Tensor grad_out, Tensor? size, Tensor out_size, Tensor token_map, str backend) -> Tensor")
-def _merge_wavg_backward_op(grad_out, size, out_size, token_map, backend):
-    if backend == "reference":
-        return merge_wavg_backward_reference(grad_out, size, out_size, token_map).contiguous()
-    return _backend.kernels(backend).merge_wavg_backward(grad_out.contiguous(), _contig(size), out_size.contiguous(),
-                                      token_map.contiguous())
-
-
-@_merge_wavg_backward_op.register_fake
-def _(grad_out, size, out_size, token_map, backend):
+def _fake_wavg_backward(grad_out, size, out_size, token_map):
     bsz, n = token_map.shape
     return grad_out.new_empty(bsz, n, grad_out.shape[-1])
 
 
-@torch.library.custom_op("fpet::unmerge", mutates_args=(),
-                         schema="(Tensor y, Tensor token_map, str backend) -> Tensor")
-def _unmerge_op(y, token_map, backend):
-    if backend == "reference":
-        check_map_range(token_map, y.shape[1])
-        return unmerge_reference(y, token_map).contiguous()
-    return _backend.kernels(backend).unmerge(y.contiguous(), token_map.contiguous())
-
-
-@_unmerge_op.register_fake
-def _(y, token_map, backend):
+def _fake_unmerge(y, token_map):
     bsz, n = token_map.shape
     return y.new_empty(bsz, n, y.shape[-1])
 
 
-@torch.library.custom_op("fpet::merge_sum", mutates_args=(),
-                         schema="(Tensor x, Tensor token_map, int n_out, str backend) -> Tensor")
-def _merge_sum_op(x, token_map, n_out, backend):
-    if backend == "reference":
-        check_map_range(token_map, n_out)
-        return merge_sum_reference(x, token_map, n_out).contiguous()
-    return _backend.kernels(backend).merge_sum(x.contiguous(), token_map.contiguous(), n_out)
-
-
-@_merge_sum_op.register_fake
-def _(x, token_map, n_out, backend):
+def _fake_merge_sum(x, token_map, n_out):
     return x.new_empty(x.shape[0], n_out, x.shape[-1])
 
 
+for _name, _schema, _fake in (
+    ("tome_match", "(Tensor metric, int r, bool class_token, bool distill_token) -> (Tensor, Tensor, Tensor, Tensor)",
+     _fake_match),
+    ("tome_merge", "(Tensor x, Tensor metric, int r, Tensor? size, bool class_token, bool distill_token) "
+                   "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", _fake_merge),
+    ("merge_wavg", "(Tensor x, Tensor? size, Tensor token_map, int n_out) -> (Tensor, Tensor)", _fake_wavg),
+    ("merge_wavg_backward", "(Tensor grad_out, Tensor? size, Tensor out_size, Tensor token_map) -> Tensor",
+     _fake_wavg_backward),
+    ("unmerge", "(Tensor y, Tensor token_map) -> Tensor", _fake_unmerge),
+    ("merge_sum", "(Tensor x, Tensor token_map, int n_out) -> Tensor", _fake_merge_sum),
+):
+    library.define(_name, _schema, _fake, "tome_triton")
+
+
 # autograd: the matching carries no gradient; the weighted merge is linear in x.
-def _wavg_setup(ctx, x, size, out, out_size, token_map, backend):
-    ctx.backend = backend
+def _wavg_setup(ctx, x, size, out, out_size, token_map):
     ctx.has_size = size is not None
     ctx.save_for_backward(x if ctx.needs_size_grad else None, size, out if ctx.needs_size_grad else None,
                           out_size, token_map)
@@ -316,66 +237,67 @@ def _wavg_backward(ctx, grad_out, grad_out_size):
     x, size, out, out_size, token_map = ctx.saved_tensors
     grad_x = grad_size = None
     if ctx.needs_x_grad:
-        grad_x = torch.ops.fpet.merge_wavg_backward(grad_out, size, out_size, token_map, ctx.backend)
+        grad_x = ctx.kernels.merge_wavg_backward(grad_out, size, out_size, token_map)
     if ctx.needs_size_grad:
         grad_size = merge_wavg_size_grad(grad_out, grad_out_size, x, out, out_size, token_map).to(size.dtype)
     return grad_x, grad_size
 
 
 def _tome_merge_setup(ctx, inputs, output):
-    x, _, _, size, _, _, backend = inputs
+    x, _, _, size, _, _ = inputs
     ctx.needs_x_grad, ctx.needs_size_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-    _wavg_setup(ctx, x, size, output[0], output[1], output[5], backend)
+    _wavg_setup(ctx, x, size, output[0], output[1], output[5])
 
 
 def _tome_merge_backward(ctx, grad_out, grad_out_size, *_):
     grad_x, grad_size = _wavg_backward(ctx, grad_out, grad_out_size)
-    return grad_x, None, None, grad_size, None, None, None
-
-
-torch.library.register_autograd("fpet::tome_merge", _tome_merge_backward, setup_context=_tome_merge_setup)
+    return grad_x, None, None, grad_size, None, None
 
 
 def _merge_wavg_setup(ctx, inputs, output):
-    x, size, token_map, _, backend = inputs
+    x, size, token_map, _ = inputs
     ctx.needs_x_grad, ctx.needs_size_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    _wavg_setup(ctx, x, size, output[0], output[1], token_map, backend)
+    _wavg_setup(ctx, x, size, output[0], output[1], token_map)
 
 
 def _merge_wavg_backward(ctx, grad_out, grad_out_size):
     grad_x, grad_size = _wavg_backward(ctx, grad_out, grad_out_size)
-    return grad_x, grad_size, None, None, None
-
-
-torch.library.register_autograd("fpet::merge_wavg", _merge_wavg_backward, setup_context=_merge_wavg_setup)
+    return grad_x, grad_size, None, None
 
 
 def _unmerge_setup(ctx, inputs, output):
-    y, token_map, backend = inputs
-    ctx.n_out, ctx.backend = y.shape[1], backend
+    y, token_map = inputs
+    ctx.n_out = y.shape[1]
     ctx.save_for_backward(token_map)
 
 
 def _unmerge_backward(ctx, grad):
     (token_map,) = ctx.saved_tensors
-    return torch.ops.fpet.merge_sum(grad, token_map, ctx.n_out, ctx.backend), None, None
-
-
-torch.library.register_autograd("fpet::unmerge", _unmerge_backward, setup_context=_unmerge_setup)
+    return ctx.kernels.merge_sum(grad, token_map, ctx.n_out), None
 
 
 def _merge_sum_setup(ctx, inputs, output):
-    _, token_map, _, backend = inputs
-    ctx.backend = backend
-    ctx.save_for_backward(token_map)
+    ctx.save_for_backward(inputs[1])
 
 
 def _merge_sum_backward(ctx, grad):
     (token_map,) = ctx.saved_tensors
-    return torch.ops.fpet.unmerge(grad, token_map, ctx.backend), None, None, None
+    return ctx.kernels.unmerge(grad, token_map), None, None
 
 
-torch.library.register_autograd("fpet::merge_sum", _merge_sum_backward, setup_context=_merge_sum_setup)
+library.register_autograd("tome_merge", _tome_merge_backward, _tome_merge_setup)
+library.register_autograd("merge_wavg", _merge_wavg_backward, _merge_wavg_setup)
+library.register_autograd("unmerge", _unmerge_backward, _unmerge_setup)
+library.register_autograd("merge_sum", _merge_sum_backward, _merge_sum_setup)
+
+
+# ----------------------------------------------------------------------------- 3. calling a backend
+def merge_wavg_map(x: Tensor, size: Optional[Tensor], token_map: Tensor, n_out: int, backend: str):
+    """Size-weighted merge along a token map on a resolved backend: ``(x' [B, n_out, C], size')``."""
+    if backend == "reference":
+        check_map_range(token_map, n_out)
+        return merge_wavg_reference(x, size, token_map, n_out)
+    return library.call(library.family(backend).merge_wavg, x, size, token_map, n_out)
 
 
 # ----------------------------------------------------------------------------- 4. public API
@@ -385,8 +307,10 @@ def tome_match(metric: Tensor, r: int, class_token: bool = False, distill_token:
     _checks.tokens("metric", metric)
     r = cap_r(_checks.count("r", r), metric.shape[1], _checks.flag("class_token", class_token),
               _checks.flag("distill_token", distill_token))
-    be = _backend.resolve(backend, metric.device, (metric.dtype,), op="tome_match")
-    return Matching(*torch.ops.fpet.tome_match(metric, r, class_token, distill_token, be))
+    be = _backend.resolve(backend, metric.device, {"metric": metric.dtype}, op="tome_match")
+    if be == "reference":
+        return Matching(*tome_match_reference(metric, r, class_token, distill_token))
+    return Matching(*library.call(library.family(be).tome_match, metric, r, class_token, distill_token))
 
 
 def tome_merge(x: Tensor, metric: Tensor, r: int, size: Optional[Tensor] = None, class_token: bool = False,
@@ -399,12 +323,10 @@ def tome_merge(x: Tensor, metric: Tensor, r: int, size: Optional[Tensor] = None,
     _checks.merge_inputs(x, metric, size)
     r = cap_r(_checks.count("r", r), x.shape[1], _checks.flag("class_token", class_token),
               _checks.flag("distill_token", distill_token))
-    be = _backend.resolve(backend, x.device, (x.dtype, metric.dtype) + (() if size is None else (size.dtype,)),
-                          op="tome_merge")
-    if _backend.direct_call(be, x, size):
-        out, out_size, *m = _backend.kernels(be).tome_merge(x, metric, r, size, class_token, distill_token)
-    else:
-        out, out_size, *m = torch.ops.fpet.tome_merge(x, metric, r, size, class_token, distill_token, be)
+    be = _backend.resolve(backend, x.device, _checks.dtypes(x=x, metric=metric, size=size), op="tome_merge")
+    if be == "reference":
+        return tome_merge_reference(x, metric, r, size, class_token, distill_token)
+    out, out_size, *m = library.call(library.family(be).tome_merge, x, metric, r, size, class_token, distill_token)
     return out, out_size, Matching(*m)
 
 
@@ -424,8 +346,11 @@ def unmerge(y: Tensor, matching, backend: Optional[str] = None) -> Tensor:
         n_out = tmap.shape[1] - matching.src_idx.shape[1]
         if y.shape[1] != n_out:
             raise ValueError(f"y has {y.shape[1]} tokens but the matching produced {n_out}")
-    be = _backend.resolve(backend, y.device, (y.dtype,), op="unmerge")
-    return torch.ops.fpet.unmerge(y, tmap, be)
+    be = _backend.resolve(backend, y.device, {"y": y.dtype}, op="unmerge")
+    if be == "reference":
+        check_map_range(tmap, y.shape[1])
+        return unmerge_reference(y, tmap)
+    return library.call(library.family(be).unmerge, y, tmap)
 
 
 def compose_token_map(token_map: Optional[Tensor], matching) -> Tensor:

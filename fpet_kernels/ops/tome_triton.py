@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .shapes import check_map_range
 from .triton_common import (HAS_TRITON, cdiv, channel_split, interpreting, pow2, tl, triton)
 
 if HAS_TRITON:
@@ -299,10 +300,11 @@ def tome_merge(x, metric, r, size, class_token, distill_token, pyra=None):
     d = metric.shape[-1]
     na = (n + 1) // 2
     dev = x.device
-    if r == 0:  # the identity: the reference's copy, no launch
-        from .tome import tome_merge_reference
-        out, out_size, m = tome_merge_reference(x, metric, 0, size, class_token, distill_token)
-        return (out, out_size) + tuple(m)
+    if r == 0:  # the identity, no launch: copies (op outputs never alias inputs), the identity matching
+        i64 = dict(dtype=torch.int64, device=dev)
+        out_size = torch.ones(bsz, n, 1, dtype=torch.float32, device=dev) if size is None else size.float().clone()
+        return (x.clone(), out_size, torch.empty(bsz, 0, **i64), torch.empty(bsz, 0, **i64),
+                torch.arange(na, **i64).expand(bsz, na).contiguous(), torch.arange(n, **i64).expand(bsz, n).contiguous())
     out = torch.empty(bsz, n - r, c, dtype=x.dtype, device=dev)
     out_size = torch.empty(bsz, n - r, 1, dtype=torch.float32, device=dev)
     i64 = dict(dtype=torch.int64, device=dev)
@@ -353,7 +355,6 @@ def _gather(y, token_map, size=None, out_size=None, scale=False):
 
 def _check_map(token_map, n_out):
     """User-supplied maps are range-checked before a kernel indexes memory with them (one host sync)."""
-    from .tome import check_map_range
     check_map_range(token_map, n_out)
 
 

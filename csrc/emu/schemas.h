@@ -1,5 +1,5 @@
-// The schemas of the raw kernels (contracts in csrc/README.md), shared by the extension's library
-// `fpet_C` (csrc/ops.cpp) and the host-emulated CUDA kernels' library `fpet_simt` (csrc/emu/).
+// The schemas of the C++ kernels (contracts in csrc/README.md) for the test-only emulator library
+// `fpet_simt`: the same as the Python definitions of `torch.ops.fpet.*` (tests/test_registration.py checks it).
 #pragma once
 
 #include <torch/library.h>

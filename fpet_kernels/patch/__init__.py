@@ -1,0 +1,124 @@
+"""Token-merging patches for Vision Transformers (ToMe, FPET, PYRA) in one call.
+
+    import fpet_kernels as fk
+    fk.patch.timm(model, method="tome", r=16)                 # ToMe-compatible; model.r settable afterwards
+    fk.patch.timm(model, method="fpet", merge_layer=6)        # one FPET merge, refinement adapter on the metric
+    fk.patch.timm(model, method="pyra", r=[16] * 11 + [10])   # PYRA: per-layer r, learned modulation per layer
+    feats, st = model.forward_features_with_state(x)          # features + MergeState (size, token_map)
+    fk.patch.merge_state(model, x)                            # the same under no_grad, as a dict
+    fk.patch.remove(model)                                    # the unpatched model again, same outputs
+
+Stateless: the merge state (token sizes, token map, FPET's grid) is created at the start of every
+forward and passed from block to block as an input and an output; no module keeps a tensor between
+or after forwards. Gradient checkpointing, ``torch.export``, ``forward_intermediates``, deepcopy /
+EMA, pickling and DistributedDataParallel work on a patched model (docs/model_layer.md).
+
+Layout: ``core.py`` holds what any model library's patch shares (the state, attention returning the
+merge metric, one merge step on the public ops); ``timm_vit.py`` the timm classes. timm is imported
+only when a timm model is patched.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..ops.attention import attention_inputs, proportional_sdpa  # noqa: F401 (re-exported)
+from .core import METHODS, MergeConfig, MergeState  # noqa: F401
+
+__all__ = ["timm", "hf", "remove", "merge_state", "ensure_block", "MergeConfig", "MergeState", "METHODS"]
+
+
+def timm(model: nn.Module, method: str = "tome", r=16, prop_attn: bool = True, trace_source: bool = False,
+         merge_layer: int = 6, refine: bool = True, binary_refine: bool = True, backend: Optional[str] = None,
+         grid=None) -> nn.Module:
+    """Patch a timm ``VisionTransformer`` in place for token merging; returns the model.
+
+    - ``method="tome"``: ToMe bipartite merging of ``r`` tokens per block (``r``: int, per-layer list,
+      or ``(r, inflection)``; ``model.r`` can be changed between forwards).
+    - ``method="fpet"``: one FPET merge after the attention of block ``merge_layer`` (0-based; every
+      checkerboard A token goes), the metric refined by FPET's adapter (``refine``; 1-bit with
+      ``binary_refine``), trained through the straight-through estimator. The checkerboard's
+      ``(H, W)`` grid comes from the patch embedding of each input (non-square and
+      ``dynamic_img_size`` models included); ``grid=(H, W)`` gives it where the patch embedding
+      cannot (an error if both are known and differ). ``model.r`` raises: FPET has no r.
+    - ``method="pyra"``: ToMe matching with PYRA's learned modulation; ``r`` per layer (a list or an
+      int), a :class:`~fpet_kernels.pet.PyraModulation` per merging block (``block.fk_pyra``);
+      setting ``model.r`` raises (the modulation's size fixes r).
+
+    ``prop_attn``: proportional attention (``+ log(size)``) once tokens carry sizes.
+    ``trace_source``: accepted for compatibility, no effect: the token map is computed whenever it
+    is asked for (``forward_features_with_state``, ``merge_state``, ``forward_intermediates``).
+    ``backend``: kernel backend of the merge ops (None: automatic; "reference": the pure-PyTorch ops)."""
+    if not isinstance(trace_source, bool):
+        raise TypeError(f"trace_source must be a bool, got {type(trace_source).__name__}")
+    try:
+        from . import timm_vit
+    except ImportError as exc:  # pragma: no cover - timm is an optional dependency
+        raise ImportError("fpet_kernels.patch.timm needs timm (pip install timm)") from exc
+    from ..integrations import peft as _peft, support
+    outer, model = model, _peft._unwrap_peft(model)  # a peft.PeftModel: patch the model inside
+    support.check_timm(model)
+    timm_vit.patch(model, method=method, r=r, prop_attn=prop_attn, merge_layer=merge_layer, refine=refine,
+                   binary_refine=binary_refine, backend=backend, grid=grid)
+    return _peft.register_merge_modules(outer) if outer is not model else model
+
+
+def hf(model: nn.Module, method: str = "tome", **kw) -> nn.Module:
+    """Patch a Hugging Face transformers ViT / DeiT for token merging (``fpet_kernels/patch_hf.py``,
+    docs/integrations.md)."""
+    from .. import patch_hf
+    return patch_hf.hf(model, method, **kw)
+
+
+def _timm_vit_module(model):
+    """``timm_vit`` when ``model`` is a timm VisionTransformer (timm is then imported already)."""
+    vt = sys.modules.get("timm.models.vision_transformer")
+    if vt is not None and isinstance(model, vt.VisionTransformer):
+        from . import timm_vit
+        return timm_vit
+    return None
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo :func:`timm`: the original classes, no merge modules (PET adapters stay). Same outputs as
+    before patching. A model that is not patched is returned unchanged. Also undoes :func:`hf`, and
+    unpatches the model inside a ``peft.PeftModel``."""
+    from ..integrations.peft import _unwrap_peft
+    if _unwrap_peft(model) is not model:
+        remove(_unwrap_peft(model))
+        return model
+    if type(model).__module__.startswith(("transformers.", "fpet_kernels.patch_hf")):
+        from .. import patch_hf
+        return patch_hf.remove_hf(model)
+    mod = _timm_vit_module(model)
+    return mod.remove(model) if mod is not None else model
+
+
+def merge_state(model: nn.Module, x: Optional[torch.Tensor] = None) -> dict:
+    """Run the patched ``model``'s features on ``x`` under ``torch.no_grad()`` and return
+    ``{"features": [B, N', C], "size": [B, N', 1] or None (nothing merged), "token_map": [B, N0]}``
+    (for each of the N0 input tokens, the row now holding it; -1 for a token FPET dropped on a tie;
+    ``fk.unmerge(features, token_map)`` scatters back to the tokens).
+
+    The model keeps no state after a forward, so this is an explicit call with the input. To keep
+    the autograd graph (a dense head trained on merged features), call
+    ``model.forward_features_with_state(x)``, which returns ``(features, MergeState)``."""
+    fn = getattr(model, "forward_features_with_state", None)
+    if fn is None:
+        raise ValueError("model is not patched by fpet_kernels.patch (fk.patch.timm)")
+    if x is None:
+        raise TypeError("merge_state(model, x) needs the input x: the merge state is not kept on the model after a "
+                        "forward (it flows through the blocks); this call runs the features on x and returns it")
+    with torch.no_grad():
+        feats, st = fn(x, track_tokens=True)
+    return {"features": feats, "size": st.size, "token_map": st.token_map}
+
+
+def ensure_block(block: nn.Module) -> nn.Module:
+    """Swap a timm ``Block`` to the patched block class (idempotent). Without merge state it computes
+    exactly timm's forward (plus ``block.fk_adapter(x)`` beside the MLP, if set)."""
+    from . import timm_vit
+    return timm_vit.ensure_block(block)
