@@ -14,6 +14,9 @@ Scope: nothing else reads that global table wholesale: ``torch.compile`` (Induct
 the reference formulation (dense ops; onnxruntime runs them on any device), not the fused kernels.
 The reference is the spec's oracle, so the ONNX model computes the same matchings as eager.
 
+Needs a compiled backend to be live (the public functions then call the registered ops): with the
+reference backend the graph holds ``aten.sort.stable``, which the exporter cannot translate.
+
 ``export(model, args, path)`` below is a thin convenience wrapper (dynamo=True, optional path).
 """
 from __future__ import annotations
