@@ -28,7 +28,7 @@ from torch import nn
 from ..ops.attention import attention_inputs, proportional_sdpa  # noqa: F401 (re-exported)
 from .core import METHODS, MergeConfig, MergeState  # noqa: F401
 
-__all__ = ["timm", "remove", "merge_state", "ensure_block", "MergeConfig", "MergeState", "METHODS"]
+__all__ = ["timm", "hf", "remove", "merge_state", "ensure_block", "MergeConfig", "MergeState", "METHODS"]
 
 
 def timm(model: nn.Module, method: str = "tome", r=16, prop_attn: bool = True, trace_source: bool = False,
@@ -58,8 +58,19 @@ def timm(model: nn.Module, method: str = "tome", r=16, prop_attn: bool = True, t
         from . import timm_vit
     except ImportError as exc:  # pragma: no cover - timm is an optional dependency
         raise ImportError("fpet_kernels.patch.timm needs timm (pip install timm)") from exc
-    return timm_vit.patch(model, method=method, r=r, prop_attn=prop_attn, merge_layer=merge_layer, refine=refine,
-                          binary_refine=binary_refine, backend=backend, grid=grid)
+    from ..integrations import peft as _peft, support
+    outer, model = model, _peft._unwrap_peft(model)  # a peft.PeftModel: patch the model inside
+    support.check_timm(model)
+    timm_vit.patch(model, method=method, r=r, prop_attn=prop_attn, merge_layer=merge_layer, refine=refine,
+                   binary_refine=binary_refine, backend=backend, grid=grid)
+    return _peft.register_merge_modules(outer) if outer is not model else model
+
+
+def hf(model: nn.Module, method: str = "tome", **kw) -> nn.Module:
+    """Patch a Hugging Face transformers ViT / DeiT for token merging (``fpet_kernels/patch_hf.py``,
+    docs/integrations.md)."""
+    from .. import patch_hf
+    return patch_hf.hf(model, method, **kw)
 
 
 def _timm_vit_module(model):
@@ -73,7 +84,15 @@ def _timm_vit_module(model):
 
 def remove(model: nn.Module) -> nn.Module:
     """Undo :func:`timm`: the original classes, no merge modules (PET adapters stay). Same outputs as
-    before patching. A model that is not patched is returned unchanged."""
+    before patching. A model that is not patched is returned unchanged. Also undoes :func:`hf`, and
+    unpatches the model inside a ``peft.PeftModel``."""
+    from ..integrations.peft import _unwrap_peft
+    if _unwrap_peft(model) is not model:
+        remove(_unwrap_peft(model))
+        return model
+    if type(model).__module__.startswith(("transformers.", "fpet_kernels.patch_hf")):
+        from .. import patch_hf
+        return patch_hf.remove_hf(model)
     mod = _timm_vit_module(model)
     return mod.remove(model) if mod is not None else model
 

@@ -24,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..integrations import peft as _peft
+
 __all__ = [
     "BINARY_LEVEL", "binarize", "BinaryLinear", "pack_binary", "unpack_binary", "AdaptFormerAdapter", "LoRAQKV",
     "RefinementAdapter", "PyraModulation", "PET_MODULES", "METHODS", "apply", "merge_lora", "mark_trainable",
@@ -528,7 +530,8 @@ def _pet_modules(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
         return
     found: List[str] = []
     for name, mod in model.named_modules():
-        if isinstance(mod, types) and not any(name.startswith(f + ".") for f in found):
+        if isinstance(mod, types) and not any(name.startswith(f + ".") for f in found) \
+                and not _peft.is_frozen_copy(name):  # PEFT's frozen original of a modules_to_save copy
             found.append(name)
             yield name, mod
 
@@ -585,7 +588,7 @@ def mark_trainable(model: nn.Module, train_head: bool = True) -> nn.Module:
         raise ValueError(f"train_head=True but model ({type(model).__name__}) has none of the heads {HEAD_NAMES}; "
                          "pass train_head=False")
     model.requires_grad_(False)
-    for p in pet_parameters(model):
+    for p in pet_parameters(model) + _peft.peft_trainable_parameters(model):  # + a PeftModel's adapters
         p.requires_grad_(True)
     if train_head:
         for mod in found.values():
@@ -649,6 +652,9 @@ def parameter_report(model: nn.Module) -> Dict[str, object]:
         entry[0] += 1
         entry[1] += n_mod
         entry[2] += b_mod
+    for name, (count, n_mod, b_mod) in _peft.peft_report(model, seen).items():  # a PeftModel's LoRA etc.
+        pet_params, pet_bytes = pet_params + n_mod, pet_bytes + b_mod
+        by_type[name] = [count, n_mod, b_mod]
     head_params = sum(p.numel() for mod in heads(model).values() for p in mod.parameters())
     return dict(total_params=total, trainable_params=trainable, pet_params=pet_params, binary_params=binary_params,
                 pet_bytes=pet_bytes, pet_bytes_fp32=4 * pet_params, head_params=head_params,

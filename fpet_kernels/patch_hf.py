@@ -1,0 +1,322 @@
+"""Token-merging patches for Hugging Face transformers ViT and DeiT (ToMe, FPET, PYRA) in one call.
+
+    import fpet_kernels as fk
+    fk.patch.hf(model, method="tome", r=16)            # ViTModel, ViTForImageClassification, DeiT*
+    fk.patch.hf(model, method="fpet", merge_layer=6)
+    fk.patch.hf(model, method="pyra", r=[16] * 11 + [10])
+    fk.patch.remove(model)                             # the unpatched model again, same outputs
+
+Same semantics as ``fk.patch.timm`` on the same weights: after the attention (and its residual) of
+a merging layer the tokens are merged on the keys averaged over heads; later layers add
+``log(size)`` to their attention logits (``prop_attn``); prefix tokens (class, distillation) are
+never merged, so ``[:, 0]`` (and DeiT's ``[:, 1]``) still hold them for the heads.
+
+How (stateless): the base model's class (``ViTModel`` / ``DeiTModel``) and each layer's class are
+swapped for the real subclasses below; nothing is copied. The patched model forward runs the
+embeddings, then the layer loop with the merge state (``size``, the token map) passed *through the
+layer calls* as inputs and outputs; no tensor is kept on a module between forwards. Only static
+settings (method, per-layer ``r``, backend) live on the base model (``_fk_config``, and ``r`` for
+ToMe, settable like timm's ``model.r``). Layers that neither merge nor see merged sizes call
+transformers' own attention unchanged (eager / sdpa / flash as configured); the others compute the
+attention with SDPA (``log(size)`` folded into an extra key channel: ``fk.proportional_sdpa``).
+
+Supported: transformers' current ViT layout (``model.layers`` of ``ViTLayer``, attention with
+``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj``). ``output_attentions`` and ``attention_mask`` are
+refused on a patched model (merging changes the token count mid-model). With ``trace_source=True``
+the base model's output carries ``size`` [B, N', 1] and ``token_map`` [B, N0] (for each input token,
+the output row holding it: ``fk.unmerge(y, token_map)`` scatters back to the grid).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops.attention import proportional_sdpa
+from .ops.fpet import fpet_merge
+from .ops.pyra import pyra_merge
+from .ops.tome import compose_token_map, parse_r, tome_merge
+
+try:
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    from transformers.models.deit import modeling_deit as _deit
+    from transformers.models.vit import modeling_vit as _vit
+except ImportError as exc:  # pragma: no cover - transformers is an optional dependency
+    raise ImportError("fpet_kernels.patch.hf needs transformers (pip install transformers)") from exc
+
+try:  # the decorators transformers puts on ViTModel.forward (config defaults, output_hidden_states)
+    from transformers.utils.generic import merge_with_config_defaults
+    from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, capture_outputs
+except ImportError:  # pragma: no cover - older transformers: checked in _base_model
+    merge_with_config_defaults = capture_outputs = _CAN_RECORD_REGISTRY = None
+
+METHODS = ("tome", "fpet", "pyra")
+SUPPORTED = ("transformers ViTModel, ViTForImageClassification, DeiTModel, DeiTForImageClassification, "
+             "DeiTForImageClassificationWithTeacher")
+
+
+class Step(NamedTuple):
+    """Static settings of one layer call (no tensors): how, and how much, it merges."""
+    method: str
+    r: int
+    backend: Optional[str]
+    prop_attn: bool
+    class_token: bool
+    distill_token: bool
+    num_prefix: int
+
+
+@dataclass
+class MergedOutputWithPooling(BaseModelOutputWithPooling):
+    """``BaseModelOutputWithPooling`` plus the merge state (with ``trace_source=True``)."""
+    size: Optional[torch.Tensor] = None
+    token_map: Optional[torch.Tensor] = None
+
+
+# ----------------------------------------------------------------------------- attention and merge
+def attention_with_metric(attn: nn.Module, x, size, backend: Optional[str] = None):
+    """transformers ``ViTAttention`` on ``x`` with its own projections, returning ``(out, metric)``:
+    ``metric`` [B, N, head_dim] is the keys averaged over heads; with ``size`` the logits get
+    ``+ log(size)`` exactly (``proportional_sdpa``)."""
+    bsz, n, _ = x.shape
+    shape = (bsz, n, -1, attn.head_dim)
+    q = attn.q_proj(x).view(shape).transpose(1, 2)
+    k = attn.k_proj(x).view(shape).transpose(1, 2)
+    v = attn.v_proj(x).view(shape).transpose(1, 2)
+    metric = k.float().mean(1).to(k.dtype)
+    dropout_p = attn.attention_dropout if attn.training else 0.0
+    if size is not None:
+        out = proportional_sdpa(q, k, v, size, attn.scaling, dropout_p)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=attn.scaling)
+    return attn.o_proj(out.transpose(1, 2).reshape(bsz, n, -1)), metric
+
+
+def merge(layer: nn.Module, step: Step, x, metric, size):
+    """One merge of ``step.method`` after the attention of ``layer``: ``(x', size', token_map step)``."""
+    if step.method == "fpet":
+        refine = getattr(layer, "fk_refine", None)
+        metric = refine(metric) if refine is not None else metric
+        return fpet_merge(x, metric, size, backend=step.backend, return_token_map=True, num_prefix=step.num_prefix)
+    if step.method == "tome":
+        out, out_size, m = tome_merge(x, metric, step.r, size, step.class_token, step.distill_token,
+                                      backend=step.backend)
+        return out, out_size, m.token_map
+    mod = layer.fk_pyra
+    out, out_size, m = pyra_merge(x, metric, step.r, mod.a, mod.b, mod.norm.weight, mod.norm.bias, size,
+                                  step.class_token, step.distill_token, eps=mod.norm.eps, backend=step.backend,
+                                  return_matching=True)
+    return out, out_size, m.token_map
+
+
+# ----------------------------------------------------------------------------- patched classes
+class _FKLayer:
+    """Mixin before transformers' ``ViTLayer`` / ``DeiTLayer``. Called as transformers calls it
+    (``layer(x, attention_mask)``) it is the original layer; called with ``(x, None, size, step)``
+    it merges after the attention when ``step.r > 0`` and returns ``(x, size, token_map step)``."""
+
+    def forward(self, hidden_states, attention_mask=None, size=None, step: Optional[Step] = None, **kwargs):
+        if step is None:
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        if attention_mask is not None:
+            raise ValueError("token merging does not support attention_mask")
+        prop_size = size if step.prop_attn else None
+        h = self.layernorm_before(hidden_states)
+        if step.r > 0 or prop_size is not None:
+            h, metric = attention_with_metric(self.attention, h, prop_size, step.backend)
+        else:  # transformers' own attention, unchanged
+            h, metric = self.attention(h, None, **kwargs)[0], None
+        x = self.dropout(h) + hidden_states
+        tmap = None
+        if step.r > 0:
+            x, size, tmap = merge(self, step, x, metric, size)
+        return self.dropout(self.mlp(self.layernorm_after(x))) + x, size, tmap
+
+
+class _FKModel:
+    """Mixin before transformers' ``ViTModel`` / ``DeiTModel``: the layer loop carries the merge state."""
+
+    def _fk_forward(self, pixel_values=None, bool_masked_pos=None, interpolate_pos_encoding=None,
+                    attention_mask=None, **kwargs):
+        if attention_mask is not None:
+            raise ValueError("a model patched for token merging does not support attention_mask")
+        if kwargs.get("output_attentions", getattr(self.config, "output_attentions", False)):
+            raise ValueError("a model patched for token merging does not return attentions "
+                             "(output_attentions=True); fk.patch.remove(model) first")
+        if pixel_values is None:
+            raise ValueError("pixel_values must be given")
+        expected_dtype = self.embeddings.patch_embeddings.projection.weight.dtype
+        if pixel_values.dtype != expected_dtype:
+            pixel_values = pixel_values.to(expected_dtype)
+        x = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos,
+                            interpolate_pos_encoding=interpolate_pos_encoding)
+        cfg = self._fk_config
+        size = token_map = None
+        for layer, step in zip(self.layers, layer_steps(self)):
+            if step.r == 0 and size is None:  # nothing merged yet: transformers' layer
+                x = layer(x, None, **kwargs)
+                continue
+            x, size, tmap = layer(x, None, size, step, **kwargs)
+            if tmap is not None and cfg["trace_source"]:
+                token_map = compose_token_map(token_map, tmap)
+        seq = self.layernorm(x)
+        pooled = self.pooler(seq) if self.pooler is not None else None
+        if cfg["trace_source"]:
+            return MergedOutputWithPooling(last_hidden_state=seq, pooler_output=pooled, size=size,
+                                           token_map=token_map)
+        return BaseModelOutputWithPooling(last_hidden_state=seq, pooler_output=pooled)
+
+    if capture_outputs is not None:
+        forward = merge_with_config_defaults(capture_outputs(tie_last_hidden_states=False)(_fk_forward))
+    else:  # pragma: no cover
+        forward = _fk_forward
+
+
+class FKViTLayer(_FKLayer, _vit.ViTLayer):
+    _fk_base_class = _vit.ViTLayer
+
+
+class FKDeiTLayer(_FKLayer, _deit.DeiTLayer):
+    _fk_base_class = _deit.DeiTLayer
+
+
+class FKViTModel(_FKModel, _vit.ViTModel):
+    _fk_base_class = _vit.ViTModel
+
+
+class FKDeiTModel(_FKModel, _deit.DeiTModel):
+    _fk_base_class = _deit.DeiTModel
+
+
+_PATCHED = {_vit.ViTModel: (FKViTModel, _vit.ViTLayer, FKViTLayer),
+            _deit.DeiTModel: (FKDeiTModel, _deit.DeiTLayer, FKDeiTLayer)}
+# Wrappers whose head reads only the prefix tokens (so merging the patch tokens is sound).
+_WRAPPERS = {_vit.ViTForImageClassification: "vit", _deit.DeiTForImageClassification: "deit",
+             _deit.DeiTForImageClassificationWithTeacher: "deit"}
+
+
+# ----------------------------------------------------------------------------- entry points
+def is_hf_model(model) -> bool:
+    """Whether ``model`` is one of the transformers ViT / DeiT classes :func:`hf` patches."""
+    t = getattr(model, "_fk_base_class", type(model))
+    return t in _PATCHED or t in _WRAPPERS
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The ``ViTModel`` / ``DeiTModel`` that :func:`hf` patches (``model`` or its ``.vit`` / ``.deit``)."""
+    t = type(model)
+    if t in _WRAPPERS:
+        base = getattr(model, _WRAPPERS[t])
+    elif t in _PATCHED or isinstance(model, (FKViTModel, FKDeiTModel)):
+        base = model
+    else:
+        raise TypeError(f"fk.patch.hf supports {SUPPORTED}; got {t.__name__} (timm ViTs: fk.patch.timm)")
+    base_cls = getattr(base, "_fk_base_class", type(base))
+    if base_cls not in _PATCHED:
+        raise TypeError(f"fk.patch.hf supports {SUPPORTED}; got {t.__name__} holding {type(base).__name__}")
+    layers = getattr(base, "layers", None)
+    layer_cls = _PATCHED[base_cls][1]
+    if (capture_outputs is None or not isinstance(layers, nn.ModuleList) or len(layers) == 0
+            or not all(isinstance(lyr, layer_cls) and hasattr(lyr.attention, "q_proj") for lyr in layers)):
+        import transformers
+        raise TypeError(f"fk.patch.hf needs transformers' current ViT layout (model.layers of {layer_cls.__name__} "
+                        f"with q_proj/k_proj/v_proj attention); transformers {transformers.__version__} builds "
+                        f"{type(base).__name__} differently")
+    return base
+
+
+def layer_steps(base: nn.Module) -> list:
+    """The per-layer :class:`Step` of a patched base model, from its settings (and ``base.r`` for ToMe)."""
+    cfg = base._fk_config
+    n = len(base.layers)
+    if cfg["method"] == "fpet":
+        rs = [1 if i == cfg["merge_layer"] else 0 for i in range(n)]
+    elif cfg["method"] == "pyra":
+        rs = cfg["pyra_r"]
+    else:
+        rs = parse_r(n, base.r)
+    return [Step(cfg["method"], r, cfg["backend"], cfg["prop_attn"], cfg["class_token"], cfg["distill_token"],
+                 cfg["num_prefix"]) for r in rs]
+
+
+def hf(model: nn.Module, method: str = "tome", r=16, prop_attn: bool = True, trace_source: bool = False,
+       merge_layer: int = 6, refine: bool = True, binary_refine: bool = True, backend: Optional[str] = None):
+    """Patch a transformers ViT / DeiT in place for token merging; returns ``model``. Arguments as
+    :func:`fpet_kernels.patch.timm` (``r``, ``merge_layer``, ``refine``, ``binary_refine``,
+    ``prop_attn``, ``backend``); the merge modules live on the layers (``layers[i].fk_refine``,
+    ``layers[i].fk_pyra``). A ``peft.PeftModel`` wrapping one is accepted."""
+    from .integrations.peft import _unwrap_peft, register_merge_modules
+    outer, model = model, _unwrap_peft(model)
+    base = _base_model(model)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if hasattr(base, "_fk_config"):
+        remove_hf(model)
+    layers = base.layers
+    n = len(layers)
+    emb = base.embeddings
+    dist = getattr(emb, "distillation_token", None) is not None
+    cfg = dict(method=method, prop_attn=bool(prop_attn), trace_source=bool(trace_source), backend=backend,
+               class_token=True, distill_token=dist, num_prefix=1 + int(dist), merge_layer=None, pyra_r=None)
+    dim = base.config.hidden_size
+    new = {}
+    if method == "fpet":
+        if isinstance(merge_layer, bool) or not isinstance(merge_layer, int) or not 0 <= merge_layer < n:
+            raise ValueError(f"merge_layer must be an int in [0, {n}), got {merge_layer!r}")
+        cfg["merge_layer"] = merge_layer
+        if refine:
+            from .pet import RefinementAdapter
+            head_dim = layers[merge_layer].attention.head_dim
+            new[(merge_layer, "fk_refine")] = RefinementAdapter(head_dim, head_dim // 2, binary=binary_refine)
+    elif method == "pyra":
+        cfg["pyra_r"] = parse_r(n, r)
+        from .pet import PyraModulation
+        for i, rl in enumerate(cfg["pyra_r"]):
+            if rl > 0:
+                new[(i, "fk_pyra")] = PyraModulation(rl, dim)
+    else:
+        parse_r(n, r)  # validates
+    ref = next(base.parameters(), None)
+    for (i, name), mod in new.items():  # new learned modules follow the model's device, dtype and mode
+        if ref is not None:
+            mod.to(device=ref.device, dtype=ref.dtype)
+        mod.train(base.training)
+        setattr(layers[i], name, mod)
+    if method == "tome":
+        base.r = r
+    base._fk_config = cfg
+    fk_model, _, fk_layer = _PATCHED[type(base)]
+    for layer in layers:
+        layer.__class__ = fk_layer
+    base.__class__ = fk_model
+    # transformers keys the outputs it can record (output_hidden_states) on the model's class name
+    _CAN_RECORD_REGISTRY[base] = getattr(base, "_can_record_outputs", None)
+    return register_merge_modules(outer) if outer is not model else model
+
+
+def remove_hf(model: nn.Module) -> nn.Module:
+    """Undo :func:`hf`: the original classes, no merge modules, no settings. Same outputs as before."""
+    from .integrations.peft import _unwrap_peft
+    model = _unwrap_peft(model)
+    base = _base_model(model)
+    for layer in base.layers:
+        for name in ("fk_refine", "fk_pyra"):
+            if hasattr(layer, name):
+                delattr(layer, name)
+        layer.__class__ = getattr(layer, "_fk_base_class", type(layer))
+    for name in ("_fk_config", "r"):
+        base.__dict__.pop(name, None)
+    base.__class__ = getattr(base, "_fk_base_class", type(base))
+    return model
+
+
+def is_patched_hf(model: nn.Module) -> bool:
+    """Whether :func:`hf` patched ``model`` (or the base model it wraps)."""
+    try:
+        from .integrations.peft import _unwrap_peft
+        return hasattr(_base_model(_unwrap_peft(model)), "_fk_config")
+    except TypeError:
+        return False
