@@ -106,7 +106,10 @@ def kernel_tokens(op: str, name: str, t, device=None) -> None:
 
 
 def kernel_int(op: str, name: str, v, lo: int | None = None, hi: int | None = None) -> int:
-    """A Python int in ``[lo, hi]`` (either bound optional)."""
+    """A Python int in ``[lo, hi]`` (either bound optional). A symbolic int (a shape traced with
+    dynamic sizes) passes unchecked: the range is checked when real values run."""
+    if isinstance(v, torch.SymInt):
+        return v
     if isinstance(v, bool) or not isinstance(v, int):
         raise TypeError(f"{op}: {name} must be an int, got {type(v).__name__}")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
