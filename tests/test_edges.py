@@ -33,7 +33,7 @@ def _live(be: str) -> bool:
     if be == "cuda":
         return simt_live()
     if be == "triton":
-        return fk.ops.triton_common.HAS_TRITON and fk.ops.triton_common.interpreting()
+        return fk.backends()["live"]["triton"]
     return is_live(be)
 
 

@@ -26,7 +26,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _backend(name: str) -> str:
-    live = (fk.ops.triton_common.HAS_TRITON and fk.ops.triton_common.interpreting()) if name == "triton" \
+    live = (fk.backends()["live"]["triton"]) if name == "triton" \
         else is_live(name)
     if not live:
         if REQUIRE_EXTENSION and name == "cpu":
@@ -130,7 +130,9 @@ def _check_tome(backend, case):
     keep = finite_grad_mask(x)
     close(got[0] * keep, ref[0] * keep, case["dtype"], "grad x")
     if size is not None and bool(torch.isfinite(x).all()):
-        close(got[1], ref[1], torch.float32, "grad size")
+        # the kernels' size gradient reads the merged output in x's dtype; the reference's autograd
+        # keeps it in float32: half-precision tolerance for half inputs
+        close(got[1], ref[1], case["dtype"], "grad size")
 
 
 def test_fuzz_tome_merge(backend):

@@ -241,9 +241,34 @@ def _fpet_backward(ctx, grad_out, grad_out_size, _):
 library.register_autograd("fpet_merge", _fpet_backward, _fpet_setup)
 
 
+class _FPETReference(torch.autograd.Function):
+    """The reference backend: the forward of spec 2.5 and its straight-through backward in closed
+    form (the same pair the kernels implement; the forward applies the hard match as a gather, so
+    plain autograd would not reach the metric)."""
+
+    @staticmethod
+    def forward(ctx, x, metric, size, num_prefix, h, w):
+        out, out_size, tmap = fpet_merge_reference(x, metric, size, num_prefix, h, w)
+        ctx.args = (num_prefix, h, w)
+        ctx.save_for_backward(x, metric, size, out, out_size, tmap)
+        ctx.mark_non_differentiable(tmap)
+        return out, out_size, tmap
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_out_size, _):
+        x, metric, size, out, out_size, tmap = ctx.saved_tensors
+        gx, gm, gs = fpet_merge_backward_reference(grad_out, grad_out_size, x, metric, size, out, out_size, tmap,
+                                                   *ctx.args)
+        need = ctx.needs_input_grad
+        return (gx if need[0] else None, gm if need[1] else None,
+                gs.to(size.dtype) if need[2] else None, None, None, None)
+
+
 def _fpet_merge_call(x, metric, size, num_prefix: int, h: int, w: int, backend: str):
     """(x', size', token_map) on a resolved backend."""
     if backend == "reference":
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, metric, size)):
+            return _FPETReference.apply(x, metric, size, num_prefix, h, w)
         return fpet_merge_reference(x, metric, size, num_prefix, h, w)
     return library.call(library.family(backend).fpet_merge, x, metric, size, num_prefix, h, w)
 
