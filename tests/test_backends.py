@@ -288,4 +288,8 @@ def test_every_resolving_op_names_itself(monkeypatch):
     fk.fpet_merge(x, metric, class_token=True)
     fk.merge_wavg(fk.bipartite_diff_matching(metric, class_token=True), x, size)
     fk.pyra_merge(x, metric, 4, gen(4, 1), gen(1, 8), torch.ones(8), torch.zeros(8), class_token=True)
+    from fpet_kernels.ops import sparse, xpeft
+    w = (gen(2, 8, 3), gen(2, 3), gen(2, 3, 8), gen(2, 8))
+    xpeft.xpeft_adapter(x, torch.tensor([0, 1]), *w)
+    sparse.masked_weight_grad(gen(5, 6), gen(5, 7), torch.tensor([0, 2]), torch.tensor([1, 3]))
     assert None not in seen and set(seen) == set(_backend.OP_KERNELS), seen

@@ -153,6 +153,7 @@ def test_check_extension_torch(fake_build_info):
 
 def test_check_extension_torch_without_record(monkeypatch):
     monkeypatch.setitem(sys.modules, "fpet_kernels._build_info", None)  # import fails: nothing recorded
+    monkeypatch.delattr(fk, "_build_info", raising=False)  # (loading the extension imported it already)
     assert _version.build_info() is None
     assert _version.check_extension_torch("1.0.0", None) is None
 
@@ -213,7 +214,9 @@ def test_wheel_builds_from_sdist(sdist, tmp_path):
     with zipfile.ZipFile(whl) as z:
         names = z.namelist()
         meta = z.read(next(n for n in names if n.endswith("/METADATA"))).decode()
-    assert "fpet_kernels/_version.py" in names and "fpet_kernels/patch.py" in names
+    for mod in ("_version.py", "patch/__init__.py", "patch/timm_vit.py", "pet/__init__.py", "pet/xpeft.py",
+                "ops/library.py", "integrations/__init__.py"):  # every subpackage ships
+        assert f"fpet_kernels/{mod}" in names, mod
     assert any(n.startswith("fpet_kernels/tuning/") for n in names)
     assert "License-Expression: Apache-2.0" in meta and "Provides-Extra: bench" in meta
 
