@@ -99,7 +99,7 @@ def diff_matching_reference(metric: Tensor, num_prefix: int, h: int, w: int):
     with torch.no_grad():
         match, _, i1, _, i2 = hard_matching(scores)
         valid = valid_scores(scores)
-        hard = torch.zeros_like(scores).scatter_(-1, match.clamp_min(0).unsqueeze(-1), 1.0)
+        hard = torch.zeros_like(scores).scatter(-1, match.clamp_min(0).unsqueeze(-1), 1.0)  # functional: ONNX export
         hard = hard * (match >= 0).unsqueeze(-1)
     clean = torch.where(torch.isnan(scores), -torch.inf, scores)
     t = (clean.gather(-1, i1.unsqueeze(-1)) + clean.gather(-1, i2.unsqueeze(-1))) / 2
