@@ -160,8 +160,10 @@ def map_range(op: str, name: str, t: torch.Tensor, n_out: int) -> None:
 
 
 def _no_data(t: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling():  # first: dynamo must not trace into is_fake
+        return True
     from torch._subclasses.fake_tensor import is_fake
-    if is_fake(t) or torch.compiler.is_compiling():
+    if is_fake(t):
         return True
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
