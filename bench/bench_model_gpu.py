@@ -41,6 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # the checkout's fpet_kernels (built in place) before any installed one
 import fpet_kernels as fk  # noqa: E402
+from model_common import GraphForward  # noqa: E402  (bench/ is the script's folder)
 
 MODEL = "vit_base_patch16_224"
 METHODS = ("tome", "fpet", "pyra")
@@ -100,31 +101,8 @@ def time_eager(fn, device: str, warmup_ms: float, rep_ms: float, reps: int) -> f
     return statistics.median(samples)
 
 
-class CapturedForward:
-    """``fn()`` captured into a CUDA graph: the caller keeps the inputs ``fn`` reads static (the same
-    tensors, overwritten in place to change them); ``replay()`` reruns the whole forward with one
-    launch. Capture errors propagate from the constructor; ``close()`` frees the graph's memory."""
-
-    def __init__(self, fn, warmup: int = 3):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # lazy init and Triton compilation happen here, not in the capture
-            for _ in range(warmup):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = fn()
-        torch.cuda.synchronize()
-
-    def replay(self):
-        self.graph.replay()
-
-    def close(self):
-        self.graph = self.out = None
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
+# ``fn()`` captured into a CUDA graph with static inputs; ``replay()`` reruns the forward in one launch.
+CapturedForward = GraphForward
 
 
 def time_graph(graph: CapturedForward, warmup_ms: float, rep_ms: float) -> float:
