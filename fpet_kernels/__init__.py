@@ -17,7 +17,6 @@ from .ops.pyra import pyra_merge
 from .ops.tome import (Matching, ToMeMerge, ToMeUnmerge, bipartite_soft_matching, compose_token_map, parse_r,
                        tome_match, tome_merge, unmerge)
 from . import patch, reference  # noqa: E402
-from .integrations import onnx as _onnx_export  # noqa: E402,F401 (ONNX export decompositions of the ops)
 
 from ._version import __version__  # noqa: E402  (the one version string: fpet_kernels/_version.py)
 

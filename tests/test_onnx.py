@@ -11,6 +11,17 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
+from fpet_kernels.integrations import onnx as fk_onnx  # noqa: E402  (the opt-in: registers the decompositions)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _decompositions():
+    """Registered for this module's tests, taken out afterwards: the rest of the suite (Inductor under
+    CI=...) runs without them, as a process that never imported fpet_kernels.integrations.onnx."""
+    fk_onnx.register()
+    yield
+    fk_onnx.unregister()
+
 KW = dict(tome=dict(r=3), fpet=dict(merge_layer=1), pyra=dict(r=[3, 2, 2]))
 # The decompositions apply to the registered ops, which the public functions call when a compiled
 # backend is live; the reference backend alone traces aten.sort.stable, which ONNX cannot take.

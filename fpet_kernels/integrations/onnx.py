@@ -1,12 +1,19 @@
-"""ONNX export of patched models: ``torch.onnx.export(model, (x,), dynamo=True)`` with no extra argument.
+"""ONNX export of patched models: ``import fpet_kernels.integrations.onnx``, then
+``torch.onnx.export(model, (x,), dynamo=True)`` with no extra argument.
+
+Opt-in by importing this module (``fpet_kernels`` does not import it): the decompositions go into
+torch's global table, and Inductor, when the environment variable ``CI`` is set, refuses to compile
+an op that has both a decomposition there and no lowering (``make_fallback ... a decomposition
+exists``); a model compiled with Inductor in a process that never imported this module is unaffected.
+``unregister()`` takes them out again.
 
 Mechanism: each forward op of the package (``torch.ops.fpet.{tome_match, tome_merge, merge_wavg,
 unmerge, merge_sum, fpet_merge, pyra_merge}`` and their ``*_triton`` twins, ``attention_inputs_triton``) gets a decomposition into its
 pure-PyTorch reference (written without in-place writes) in ``torch._decomp.decomposition_table``.
 The dynamo ONNX exporter builds its decomposition table from that table (plus
 ``torch.export.default_decompositions()``) for every op without an ONNX function, so the custom ops
-become standard aten ops (matmul, max, topk, gather, scatter ...) that onnxscript's torchlib translates. Registered once when ``fpet_kernels`` is
-imported (this module only touches ``torch._decomp``; no onnx import).
+become standard aten ops (matmul, max, topk, gather, scatter ...) that onnxscript's torchlib translates. Registered once when this module is
+imported (it only touches ``torch._decomp``; no onnx import).
 
 Scope: nothing else reads that global table wholesale: ``torch.compile`` (Inductor) and
 ``ExportedProgram.run_decompositions()`` use their own tables, so compiled models and plain
@@ -153,18 +160,28 @@ def register() -> None:
     for name, fn in DECOMPOSITIONS.items():
         for op in registered_ops(name):
             table[op] = fn
+    _REGISTERED = True
+
+
+def unregister() -> None:
+    """Take the decompositions out of ``torch._decomp.decomposition_table`` again."""
+    global _REGISTERED
+    table = torch._decomp.decomposition_table
+    for name in DECOMPOSITIONS:
+        for op in registered_ops(name):
+            table.pop(op, None)
+    _REGISTERED = False
 
 
 def registered_ops(name: str) -> list:
     """The op overloads of ``name``: the op and its Triton twin ``<name>_triton`` (same schema), those defined."""
     packets = (getattr(torch.ops.fpet, n, None) for n in (name, f"{name}_triton"))
     return [p.default for p in packets if p is not None]
-    _REGISTERED = True
 
 
 def export(model: torch.nn.Module, args: tuple, path=None, **kwargs):
     """``torch.onnx.export(model, args, path, dynamo=True, **kwargs)``: returns the ``ONNXProgram``.
-    Works without this wrapper too (the decompositions are registered at import)."""
+    Works without this wrapper too once this module is imported (the import registers the decompositions)."""
     if not isinstance(args, tuple):
         raise TypeError(f"args must be a tuple of the model's inputs, got {type(args).__name__}")
     register()
