@@ -11,13 +11,14 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
-from fpet_kernels.integrations import onnx as fk_onnx  # noqa: E402  (the opt-in: registers the decompositions)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _decompositions():
-    """Registered for this module's tests, taken out afterwards: the rest of the suite (Inductor under
-    CI=...) runs without them, as a process that never imported fpet_kernels.integrations.onnx."""
+    """The opt-in import (it registers the decompositions) at test time, not at collection, and the
+    decompositions taken out afterwards: the rest of the suite (Inductor under CI=...) runs without
+    them, as a process that never imported fpet_kernels.integrations.onnx."""
+    from fpet_kernels.integrations import onnx as fk_onnx
     fk_onnx.register()
     yield
     fk_onnx.unregister()
