@@ -158,3 +158,17 @@ class _MapOps:
 
 def map_ops(backend: str) -> _MapOps:
     return _MapOps(backend)
+
+
+def tiny_timm_vit(seed: int = 0, head_std=None):
+    """A 3-block timm ViT on 32x32 images (16 patches + class token), seeded, with non-zero biases
+    (and a head of std ``head_std`` when given), in training mode."""
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(seed)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=5)
+    for p in model.parameters():
+        if p.dim() == 1:
+            torch.nn.init.normal_(p, std=0.02)
+    if head_std is not None:
+        torch.nn.init.normal_(model.head.weight, std=head_std)
+    return model

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fpet_kernels as fk
+from helpers import tiny_timm_vit  # noqa: E402
 
 timm = pytest.importorskip("timm")
 ort = pytest.importorskip("onnxruntime")
@@ -31,13 +32,7 @@ needs_kernels = pytest.mark.skipif(not fk.backends()["live"]["cpu"],
 
 
 def tiny_vit(seed=0):
-    torch.manual_seed(seed)
-    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=5)
-    for p in model.parameters():
-        if p.dim() == 1:
-            torch.nn.init.normal_(p, std=0.02)
-    torch.nn.init.normal_(model.head.weight, std=0.5)
-    return model
+    return tiny_timm_vit(seed, head_std=0.5)
 
 
 def run_onnx(program, *inputs):

@@ -8,6 +8,7 @@ import torch
 import fpet_kernels as fk
 from fpet_kernels import pet
 from fpet_kernels.integrations import peft as fk_peft
+from helpers import tiny_timm_vit  # noqa: E402
 
 timm = pytest.importorskip("timm")
 peft = pytest.importorskip("peft")
@@ -19,12 +20,7 @@ MERGE_MODULE = dict(fpet="fk_refine", pyra="fk_pyra")
 
 
 def tiny_vit(seed=0):
-    torch.manual_seed(seed)
-    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=5)
-    for p in model.parameters():
-        if p.dim() == 1:
-            torch.nn.init.normal_(p, std=0.02)
-    return model.eval()
+    return tiny_timm_vit(seed).eval()
 
 
 def images(bsz=4, seed=1):
