@@ -1,6 +1,6 @@
 """Host overhead of an eager op call at B=1: the public function against the bare kernel call.
 
-    python bench/bench_overhead.py [--repeat 2000] [--rounds 7]
+    python bench/bench_overhead.py [--repeat 2000] [--rounds 7] [--clock wall|cpu]
 
 For each op (ToMe merge, FPET merge, unmerge) at a tiny shape, where the kernel itself costs a few
 microseconds, it times (no gradient, one thread):
@@ -23,15 +23,18 @@ import torch
 import fpet_kernels as fk
 
 
-def _time(fn, repeat: int, rounds: int):
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _time(fn, repeat: int, rounds: int, clock=time.perf_counter):
     for _ in range(max(50, repeat // 10)):
         fn()
     per = []
     for _ in range(rounds):
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(repeat):
             fn()
-        per.append((time.perf_counter() - t0) / repeat * 1e6)
+        per.append((clock() - t0) / repeat * 1e6)
     return statistics.median(per), min(per), max(per)
 
 
@@ -49,6 +52,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                    help="wall: perf_counter; cpu: the process's CPU time (steadier on a shared machine)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if not fk.backends()["live"]["cpu"]:
@@ -77,13 +82,14 @@ def main(argv=None) -> int:
                     lambda: ns.unmerge(y, m.token_map)),
     }
     print(f"torch {torch.__version__}, kernels in torch.ops.{'fpet_C' if legacy else 'fpet'}; "
-          f"microseconds a call, median [min-max] of {args.rounds} rounds x {args.repeat} calls, no grad, 1 thread")
+          f"microseconds ({args.clock} clock) a call, median [min-max] of {args.rounds} rounds x {args.repeat} calls, no grad, 1 thread")
     print(f"{'op':<12} {'public':>22} {'op':>22} {'kernel':>22} {'public - kernel':>16}")
     with torch.no_grad():
         for name, (public, op, kernel) in rows.items():
-            p = _time(public, args.repeat, args.rounds)
-            o = _time(op, args.repeat, args.rounds) if op is not None else None
-            k = _time(below(kernel) if not legacy else kernel, args.repeat, args.rounds)
+            clock = CLOCKS[args.clock]
+            p = _time(public, args.repeat, args.rounds, clock)
+            o = _time(op, args.repeat, args.rounds, clock) if op is not None else None
+            k = _time(below(kernel) if not legacy else kernel, args.repeat, args.rounds, clock)
             fmt = lambda t: "-" if t is None else f"{t[0]:7.1f} [{t[1]:.1f}-{t[2]:.1f}]"  # noqa: E731
             print(f"{name:<12} {fmt(p):>22} {fmt(o):>22} {fmt(k):>22} {p[0] - k[0]:16.1f}")
     return 0

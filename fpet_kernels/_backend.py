@@ -386,7 +386,7 @@ def backends() -> dict:
         "extension": _EXT is not None,
         "extension_cuda": any(cuda_k.values()),
         "cuda_kernels": [k for k, v in cuda_k.items() if v],
-        "env": os.environ.get(ENV_VAR),
+        "env": env_backend(),
         "env_var": ENV_VAR,
         "tuning_dir": TUNING_DIR,
         "results_files": [f"{d['_file']} ({d['gpu']}, {d['date']})" for d in _results()],
@@ -405,37 +405,65 @@ def _warn_once(key: str, msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
+def _env_reader():
+    """A reader of ``FPET_BACKEND`` for every op call: ``os.environ``'s own dict (it stays current under
+    ``os.environ[...] =`` and ``monkeypatch.setenv``) without the encode/decode of ``os.environ.get``."""
+    data, key = getattr(os.environ, "_data", None), None
+    if isinstance(data, dict):
+        try:
+            key = os.environ.encodekey(ENV_VAR)
+        except Exception:  # pragma: no cover - another os.environ implementation
+            key = None
+    if key is None or not isinstance(data, dict):  # pragma: no cover
+        return lambda: os.environ.get(ENV_VAR)
+    decode = os.environ.decodevalue
+
+    def read():
+        v = data.get(key)
+        return None if v is None else decode(v)
+    return read
+
+
+env_backend = _constant_result(_env_reader())  # read once per trace under torch.compile
+
+
 def resolve(backend: str | None, device: torch.device, dtypes=(), op: str | None = None) -> str:
     """Pick the backend for one call of public op ``op`` on tensors of ``device`` and ``dtypes``
-    (a sequence of dtypes, or a dict ``{argument name: dtype}`` so that errors name the tensor)."""
-    named = dtypes if isinstance(dtypes, dict) else {f"input {i}": d for i, d in enumerate(dtypes)}
-    dtypes = tuple(named.values())
-    name = backend if backend is not None else (os.environ.get(ENV_VAR) or "auto")
-    src = "backend" if backend is not None else ENV_VAR
+    (a sequence of dtypes, or a dict ``{argument name: dtype}`` so that errors name the tensor).
+
+    A compiled backend asked for explicitly (``backend=`` or ``FPET_BACKEND``) computes float32,
+    float16 and bfloat16 only: another dtype raises a TypeError naming the tensor."""
+    if backend is None:
+        name = env_backend()
+        if name is None or name == "auto":  # the common case, kept short: it runs on every op call
+            for d in (dtypes.values() if isinstance(dtypes, dict) else dtypes):
+                if d not in KERNEL_DTYPES:  # float64 and friends: only the reference computes them
+                    return "reference"
+            if device.type == "cpu" and _is_live("cpu"):
+                return "cpu"
+            return _resolve_auto(device, op)
+        src = ENV_VAR
+    else:
+        name, src = backend, "backend"
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string or None, got {type(name).__name__}")
     name = name.lower()
     if name not in BACKENDS + ("auto",):
         raise ValueError(f"{src}={name!r} is not one of {BACKENDS + ('auto',)}")
-    kernel_ok = all(d in KERNEL_DTYPES for d in dtypes)
+    named = dtypes if isinstance(dtypes, dict) else {f"input {i}": d for i, d in enumerate(dtypes)}
+    kernel_ok = all(d in KERNEL_DTYPES for d in named.values())
     if name == "auto":
-        if not kernel_ok:  # float64 and friends: only the reference computes them
+        if not kernel_ok:
             return "reference"
         if device.type == "cpu" and _is_live("cpu"):
             return "cpu"
-        if device.type == "cuda":
-            chosen = _auto_cuda(op or "", -1 if device.index is None else device.index)
-            if chosen:
-                return chosen
-        why = f" ({_EXT_ERROR})" if _EXT_ERROR else ""
-        _warn_once(
-            f"fallback-{device.type}-{op}",
-            f"fpet_kernels: no compiled kernel is live for {op or 'this op'} on {device.type} tensors{why}; "
-            "using the pure-PyTorch reference (fpet_kernels.backends() tells what is live).",
-        )
-        return "reference"
+        return _resolve_auto(device, op)
     if name == "reference":
         return name
+    if not kernel_ok:
+        bad = ", ".join(f"{k} is {d}" for k, d in named.items() if d not in KERNEL_DTYPES)
+        raise TypeError(f"{src}={name!r} computes float32, float16 and bfloat16; {bad} "
+                        "(use backend='reference' for other dtypes)")
     lv = live()
     if not lv[name]:
         cuda_k = _cuda_kernels()
@@ -464,8 +492,19 @@ def resolve(backend: str | None, device: torch.device, dtypes=(), op: str | None
         want = "cpu"
     if device.type != want:
         raise ValueError(f"{src}={name!r} runs on {want} tensors, but the inputs are on {device}")
-    if not kernel_ok:
-        bad = ", ".join(f"{k} is {d}" for k, d in named.items() if d not in KERNEL_DTYPES)
-        raise ValueError(f"{src}={name!r} supports float32, float16 and bfloat16 tensors; {bad} "
-                         "(use backend='reference' for other dtypes)")
     return name
+
+
+def _resolve_auto(device: torch.device, op: str | None) -> str:
+    """The automatic choice on kernel dtypes when the C++ CPU kernels do not take the call."""
+    if device.type == "cuda":
+        chosen = _auto_cuda(op or "", -1 if device.index is None else device.index)
+        if chosen:
+            return chosen
+    why = f" ({_EXT_ERROR})" if _EXT_ERROR else ""
+    _warn_once(
+        f"fallback-{device.type}-{op}",
+        f"fpet_kernels: no compiled kernel is live for {op or 'this op'} on {device.type} tensors{why}; "
+        "using the pure-PyTorch reference (fpet_kernels.backends() tells what is live).",
+    )
+    return "reference"

@@ -194,19 +194,6 @@ def backend_name(backend) -> None:
         raise ValueError(f"backend={backend!r} is not one of {BACKEND_NAMES}")
 
 
-def backend_dtypes(backend, **tensors) -> None:
-    """A compiled backend asked for explicitly (``backend=`` or ``FPET_BACKEND``) computes float32,
-    float16 and bfloat16 only: name the tensor that has another dtype."""
-    import os
-    name = backend if backend is not None else os.environ.get("FPET_BACKEND")
-    if not isinstance(name, str) or name.lower() not in ("cpu", "cuda", "triton"):
-        return
-    for key, t in tensors.items():
-        if t is not None and t.dtype not in KERNEL_DTYPES:
-            raise TypeError(f"backend={name!r} computes float32, float16 and bfloat16; {key} is {t.dtype} "
-                            "(use backend='reference' for other dtypes)")
-
-
 def closure_input(name: str, t: torch.Tensor, metric: torch.Tensor, n: int) -> None:
     """The input of a merge / unmerge closure: the batch size and device of the ``metric`` it was
     built from (no silent broadcasting of one image over a batch) and ``n`` tokens."""

@@ -28,7 +28,6 @@ def merge_wavg(merge, x: Tensor, size: Optional[Tensor] = None):
             s = torch.ones(*x.shape[:2], 1, dtype=compute_dtype(x, size), device=x.device) if size is None \
                 else size.to(compute_dtype(x, size))
             return x, s
-        _checks.backend_dtypes(merge.backend, x=x, size=size)
         be = _backend.resolve(merge.backend, x.device, _checks.dtypes(x=x, size=size), op="merge_wavg")
         return merge_wavg_map(x, size, merge.matching.token_map, merge.n_out, be)
     if isinstance(merge, FPETMerge):

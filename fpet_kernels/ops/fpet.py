@@ -287,7 +287,6 @@ def fpet_merge(x: Tensor, metric: Tensor, size: Optional[Tensor] = None, class_t
     if num_prefix is not None:
         p = _checks.count("num_prefix", num_prefix)
     h, w = resolve_grid(x.shape[1], p, grid)
-    _checks.backend_dtypes(backend, x=x, metric=metric, size=size)
     be = _backend.resolve(backend, x.device, _checks.dtypes(x=x, metric=metric, size=size), op="fpet_merge")
     out, out_size, tmap = _fpet_merge_call(x, metric, size, p, h, w, be)
     return (out, out_size, tmap) if return_token_map else (out, out_size)

@@ -34,7 +34,10 @@ class Kernels:
         self.suffix = suffix
 
     def __getattr__(self, name: str):
-        return getattr(getattr(torch.ops, NAMESPACE), name + self.suffix)
+        # the op's one overload, looked up once (kept on the instance: later lookups skip this method)
+        op = getattr(getattr(torch.ops, NAMESPACE), name + self.suffix).default
+        setattr(self, name, op)
+        return op
 
 
 CPP = Kernels("")
@@ -104,8 +107,8 @@ def call(op, *args):
     """Call a registered op. When no input needs a gradient the call enters the dispatcher below the
     autograd key, where the Python autograd formula would only have passed it through: an eager
     no-grad call costs the C++ dispatch alone. Under torch.compile, the plain call."""
-    if torch.compiler.is_compiling() or (
-            torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)):
+    if (torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)) or (
+            torch.compiler.is_compiling()):
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)

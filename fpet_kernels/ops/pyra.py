@@ -186,7 +186,6 @@ def pyra_merge(x: Tensor, metric: Tensor, r: int, a: Tensor, b: Tensor, ln_weigh
     _checks.param("ln_weight", ln_weight, (c,), x)
     _checks.param("ln_bias", ln_bias, (c,), x)
     eps = _checks.finite_positive("pyra_merge", "eps", eps)
-    _checks.backend_dtypes(backend, x=x, metric=metric, a=a, b=b, ln_weight=ln_weight, ln_bias=ln_bias, size=size)
     dtypes = _checks.dtypes(x=x, metric=metric, a=a, b=b, ln_weight=ln_weight, ln_bias=ln_bias, size=size)
     be = _backend.resolve(backend, x.device, dtypes, op="pyra_merge")
     if be == "reference":

@@ -340,7 +340,6 @@ def tome_match(metric: Tensor, r: int, class_token: bool = False, distill_token:
     _checks.tokens("metric", metric)
     r = cap_r(_checks.count("r", r), metric.shape[1], _checks.flag("class_token", class_token),
               _checks.flag("distill_token", distill_token))
-    _checks.backend_dtypes(backend, metric=metric)
     be = _backend.resolve(backend, metric.device, {"metric": metric.dtype}, op="tome_match")
     if be == "reference":
         return Matching(*tome_match_reference(metric, r, class_token, distill_token))
@@ -357,7 +356,6 @@ def tome_merge(x: Tensor, metric: Tensor, r: int, size: Optional[Tensor] = None,
     _checks.merge_inputs(x, metric, size)
     r = cap_r(_checks.count("r", r), x.shape[1], _checks.flag("class_token", class_token),
               _checks.flag("distill_token", distill_token))
-    _checks.backend_dtypes(backend, x=x, metric=metric, size=size)
     be = _backend.resolve(backend, x.device, _checks.dtypes(x=x, metric=metric, size=size), op="tome_merge")
     if r == 0:  # spec 5: the identity, x itself (bit-identical), sizes as given (float32) or ones
         return (x, size.to(size_dtype(x, size)) if size is not None
@@ -385,7 +383,6 @@ def unmerge(y: Tensor, matching, backend: Optional[str] = None) -> Tensor:
         n_out = tmap.shape[1] - matching.src_idx.shape[1]
         if y.shape[1] != n_out:
             raise ValueError(f"y has {y.shape[1]} tokens but the matching produced {n_out}")
-    _checks.backend_dtypes(backend, y=y)
     be = _backend.resolve(backend, y.device, {"y": y.dtype}, op="unmerge")
     if be == "reference":
         check_map_range(tmap, y.shape[1])
