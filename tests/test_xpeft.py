@@ -265,6 +265,54 @@ def test_trained_bank_from_adaptformer_adapters():
     assert "fk_xpeft.down" in model.state_dict()  # a trained bank is saved with the model
 
 
+def test_trained_bank_from_hf_adapter_lists():
+    """Hugging Face encoder, bank sources given as lists of per-layer adapters (how
+    python/xpeft_profiles.py builds its banks from adapter snapshots): a hard mask with k = 1
+    selecting source j reproduces the encoder with source j's adapters on the feed-forward outputs,
+    ``h = dense(x); h + adapter(h)``; mixed (mismatched) down/up selections do not."""
+    sources = []
+    for s in range(3):
+        torch.manual_seed(100 + s)
+        ads = [pet.AdaptFormerAdapter(32, bottleneck=4, scale=0.5) for _ in range(2)]
+        with torch.no_grad():
+            for a in ads:
+                a.up.weight.normal_(generator=torch.Generator().manual_seed(s))
+                a.up.bias.normal_(generator=torch.Generator().manual_seed(20 + s))
+        sources.append(ads)
+
+    class Seq(nn.Module):
+        def __init__(self, base, ad):
+            super().__init__()
+            self.base, self.ad = base, ad
+
+        def forward(self, x):
+            h = self.base(x)
+            return h + self.ad(h)
+
+    ids = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(5))
+    model = _bert()
+    pet.apply(model, "xpeft", bank=sources, mask="hard", k=1)
+    assert (model.fk_xpeft.adapters, model.fk_xpeft.rank, model.fk_xpeft.scale) == (3, 4, 1.0)
+    outs = []
+    for j in range(3):
+        ref = _bert()
+        for layer, ad in zip(ref.encoder.layer, sources[j]):
+            layer.output.dense = Seq(layer.output.dense, ad)
+        p = pet.add_profile(model, f"only{j}")
+        with torch.no_grad():
+            p.zero_()
+            p[:, :, j] = 1.0
+            want = ref(ids).last_hidden_state
+            outs.append(_run(model, ids, f"only{j}"))
+        torch.testing.assert_close(outs[-1], want, atol=2e-5, rtol=1e-5)
+    p = pet.add_profile(model, "mixed")
+    with torch.no_grad():
+        p.zero_()
+        p[0, :, 0] = 1.0  # down-projections of source 0, up-projections of source 1
+        p[1, :, 1] = 1.0
+        assert not torch.allclose(_run(model, ids, "mixed"), outs[1], atol=1e-3)
+
+
 def test_cache_follows_optimizer_steps():
     model, inp = _model_and_input("bert")
     _xpeft(model, mask="soft")
@@ -442,8 +490,10 @@ def test_real_data_quick(tmp_path):
     res = mod.main(["--quick", "--out", str(tmp_path), "--threads", "1"])
     assert set(res) == {"sentiment", "plot", "party"}
     for n, r in res.items():
-        for col in ("head-only", "adapter", "xpeft-rand", "xpeft-bank", "mixed"):
+        for col in ("head-only", "adapter", "xpeft-rand", "xpeft-bank", "xpeft-loo", "mixed"):
             assert 0.0 <= r[col] <= 100.0
+        # trained banks: every profile's snapshots (own included), and the leave-one-out bank
+        assert (r["xpeft-bank_size"], r["xpeft-loo_size"]) == (3 * 2, 2 * 2), n
         assert r["mixed"] == r["xpeft-rand"], n  # the mixed batch reproduces each profile's own evaluation
         assert r["mask_bits_bytes"] == math.ceil(2 * 6 * 16 / 8)
         assert r["mask_bits_bytes"] < r["xpeft_bytes"] <= r["mask_bits_bytes"] + 400
