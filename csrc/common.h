@@ -619,6 +619,24 @@ inline void tome_match_image(const float* metric, int64_t N, int64_t D, int64_t 
   for (int64_t k = 0; k < r; ++k) token_map[2 * src_idx[k]] = rows.b_row(dst_idx[k]);
 }
 
+// r == 0 of a ToMe-matched merge (tome_merge, pyra_merge): x copied bit for bit, the sizes as given
+// (s: float32 [B, N] or undefined), and the identity matching of the float32 metric m [B, N, D].
+inline void tome_identity_merge(const at::Tensor& x, const at::Tensor& s, const at::Tensor& m,
+                                const TomeMergeOutputs& outs, bool class_token, bool distill_token) {
+  const int64_t B = x.size(0), N = x.size(1), D = m.size(2), Na = (N + 1) / 2;
+  at::Tensor o = outs.out, os = outs.out_size;
+  identity_merge(x, s, o, os);
+  const float* mp = m.data_ptr<float>();
+  int64_t *sp = outs.src.data_ptr<int64_t>(), *dp = outs.dst.data_ptr<int64_t>();
+  int64_t *up = outs.unm.data_ptr<int64_t>(), *tp = outs.map.data_ptr<int64_t>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    TomeWorkspace ws;
+    for (int64_t b = b0; b < b1; ++b) {
+      tome_match_image(mp + b * N * D, N, D, 0, class_token, distill_token, ws, sp, dp, up + b * Na, tp + b * N);
+    }
+  });
+}
+
 // Sources of each destination row as a CSR list that keeps the order of `dst` (rank order):
 // the sources of row j are list[head[j] .. head[j + 1]).
 inline void group_by_destination(const int64_t* dst, int64_t count, int64_t n_rows, std::vector<int64_t>& head,

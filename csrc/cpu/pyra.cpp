@@ -128,14 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   int64_t *sp = src.data_ptr<int64_t>(), *dp = dst.data_ptr<int64_t>();
   int64_t *up = unm.data_ptr<int64_t>(), *tp = map.data_ptr<int64_t>();
   if (r == 0) {  // the identity: x copied bit for bit, the sizes as given
-    at::Tensor o = outs.out, os = outs.out_size;
-    identity_merge(x, s, o, os);
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      TomeWorkspace ws;
-      for (int64_t b = b0; b < b1; ++b) {
-        tome_match_image(mp + b * N * D, N, D, 0, class_token, distill_token, ws, sp, dp, up + b * Na, tp + b * N);
-      }
-    });
+    tome_identity_merge(x, s, m, outs, class_token, distill_token);
     return {out, out_size, src, dst, unm, map};
   }
 

@@ -57,6 +57,19 @@ if HAS_TRITON:
                 + _z_rows(x_b, s_b, 2 * dj + 1, vk, cc, vc, C, HAS_SIZE))
 
     @triton.jit
+    def _source_block(src_b, dst_b, mean_ws, rstd_ws, a_ptr, k0, r, BLOCK_K: tl.constexpr):
+        """Sources ``k0 .. k0 + BLOCK_K`` of one image: (kk, valid, A rows, destinations, LayerNorm mean
+        and rstd of the forward (from the workspace), a[k] in float32)."""
+        kk = k0 + tl.arange(0, BLOCK_K)
+        vk = kk < r
+        si = tl.load(src_b + kk, mask=vk, other=0)
+        dj = tl.load(dst_b + kk, mask=vk, other=0)
+        mean = tl.load(mean_ws + kk, mask=vk, other=0.0)
+        rstd = tl.load(rstd_ws + kk, mask=vk, other=0.0)
+        ak = tl.load(a_ptr + kk, mask=vk, other=0.0).to(tl.float32)
+        return kk, vk, si, dj, mean, rstd, ak
+
+    @triton.jit
     def _grad_y(x_b, s_b, si, dj, vk, mean, rstd, gv, m1, m2, ak, gu, bv, lw, cc, vc, C, HAS_SIZE: tl.constexpr):
         """The LayerNorm backward of the sources: g_y = rstd (g_yh - m1 - yh m2), g_yh = (a g_u + g_v b) ln_w."""
         yh = (_y_rows(x_b, s_b, si, dj, vk, cc, vc, C, HAS_SIZE) - mean[:, None]) * rstd[:, None]
@@ -132,15 +145,9 @@ if HAS_TRITON:
             u = tl.zeros([BLOCK_C], tl.float32)
             gwc = tl.zeros([BLOCK_C], tl.float32)
             for k0 in range(0, r, BLOCK_K):
-                kk = k0 + tl.arange(0, BLOCK_K)
-                vk = kk < r
+                kk, vk, si, dj, mean, rstd, ak = _source_block(src_b, dst_b, mean_ws, rstd_ws, a_ptr, k0, r, BLOCK_K)
                 msk = vk[:, None] & vc[None, :]
-                si = tl.load(src_b + kk, mask=vk, other=0)
-                dj = tl.load(dst_b + kk, mask=vk, other=0)
-                mean = tl.load(mean_ws + kk, mask=vk, other=0.0)
-                rstd = tl.load(rstd_ws + kk, mask=vk, other=0.0)
                 wt = tl.load(wt_ws + kk, mask=vk, other=0.0)
-                ak = tl.load(a_ptr + kk, mask=vk, other=0.0).to(tl.float32)
                 w = ((_y_rows(x_b, s_b, si, dj, vk, cc, vc, C, HAS_SIZE) - mean[:, None]) * rstd[:, None]
                      * lw[None, :] + lb[None, :])
                 u += tl.sum(tl.where(msk, ak[:, None] * w, 0.0), 0)
@@ -154,14 +161,8 @@ if HAS_TRITON:
 
         # (c) per source: g_v, grad_a, and the two means of the LayerNorm backward
         for k0 in range(0, r, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            vk = kk < r
-            si = tl.load(src_b + kk, mask=vk, other=0)
-            dj = tl.load(dst_b + kk, mask=vk, other=0)
-            mean = tl.load(mean_ws + kk, mask=vk, other=0.0)
-            rstd = tl.load(rstd_ws + kk, mask=vk, other=0.0)
+            kk, vk, si, dj, mean, rstd, ak = _source_block(src_b, dst_b, mean_ws, rstd_ws, a_ptr, k0, r, BLOCK_K)
             wt = tl.load(wt_ws + kk, mask=vk, other=0.0)
-            ak = tl.load(a_ptr + kk, mask=vk, other=0.0).to(tl.float32)
             row = _out_row_b(dj, na, r, DISTILL)
             gwt = tl.zeros([BLOCK_K], tl.float32)
             ga = tl.zeros([BLOCK_K], tl.float32)
@@ -210,15 +211,9 @@ if HAS_TRITON:
             glw = tl.zeros([BLOCK_C], tl.float32)
             glb = tl.zeros([BLOCK_C], tl.float32)
             for k0 in range(0, r, BLOCK_K):
-                kk = k0 + tl.arange(0, BLOCK_K)
-                vk = kk < r
+                kk, vk, si, dj, mean, rstd, ak = _source_block(src_b, dst_b, mean_ws, rstd_ws, a_ptr, k0, r, BLOCK_K)
                 msk = vk[:, None] & vc[None, :]
-                si = tl.load(src_b + kk, mask=vk, other=0)
-                dj = tl.load(dst_b + kk, mask=vk, other=0)
-                mean = tl.load(mean_ws + kk, mask=vk, other=0.0)
-                rstd = tl.load(rstd_ws + kk, mask=vk, other=0.0)
                 gv = tl.load(gv_ws + kk, mask=vk, other=0.0)
-                ak = tl.load(a_ptr + kk, mask=vk, other=0.0).to(tl.float32)
                 yh = (_y_rows(x_b, s_b, si, dj, vk, cc, vc, C, HAS_SIZE) - mean[:, None]) * rstd[:, None]
                 w = yh * lw[None, :] + lb[None, :]
                 gw = ak[:, None] * gu[None, :] + gv[:, None] * bv[None, :]
