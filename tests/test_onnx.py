@@ -3,6 +3,7 @@ extra import or argument (the public ops trace their export-friendly formulation
 runs: fpet_kernels/ops/export_reference.py), on the compiled CPU kernels and on the reference
 backend; onnxruntime (CPU) computes eager's logits, and the ops' matchings (token maps, indices)
 equal eager's exactly. torch's global decomposition table holds no fpet op."""
+import os
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ timm = pytest.importorskip("timm")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+TESTS = os.path.dirname(os.path.abspath(__file__))
 KW = dict(tome=dict(r=3), fpet=dict(merge_layer=1), pyra=dict(r=[3, 2, 2]))
 
 
@@ -91,6 +93,30 @@ class Ops(torch.nn.Module):
         w_out, w_size = fk.merge_wavg(merge, x, size)
         return (out, out_size, m.src_idx, m.dst_idx, m.unm_idx, m.token_map, full, f_out, f_size, f_map,
                 p_out, p_size, p_m.token_map, w_out, w_size)
+
+
+def test_export_without_the_extension():
+    """A pure-Python install (fpet_kernels._C cannot load: the automatic backend is the reference):
+    the user's three lines export a ToMe ViT that onnxruntime runs as eager does."""
+    code = f"""
+import sys, warnings
+sys.modules["fpet_kernels._C"] = None  # import fpet_kernels._C raises ImportError
+sys.path[:0] = {[TESTS, os.path.dirname(TESTS)]!r}
+import torch, onnxruntime as ort
+import fpet_kernels as fk
+from helpers import tiny_timm_vit
+assert not fk.backends()["live"]["cpu"]
+model = fk.patch.timm(tiny_timm_vit(0, head_std=0.5), method="tome", r=3).eval()
+x = torch.randn(2, 3, 32, 32)
+with torch.no_grad(), warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # the warning that the reference is used
+    expected = model(x)
+program = torch.onnx.export(model, (x,), dynamo=True)
+sess = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+got = torch.from_numpy(sess.run(None, {{sess.get_inputs()[0].name: x.numpy()}})[0])
+torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_ops_export_with_exact_matchings(env_backend):
