@@ -53,6 +53,22 @@ def test_not_a_module():
         fk.patch.timm("vit_base_patch16_224")
 
 
+def test_eva_message_says_whether_it_has_rope():
+    with pytest.raises(TypeError, match="EvaAttention with rotary position embeddings"):
+        fk.patch.timm(Eva(**TINY, use_rot_pos_emb=True))
+    with pytest.raises(TypeError, match=r"EvaAttention, not timm's Block") as info:
+        fk.patch.timm(Eva(**TINY))  # EVA-01 style: absolute position embeddings, no RoPE
+    assert "rotary" not in str(info.value)
+
+
+def test_compiled_model_says_patch_first():
+    model = VisionTransformer(**TINY)
+    with pytest.raises(TypeError, match=r"torch.compile wrapper: patch the model first") as info:
+        fk.patch.timm(torch.compile(model))
+    assert "supported: timm VisionTransformer" in str(info.value)
+    assert not any(n.startswith("fk_") or ".fk_" in n for n, _ in model.named_modules())
+
+
 def test_hf_model_points_to_patch_hf():
     transformers = pytest.importorskip("transformers")
     model = transformers.ViTModel(transformers.ViTConfig(hidden_size=48, num_hidden_layers=1, num_attention_heads=3,

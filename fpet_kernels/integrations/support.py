@@ -23,13 +23,17 @@ def _reason(model: nn.Module, vit_cls, block_cls, attn_cls) -> str | None:
     if module.startswith("transformers."):
         return f"{cls.__name__} is a Hugging Face transformers model: use fk.patch.hf(model, ...)"
     if module.startswith("timm.models.eva"):
-        return (f"{cls.__name__} is an Eva / EVA02-style model (timm.models.eva: EvaBlock / EvaAttention with "
-                "rotary position embeddings)")
+        rope = " with rotary position embeddings" if getattr(model, "rope", None) is not None else ""
+        return (f"{cls.__name__} is an Eva / EVA02-style model (timm.models.eva: EvaBlock / EvaAttention{rope}, "
+                "not timm's Block / Attention; why: docs/model_layer.md, 'Eva and RoPE models')")
     rope = [name for name, mod in model.named_modules()
             if any(k in type(mod).__name__.lower() for k in ("rope", "rotary"))
             or getattr(mod, "rope", None) is not None]
     if rope:
         return f"{cls.__name__} uses rotary position embeddings (RoPE, at {rope[0] or 'the model'})"
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+        return (f"{cls.__name__} is a torch.compile wrapper: patch the model first, then compile it "
+                "(fk.patch.timm(model, ...); torch.compile(model))")
     if not isinstance(model, vit_cls):
         return f"{cls.__name__} is not a timm VisionTransformer"
     blocks = getattr(model, "blocks", None)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend
-from . import library
+from . import _export, library
 
 PAD = 8  # the padded head dim is a multiple of 8 (what SDPA's fused kernels want)
 
@@ -85,7 +85,7 @@ def attention_inputs(qkv: Tensor, size: Optional[Tensor], num_heads: int, scale:
         raise ValueError(f"size must be [B, N, 1] for qkv {tuple(qkv.shape)}, got {tuple(size.shape)}")
     needs_grad = torch.is_grad_enabled() and (qkv.requires_grad or (size is not None and size.requires_grad))
     be = _attention_backend(backend, qkv)
-    if needs_grad or be == "reference":
+    if needs_grad or be == "reference" or _export.exporting():  # ONNX export: the PyTorch formulation
         return attention_inputs_reference(qkv, size, num_heads, scale, pad_v and size is not None)
     return library.call(library.TRITON.attention_inputs, qkv, size, num_heads, float(scale),
                         bool(pad_v and size is not None))

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _checks
-from . import library
+from . import _export, library
 from .shapes import NORM_EPS, compute_dtype, grid_sizes, size_dtype
 from .tome import merge_wavg_reference, normalize, safe_div
 
@@ -266,6 +266,8 @@ class _FPETReference(torch.autograd.Function):
 
 def _fpet_merge_call(x, metric, size, num_prefix: int, h: int, w: int, backend: str):
     """(x', size', token_map) on a resolved backend."""
+    if _export.exporting():  # torch.onnx.export: the export-friendly formulation
+        return _export.formulation("fpet_merge")(x, metric, size, num_prefix, h, w)
     if backend == "reference":
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, metric, size)):
             return _FPETReference.apply(x, metric, size, num_prefix, h, w)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend, _checks
-from . import library
+from . import _export, library
 from .shapes import cap_r, compute_dtype, size_dtype
 from .tome import Matching, assemble, merge_by_indices, output_rows, tome_match_reference
 
@@ -188,7 +188,10 @@ def pyra_merge(x: Tensor, metric: Tensor, r: int, a: Tensor, b: Tensor, ln_weigh
     eps = _checks.finite_positive("pyra_merge", "eps", eps)
     dtypes = _checks.dtypes(x=x, metric=metric, a=a, b=b, ln_weight=ln_weight, ln_bias=ln_bias, size=size)
     be = _backend.resolve(backend, x.device, dtypes, op="pyra_merge")
-    if be == "reference":
+    if _export.exporting():  # torch.onnx.export: the export-friendly formulation
+        out, out_size, *m = _export.formulation("pyra_merge")(x, metric, r, a[:r], b, ln_weight, ln_bias, size,
+                                                              class_token, distill_token, eps)
+    elif be == "reference":
         out, out_size, m = pyra_merge_reference(x, metric, r, a[:r], b, ln_weight, ln_bias, size, class_token,
                                                 distill_token, eps)
     else:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _checks
-from . import library
+from . import _export, library
 from .shapes import NORM_EPS, cap_r, check_map_range, compute_dtype, size_dtype  # noqa: F401 (re-exported)
 
 
@@ -327,6 +327,8 @@ library.register_autograd("merge_sum", _merge_sum_backward, _merge_sum_setup)
 # ----------------------------------------------------------------------------- 3. calling a backend
 def merge_wavg_map(x: Tensor, size: Optional[Tensor], token_map: Tensor, n_out: int, backend: str):
     """Size-weighted merge along a token map on a resolved backend: ``(x' [B, n_out, C], size')``."""
+    if _export.exporting():  # torch.onnx.export: the export-friendly formulation
+        return _export.formulation("merge_wavg")(x, size, token_map, n_out)
     if backend == "reference":
         check_map_range(token_map, n_out)
         return merge_wavg_reference(x, size, token_map, n_out)
@@ -341,6 +343,8 @@ def tome_match(metric: Tensor, r: int, class_token: bool = False, distill_token:
     r = cap_r(_checks.count("r", r), metric.shape[1], _checks.flag("class_token", class_token),
               _checks.flag("distill_token", distill_token))
     be = _backend.resolve(backend, metric.device, {"metric": metric.dtype}, op="tome_match")
+    if _export.exporting():  # torch.onnx.export: the export-friendly formulation
+        return Matching(*_export.formulation("tome_match")(metric, r, class_token, distill_token))
     if be == "reference":
         return Matching(*tome_match_reference(metric, r, class_token, distill_token))
     return Matching(*library.call(library.family(be).tome_match, metric, r, class_token, distill_token))
@@ -361,6 +365,9 @@ def tome_merge(x: Tensor, metric: Tensor, r: int, size: Optional[Tensor] = None,
         return (x, size.to(size_dtype(x, size)) if size is not None
                 else torch.ones(*x.shape[:2], 1, dtype=size_dtype(x, size), device=x.device),
                 Matching(*tome_match_reference(metric, 0, class_token, distill_token)))
+    if _export.exporting():  # torch.onnx.export: the export-friendly formulation
+        out, out_size, *m = _export.formulation("tome_merge")(x, metric, r, size, class_token, distill_token)
+        return out, out_size, Matching(*m)
     if be == "reference":
         return tome_merge_reference(x, metric, r, size, class_token, distill_token)
     out, out_size, *m = library.call(library.family(be).tome_merge, x, metric, r, size, class_token, distill_token)
@@ -384,6 +391,8 @@ def unmerge(y: Tensor, matching, backend: Optional[str] = None) -> Tensor:
         if y.shape[1] != n_out:
             raise ValueError(f"y has {y.shape[1]} tokens but the matching produced {n_out}")
     be = _backend.resolve(backend, y.device, {"y": y.dtype}, op="unmerge")
+    if _export.exporting():  # torch.onnx.export: the export-friendly formulation
+        return _export.formulation("unmerge")(y, tmap)
     if be == "reference":
         check_map_range(tmap, y.shape[1])
         return unmerge_reference(y, tmap)
