@@ -207,10 +207,8 @@ def pafi_modules(model: nn.Module) -> List[Tuple[str, PaFiLinear]]:
 
 
 def _resolve_targets(model: nn.Module, targets) -> List[Tuple[str, nn.Linear]]:
-    if targets == "blocks":
-        found = _targets.block_linears(model)
-    elif targets == "ffn":
-        found = _targets.block_linears(model, ffn_only=True)
+    if isinstance(targets, str) and targets in _targets.PRESETS:
+        found = _targets.block_linears(model, targets)
     else:
         found = _targets.pattern_linears(model, targets)
     if not found:
