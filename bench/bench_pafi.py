@@ -93,8 +93,10 @@ def bench_steps(kind: str, batch: int, seq: int, repeats: int) -> list:
         "head": lambda m: None,
         "lora": lambda m: apply_lora(m, 8),
         "pafi": lambda m: pet.apply(m, "pafi", ratio=0.005),
-        "pafi_qkv": lambda m: pet.apply(m, "pafi", ratio=0.005, targets=[r"attention\.self\.(query|key|value)$"]),
+        "pafi=qkv_ffn": lambda m: pet.apply(m, "pafi", ratio=0.005, targets="qkv_ffn"),
+        "pafi=qkv": lambda m: pet.apply(m, "pafi", ratio=0.005, targets="qkv"),
         "hiwi": lambda m: pet.apply(m, "hiwi", rank=8),
+        "hiwi=ffn1_bias": lambda m: pet.apply(m, "hiwi", rank=8, targets="ffn1_bias"),
     }
     rows, out = [], {}
     for name, setup in setups.items():
@@ -141,6 +143,7 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=1536, help="M of the op benchmark (batch x tokens)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-op", dest="op", action="store_false", help="skip part 1 (the op benchmark)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--csv", default=None)
     args = ap.parse_args(argv)
@@ -148,7 +151,7 @@ def main(argv=None):
         args.batch, args.seq, args.tokens, args.repeats = 4, 16, 256, 2
     torch.set_num_threads(args.threads)
     backends = ["reference"] + (["cpu"] if sparse.cpu_kernel_live() else [])
-    rows = bench_op(args.repeats, args.tokens, backends) + bench_steps(args.model, args.batch, args.seq, args.repeats)
+    rows = (bench_op(args.repeats, args.tokens, backends) if args.op else []) + bench_steps(args.model, args.batch, args.seq, args.repeats)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, one run (medians of {args.repeats})")
     print("\n1. masked weight gradient vs dense weight gradient + gather (ratio < 1: the op is faster)")
     for r in rows:
@@ -159,7 +162,7 @@ def main(argv=None):
     print("   targets: PaFi step <= 1.15x LoRA, PaFi peak memory <= 1.00x LoRA, HiWi folded inference 1.00x")
     for r in rows:
         if r["part"] == "step":
-            print(f"  {r['case']:<20} {r['method']:<9} step {r['ms']:8.1f} ms ({r['ratio']:.2f}x LoRA)  "
+            print(f"  {r['case']:<20} {r['method']:<15} step {r['ms']:8.1f} ms ({r['ratio']:.2f}x LoRA)  "
                   f"peak {r['mem_mib']:7.1f} MiB ({r['mem_ratio']:.2f}x LoRA)  inference after fold "
                   f"{r['inference_ms']:7.1f} ms ({r['inference_ratio']:.2f}x backbone)")
     if args.csv:
