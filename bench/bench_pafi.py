@@ -92,7 +92,7 @@ def bench_steps(kind: str, batch: int, seq: int, repeats: int, methods=None) -> 
     setups = {
         "head": lambda m: None,
         "lora": lambda m: apply_lora(m, 8),
-        "pafi": lambda m: pet.apply(m, "pafi", ratio=0.005),
+        "pafi=blocks": lambda m: pet.apply(m, "pafi", ratio=0.005, targets="blocks"),
         "pafi=qkv_ffn": lambda m: pet.apply(m, "pafi", ratio=0.005, targets="qkv_ffn"),
         "pafi=qkv": lambda m: pet.apply(m, "pafi", ratio=0.005, targets="qkv"),
         "hiwi": lambda m: pet.apply(m, "hiwi", rank=8),

@@ -145,7 +145,8 @@ def run_method(spec, base_model, data, args, progress):
         if method == "lora":
             apply_lora(model, args.rank)
         elif method == "pafi":
-            pet.apply(model, "pafi", ratio=args.pafi_ratio, targets=targets or args.pafi_targets)
+            kw = {"targets": targets or args.pafi_targets} if (targets or args.pafi_targets) else {}
+            pet.apply(model, "pafi", ratio=args.pafi_ratio, **kw)
         elif method == "hiwi":
             pet.apply(model, "hiwi", rank=args.rank, targets=targets or args.hiwi_targets)
         pet.mark_trainable(model)
@@ -279,7 +280,8 @@ def main(argv=None):
                     help="skip the peak-memory measurement (the profiler's memory timeline is slow on a busy CPU)")
     ap.add_argument("--rank", type=int, default=8, help="LoRA and HiWi rank")
     ap.add_argument("--pafi-ratio", type=float, default=0.005)
-    ap.add_argument("--pafi-targets", default="blocks", help="PaFi targets: a preset (pet.pafi) or one regex")
+    ap.add_argument("--pafi-targets", default=None,
+                    help="PaFi targets: a preset (pet.pafi; default: the method's default) or one regex")
     ap.add_argument("--hiwi-targets", default="ffn_bias", help="HiWi targets: a preset (pet.hiwi) or one regex")
     ap.add_argument("--head-lr", type=float, default=2e-3)
     ap.add_argument("--full-lr", type=float, default=5e-5)

@@ -1,7 +1,7 @@
 """PaFi (Liao, Meng, Monz, ACL 2023): task-agnostic sparse fine-tuning of the pre-trained weights with
 the smallest absolute magnitude.
 
-    pet.apply(model, "pafi", ratio=0.005)   # the k smallest-|w| entries of each block nn.Linear weight train
+    pet.apply(model, "pafi", ratio=0.005)   # the k smallest-|w| entries of each target nn.Linear weight train
     pet.mark_trainable(model)               # the k-vectors ``pafi_delta`` (+ heads) train, all else frozen
     ...train...
     pet.fold(model)                         # plain nn.Linear layers again (the weights hold W0 + delta)
@@ -303,14 +303,16 @@ def _resolve_targets(model: nn.Module, targets) -> List[Tuple[str, nn.Linear]]:
     return found
 
 
-def apply_pafi(model: nn.Module, ratio: float = 0.005, targets: Union[str, Sequence[str]] = "blocks",
+def apply_pafi(model: nn.Module, ratio: float = 0.005, targets: Union[str, Sequence[str]] = "qkv_ffn",
                scope: str = "matrix", backend: Optional[str] = None) -> nn.Module:
     """``pet.apply(model, "pafi", ...)``: every target ``nn.Linear`` becomes a :class:`PaFiLinear`.
 
     ``ratio`` (0, 1]: the budget, a fraction of each target's weight entries (``scope="matrix"``) or of
-    all targets' entries (``scope="global"``). ``targets``: ``"blocks"`` (every nn.Linear inside the
-    transformer blocks: attention and feed-forward), ``"ffn"`` (the feed-forward ones), or regex
-    patterns matched against qualified module names. ``backend``: of the masked weight-gradient op."""
+    all targets' entries (``scope="global"``). ``targets``: a preset of ``_targets.PRESETS`` --
+    ``"qkv_ffn"`` (default: every nn.Linear inside the transformer blocks except the attention output
+    projection, whose input is the one PaFi would keep beyond LoRA's memory; see docs/pafi_hiwi.md),
+    ``"blocks"`` (all of them), ``"attention"``, ``"qkv"``, ``"ffn"`` -- or regex patterns matched against
+    qualified module names. ``backend``: of the masked weight-gradient op."""
     ratio = _ratio(ratio)
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
