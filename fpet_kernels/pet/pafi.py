@@ -17,7 +17,9 @@ dense layer on ``weight``, which holds ``W0 + scatter(delta)``: a forward pre-ho
 ``pafi_delta._version`` with the version last written and, when the optimiser (or ``load``) changed
 the delta in place, rewrites the k entries (``index_put``, O(k)). The backward computes ``grad_x`` as the
 frozen layer does and the k weight-gradient entries with ``fpet_kernels.ops.sparse.masked_weight_grad``:
-no dense ``[out, in]`` weight gradient, optimiser state for k values only. (A delta changed through
+no dense ``[out, in]`` weight gradient, optimiser state for k values only. The layer input the op needs
+is rebuilt in the backward from what the GELU / LayerNorm node before the layer keeps anyway, when there
+is one (:func:`_input_source`), so PaFi keeps about as much memory as a frozen layer. (A delta changed through
 ``.data`` bypasses the version counter: call :meth:`PaFiLinear.sync` after such writes.)
 """
 from __future__ import annotations
