@@ -82,7 +82,7 @@ def make_model(kind: str):
     return SentenceClassifier(BertModel(cfg, add_pooling_layer=False), 2)
 
 
-def bench_steps(kind: str, batch: int, seq: int, repeats: int) -> list:
+def bench_steps(kind: str, batch: int, seq: int, repeats: int, methods=None) -> list:
     from finetune_text import apply_lora, merge_lora
     base = make_model(kind)
     g = torch.Generator().manual_seed(0)
@@ -92,11 +92,14 @@ def bench_steps(kind: str, batch: int, seq: int, repeats: int) -> list:
     setups = {
         "head": lambda m: None,
         "lora": lambda m: apply_lora(m, 8),
-        "pafi": lambda m: pet.apply(m, "pafi", ratio=0.005),
-        "pafi_qkv": lambda m: pet.apply(m, "pafi", ratio=0.005, targets=[r"attention\.self\.(query|key|value)$"]),
+        "pafi=blocks": lambda m: pet.apply(m, "pafi", ratio=0.005, targets="blocks"),
+        "pafi=qkv_ffn": lambda m: pet.apply(m, "pafi", ratio=0.005, targets="qkv_ffn"),
+        "pafi=qkv": lambda m: pet.apply(m, "pafi", ratio=0.005, targets="qkv"),
         "hiwi": lambda m: pet.apply(m, "hiwi", rank=8),
+        "hiwi=ffn1_bias": lambda m: pet.apply(m, "hiwi", rank=8, targets="ffn1_bias"),
     }
-    rows, out = [], {}
+    setups = {k: v for k, v in setups.items() if methods is None or k in methods or k == "lora"}
+    rows, out, runs = [], {}, {}
     for name, setup in setups.items():
         m = copy.deepcopy(base)
         setup(m)
@@ -104,26 +107,43 @@ def bench_steps(kind: str, batch: int, seq: int, repeats: int) -> list:
         m.train()
         opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
 
-        def step():
+        def step(m=m, opt=opt):
             loss = F.cross_entropy(m(ids, mask), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
 
-        t = median_time(step, repeats, warmup=2)
-        mem = peak_memory(step)
+        runs[name] = (m, step)
+    # timings interleaved (one step of every method per round): a load change on a shared machine hits all
+    times = {name: [] for name in runs}
+    for r in range(repeats + 2):
+        for name, (m, step) in runs.items():
+            t0 = time.perf_counter()
+            step()
+            if r >= 2:
+                times[name].append(time.perf_counter() - t0)
+    models = {"backbone": base}
+    for name, (m, step) in runs.items():
+        out[name] = dict(ms=1e3 * statistics.median(times[name]), mem=peak_memory(step) / 2 ** 20,
+                         trainable=sum(p.numel() for p in m.parameters() if p.requires_grad))
         if name == "lora":
             merge_lora(m)
         else:
             pet.fold(m)
-        m.eval()
-        with torch.no_grad():
-            inf = median_time(lambda: m(ids, mask), repeats)
-        out[name] = dict(ms=1e3 * t, mem=mem / 2 ** 20, inf=1e3 * inf,
-                         trainable=sum(p.numel() for p in m.parameters() if p.requires_grad))
-    base.eval()
+        models[name] = m
+    inf = {name: [] for name in models}
     with torch.no_grad():
-        base_inf = 1e3 * median_time(lambda: base(ids, mask), repeats)
+        for m in models.values():
+            m.eval()
+        for r in range(repeats + 1):
+            for name, m in models.items():
+                t0 = time.perf_counter()
+                m(ids, mask)
+                if r >= 1:
+                    inf[name].append(time.perf_counter() - t0)
+    base_inf = 1e3 * statistics.median(inf["backbone"])
+    for name in out:
+        out[name]["inf"] = 1e3 * statistics.median(inf[name])
     for name, r in out.items():
         rows.append(dict(part="step", case=f"{kind} B={batch} L={seq}", method=name, ms=r["ms"],
                          ref_ms=out["lora"]["ms"], ratio=r["ms"] / out["lora"]["ms"], mem_mib=r["mem"],
@@ -141,6 +161,9 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=1536, help="M of the op benchmark (batch x tokens)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--methods", nargs="+", default=None,
+                    help="training-step methods to run (default all; lora always runs, it is the reference)")
+    ap.add_argument("--no-op", dest="op", action="store_false", help="skip part 1 (the op benchmark)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--csv", default=None)
     args = ap.parse_args(argv)
@@ -148,7 +171,8 @@ def main(argv=None):
         args.batch, args.seq, args.tokens, args.repeats = 4, 16, 256, 2
     torch.set_num_threads(args.threads)
     backends = ["reference"] + (["cpu"] if sparse.cpu_kernel_live() else [])
-    rows = bench_op(args.repeats, args.tokens, backends) + bench_steps(args.model, args.batch, args.seq, args.repeats)
+    rows = bench_op(args.repeats, args.tokens, backends) if args.op else []
+    rows += bench_steps(args.model, args.batch, args.seq, args.repeats, args.methods)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, one run (medians of {args.repeats})")
     print("\n1. masked weight gradient vs dense weight gradient + gather (ratio < 1: the op is faster)")
     for r in rows:
@@ -159,7 +183,7 @@ def main(argv=None):
     print("   targets: PaFi step <= 1.15x LoRA, PaFi peak memory <= 1.00x LoRA, HiWi folded inference 1.00x")
     for r in rows:
         if r["part"] == "step":
-            print(f"  {r['case']:<20} {r['method']:<9} step {r['ms']:8.1f} ms ({r['ratio']:.2f}x LoRA)  "
+            print(f"  {r['case']:<20} {r['method']:<15} step {r['ms']:8.1f} ms ({r['ratio']:.2f}x LoRA)  "
                   f"peak {r['mem_mib']:7.1f} MiB ({r['mem_ratio']:.2f}x LoRA)  inference after fold "
                   f"{r['inference_ms']:7.1f} ms ({r['inference_ratio']:.2f}x backbone)")
     if args.csv:

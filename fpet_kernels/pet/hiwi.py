@@ -12,7 +12,8 @@ vector (n = out_features); a weight matrix [out, in] is adapted row-wise (n = in
 computed once per forward per target, never per token.
 
 Targets: ``"ffn_bias"`` (default: the biases of the feed-forward nn.Linear layers of every block, see
-``_targets.FFN_PATTERN``), ``"ffn_weight"``, ``"ffn"`` (both), or regex patterns matched against the
+``_targets.FFN_PATTERN``), ``"ffn1_bias"`` (the bias of the first feed-forward layer of every block only:
+timm ``mlp.fc1``, BERT ``intermediate.dense``), ``"ffn_weight"``, ``"ffn"`` (both), or regex patterns matched against the
 qualified *parameter* names (e.g. ``r"mlp\\.fc1\\.bias$"``) of the block nn.Linear layers.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ from .modules import register_folder, register_method, register_pet_module
 
 __all__ = ["HiWiAdapter", "HiWiLinear", "apply_hiwi", "fold_hiwi", "hiwi_modules", "TARGETS"]
 
-TARGETS = ("ffn_bias", "ffn_weight", "ffn")
+TARGETS = ("ffn_bias", "ffn1_bias", "ffn_weight", "ffn")
 
 
 @register_pet_module
@@ -116,8 +117,9 @@ def hiwi_modules(model: nn.Module) -> List[Tuple[str, HiWiLinear]]:
 def _resolve(model: nn.Module, targets) -> List[Tuple[str, nn.Linear, bool, bool]]:
     """``(name, linear, adapt weight, adapt bias)`` per target layer."""
     if isinstance(targets, str) and targets in TARGETS:
-        found = _targets.block_linears(model, ffn_only=True)
-        w, b = targets in ("ffn_weight", "ffn"), targets in ("ffn_bias", "ffn")
+        found = (_targets.first_ffn_linears(model) if targets == "ffn1_bias"
+                 else _targets.block_linears(model, "ffn"))
+        w, b = targets in ("ffn_weight", "ffn"), targets in ("ffn_bias", "ffn1_bias", "ffn")
         out = [(n, lin, w, b and lin.bias is not None) for n, lin in found]
         out = [t for t in out if t[2] or t[3]]
     else:

@@ -1,7 +1,7 @@
 """PaFi (Liao, Meng, Monz, ACL 2023): task-agnostic sparse fine-tuning of the pre-trained weights with
 the smallest absolute magnitude.
 
-    pet.apply(model, "pafi", ratio=0.005)   # the k smallest-|w| entries of each block nn.Linear weight train
+    pet.apply(model, "pafi", ratio=0.005)   # the k smallest-|w| entries of each target nn.Linear weight train
     pet.mark_trainable(model)               # the k-vectors ``pafi_delta`` (+ heads) train, all else frozen
     ...train...
     pet.fold(model)                         # plain nn.Linear layers again (the weights hold W0 + delta)
@@ -17,7 +17,9 @@ dense layer on ``weight``, which holds ``W0 + scatter(delta)``: a forward pre-ho
 ``pafi_delta._version`` with the version last written and, when the optimiser (or ``load``) changed
 the delta in place, rewrites the k entries (``index_put``, O(k)). The backward computes ``grad_x`` as the
 frozen layer does and the k weight-gradient entries with ``fpet_kernels.ops.sparse.masked_weight_grad``:
-no dense ``[out, in]`` weight gradient, optimiser state for k values only. (A delta changed through
+no dense ``[out, in]`` weight gradient, optimiser state for k values only. The layer input the op needs
+is rebuilt in the backward from what the GELU / LayerNorm node before the layer keeps anyway, when there
+is one (:func:`_input_source`), so PaFi keeps about as much memory as a frozen layer. (A delta changed through
 ``.data`` bypasses the version counter: call :meth:`PaFiLinear.sync` after such writes.)
 """
 from __future__ import annotations
@@ -96,20 +98,94 @@ def _global_indices(weights: Sequence[Tensor], ratio: float) -> List[Tensor]:
 
 
 # ----------------------------------------------------------------------------- the layer
+def _saved_hooks_active() -> bool:
+    """True when ``saved_tensors_hooks`` (checkpointing, offloading) are active: the input is then saved
+    plainly, so that reading another node's saved tensors never runs their unpack hook in the forward."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None
+
+
+def _input_source(x: Tensor):
+    """How the backward can rebuild ``x`` from tensors the autograd graph keeps anyway, or None.
+
+    The masked weight gradient needs the layer input; a frozen layer (LoRA's run) keeps none. When ``x`` is
+    the untouched output of a GELU (timm ``Mlp`` fc2, BERT ``output.dense``), the GELU node already keeps its
+    input ``h``: saving ``h`` and recomputing ``gelu(h)`` in the backward gives ``x`` bit for bit (the same
+    elementwise op on the same values). When ``x`` is the output of a LayerNorm (timm ``norm2`` -> fc1, BERT
+    ``attention.output.LayerNorm`` -> ``intermediate.dense``), the LayerNorm node keeps its input, mean and
+    rstd: ``(input - mean) * rstd * weight + bias`` rebuilds ``x`` up to rounding. Anything else (or ``x``
+    written in place since it was produced, a different dtype/shape, saved-tensor hooks, tracing) is saved
+    as it is."""
+    node = x.grad_fn
+    if node is None or x._version != 0 or _saved_hooks_active() or torch.compiler.is_compiling():
+        return None
+    name = type(node).__name__
+    try:
+        if name == "GeluBackward0":
+            h = node._saved_self
+            if h.shape == x.shape and h.dtype == x.dtype and h.device == x.device:
+                return "gelu", (h,), node._saved_approximate
+        elif name == "NativeLayerNormBackward0":
+            inp, w, b = node._saved_input, node._saved_weight, node._saved_bias
+            mean, rstd = node._saved_result1, node._saved_result2
+            if (inp.shape == x.shape and inp.dtype == x.dtype and inp.device == x.device
+                    and len(node._saved_normalized_shape) == 1 and mean.numel() * x.shape[-1] == x.numel()):
+                return "layer_norm", (inp, mean, rstd, w, b), None
+    except (AttributeError, RuntimeError):
+        return None
+    return None
+
+
+def _rebuild_rows(kind: Optional[str], saved, extra, start: int, end: int) -> Tensor:
+    """Rows ``start:end`` of the layer input flattened to 2-D: the saved input itself (``kind`` None) or
+    rebuilt from the tensors of :func:`_input_source`."""
+    if kind is None:
+        x = saved[0]
+        return x.reshape(-1, x.shape[-1])[start:end]
+    if kind == "gelu":
+        h = saved[0]
+        return F.gelu(h.reshape(-1, h.shape[-1])[start:end], approximate=extra)
+    inp, mean, rstd, w, b = saved
+    inp2 = inp.reshape(-1, inp.shape[-1])[start:end]  # LayerNorm over the last dimension (_input_source)
+    acc = mean.dtype if mean.dtype.itemsize >= inp.dtype.itemsize else inp.dtype
+    y = (inp2.to(acc) - mean.reshape(-1, 1)[start:end]) * rstd.reshape(-1, 1)[start:end]
+    if w is not None:
+        y = y * w.reshape(-1).to(acc)
+    if b is not None:
+        y = y + b.reshape(-1).to(acc)
+    return y.to(inp.dtype)
+
+
+def _chunk_rows(m: int) -> int:
+    """Rows per call of the masked weight-gradient op in the backward: the op (and the rebuilt input)
+    allocates transposed copies of its row block, so the M rows go in about 8 blocks of at least 128."""
+    return max(128, -(-m // 8))
+
+
 class _PaFiLinearFn(torch.autograd.Function):
     """``y = F.linear(x, weight, bias)``; gradients: x (dense, as a frozen layer), bias when it trains,
-    ``delta`` through the masked weight-gradient op; never the dense weight gradient."""
+    ``delta`` through the masked weight-gradient op; never the dense weight gradient. ``source`` (from
+    :func:`_input_source`, or None): the tensors ``x`` is rebuilt from instead of saving ``x``."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, delta, rows, cols, backend):
+    def forward(ctx, x, weight, bias, delta, rows, cols, backend, source):
         ctx.backend = backend
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x if ctx.needs_input_grad[3] else None, weight, rows, cols)
+        ctx.x_shape = x.shape
+        ctx.source = None
+        if not ctx.needs_input_grad[3]:
+            keep = (None,)
+        elif source is None:
+            keep = (x,)
+        else:
+            ctx.source = (source[0], len(source[1]), source[2])
+            keep = source[1]
+        ctx.save_for_backward(weight, rows, cols, *keep)
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, rows, cols = ctx.saved_tensors
+        weight, rows, cols, *keep = ctx.saved_tensors
         need = ctx.needs_input_grad
         g_x = g_b = g_d = None
         if need[0]:
@@ -118,12 +194,22 @@ class _PaFiLinearFn(torch.autograd.Function):
             g_b = dy.reshape(-1, dy.shape[-1]).sum(0)
         if need[3]:
             g2 = dy.reshape(-1, dy.shape[-1])
-            x2 = x.reshape(-1, x.shape[-1]).to(g2.dtype)
-            g_d = sparse.call(ctx.backend, g2, x2, rows, cols)
+            m, step = g2.shape[0], _chunk_rows(g2.shape[0])
+            kind, extra = (None, None) if ctx.source is None else (ctx.source[0], ctx.source[2])
+            if step >= m:
+                g_d = sparse.call(ctx.backend, g2, _rebuild_rows(kind, keep, extra, 0, m).to(g2.dtype), rows, cols)
+            else:  # row blocks, partial sums in float32 (float64)
+                acc = torch.float64 if g2.dtype == torch.float64 else torch.float32
+                g_d = None
+                for s0 in range(0, m, step):
+                    part = sparse.call(ctx.backend, g2[s0:s0 + step].to(acc),
+                                       _rebuild_rows(kind, keep, extra, s0, s0 + step).to(acc), rows, cols)
+                    g_d = part if g_d is None else g_d.add_(part)
+                g_d = g_d.to(dy.dtype)
         if need[1]:
             raise RuntimeError("PaFiLinear's weight must stay frozen (it holds W0 + scatter(pafi_delta)); "
                                "train pafi_delta instead (pet.mark_trainable)")
-        return g_x, None, g_b, g_d, None, None, None
+        return g_x, None, g_b, g_d, None, None, None, None
 
 
 @register_pet_module
@@ -146,6 +232,7 @@ class PaFiLinear(nn.Linear):
         self.pafi_delta = nn.Parameter(torch.zeros(index.numel(), dtype=w.dtype, device=w.device))
         self.pafi_settings = dict(settings)
         self.backend = backend
+        self.recompute_input = True  # see _input_source; False: always save the input
         self._synced = self.pafi_delta._version
         self.register_forward_pre_hook(PaFiLinear._sync_hook)
         self._register_load_state_dict_pre_hook(self._load_plain_keys)
@@ -184,7 +271,9 @@ class PaFiLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if self.pafi_delta.requires_grad and torch.is_grad_enabled():
             be = sparse.resolve_backend(self.backend, x.device, x.dtype)
-            return _PaFiLinearFn.apply(x, self.weight, self.bias, self.pafi_delta, self.pafi_rows, self.pafi_cols, be)
+            source = _input_source(x) if self.recompute_input else None
+            return _PaFiLinearFn.apply(x, self.weight, self.bias, self.pafi_delta, self.pafi_rows, self.pafi_cols, be,
+                                       source)
         return F.linear(x, self.weight, self.bias)
 
     @torch.no_grad()
@@ -207,10 +296,8 @@ def pafi_modules(model: nn.Module) -> List[Tuple[str, PaFiLinear]]:
 
 
 def _resolve_targets(model: nn.Module, targets) -> List[Tuple[str, nn.Linear]]:
-    if targets == "blocks":
-        found = _targets.block_linears(model)
-    elif targets == "ffn":
-        found = _targets.block_linears(model, ffn_only=True)
+    if isinstance(targets, str) and targets in _targets.PRESETS:
+        found = _targets.block_linears(model, targets)
     else:
         found = _targets.pattern_linears(model, targets)
     if not found:
@@ -218,14 +305,16 @@ def _resolve_targets(model: nn.Module, targets) -> List[Tuple[str, nn.Linear]]:
     return found
 
 
-def apply_pafi(model: nn.Module, ratio: float = 0.005, targets: Union[str, Sequence[str]] = "blocks",
+def apply_pafi(model: nn.Module, ratio: float = 0.005, targets: Union[str, Sequence[str]] = "qkv_ffn",
                scope: str = "matrix", backend: Optional[str] = None) -> nn.Module:
     """``pet.apply(model, "pafi", ...)``: every target ``nn.Linear`` becomes a :class:`PaFiLinear`.
 
     ``ratio`` (0, 1]: the budget, a fraction of each target's weight entries (``scope="matrix"``) or of
-    all targets' entries (``scope="global"``). ``targets``: ``"blocks"`` (every nn.Linear inside the
-    transformer blocks: attention and feed-forward), ``"ffn"`` (the feed-forward ones), or regex
-    patterns matched against qualified module names. ``backend``: of the masked weight-gradient op."""
+    all targets' entries (``scope="global"``). ``targets``: a preset of ``_targets.PRESETS`` --
+    ``"qkv_ffn"`` (default: every nn.Linear inside the transformer blocks except the attention output
+    projection, whose input is the one PaFi would keep beyond LoRA's memory; see docs/pafi_hiwi.md),
+    ``"blocks"`` (all of them), ``"attention"``, ``"qkv"``, ``"ffn"`` -- or regex patterns matched against
+    qualified module names. ``backend``: of the masked weight-gradient op."""
     ratio = _ratio(ratio)
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
