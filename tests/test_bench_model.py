@@ -126,3 +126,27 @@ def test_bench_model_quick(tmp_path):
             assert float(r["max_dlogit"]) <= float(r["logit_tolerance"]), r
     if not plot:
         assert (tmp_path / "model_throughput_cpu.png").stat().st_size > 0
+
+
+def _run_csv(path, rows):
+    fields = ["commit", "model", "variant", "method", "r", "dtype", "batch", "mode", "speedup", "speedup_spread",
+              "vs_reference_patch", "vs_reference_patch_spread"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for variant, speedup, spread in rows:
+            w.writerow(dict(commit="abc", model="m", variant=variant, method="tome", r="16", dtype="float32",
+                            batch="1", mode="eager", speedup=speedup, speedup_spread=spread,
+                            vs_reference_patch="", vs_reference_patch_spread=""))
+
+
+@pytest.mark.parametrize("second,rc", [("1.60", 0), ("1.90", 1)])
+def test_compare_runs(tmp_path, second, rc):
+    """Two speed-ups agree when they differ by at most the sum of their spreads (0.1 + 0.1 here)."""
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    _run_csv(a, [("fused", "1.50", "0.1")])
+    _run_csv(b, [("fused", second, "0.1")])
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "compare_runs.py"), str(a), str(b)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == rc, out.stdout + out.stderr
+    assert ("| yes |" if rc == 0 else "| NO |") in out.stdout
