@@ -119,3 +119,15 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, new)
+
+
+def replace_modules(model: nn.Module, pairs) -> nn.Module:
+    """``replace_module`` for every ``(name, new module)`` of ``pairs``; returns ``model``."""
+    for name, new in pairs:
+        replace_module(model, name, new)
+    return model
+
+
+def fold_modules(model: nn.Module, found) -> nn.Module:
+    """Replace every ``(name, module)`` of ``found`` by ``module.to_linear()`` (PaFi, HiWi ``fold``)."""
+    return replace_modules(model, [(name, mod.to_linear()) for name, mod in found])

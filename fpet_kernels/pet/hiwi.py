@@ -149,16 +149,12 @@ def apply_hiwi(model: nn.Module, rank: int = 8, targets: Union[str, Sequence[str
     if hiwi_modules(model):
         raise ValueError("model already has HiWi layers; method='hiwi' was applied twice")
     new = [(n, HiWiLinear(lin, rank, w, b)) for n, lin, w, b in _resolve(model, targets)]
-    for n, mod in new:
-        _targets.replace_module(model, n, mod)
-    return model
+    return _targets.replace_modules(model, new)
 
 
 def fold_hiwi(model: nn.Module) -> nn.Module:
     """Write ``P + f(P)`` into every HiWi target and drop the adapters: plain ``nn.Linear`` layers again."""
-    for n, mod in hiwi_modules(model):
-        _targets.replace_module(model, n, mod.to_linear())
-    return model
+    return _targets.fold_modules(model, hiwi_modules(model))
 
 
 register_method("hiwi", apply_hiwi, {"rank", "targets"})

@@ -328,17 +328,13 @@ def apply_pafi(model: nn.Module, ratio: float = 0.005, targets: Union[str, Seque
     else:
         indices = _global_indices([lin.weight for _, lin in found], ratio)
     settings = dict(ratio=ratio, scope=scope, targets=targets if isinstance(targets, str) else list(targets))
-    new = [(name, PaFiLinear(lin, idx, settings, backend)) for (name, lin), idx in zip(found, indices)]
-    for name, mod in new:
-        _targets.replace_module(model, name, mod)
-    return model
+    return _targets.replace_modules(model, [(name, PaFiLinear(lin, idx, settings, backend))
+                                            for (name, lin), idx in zip(found, indices)])
 
 
 def fold_pafi(model: nn.Module) -> nn.Module:
     """Replace every :class:`PaFiLinear` by a plain ``nn.Linear`` holding ``W0 + scatter(delta)``."""
-    for name, mod in pafi_modules(model):
-        _targets.replace_module(model, name, mod.to_linear())
-    return model
+    return _targets.fold_modules(model, pafi_modules(model))
 
 
 def pafi_fingerprint(model: nn.Module) -> str:
