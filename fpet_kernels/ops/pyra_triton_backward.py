@@ -57,6 +57,15 @@ if HAS_TRITON:
                 + _z_rows(x_b, s_b, 2 * dj + 1, vk, cc, vc, C, HAS_SIZE))
 
     @triton.jit
+    def _ln_channels(lw_ptr, lb_ptr, c0, C, BLOCK_C: tl.constexpr):
+        """Channels ``c0 .. c0 + BLOCK_C``: (cc, valid, LayerNorm weight and bias in float32)."""
+        cc = c0 + tl.arange(0, BLOCK_C)
+        vc = cc < C
+        lw = tl.load(lw_ptr + cc, mask=vc, other=0.0).to(tl.float32)
+        lb = tl.load(lb_ptr + cc, mask=vc, other=0.0).to(tl.float32)
+        return cc, vc, lw, lb
+
+    @triton.jit
     def _source_block(src_b, dst_b, mean_ws, rstd_ws, a_ptr, k0, r, BLOCK_K: tl.constexpr):
         """Sources ``k0 .. k0 + BLOCK_K`` of one image: (kk, valid, A rows, destinations, LayerNorm mean
         and rstd of the forward (from the workspace), a[k] in float32)."""
@@ -123,10 +132,7 @@ if HAS_TRITON:
             rstd = 1.0 / tl.sqrt(acc / C + eps)
             acc = tl.zeros([BLOCK_K], tl.float32)
             for c0 in range(0, C, BLOCK_C):
-                cc = c0 + tl.arange(0, BLOCK_C)
-                vc = cc < C
-                lw = tl.load(lw_ptr + cc, mask=vc, other=0.0).to(tl.float32)
-                lb = tl.load(lb_ptr + cc, mask=vc, other=0.0).to(tl.float32)
+                cc, vc, lw, lb = _ln_channels(lw_ptr, lb_ptr, c0, C, BLOCK_C)
                 bv = tl.load(b_ptr + cc, mask=vc, other=0.0).to(tl.float32)
                 w = ((_y_rows(x_b, s_b, si, dj, vk, cc, vc, C, HAS_SIZE) - mean[:, None]) * rstd[:, None]
                      * lw[None, :] + lb[None, :])
@@ -138,10 +144,7 @@ if HAS_TRITON:
 
         # (b) channel weights and the gradient of their pre-activation
         for c0 in range(0, C, BLOCK_C):
-            cc = c0 + tl.arange(0, BLOCK_C)
-            vc = cc < C
-            lw = tl.load(lw_ptr + cc, mask=vc, other=0.0).to(tl.float32)
-            lb = tl.load(lb_ptr + cc, mask=vc, other=0.0).to(tl.float32)
+            cc, vc, lw, lb = _ln_channels(lw_ptr, lb_ptr, c0, C, BLOCK_C)
             u = tl.zeros([BLOCK_C], tl.float32)
             gwc = tl.zeros([BLOCK_C], tl.float32)
             for k0 in range(0, r, BLOCK_K):
@@ -167,10 +170,7 @@ if HAS_TRITON:
             gwt = tl.zeros([BLOCK_K], tl.float32)
             ga = tl.zeros([BLOCK_K], tl.float32)
             for c0 in range(0, C, BLOCK_C):
-                cc = c0 + tl.arange(0, BLOCK_C)
-                vc = cc < C
-                lw = tl.load(lw_ptr + cc, mask=vc, other=0.0).to(tl.float32)
-                lb = tl.load(lb_ptr + cc, mask=vc, other=0.0).to(tl.float32)
+                cc, vc, lw, lb = _ln_channels(lw_ptr, lb_ptr, c0, C, BLOCK_C)
                 wc = tl.load(wc_ws + cc, mask=vc, other=0.0)
                 gu = tl.load(gu_ws + cc, mask=vc, other=0.0)
                 w = ((_y_rows(x_b, s_b, si, dj, vk, cc, vc, C, HAS_SIZE) - mean[:, None]) * rstd[:, None]
@@ -201,10 +201,7 @@ if HAS_TRITON:
 
         # (d) grad_b, grad_ln_weight, grad_ln_bias of this image (sums over the sources)
         for c0 in range(0, C, BLOCK_C):
-            cc = c0 + tl.arange(0, BLOCK_C)
-            vc = cc < C
-            lw = tl.load(lw_ptr + cc, mask=vc, other=0.0).to(tl.float32)
-            lb = tl.load(lb_ptr + cc, mask=vc, other=0.0).to(tl.float32)
+            cc, vc, lw, lb = _ln_channels(lw_ptr, lb_ptr, c0, C, BLOCK_C)
             bv = tl.load(b_ptr + cc, mask=vc, other=0.0).to(tl.float32)
             gu = tl.load(gu_ws + cc, mask=vc, other=0.0)
             gb = tl.zeros([BLOCK_C], tl.float32)
