@@ -15,8 +15,8 @@ How (stateless): the base model's class (``ViTModel`` / ``DeiTModel``) and each 
 swapped for the real subclasses below; nothing is copied. The patched model forward runs the
 embeddings, then the layer loop with the merge state (``size``, the token map) passed *through the
 layer calls* as inputs and outputs; no tensor is kept on a module between forwards. Only static
-settings (method, per-layer ``r``, backend) live on the base model (``_fk_config``, and ``r`` for
-ToMe, settable like timm's ``model.r``). Layers that neither merge nor see merged sizes call
+settings (method, per-layer ``r``, backend) live on the base model (``_fk_config``; ``base.r`` reads
+ToMe's r and sets it between forwards, like timm's ``model.r``). Layers that neither merge nor see merged sizes call
 transformers' own attention unchanged (eager / sdpa / flash as configured); the others compute the
 attention with SDPA (``log(size)`` folded into an extra key channel: ``fk.proportional_sdpa``).
 
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ops.attention import proportional_sdpa
+from .patch.core import METHODS, MergeConfig, already_patched, method_arguments, warn_capped  # noqa: F401
 from .ops.fpet import fpet_merge
 from .ops.pyra import pyra_merge
 from .ops.tome import compose_token_map, parse_r, tome_merge
@@ -53,7 +54,6 @@ try:  # the decorators transformers puts on ViTModel.forward (config defaults, o
 except ImportError:  # pragma: no cover - older transformers: checked in _base_model
     merge_with_config_defaults = capture_outputs = _CAN_RECORD_REGISTRY = None
 
-METHODS = ("tome", "fpet", "pyra")
 SUPPORTED = ("transformers ViTModel, ViTForImageClassification, DeiTModel, DeiTForImageClassification, "
              "DeiTForImageClassificationWithTeacher")
 
@@ -138,6 +138,25 @@ class _FKLayer:
 
 class _FKModel:
     """Mixin before transformers' ``ViTModel`` / ``DeiTModel``: the layer loop carries the merge state."""
+
+    @property
+    def r(self):
+        """ToMe: the schedule as set (int, per-layer list or ``(r, inflection)``), settable between
+        forwards (validated; an r above a layer's cap is said). PYRA: the per-layer r of the learned
+        modulation (read-only). FPET: None (no r; setting it raises)."""
+        cfg = self._fk_config
+        return cfg["r"] if cfg["method"] == "tome" else cfg["pyra_r"]
+
+    @r.setter
+    def r(self, value):
+        cfg = self._fk_config
+        if cfg["method"] != "tome":
+            why = ("FPET has no r (it merges every checkerboard A token at merge_layer)" if cfg["method"] == "fpet"
+                   else "PYRA's per-layer r is fixed by its learned modulation (layers[i].fk_pyra.a has r rows)")
+            raise ValueError(f"model.r: {why}; fk.patch.remove(model), then patch again with the new setting")
+        rs = parse_r(len(self.layers), value)  # validates
+        warn_capped(rs, configured_tokens(self, cfg), _merge_config(cfg), value, "layer", stacklevel=4)
+        cfg["r"] = value
 
     def _fk_forward(self, pixel_values=None, bool_masked_pos=None, interpolate_pos_encoding=None,
                     attention_mask=None, **kwargs):
@@ -229,7 +248,7 @@ def _base_model(model: nn.Module) -> nn.Module:
 
 
 def layer_steps(base: nn.Module) -> list:
-    """The per-layer :class:`Step` of a patched base model, from its settings (and ``base.r`` for ToMe)."""
+    """The per-layer :class:`Step` of a patched base model, from its settings (ToMe: ``base.r``)."""
     cfg = base._fk_config
     n = len(base.layers)
     if cfg["method"] == "fpet":
@@ -237,56 +256,73 @@ def layer_steps(base: nn.Module) -> list:
     elif cfg["method"] == "pyra":
         rs = cfg["pyra_r"]
     else:
-        rs = parse_r(n, base.r)
+        rs = parse_r(n, cfg["r"])
     return [Step(cfg["method"], r, cfg["backend"], cfg["prop_attn"], cfg["class_token"], cfg["distill_token"],
                  cfg["num_prefix"]) for r in rs]
 
 
-def hf(model: nn.Module, method: str = "tome", r=16, prop_attn: bool = True, trace_source: bool = False,
-       merge_layer: int = 6, refine: bool = True, binary_refine: bool = True, backend: Optional[str] = None):
+def merge_modules(base: nn.Module) -> list:
+    """Names of the learned merge modules a patch added (``layers.1.fk_refine``, ...)."""
+    return [f"layers.{i}.{name}" for i, layer in enumerate(base.layers)
+            for name in ("fk_refine", "fk_pyra") if getattr(layer, name, None) is not None]
+
+
+def hf(model: nn.Module, method: str = "tome", r=None, prop_attn: bool = True, trace_source: bool = False,
+       merge_layer: Optional[int] = None, refine: Optional[bool] = None, binary_refine: Optional[bool] = None,
+       backend: Optional[str] = None):
     """Patch a transformers ViT / DeiT in place for token merging; returns ``model``. Arguments as
     :func:`fpet_kernels.patch.timm` (``r``, ``merge_layer``, ``refine``, ``binary_refine``,
-    ``prop_attn``, ``backend``); the merge modules live on the layers (``layers[i].fk_refine``,
-    ``layers[i].fk_pyra``). A ``peft.PeftModel`` wrapping one is accepted."""
+    ``prop_attn``, ``backend``; ``None``: the method's default), with the same rules: an argument the
+    method does not use raises ``ValueError`` naming it, an ``r`` above a layer's cap is said once,
+    the merge modules take the mode of their layer, and a patched model raises (call
+    ``fk.patch.remove(model)`` first). The merge modules live on the layers
+    (``layers[i].fk_refine``, ``layers[i].fk_pyra``). A ``peft.PeftModel`` wrapping one is accepted."""
     from .integrations.peft import _unwrap_peft, register_merge_modules
     outer, model = model, _unwrap_peft(model)
     base = _base_model(model)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if hasattr(base, "_fk_config"):
-        remove_hf(model)
+    args = method_arguments(method, dict(r=r, merge_layer=merge_layer, refine=refine, binary_refine=binary_refine),
+                            "fk.patch.hf")
+    if not isinstance(trace_source, bool):
+        raise TypeError(f"trace_source must be a bool, got {type(trace_source).__name__}")
     layers = base.layers
     n = len(layers)
     emb = base.embeddings
     dist = getattr(emb, "distillation_token", None) is not None
-    cfg = dict(method=method, prop_attn=bool(prop_attn), trace_source=bool(trace_source), backend=backend,
-               class_token=True, distill_token=dist, num_prefix=1 + int(dist), merge_layer=None, pyra_r=None)
-    dim = base.config.hidden_size
-    new = {}
+    cfg = dict(method=method, prop_attn=bool(prop_attn), trace_source=trace_source, backend=backend,
+               class_token=True, distill_token=dist, num_prefix=1 + int(dist), merge_layer=None, pyra_r=None, r=None)
     if method == "fpet":
+        merge_layer = args["merge_layer"]
         if isinstance(merge_layer, bool) or not isinstance(merge_layer, int) or not 0 <= merge_layer < n:
             raise ValueError(f"merge_layer must be an int in [0, {n}), got {merge_layer!r}")
         cfg["merge_layer"] = merge_layer
-        if refine:
+    else:
+        r = args["r"]
+        rs = parse_r(n, r)  # validates
+    if hasattr(base, "_fk_config"):  # checked after the arguments: a bad argument is named first
+        raise already_patched("fk.patch.hf", base._fk_config["method"], merge_modules(base))
+    new = {}
+    if method == "fpet":
+        if args["refine"]:
             from .pet import RefinementAdapter
             head_dim = layers[merge_layer].attention.head_dim
-            new[(merge_layer, "fk_refine")] = RefinementAdapter(head_dim, head_dim // 2, binary=binary_refine)
-    elif method == "pyra":
-        cfg["pyra_r"] = parse_r(n, r)
-        from .pet import PyraModulation
-        for i, rl in enumerate(cfg["pyra_r"]):
-            if rl > 0:
-                new[(i, "fk_pyra")] = PyraModulation(rl, dim)
+            new[(merge_layer, "fk_refine")] = RefinementAdapter(head_dim, head_dim // 2,
+                                                                binary=args["binary_refine"])
     else:
-        parse_r(n, r)  # validates
+        if method == "pyra":
+            cfg["pyra_r"] = rs
+            from .pet import PyraModulation
+            for i, rl in enumerate(rs):
+                if rl > 0:
+                    new[(i, "fk_pyra")] = PyraModulation(rl, base.config.hidden_size)
+        warn_capped(rs, configured_tokens(base, cfg), _merge_config(cfg), r, "layer")
     ref = next(base.parameters(), None)
     for (i, name), mod in new.items():  # new learned modules follow the model's device, dtype and mode
         if ref is not None:
             mod.to(device=ref.device, dtype=ref.dtype)
-        mod.train(base.training)
+        mod.train(layers[i].training)
         setattr(layers[i], name, mod)
     if method == "tome":
-        base.r = r
+        cfg["r"] = r
     base._fk_config = cfg
     fk_model, _, fk_layer = _PATCHED[type(base)]
     for layer in layers:
@@ -294,7 +330,24 @@ def hf(model: nn.Module, method: str = "tome", r=16, prop_attn: bool = True, tra
     base.__class__ = fk_model
     # transformers keys the outputs it can record (output_hidden_states) on the model's class name
     _CAN_RECORD_REGISTRY[base] = getattr(base, "_can_record_outputs", None)
-    return register_merge_modules(outer) if outer is not model else model
+    if outer is model:
+        return model
+    register_merge_modules(outer)
+    for (i, name) in new:  # PEFT's wrappers (and their copies) follow the layer's mode too
+        getattr(layers[i], name).train(layers[i].training)
+    return outer
+
+
+def configured_tokens(base: nn.Module, cfg: dict) -> Optional[int]:
+    """Tokens into the first layer for the model's configured image size (None: not fixed)."""
+    n = getattr(base.embeddings.patch_embeddings, "num_patches", None)
+    return None if not isinstance(n, int) else n + cfg["num_prefix"]
+
+
+def _merge_config(cfg: dict) -> MergeConfig:
+    """The settings as the shared :class:`~fpet_kernels.patch.core.MergeConfig` (for the cap check)."""
+    return MergeConfig(cfg["method"], class_token=cfg["class_token"], distill_token=cfg["distill_token"],
+                       num_prefix=cfg["num_prefix"])
 
 
 def remove_hf(model: nn.Module) -> nn.Module:

@@ -31,22 +31,31 @@ from .core import METHODS, MergeConfig, MergeState  # noqa: F401
 __all__ = ["timm", "hf", "remove", "merge_state", "ensure_block", "MergeConfig", "MergeState", "METHODS"]
 
 
-def timm(model: nn.Module, method: str = "tome", r=16, prop_attn: bool = True, trace_source: bool = False,
-         merge_layer: int = 6, refine: bool = True, binary_refine: bool = True, backend: Optional[str] = None,
-         grid=None) -> nn.Module:
+def timm(model: nn.Module, method: str = "tome", r=None, prop_attn: bool = True, trace_source: bool = False,
+         merge_layer: Optional[int] = None, refine: Optional[bool] = None, binary_refine: Optional[bool] = None,
+         backend: Optional[str] = None, grid=None) -> nn.Module:
     """Patch a timm ``VisionTransformer`` in place for token merging; returns the model.
 
     - ``method="tome"``: ToMe bipartite merging of ``r`` tokens per block (``r``: int, per-layer list,
-      or ``(r, inflection)``; ``model.r`` can be changed between forwards).
-    - ``method="fpet"``: one FPET merge after the attention of block ``merge_layer`` (0-based; every
-      checkerboard A token goes), the metric refined by FPET's adapter (``refine``; 1-bit with
-      ``binary_refine``), trained through the straight-through estimator. The checkerboard's
-      ``(H, W)`` grid comes from the patch embedding of each input (non-square and
-      ``dynamic_img_size`` models included); ``grid=(H, W)`` gives it where the patch embedding
-      cannot (an error if both are known and differ). ``model.r`` raises: FPET has no r.
+      or ``(r, inflection)``; default 16; ``model.r`` can be changed between forwards).
+    - ``method="fpet"``: one FPET merge after the attention of block ``merge_layer`` (0-based,
+      default 6; every checkerboard A token goes), the metric refined by FPET's adapter (``refine``,
+      default True; 1-bit with ``binary_refine``, default True), trained through the
+      straight-through estimator. The checkerboard's ``(H, W)`` grid comes from the patch embedding
+      of each input (non-square and ``dynamic_img_size`` models included); ``grid=(H, W)`` gives it
+      where the patch embedding cannot (an error if both are known and differ). ``model.r`` raises:
+      FPET has no r.
     - ``method="pyra"``: ToMe matching with PYRA's learned modulation; ``r`` per layer (a list or an
-      int), a :class:`~fpet_kernels.pet.PyraModulation` per merging block (``block.fk_pyra``);
-      setting ``model.r`` raises (the modulation's size fixes r).
+      int, default 16), a :class:`~fpet_kernels.pet.PyraModulation` per merging block
+      (``block.fk_pyra``); setting ``model.r`` raises (the modulation's size fixes r).
+
+    An argument the chosen method does not use (``r`` with "fpet"; ``merge_layer``, ``refine``,
+    ``binary_refine`` or ``grid`` with "tome" / "pyra") raises ``ValueError`` naming it; ``None``
+    means "not given". An ``r`` above what a block can merge (half its mergeable tokens, for the
+    model's configured image size) is said once, in a warning naming r, the cap and the block.
+    The merge modules are created in the mode (train / eval) of the block that holds them. A model
+    that is patched already raises ``ValueError``: patching again would replace its learned merge
+    modules; call :func:`remove` first.
 
     ``prop_attn``: proportional attention (``+ log(size)``) once tokens carry sizes.
     ``trace_source``: accepted for compatibility, no effect: the token map is computed whenever it
@@ -63,7 +72,14 @@ def timm(model: nn.Module, method: str = "tome", r=16, prop_attn: bool = True, t
     support.check_timm(model)
     timm_vit.patch(model, method=method, r=r, prop_attn=prop_attn, merge_layer=merge_layer, refine=refine,
                    binary_refine=binary_refine, backend=backend, grid=grid)
-    return _peft.register_merge_modules(outer) if outer is not model else model
+    if outer is model:
+        return model
+    _peft.register_merge_modules(outer)
+    for blk in model.blocks:  # PEFT's wrappers (and their copies) follow the block's mode too
+        for name in ("fk_refine", "fk_pyra"):
+            if getattr(blk, name, None) is not None:
+                getattr(blk, name).train(blk.training)
+    return outer
 
 
 def hf(model: nn.Module, method: str = "tome", **kw) -> nn.Module:

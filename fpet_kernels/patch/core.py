@@ -8,19 +8,28 @@ model's :class:`MergeConfig`) that the model creates at the start of each forwar
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import r_cap
 from ..ops.attention import attention_inputs, proportional_sdpa
 from ..ops.fpet import fpet_merge
 from ..ops.pyra import pyra_merge
 from ..ops.tome import compose_token_map, parse_r, tome_merge
 
 METHODS = ("tome", "fpet", "pyra")
+#: The arguments only some methods use, and their defaults (``None`` passed = not given: the default).
+#: ``prop_attn``, ``trace_source`` and ``backend`` apply to every method.
+METHOD_ARGS = {"tome": ("r",), "fpet": ("merge_layer", "refine", "binary_refine", "grid"), "pyra": ("r",)}
+ARG_DEFAULTS = {"r": 16, "merge_layer": 6, "refine": True, "binary_refine": True, "grid": None}
+_ARG_ROLE = {"r": "the number of tokens merged per layer (ToMe, PYRA)",
+             "merge_layer": "FPET's merging layer", "refine": "FPET's refinement adapter",
+             "binary_refine": "FPET's 1-bit refinement adapter", "grid": "FPET's checkerboard grid"}
 
 
 @dataclass
@@ -60,6 +69,78 @@ class MergeState(NamedTuple):
         if track_tokens:
             tmap = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], x.shape[1])
         return MergeState(None, tmap, grid, config)
+
+
+# ----------------------------------------------------------------------------- patch arguments
+def method_arguments(method, given: Dict[str, object], call: str) -> Dict[str, object]:
+    """Check ``method`` and the method-specific arguments of a patch call (``given``: name -> value,
+    ``None`` meaning not given); returns them with the method's defaults filled in. An argument the
+    method does not use raises a ``ValueError`` naming it, instead of being ignored."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    for name, value in given.items():
+        if value is not None and name not in METHOD_ARGS[method]:
+            users = [m for m in METHODS if name in METHOD_ARGS[m]]
+            raise ValueError(f"{call}: {name}={value!r} does not apply to method={method!r} ({name} is "
+                             f"{_ARG_ROLE[name]}, used by method={' / '.join(map(repr, users))} only); leave it out")
+    out = {name: (ARG_DEFAULTS[name] if given.get(name) is None else given[name])
+           for name in METHOD_ARGS[method] if name in given}
+    for name in ("refine", "binary_refine"):
+        if name in out and not isinstance(out[name], bool):
+            raise TypeError(f"{call}: {name} must be a bool, got {type(out[name]).__name__}")
+    if method == "fpet" and given.get("binary_refine") is not None and not out["refine"]:
+        raise ValueError(f"{call}: binary_refine={given['binary_refine']!r} does not apply with refine=False "
+                         "(there is no refinement adapter to make 1-bit); leave it out")
+    return out
+
+
+def already_patched(call: str, method: str, modules: List[str]) -> ValueError:
+    """The error for patching a model that is patched already: patching again would replace its
+    learned merge modules (their training lost); ``fk.patch.remove`` first is the explicit way."""
+    held = (f"its learned merge modules ({', '.join(modules)}) would be replaced by fresh ones and what they "
+            "learned lost" if modules else "its merge settings would be replaced")
+    hint = "; to change ToMe's r, set model.r" if method == "tome" else ""
+    return ValueError(f"{call}: the model is already patched for token merging (method={method!r}); patching it "
+                      f"again is refused because {held}. Call fk.patch.remove(model) first (it removes the merge "
+                      f"modules), then patch{hint}")
+
+
+def capped_layers(rs: List[int], n_tokens: int, config: MergeConfig) -> Tuple[List[Tuple[int, int, int, int]], int]:
+    """Walk the per-layer schedule ``rs`` over an input of ``n_tokens`` tokens as the merges do
+    (``r`` capped at half the mergeable tokens, spec 1.1): ``([(layer, r, cap, tokens there)] of
+    the layers whose r is above their cap, tokens after the last layer)``."""
+    cls, dist, p = config.class_token, config.distill_token, config.num_prefix
+    capped, n = [], n_tokens
+    for i, r in enumerate(rs):
+        if r <= 0:
+            continue
+        cap = r_cap(n, cls, dist) if p == int(cls) + int(dist) else r_cap(n - p, False, False)
+        if r > cap:
+            capped.append((i, r, cap, n))
+        n -= min(r, cap)
+    return capped, n
+
+
+def warn_capped(rs: List[int], n_tokens: Optional[int], config: MergeConfig, r_arg, layer: str,
+                stacklevel: int = 3) -> None:
+    """Say once (one warning, at patch time or when ``model.r`` is set) when the schedule asks a
+    layer to merge more tokens than it can (the ops cap r silently, spec 1.1): names ``r``, the cap
+    and the first capped layer, and how many tokens the capped schedule leaves. A cap on the last
+    merging layer alone is not said: ToMe's own schedules end that way (r = 16 on ViT-B/16 leaves
+    21 tokens for the 12th block, which merges 10)."""
+    if n_tokens is None or config.method == "fpet":
+        return
+    capped, n_end = capped_layers(rs, n_tokens, config)
+    last = max((i for i, r in enumerate(rs) if r > 0), default=-1)
+    if not capped or [c[0] for c in capped] == [last]:
+        return
+    i, r, cap, n = capped[0]
+    given = f"r={r_arg!r}" if isinstance(r_arg, int) else f"r={r_arg!r} (r = {r} at {layer} {i})"
+    warnings.warn(
+        f"fpet_kernels.patch: {given} is above what {layer} {i} can merge: its {n} tokens allow at most r = {cap} "
+        f"(half the tokens that may merge; r counts tokens merged per {layer}); the merge caps it there, and "
+        f"{len(capped)} of {len(rs)} {layer}s are capped, so the {n_tokens} input tokens end as {n_end} (for the "
+        "model's configured input size). Choose a smaller r to keep more tokens.", UserWarning, stacklevel=stacklevel)
 
 
 def check_grid(grid) -> Tuple[int, int]:

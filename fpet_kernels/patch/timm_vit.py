@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..ops.tome import parse_r, unmerge
-from .core import METHODS, MergeConfig, MergeState, attention_with_metric, check_grid, merge_step, schedule
+from .core import (MergeConfig, MergeState, already_patched, attention_with_metric, check_grid, merge_step,
+                   method_arguments, schedule, warn_capped)
 
 
 # ----------------------------------------------------------------------------- block
@@ -84,12 +85,14 @@ class _MergingViT:
         cfg = self.fk_config
         if cfg.method == "fpet":
             raise ValueError(f"model.r: method='fpet' has no r (it merges every checkerboard A token, about half "
-                             f"the patch tokens, at merge_layer={cfg.merge_layer}); re-patch with "
-                             "fk.patch.timm(model, 'fpet', merge_layer=...) to move the merge")
+                             f"the patch tokens, at merge_layer={cfg.merge_layer}); to move the merge: "
+                             "fk.patch.remove(model), then fk.patch.timm(model, 'fpet', merge_layer=...)")
         if cfg.method == "pyra":
             raise ValueError("model.r: a PYRA model's per-layer r is fixed by its learned modulation "
-                             "(blocks[i].fk_pyra.a has r rows); re-patch with fk.patch.timm(model, 'pyra', r=...)")
-        parse_r(len(self.blocks), value)  # validates
+                             "(blocks[i].fk_pyra.a has r rows); fk.patch.remove(model) (dropping the modulation), "
+                             "then fk.patch.timm(model, 'pyra', r=...)")
+        rs = parse_r(len(self.blocks), value)  # validates
+        warn_capped(rs, configured_tokens(self), cfg, value, "block", stacklevel=4)
         cfg.r = value
 
     def fk_schedule(self) -> List[int]:
@@ -220,50 +223,68 @@ def ensure_block(block: nn.Module) -> nn.Module:
     return block
 
 
-def patch(model: nn.Module, method: str = "tome", r=16, prop_attn: bool = True, merge_layer: int = 6,
-          refine: bool = True, binary_refine: bool = True, backend: Optional[str] = None, grid=None) -> nn.Module:
+def merge_modules(model: nn.Module) -> List[str]:
+    """Names of the learned merge modules a patch added (``blocks.1.fk_refine``, ...)."""
+    return [f"blocks.{i}.{name}" for i, blk in enumerate(getattr(model, "blocks", []))
+            for name in ("fk_refine", "fk_pyra") if getattr(blk, name, None) is not None]
+
+
+def configured_tokens(model: nn.Module) -> Optional[int]:
+    """Tokens into the first block for the model's configured image size (None: not fixed)."""
+    n = getattr(model.patch_embed, "num_patches", None)
+    return None if not isinstance(n, int) else n + int(getattr(model, "num_prefix_tokens", 0))
+
+
+def patch(model: nn.Module, method: str = "tome", r=None, prop_attn: bool = True, merge_layer: Optional[int] = None,
+          refine: Optional[bool] = None, binary_refine: Optional[bool] = None, backend: Optional[str] = None,
+          grid=None) -> nn.Module:
     """See :func:`fpet_kernels.patch.timm`."""
     check_model(model)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    args = method_arguments(method, dict(r=r, merge_layer=merge_layer, refine=refine, binary_refine=binary_refine,
+                                         grid=grid), "fk.patch.timm")
     n_blocks = len(model.blocks)
     if method == "fpet":
+        merge_layer = args["merge_layer"]
         if isinstance(merge_layer, bool) or not isinstance(merge_layer, int) or not 0 <= merge_layer < n_blocks:
             raise ValueError(f"merge_layer must be an int in [0, {n_blocks}), got {merge_layer!r}")
     else:
-        if grid is not None:
-            raise ValueError(f"grid is FPET's checkerboard grid; method={method!r} does not use it")
-        parse_r(n_blocks, r)  # validates
+        r = args["r"]
+        rs = parse_r(n_blocks, r)  # validates
+    if type(model) in BASES:  # checked after the arguments: a bad argument is named first
+        raise already_patched("fk.patch.timm", model.fk_config.method, merge_modules(model))
     cfg = MergeConfig(method=method, prop_attn=bool(prop_attn), backend=backend,
                       class_token=getattr(model, "cls_token", None) is not None,
                       distill_token=getattr(model, "dist_token", None) is not None,
                       num_prefix=int(getattr(model, "num_prefix_tokens", 0)),
-                      grid=None if grid is None else check_grid(grid))
-    remove(model)
+                      grid=None if args.get("grid") is None else check_grid(args["grid"]))
+    new = {}
     if method == "fpet":
         cfg.merge_layer = merge_layer
-        if refine:
+        if args["refine"]:
             from ..pet import RefinementAdapter
             head_dim = model.blocks[merge_layer].attn.head_dim
-            model.blocks[merge_layer].fk_refine = RefinementAdapter(head_dim, head_dim // 2, binary=binary_refine)
+            new[(merge_layer, "fk_refine")] = RefinementAdapter(head_dim, head_dim // 2,
+                                                                binary=args["binary_refine"])
     elif method == "pyra":
         from ..pet import PyraModulation
         dim = model.blocks[0].attn.qkv.in_features
-        for blk, rl in zip(model.blocks, parse_r(n_blocks, r)):
+        for i, rl in enumerate(rs):
             if rl > 0:
-                blk.fk_pyra = PyraModulation(rl, dim)
+                new[(i, "fk_pyra")] = PyraModulation(rl, dim)
     else:
         cfg.r = r
+    if method != "fpet":
+        warn_capped(rs, configured_tokens(model), cfg, r, "block", stacklevel=4)
+    ref = next((p for p in model.parameters()), None)
+    for (i, name), mod in new.items():  # new learned modules follow the model's device, dtype and mode
+        if ref is not None:
+            mod.to(device=ref.device, dtype=ref.dtype)
+        mod.train(model.blocks[i].training)
+        setattr(model.blocks[i], name, mod)
     for blk in model.blocks:
         ensure_block(blk)
     model.fk_config = cfg
     model.__class__ = PATCHED[type(model)]
-    ref = next((p for p in model.parameters()), None)
-    if ref is not None:  # new learned modules follow the model's device and dtype
-        for blk in model.blocks:
-            for name in ("fk_refine", "fk_pyra"):
-                if getattr(blk, name, None) is not None:
-                    getattr(blk, name).to(device=ref.device, dtype=ref.dtype)
     return model
 
 
