@@ -314,7 +314,7 @@ def hf(model: nn.Module, method: str = "tome", r=None, prop_attn: bool = True, t
             for i, rl in enumerate(rs):
                 if rl > 0:
                     new[(i, "fk_pyra")] = PyraModulation(rl, base.config.hidden_size)
-        warn_capped(rs, configured_tokens(base, cfg), _merge_config(cfg), r, "layer")
+        warn_capped(rs, configured_tokens(base, cfg), _merge_config(cfg), r, "layer", stacklevel=4)
     ref = next(base.parameters(), None)
     for (i, name), mod in new.items():  # new learned modules follow the model's device, dtype and mode
         if ref is not None:

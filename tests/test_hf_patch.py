@@ -115,7 +115,7 @@ def patch_timm(model, method, **kw):
     if method == "fpet":  # the refinement starts as the identity (up = 0): make it matter
         for p in model.blocks[1].fk_refine.parameters():
             torch.nn.init.normal_(p, std=0.3)
-    return model.eval()  # the timm patch creates its merge modules in training mode
+    return model.eval()
 
 
 # ----------------------------------------------------------------------------- unpatched equality
@@ -239,10 +239,140 @@ def test_merge_modules_train(method):
     assert any(g.abs().sum() > 0 for g in grads)
 
 
-def test_new_merge_modules_follow_the_model_mode():
-    h = hf_twin(None, "vit")[0]  # eval mode
-    fk.patch.hf(h, "fpet", merge_layer=1)
-    assert not h.vit.layers[1].fk_refine.training
+def merge_modules(base):
+    return [m for lyr in base.layers for m in (getattr(lyr, "fk_refine", None), getattr(lyr, "fk_pyra", None))
+            if m is not None]
+
+
+def make_matter(base):
+    """Fresh merge modules are the identity (FPET's up = 0, PYRA's b = 0): give them trained-looking values."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for mod in merge_modules(base):
+            for p in mod.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
+
+
+@pytest.mark.parametrize("method", ["fpet", "pyra"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_new_merge_modules_follow_the_model_mode(method, mode):
+    h = hf_twin(None, "vit")[0].train(mode == "train")
+    fk.patch.hf(h, method, **KW[method])
+    mods = merge_modules(h.vit)
+    assert mods and all(m.training == (mode == "train") for mod in mods for m in mod.modules())
+
+
+def test_eval_model_is_deterministic_after_patching():
+    h = hf_twin(None, "vit-base")[0]  # eval mode
+    fk.patch.hf(h, "fpet", merge_layer=1, trace_source=True)
+    make_matter(h)
+    x = images(4)
+    with torch.no_grad():
+        a, b = h(x), h(x)
+    assert torch.equal(a.token_map, b.token_map) and torch.equal(a.last_hidden_state, b.last_hidden_state)
+    h.train()  # the check can fail: with the adapter's dropout on, forwards differ
+    torch.manual_seed(0)
+    with torch.no_grad():
+        runs = [h(x).last_hidden_state for _ in range(4)]
+    assert any(not torch.equal(runs[0], r) for r in runs[1:])
+
+
+@pytest.mark.parametrize("first", METHODS)
+@pytest.mark.parametrize("second", METHODS)
+def test_repatching_refuses_and_keeps_trained_merge_modules(first, second):
+    h = hf_twin(None, "vit")[0]
+    fk.patch.hf(h, first, **KW[first])
+    make_matter(h.vit)
+    mods = merge_modules(h.vit)
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in mods]
+    expected = logits(h, images())
+    with pytest.raises(ValueError, match=r"already patched.*fk\.patch\.remove\(model\) first"):
+        fk.patch.hf(h, second, **KW[second])
+    assert h.vit._fk_config["method"] == first and merge_modules(h.vit) == mods
+    for m, sd in zip(mods, before):
+        assert all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
+    assert torch.equal(logits(h, images()), expected)
+    fk.patch.remove(h)
+    fk.patch.hf(h, second, **KW[second])
+    assert h.vit._fk_config["method"] == second
+
+
+# which method uses which argument (docs/model_layer.md); prop_attn, trace_source, backend: all
+USES = dict(tome={"r"}, fpet={"merge_layer", "refine", "binary_refine"}, pyra={"r"})
+VALUES = dict(r=3, merge_layer=1, refine=False, binary_refine=False)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("arg", list(VALUES) + ["grid"])
+def test_arguments_the_method_does_not_use_raise(method, arg):
+    h = hf_twin(None, "vit")[0]
+    if arg == "grid":  # the HF patch takes the grid from the embeddings only
+        with pytest.raises(TypeError, match="grid"):
+            fk.patch.hf(h, method, grid=(4, 4), **KW[method])
+    elif arg in USES[method]:
+        fk.patch.hf(h, method, **{**KW[method], arg: VALUES[arg]})
+        assert h.vit._fk_config["method"] == method
+        if arg == "refine":
+            assert not merge_modules(h.vit)
+        if arg == "binary_refine":
+            assert not h.vit.layers[1].fk_refine.binary
+    else:
+        with pytest.raises(ValueError, match=rf"{arg}=.* does not apply to method='{method}'"):
+            fk.patch.hf(h, method, **{**KW[method], arg: VALUES[arg]})
+    if arg not in USES[method]:
+        assert not patch_hf.is_patched_hf(h)  # nothing was patched
+
+
+def test_r_above_the_cap_is_said_once_and_model_r():
+    import warnings
+    h = hf_twin(None, "vit")[0]
+    x = images()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fk.patch.hf(h, "tome", r=10)  # 17 tokens: layer 0 merges at most 8; 17 -> 9 -> 5 -> 3
+        for _ in range(2):
+            h(x)
+    said = [w for w in record if "above what" in str(w.message)]
+    assert len(said) == 1 and said[0].filename == __file__
+    msg = str(said[0].message)
+    assert "r=10 is above what layer 0 can merge: its 17 tokens allow at most r = 8" in msg and "end as 3" in msg
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        h.vit.r = [8, 4, 2]  # exactly at the caps
+    assert not record and h.vit.r == [8, 4, 2]
+    with pytest.warns(UserWarning, match=r"r = 9 at layer 1\).*its 15 tokens allow at most r = 7"):
+        h.vit.r = [2, 9, 2]
+    with pytest.raises(ValueError, match="r"):
+        h.vit.r = -1
+    f = hf_twin(None, "vit")[0]
+    fk.patch.hf(f, "fpet", merge_layer=1)
+    assert f.vit.r is None
+    with pytest.raises(ValueError, match="FPET has no r"):
+        f.vit.r = 3
+    p = hf_twin(None, "vit")[0]
+    fk.patch.hf(p, "pyra", r=[3, 2, 2])
+    assert p.vit.r == [3, 2, 2]
+    with pytest.raises(ValueError, match="PYRA"):
+        p.vit.r = 2
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_patched_model_runs_on_meta_tensors(method):
+    import warnings
+    real = hf_twin(None, "vit-base", torch.float32)[0]
+    fk.patch.hf(real, method, trace_source=True, **KW[method])
+    with torch.device("meta"):
+        meta = hf_twin(None, "vit-base", torch.float32)[0]
+    fk.patch.hf(meta, method, trace_source=True, **KW[method])
+    assert all(p.is_meta for p in meta.parameters())
+    x = images(dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no compiled kernel for meta tensors: the reference" is expected
+        out = meta(x.to("meta"))
+    with torch.no_grad():
+        ref = real(x)
+    assert out.last_hidden_state.is_meta and out.last_hidden_state.shape == ref.last_hidden_state.shape
+    assert out.token_map.shape == ref.token_map.shape and out.size.shape == ref.size.shape
 
 
 def test_output_hidden_states_follow_the_merges():

@@ -138,8 +138,8 @@ def warn_capped(rs: List[int], n_tokens: Optional[int], config: MergeConfig, r_a
     given = f"r={r_arg!r}" if isinstance(r_arg, int) else f"r={r_arg!r} (r = {r} at {layer} {i})"
     warnings.warn(
         f"fpet_kernels.patch: {given} is above what {layer} {i} can merge: its {n} tokens allow at most r = {cap} "
-        f"(half the tokens that may merge; r counts tokens merged per {layer}); the merge caps it there, and "
-        f"{len(capped)} of {len(rs)} {layer}s are capped, so the {n_tokens} input tokens end as {n_end} (for the "
+        f"(half the tokens that may merge; r counts tokens merged per {layer}); the merge caps it there "
+        f"({len(capped)} of {len(rs)} {layer}s capped), so the {n_tokens} input tokens end as {n_end} (for the "
         "model's configured input size). Choose a smaller r to keep more tokens.", UserWarning, stacklevel=stacklevel)
 
 
