@@ -54,6 +54,17 @@ def test_merge_modules_take_the_model_mode(method, mode):
     assert all(m.training == (mode != "train") for mod in mods for m in mod.modules())
 
 
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_peft_wrapped_merge_modules_take_the_model_mode(mode):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_timm_vit().train(mode == "train"),
+                                peft.LoraConfig(target_modules=["qkv"], r=4, lora_alpha=8))
+    fk.patch.timm(model, "fpet", merge_layer=1)
+    wrapper = model.get_base_model().blocks[1].fk_refine  # PEFT's ModulesToSaveWrapper and its copies
+    assert type(wrapper).__name__ == "ModulesToSaveWrapper"
+    assert all(m.training == (mode == "train") for m in wrapper.modules())
+
+
 def test_eval_model_is_deterministic_after_patching():
     """The issue's case: fk.patch.timm(model.eval(), "fpet") left the refinement adapter (dropout 0.1)
     in training mode, so two eval forwards differed and merged different tokens."""
