@@ -180,6 +180,7 @@ def test_prop_attn_off_matches_plain_sdpa_merging():
     model = tiny_vit()
     fk.patch.timm(model, "tome", r=3, prop_attn=False)
     out = forward_plain(model, images())
+    fk.patch.remove(model)  # a patched model is not patched again (it would reset merge modules)
     fk.patch.timm(model, "tome", r=3, prop_attn=True)
     assert not torch.allclose(out, forward_plain(model, images()))
 

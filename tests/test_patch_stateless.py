@@ -247,8 +247,11 @@ def test_fpet_takes_a_non_square_grid_from_patch_embed(dynamic):
         maps = model.forward_intermediates(x, indices=[1], intermediates_only=True)
     assert maps[0].shape == (1, 24, *grid)
     # an explicit grid: accepted when it agrees, an error when it contradicts the patch embedding
+    # (the grid is set at patch time: remove first; the fresh refinement adapter starts as the identity)
+    fk.patch.remove(model)
     fk.patch.timm(model, "fpet", merge_layer=1, grid=grid)
     torch.testing.assert_close(fk.patch.merge_state(model, x)["features"], st["features"])
+    fk.patch.remove(model)
     fk.patch.timm(model, "fpet", merge_layer=1, grid=grid[::-1])
     with pytest.raises(ValueError, match="grid"):
         fk.patch.merge_state(model, x)
@@ -274,6 +277,7 @@ def test_fpet_grid_argument_when_patch_embed_cannot_tell():
     with pytest.raises(ValueError, match=r"grid=\(H, W\)"):
         fk.patch.merge_state(model, x)
     refine = model.blocks[1].fk_refine.state_dict()
+    fk.patch.remove(model)
     fk.patch.timm(model, "fpet", merge_layer=1, grid=(4, 4))
     model.blocks[1].fk_refine.load_state_dict(refine)
     got = fk.patch.merge_state(model, x)

@@ -27,7 +27,7 @@ METHODS = ("tome", "fpet", "pyra")
 #: ``prop_attn``, ``trace_source`` and ``backend`` apply to every method.
 METHOD_ARGS = {"tome": ("r",), "fpet": ("merge_layer", "refine", "binary_refine", "grid"), "pyra": ("r",)}
 ARG_DEFAULTS = {"r": 16, "merge_layer": 6, "refine": True, "binary_refine": True, "grid": None}
-_ARG_ROLE = {"r": "the number of tokens merged per layer (ToMe, PYRA)",
+_ARG_ROLE = {"r": "the number of tokens merged per layer",
              "merge_layer": "FPET's merging layer", "refine": "FPET's refinement adapter",
              "binary_refine": "FPET's 1-bit refinement adapter", "grid": "FPET's checkerboard grid"}
 
