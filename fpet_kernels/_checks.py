@@ -149,8 +149,9 @@ def reference_map_args(op: str, x, token_map, n_out: int, size=None, x_name: str
 
 def map_range(op: str, name: str, t: torch.Tensor, n_out: int) -> None:
     """Entries of the token map ``t`` must be in ``[-1, n_out)``. A data check: one host sync, and
-    skipped while tracing (fake tensors) or capturing a CUDA graph (the kernels that read maps
-    skip out-of-range entries, so even then nothing is read or written out of bounds)."""
+    skipped while tracing (fake tensors), on meta tensors (no data) or capturing a CUDA graph (the
+    kernels that read maps skip out-of-range entries, so even then nothing is read or written out
+    of bounds)."""
     if t.numel() == 0 or _no_data(t):
         return
     lo, hi = torch.aminmax(t)

@@ -141,7 +141,8 @@ def test_arguments_the_method_does_not_use_raise(method, arg):
 
 
 def test_none_means_not_given_and_defaults_are_kept():
-    model = fk.patch.timm(tiny_timm_vit(), "tome", merge_layer=None, refine=None, binary_refine=None, grid=None)
+    with pytest.warns(UserWarning, match="r=16 is above what block 0 can merge"):  # 17 tokens: at most 8
+        model = fk.patch.timm(tiny_timm_vit(), "tome", merge_layer=None, refine=None, binary_refine=None, grid=None)
     assert model.r == 16
     model = fk.patch.timm(tiny_timm_vit(), "fpet", r=None, merge_layer=2)
     assert model.fk_config.merge_layer == 2 and model.blocks[2].fk_refine.binary
