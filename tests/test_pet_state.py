@@ -333,6 +333,10 @@ def test_unreadable_files_name_the_file(tmp_path):
         pet.load(vit(), str(tmp_path))
     with pytest.raises(TypeError, match="path must be"):
         pet.load(vit(), 123)
+    m = pet.apply(vit(), "lora", rank=4)
+    for bad in (str(tmp_path), str(tmp_path / "no_such_dir" / "t.safetensors")):
+        with pytest.raises(OSError, match="pet.save: cannot write path " + re.escape(repr(bad))):
+            pet.save(m, bad)
 
 
 def test_pafi_targets_of_the_wrong_type_name_the_argument():

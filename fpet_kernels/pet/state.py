@@ -235,7 +235,10 @@ def save(model: nn.Module, path: str, allow_folded: bool = False) -> Dict[str, i
     tensors = {k: v.cpu() if v.device.type != "cpu" else v for k, v in tensors.items()}
     raw = {k: json.dumps(v) for k, v in meta.items()}
     raw["checksum"] = json.dumps(_checksum(tensors, raw))
-    st.save_file(tensors, os.fspath(path), metadata=raw)
+    try:
+        st.save_file(tensors, os.fspath(path), metadata=raw)
+    except Exception as e:  # safetensors' I/O errors: a directory, a missing folder, no permission
+        raise OSError(f"pet.save: cannot write path {os.fspath(path)!r}: {type(e).__name__}: {e}") from e
     return {"tensors": len(tensors), "bytes": os.path.getsize(path)}
 
 
