@@ -93,6 +93,20 @@ def test_selection_equals_stable_sort_with_heavy_ties(dtype):
         pet.pafi_indices(torch.tensor([1.0, float("nan")]), 0.5)
 
 
+def test_selection_does_not_depend_on_its_sample():
+    """Weights whose strided sample is unrepresentative (every 16th entry tiny): the candidate bound from the
+    sample holds fewer than k entries (the full selection runs) or all of them; the result is the rule's."""
+    n = 65536
+    w = torch.rand(n, generator=torch.Generator().manual_seed(3)) + 1.0
+    w[::16] = 0.0  # the positions a stride-16 sample reads
+    for ratio in (0.01, 0.06, 0.0625, 0.07, 0.2):  # k below, at and above the 4096 zeros
+        k = int(ratio * n + 0.5)
+        assert torch.equal(pet.pafi_indices(w.view(256, 256), ratio), _stable_sort_rule(w.abs(), k)), ratio
+    w[::16] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        pet.pafi_indices(w, 0.5)
+
+
 def test_global_selection_equals_stable_sort_with_ties():
     m = tiny_vit()
     with torch.no_grad():  # quantised weights: many equal magnitudes across the targets

@@ -322,9 +322,8 @@ def load(model: nn.Module, path: str) -> nn.Module:
     except Exception as e:
         if created_pafi:  # deltas are zero: the backbone is unchanged; it was not folded by the user
             _pafi.fold_pafi(model)
-            if folded is None:
-                object.__delattr__(model, _targets.FOLDED_ATTR)
-            else:
+            model.__dict__.pop(_targets.FOLDED_ATTR, None)  # that fold_pafi is not the user's pet.fold
+            if folded is not None:
                 object.__setattr__(model, _targets.FOLDED_ATTR, folded)
         if folded and isinstance(e, ValueError) and not meta.get("folded"):
             raise ValueError(f"{e} (the model was folded by pet.fold ({', '.join(folded)}): its weights are no "
