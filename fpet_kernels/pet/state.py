@@ -10,11 +10,21 @@ What a file holds (tensor key prefixes; settings and fingerprints in the safeten
   ``hiwi/<param>``         HiWi: the folded deltas ``f(P)`` of the target tensors;
   ``head/<name>.<key>``    the heads (``modules.HEAD_NAMES``): their full state dicts.
 
-``load`` checks, before changing anything, that the backbone matches (structure and a sample of values
+The metadata also holds ``checksum``: sha256 over every tensor (name, dtype, shape, bytes) and the other
+metadata entries. ``load`` recomputes it and refuses a damaged file; a file written before the checksum
+existed loads without that check. A file safetensors cannot read (empty, truncated, not safetensors)
+raises ``ValueError`` naming the file.
+
+``load`` checks, before changing anything, that the file holds the same PET methods as the model
+(LoRA, AdaptFormer, ..., PaFi and HiWi; a model without PaFi layers gets them with the file's settings,
+HiWi files load into the plain backbone), that the backbone matches (structure and a sample of values
 of every frozen tensor), that the PET modules have the same names, shapes and settings, and for PaFi
-that the mask fingerprint matches; any mismatch raises ``ValueError`` saying what differs. A model
-without PaFi layers gets them (with the file's settings) on load. Switching a model between tasks
-writes only the stored tensors: O(k) for PaFi, O(target size) for HiWi, the PET and head parameters.
+that the mask fingerprint matches; any mismatch raises ``ValueError`` saying what differs. Switching a
+model between tasks writes only the stored tensors: O(k) for PaFi, O(target size) for HiWi, the PET and
+head parameters.
+
+``save`` refuses a model that ``pet.fold`` folded (its trained deltas are inside the backbone weights
+then, and the file would match no backbone but this folded one) unless ``allow_folded=True``.
 """
 from __future__ import annotations
 
@@ -27,9 +37,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from . import _targets
 from . import hiwi as _hiwi
 from . import pafi as _pafi
-from .modules import (BinaryLinear, LoRAQKV, _own_parameters, _pet_modules, heads, pack_binary, unpack_binary)
+from .modules import (BinaryLinear, LoRAQKV, _own_parameters, _pet_modules, heads, pack_binary, register_folder,
+                      unpack_binary)
 
 __all__ = ["save", "load", "FORMAT"]
 
@@ -38,6 +50,9 @@ FORMAT = "fpet_kernels.pet/1"
 #: task is ``P0 + delta``). A plain dict on the model object, not a buffer: the module tree is unchanged.
 HIWI_BASE_ATTR = "_fk_hiwi_base"
 _SAMPLE = 16
+#: Method names of the PET module types (the file's ``pet`` metadata holds type names), for messages.
+_METHOD_OF_TYPE = {"LoRAQKV": "lora", "AdaptFormerAdapter": "adaptformer", "RefinementAdapter": "fpet (refinement)",
+                   "PyraModulation": "pyra"}
 
 
 def _safetensors():
@@ -107,17 +122,71 @@ def _tensor_fingerprint(t: Tensor) -> str:
     return hashlib.sha256(t.detach().double().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
+def _checksum(tensors: Dict[str, Tensor], meta: Dict[str, str]) -> str:
+    """sha256 over the tensors (sorted names, dtype, shape, raw bytes) and the metadata entries other than
+    ``checksum`` (as stored: JSON strings)."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    for k in sorted(meta):
+        if k != "checksum":
+            h.update(f"{k}={meta[k]}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def _file_methods(meta: Dict[str, object]) -> List[str]:
+    """The PET methods a file's task uses (from its metadata)."""
+    out = {_METHOD_OF_TYPE.get(t[0], t[0]) for t in (meta.get("pet") or {}).values()}
+    out |= {"pafi"} if meta.get("pafi") else set()
+    out |= {"hiwi"} if meta.get("hiwi") else set()
+    return sorted(out)
+
+
+def _model_methods(model: nn.Module) -> List[str]:
+    """The PET methods ``model`` holds: its PET module types, PaFi layers, HiWi layers or a loaded HiWi task."""
+    out = {_METHOD_OF_TYPE.get(type(m).__name__, type(m).__name__) for _, m in _generic_pet(model)}
+    out |= {"pafi"} if _pafi.pafi_modules(model) else set()
+    out |= {"hiwi"} if _hiwi.hiwi_modules(model) or getattr(model, HIWI_BASE_ATTR, None) else set()
+    return sorted(out)
+
+
+def _mark_lora_fold(model: nn.Module) -> None:
+    """``pet.fold`` runs the registered folders, then merges LoRA: record that LoRA is being folded
+    (PaFi and HiWi record theirs in ``_targets.fold_modules``)."""
+    if any(isinstance(m, LoRAQKV) for m in model.modules()):
+        _targets.mark_folded(model, {"lora"})
+
+
+register_folder(_mark_lora_fold)
+
+
 # ----------------------------------------------------------------------------- save
-def save(model: nn.Module, path: str) -> Dict[str, int]:
+def save(model: nn.Module, path: str, allow_folded: bool = False) -> Dict[str, int]:
     """Write the task state of ``model`` to ``path`` (safetensors; see the module doc). Returns
-    ``{"tensors": n, "bytes": size of the file}``. Save a HiWi or PaFi model *before* ``pet.fold``
-    (folded, they are plain backbones again)."""
+    ``{"tensors": n, "bytes": size of the file}``.
+
+    Save *before* ``pet.fold``: a model that ``pet.fold`` folded raises ``ValueError`` (its LoRA / PaFi /
+    HiWi deltas are in the backbone weights then; a file saved from it loads only into that folded
+    model). ``allow_folded=True`` saves it anyway, the folded weights being the backbone of the file (e.g.
+    a new method trained on top of a folded one)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    if not isinstance(allow_folded, bool):
+        raise TypeError(f"allow_folded must be a bool, got {type(allow_folded).__name__} {allow_folded!r}")
+    folded = getattr(model, _targets.FOLDED_ATTR, None)
+    if folded and not allow_folded:
+        raise ValueError(f"model was folded by pet.fold ({', '.join(folded)}): its trained deltas are in the backbone "
+                         "weights now and a file saved from it would load into no model but this folded one. "
+                         "pet.save before pet.fold, or pass allow_folded=True to save a task whose backbone is "
+                         "the folded model")
     tensors: Dict[str, Tensor] = {}
     meta: Dict[str, object] = {"format": FORMAT, "backbone": _backbone_fingerprint(model), "model": type(model).__name__}
+    if folded:
+        meta["folded"] = list(folded)
     # generic PET modules
     pet_meta, binary = {}, {}
     for name, mod in _generic_pet(model):
@@ -163,23 +232,56 @@ def save(model: nn.Module, path: str) -> Dict[str, int]:
     if not tensors:
         raise ValueError(f"model ({type(model).__name__}) has no PET state and no head to save")
     st = _safetensors()
-    st.save_file({k: v.cpu() if v.device.type != "cpu" else v for k, v in tensors.items()}, os.fspath(path),
-                 metadata={k: json.dumps(v) for k, v in meta.items()})
+    tensors = {k: v.cpu() if v.device.type != "cpu" else v for k, v in tensors.items()}
+    raw = {k: json.dumps(v) for k, v in meta.items()}
+    raw["checksum"] = json.dumps(_checksum(tensors, raw))
+    try:
+        st.save_file(tensors, os.fspath(path), metadata=raw)
+    except Exception as e:  # safetensors' I/O errors: a directory, a missing folder, no permission
+        raise OSError(f"pet.save: cannot write path {os.fspath(path)!r}: {type(e).__name__}: {e}") from e
     return {"tensors": len(tensors), "bytes": os.path.getsize(path)}
 
 
 # ----------------------------------------------------------------------------- load
 def _read(path) -> Tuple[Dict[str, Tensor], Dict[str, object]]:
-    st = _safetensors()
+    """Tensors and decoded metadata of a ``save`` file; every way of not being one (missing, unreadable,
+    not safetensors, another format, damaged data) raises naming ``path``."""
+    _safetensors()
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    fspath = os.fspath(path)
+    if not os.path.isfile(fspath):
+        raise FileNotFoundError(f"path {fspath!r}: no such file" if not os.path.exists(fspath)
+                                else f"path {fspath!r} is not a file")
     from safetensors import safe_open
-    with safe_open(os.fspath(path), framework="pt") as f:
-        raw = f.metadata() or {}
-    if raw.get("format") != json.dumps(FORMAT):
-        raise ValueError(f"{path} is not a pet.save file (format {raw.get('format')!r}, expected {FORMAT!r})")
-    meta = {k: json.loads(v) for k, v in raw.items()}
-    return st.load_file(os.fspath(path)), meta
+    try:
+        with safe_open(fspath, framework="pt") as f:
+            raw = f.metadata() or {}
+            if raw.get("format") != json.dumps(FORMAT):
+                raise ValueError(f"{fspath} is not a pet.save file (format {raw.get('format')!r}, "
+                                 f"expected {json.dumps(FORMAT)!r})")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except ValueError:
+        raise
+    except Exception as e:  # safetensors' own errors (header too small / too large / invalid, truncated data)
+        raise ValueError(f"path {fspath!r} is not a readable pet.save (safetensors) file: "
+                         f"{type(e).__name__}: {e}") from e
+    stored = raw.get("checksum")
+    if stored is not None:  # files written before the checksum existed have none
+        try:
+            stored = json.loads(stored)
+        except ValueError:
+            stored = None
+        if stored != _checksum(tensors, raw):
+            raise ValueError(f"{fspath} is damaged: its tensors or metadata do not match the checksum stored at "
+                             "pet.save (sha256); the file was changed or corrupted after it was written")
+    try:
+        meta = {k: json.loads(v) for k, v in raw.items()}
+    except ValueError as e:
+        raise ValueError(f"{fspath}: metadata entry is not valid JSON ({e}); the file is damaged") from e
+    if not isinstance(meta.get("backbone"), str):
+        raise ValueError(f"{fspath}: metadata has no backbone fingerprint; the file is damaged")
+    return tensors, meta
 
 
 def _diff(kind: str, want, have) -> str:
@@ -199,22 +301,54 @@ def load(model: nn.Module, path: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     tensors, meta = _read(path)
-    if _hiwi.hiwi_modules(model) and meta.get("hiwi"):
-        raise ValueError("model has unfolded HiWi adapters; a task file holds folded deltas: load it into the "
-                         "plain backbone (or pet.fold(model) first)")
+    folded = getattr(model, _targets.FOLDED_ATTR, None)
     created_pafi = False
-    if meta.get("pafi") and not _pafi.pafi_modules(model):
-        s = meta["pafi"]["settings"]
-        _pafi.apply_pafi(model, ratio=s["ratio"], targets=s["targets"], scope=s["scope"])
-        created_pafi = True
     try:
+        _check_methods(model, meta, path)
+        if _hiwi.hiwi_modules(model) and meta.get("hiwi"):
+            raise ValueError("model has unfolded HiWi adapters; a task file holds folded deltas: load it into the "
+                             "plain pre-trained backbone")
+        want_folded = meta.get("folded") or []
+        if want_folded and sorted(want_folded) != sorted(folded or []):
+            raise ValueError(f"{path} was saved (allow_folded=True) from a model folded by pet.fold "
+                             f"({', '.join(want_folded)}), the model "
+                             + (f"was folded ({', '.join(folded)})" if folded else "is not folded")
+                             + ": it loads only into that folded model (or a copy of it)")
+        if meta.get("pafi") and not _pafi.pafi_modules(model):
+            s = meta["pafi"]["settings"]
+            _pafi.apply_pafi(model, ratio=s["ratio"], targets=s["targets"], scope=s["scope"])
+            created_pafi = True
         _check(model, tensors, meta, path)
-    except Exception:
-        if created_pafi:
-            _pafi.fold_pafi(model)  # deltas are zero: the backbone is unchanged
+    except Exception as e:
+        if created_pafi:  # deltas are zero: the backbone is unchanged; it was not folded by the user
+            _pafi.fold_pafi(model)
+            model.__dict__.pop(_targets.FOLDED_ATTR, None)  # that fold_pafi is not the user's pet.fold
+            if folded is not None:
+                object.__setattr__(model, _targets.FOLDED_ATTR, folded)
+        if folded and isinstance(e, ValueError) and not meta.get("folded"):
+            raise ValueError(f"{e} (the model was folded by pet.fold ({', '.join(folded)}): its weights are no "
+                             "longer the pre-trained ones, load tasks into an unfolded backbone)") from e
         raise
     _write(model, tensors, meta)
     return model
+
+
+def _check_methods(model: nn.Module, meta: Dict[str, object], path) -> None:
+    """The file's PET methods against the model's (before the backbone: another method changes what the
+    backbone fingerprint covers). PaFi and HiWi may be missing from the model (``load`` adds them)."""
+    want, have = _file_methods(meta), _model_methods(model)
+    missing = set(want) - set(have) - {"pafi", "hiwi"}
+    extra = set(have) - set(want)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"apply {sorted(missing)} to the model first (pet.apply / fk.patch) -- the file's "
+                         "methods on the same backbone")
+        if extra:
+            parts.append(f"the model has {sorted(extra)}, which the file does not hold: load it into a model "
+                         "without them (a fresh backbone with the file's methods applied)")
+        raise ValueError(f"PET methods differ: {path} holds a task of {want or 'no PET method (heads only)'}, "
+                         f"the model has {have or 'no PET method'}; " + "; ".join(parts))
 
 
 def _check(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, object], path) -> None:

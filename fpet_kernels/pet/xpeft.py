@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -481,18 +482,32 @@ def load_profile(model: nn.Module, name: str, path: str, head: Optional[nn.Modul
                  replace: bool = False) -> nn.Parameter:
     """Read a profile saved by :func:`save_profile` as profile ``name``; checks the file was made
     for this model's bank (fingerprint), mask kind and shapes. ``head``: load the stored head
-    tensors into it (strict). Returns the new mask logits."""
+    tensors into it (strict; the stored names and shapes must be ``head``'s, else ``ValueError`` saying
+    which differ). Returns the new mask logits. Nothing changes on an error."""
     from safetensors import safe_open
     c = _ctrl(model)
     _check_name(name)
     _bool("replace", replace)
     if name in c.profiles and not replace:
         raise ValueError(f"profile {name!r} already exists (pass replace=True)")
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not an X-PEFT profile file (format {meta.get('format')!r}, want {FORMAT!r})")
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    if head is not None and not isinstance(head, nn.Module):
+        raise TypeError(f"head must be None or an nn.Module, got {type(head).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"path {os.fspath(path)!r}: no such file")
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path} is not an X-PEFT profile file (format {meta.get('format')!r}, "
+                                 f"want {FORMAT!r})")
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except ValueError:
+        raise
+    except Exception as e:  # safetensors' own errors (empty, truncated, not safetensors)
+        raise ValueError(f"path {os.fspath(path)!r} is not a readable X-PEFT profile (safetensors) file: "
+                         f"{type(e).__name__}: {e}") from e
     if meta.get("bank") != c.bank_id:
         raise ValueError(f"{path} holds masks of another bank ({meta.get('bank')}); this model's bank is {c.bank_id}")
     layers, adapters = int(meta["layers"]), int(meta["adapters"])
@@ -524,6 +539,12 @@ def load_profile(model: nn.Module, name: str, path: str, head: Optional[nn.Modul
     if head is not None:
         if not head_sd:
             raise ValueError(f"{path} holds no head tensors")
+        want = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in head_sd.items()}
+        if want != got:
+            diff = sorted(set(want) ^ set(got))[:5] or [k for k in want if want[k] != got[k]][:5]
+            raise ValueError(f"head does not match the head stored in {path}: file {got}, head "
+                             f"({type(head).__name__}) {want}; differing entries: {diff}")
         head.load_state_dict(head_sd, strict=True)
     p = nn.Parameter(logits.to(device=c.down.device, dtype=c.down.dtype))
     if name in c.profiles:
