@@ -257,7 +257,9 @@ def _tolerant(build_ext_cls):
             import torch
 
             info = {"fpet_kernels": VERSION, "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-                    "with_cuda": self._with_cuda(ext), "cuda_why": getattr(ext, "fpet_cuda_why", None)}
+                    "with_cuda": self._with_cuda(ext), "cuda_why": getattr(ext, "fpet_cuda_why", None),
+                    "cuda_archs": (os.environ.get("TORCH_CUDA_ARCH_LIST") or "the visible GPUs'")
+                    if self._with_cuda(ext) else None}
             path = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), "_build_info.py")
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w") as f:
