@@ -42,10 +42,11 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;8.6;8.9;9.0+PTX"
-# Rough compile cost on one core, in minutes (a 2-core AMD EPYC, g++ 12 / nvcc 13, torch 2.14): all CPU
-# sources; all CUDA sources for one architecture. Only for the estimate the build prints.
+# Rough compile cost on one core, in minutes, for the estimate the build prints: all CPU sources; all CUDA
+# sources for one architecture (a 2-core AMD EPYC, g++ 12 / nvcc 13, torch 2.14, other jobs running:
+# about 4 minutes for the CPU kernels, 24 for CPU + CUDA for DEFAULT_ARCHS).
 CPU_CORE_MINUTES = 7.0
-CUDA_CORE_MINUTES_PER_ARCH = 8.0
+CUDA_CORE_MINUTES_PER_ARCH = 10.0
 
 # torch finds the CUDA toolkit from CUDA_HOME, else from `which nvcc`; where nvcc is a wrapper
 # script outside the toolkit (/usr/local/bin/nvcc -> /usr/local/cuda) that guess has no headers.
@@ -234,7 +235,8 @@ def _tolerant(build_ext_cls):
                 cuda = self._with_cuda(ext)
                 archs = _archs(cuda)
                 jobs = max(1, min(int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1), os.cpu_count() or 1))
-                minutes = (CPU_CORE_MINUTES + CUDA_CORE_MINUTES_PER_ARCH * len(archs)) / jobs
+                n_archs = (len(archs) or 1) if cuda else 0  # no list: the visible GPUs' (usually one)
+                minutes = (CPU_CORE_MINUTES + CUDA_CORE_MINUTES_PER_ARCH * n_archs) / jobs
                 n_cpp = sum(not s.endswith(".cu") for s in ext.sources)
                 what = f"the CPU kernels ({n_cpp} C++ files)"
                 if cuda:
