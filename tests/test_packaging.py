@@ -320,11 +320,32 @@ def test_failed_extension_build_falls_back(clean_copy, tmp_path):
     proc = subprocess.run(cmd, cwd=src, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "installed WITHOUT its C++ extension" in proc.stderr
+    # before compiling, the build said what it compiles and about how long that takes
+    assert re.search(r"compiling its C\+\+ extension: the CPU kernels \(\d+ C\+\+ files\); no CUDA kernels: "
+                     r"FPET_NO_CUDA=1\.\n  About \d+ min with 1 parallel job", proc.stderr), proc.stderr[-3000:]
     assert not list((src / "fpet_kernels").glob("_C*.so"))
     assert not (src / "fpet_kernels" / "_build_info.py").exists()
     proc = subprocess.run(cmd, cwd=src, capture_output=True, text=True, timeout=600,
                           env=dict(env, FPET_REQUIRE_EXTENSION="1"))
     assert proc.returncode != 0
+
+
+def test_missing_compiler_said_plainly(clean_copy, tmp_path):
+    """No C++ compiler at all: the build says so in those words (and what to install) before compiling
+    anything, and finishes as pure Python; under FPET_REQUIRE_EXTENSION=1 it fails with the same words."""
+    src = tmp_path / "src"
+    shutil.copytree(clean_copy, src)
+    cmd = [sys.executable, "setup.py", "-q", "build_ext", "--inplace"]
+    env = _env(CXX="no-such-compiler-fpet", FPET_NO_CUDA="1")
+    proc = subprocess.run(cmd, cwd=src, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "no C++ compiler: 'no-such-compiler-fpet' is not on PATH" in proc.stderr, proc.stderr[-3000:]
+    assert "installed WITHOUT its C++ extension" in proc.stderr and "apt-get install g++" in proc.stderr
+    assert "compiling its C++ extension" not in proc.stderr  # said before anything was compiled
+    assert not list((src / "fpet_kernels").glob("_C*.so"))
+    proc = subprocess.run(cmd, cwd=src, capture_output=True, text=True, timeout=600,
+                          env=dict(env, FPET_REQUIRE_EXTENSION="1"))
+    assert proc.returncode != 0 and "no C++ compiler" in proc.stderr
 
 
 # ------------------------------------------------------------------- the import without the extension
