@@ -247,7 +247,7 @@ def _tolerant(build_ext_cls):
                 reuse = os.path.exists(os.path.join(self.build_temp, ".ninja_log"))
                 lines = [f"fpet_kernels: compiling its C++ extension: {what}.",
                          (f"  Objects of an earlier build in {os.path.relpath(self.build_temp, ROOT)} are reused: "
-                          "only changed sources recompile." if reuse else
+                          "only sources that changed (or were not compiled there) compile." if reuse else
                           f"  About {max(1, round(minutes))} min with {jobs} parallel job(s) (MAX_JOBS), "
                           "more on a busy machine; pip install -v shows the compiler's progress.")]
                 if not _ninja_available():
