@@ -40,8 +40,8 @@ its spread, the activation memory autograd saves for the backward, and on GPU th
 
 Output: markdown tables on stdout (progress on stderr); rows appended to ``<out>/model_<device>.csv``
 (``model_train_<device>.csv`` for --train; timestamp, commit, device, torch/timm/triton versions);
-images/s against r in ``<out>/model_throughput_<device>.png``; GPU launch counts in
-``<out>/model_launches_<device>.json``. ``<out>`` is ``--out``, else ``$OUT``, else
+images/s against r in ``<out>/model_throughput_<device>.png`` (error bars from the spreads, r ticks
+at the measured r); GPU launch counts in ``<out>/model_launches_<device>.json``. ``<out>`` is ``--out``, else ``$OUT``, else
 ``bench/results/local`` (untracked); ``--record`` writes into the tracked ``bench/results``.
 
 Exit status: 0; 3 when a fused path's logits differ from the reference patch's; 1 when a variant
@@ -67,7 +67,8 @@ from common import DTYPES  # noqa: E402
 from model_common import (MODEL, METHODS, PATCHED, PYRA_R, QUICK_SWEEP_R, SWEEP_R, TARGETS, TOME_R,  # noqa: E402
                           CSV_FIELDS, LOGIT_TOLERANCE, paired_ratios, ratio_stats, spread, VARIANTS, GraphForward, Variant, append_csv, apply_variant, count_launches, fk,
                           input_size, ips_text, load_patch, main_variants, make_input, make_model, plot_sweep,
-                          signature, signature_diff, sweep_variants, time_gpu, tokens_per_block, warm_profiler)
+                          signature, signature_diff, sweep_variants, throughput_point, time_gpu, tokens_per_block,
+                          warm_profiler)
 from run_table import device_name, fmt, git_rev, triton_version  # noqa: E402
 
 
@@ -580,7 +581,7 @@ class Runner:
                 continue
             key = (r["dtype"], r["batch"], r["mode"])
             s = series.setdefault(key, {"fused": {}, "zero-cost bound": {}, "reference patch": {}, "as shipped": None})
-            ips = r["batch"] * 1e3 / r["_ms"]
+            ips = throughput_point(r["batch"], r["_ms"], r["_spread_ms"] if r["reps"] and r["reps"] >= 2 else None)
             if v.variant == "as shipped":
                 s["as shipped"] = ips
             elif v.method == "tome" and (v.r in a.sweep_r or v.variant == "reference patch"):
@@ -809,8 +810,15 @@ class TrainRunner:
                   f"{r['saved_mib']} | {r['peak_mib'] or '-'} | {r['note']} |")
 
 
+QUICK_NOTE = ("SMOKE RUN (--quick): one round at the smallest batch (ToMe r in {0, 16}): a check that the job runs "
+              "and that the fused logits match the reference patch; its timings have no spread and mean nothing. "
+              "Drop --quick for the measured tables.")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.quick:
+        print(QUICK_NOTE, file=sys.stderr)
     patch_mod, patch_why = load_patch()
     runner = Runner(args, patch_mod, patch_why)
     plan = plan_of(args)
@@ -837,6 +845,8 @@ def main(argv=None) -> int:
         bar.close()
 
     runner.derive()
+    if args.quick:
+        print(f"\n{QUICK_NOTE}")
     runner.print_table()
     os.makedirs(args.out, exist_ok=True)
     if launches is not None:
@@ -881,6 +891,8 @@ def main_train(args, patch_mod, runner) -> int:
         train.run(bar)
     finally:
         bar.close()
+    if args.quick:
+        print(f"\n{QUICK_NOTE}")
     train.print_table()
     if not args.no_csv and train.rows:
         os.makedirs(args.out, exist_ok=True)

