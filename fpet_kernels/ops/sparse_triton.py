@@ -32,7 +32,8 @@ from .triton_common import HAS_TRITON, cdiv, check_index_range, interpreting, nu
 # Mask density K / (out * in) from which the dense product is used, per input dtype (see above).
 DENSE_DENSITY = {torch.float16: 5e-4, torch.bfloat16: 5e-4, torch.float32: 2.6e-3}
 BLOCK_K = 64 if interpreting() else 128   # masked entries per program
-BLOCK_M = 32                              # rows of grad_out / input per step
+BLOCK_M = 16                              # rows of grad_out / input per step
+NUM_WARPS = 8                             # sm_90: 40 registers, no spills (32 x 128 tiles at 4 warps spill)
 PROGRAMS_PER_SM = 4
 
 if HAS_TRITON:
@@ -107,7 +108,7 @@ def masked_weight_grad(grad_out: torch.Tensor, input: torch.Tensor, rows: torch.
     part = torch.empty(split_m, k, dtype=torch.float32, device=grad_out.device)
     _masked_grad_kernel[(k_blocks, split_m)](grad_out, input, rows, cols, part, m, k, m_per,
                                              grad_out.stride(0), grad_out.stride(1), input.stride(0),
-                                             input.stride(1), BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, num_warps=4)
+                                             input.stride(1), BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
     out = part[0] if split_m == 1 else part.sum(0)
     return out.to(grad_out.dtype)
 
@@ -120,5 +121,5 @@ def aot_specs():
     for dt in ("fp16", "bf16", "fp32"):
         sig = dict(g_ptr=f"*{dt}", x_ptr=f"*{dt}", rows_ptr="*i64", cols_ptr="*i64", part_ptr="*fp32", M="i32",
                    K="i32", m_per="i32", stride_gm="i32", stride_gn="i32", stride_xm="i32", stride_xn="i32")
-        specs.append((_masked_grad_kernel, sig, dict(BLOCK_M=BLOCK_M, BLOCK_K=128), 4))
+        specs.append((_masked_grad_kernel, sig, dict(BLOCK_M=BLOCK_M, BLOCK_K=128), NUM_WARPS))
     return specs

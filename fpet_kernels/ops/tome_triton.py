@@ -283,8 +283,10 @@ if HAS_TRITON:
 
 
 # ----------------------------------------------------------------------------- launchers
-# Tile shapes. On the GPU: 32-row similarity / comparison tiles, 32 x 128 merge tiles, 8 warps (no
-# register spills for sm_90, see tests/aot_compile.py). The interpreter's cost is per block
+# Tile shapes. On the GPU: 32-row similarity / comparison tiles (64 metric columns per step), 32 x 128
+# merge tiles, 8 warps. sm_90 with a launch's specialisation (Triton 3.8, tests/aot_compile.py):
+# half inputs 218-246 registers, no spills, 32 KB of shared memory; float32 (3xTF32) 255 registers
+# and 8-16 bytes of spill stack, 64 KB. The interpreter's cost is per block
 # operation, not per element, so it runs 64-row tiles (still several blocks at the test shapes);
 # tests also run the GPU tile shapes in the interpreter.
 BLOCK = 64 if interpreting() else 32      # rows of A / B per similarity tile, and per rank / group comparison
@@ -296,7 +298,7 @@ SPLIT = None      # channel programs per image (None: decided from B and the SM 
 
 
 def _prec() -> str:
-    """Similarity tiles: 3xTF32 on tensor cores (float32 accuracy); see ``triton_common.similarity``."""
+    """Similarity tiles: 3xTF32 on tensor cores (float32 accuracy); see ``triton_common.unit_scores``."""
     return "interp" if interpreting() else "tf32x3"
 
 

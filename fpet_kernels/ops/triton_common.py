@@ -138,16 +138,6 @@ if HAS_TRITON:
         tl.store(ptr, v.to(ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def unit_rows(m_ptr, pos, valid, D, D_PAD: tl.constexpr):
-        """Metric rows at token positions ``pos``, normalised to unit L2 norm (m / max(||m||, 1e-12)),
-        float32 [BLOCK, D_PAD]; invalid rows are zero. (Whole rows: for small D only.)"""
-        d = tl.arange(0, D_PAD)
-        v = tl.load(m_ptr + pos[:, None] * D + d[None, :], mask=valid[:, None] & (d[None, :] < D),
-                    other=0.0).to(tl.float32)
-        nrm = tl.sqrt(tl.sum(v * v, 1))
-        return v / tl.maximum(nrm, 1e-12)[:, None]
-
-    @triton.jit
     def row_norms(m_ptr, pos, valid, D, BLOCK_D: tl.constexpr):
         """``max(||m||, 1e-12)`` of the metric rows at ``pos`` (float32; 1e-12 where invalid), summed
         over D in BLOCK_D chunks: no register tile grows with D."""
@@ -169,25 +159,15 @@ if HAS_TRITON:
         return v / den[:, None]
 
     @triton.jit
-    def similarity(a, b, PREC: tl.constexpr):
-        """Score tile ``a @ b^T`` (float32 rows of unit norm). On the GPU a ``tl.dot`` (PREC "tf32x3":
-        tensor cores, float32 accuracy; every element is computed by the same instruction sequence,
-        so duplicated rows give exactly tied scores, as the spec's tie rules expect). "interp": the
-        interpreter's dot is a BLAS matmul whose rounding depends on the row's place in the tile, so it
-        computes in float64 and rounds once, which keeps exact ties exact."""
-        if PREC == "interp":
-            s = tl.dot(a.to(tl.float64), tl.trans(b.to(tl.float64))).to(tl.float32)
-        else:
-            s = tl.dot(a, tl.trans(b), input_precision=PREC)
-        return s
-
-    @triton.jit
     def unit_scores(m_ptr, pos_a, va, den_a, pos_b, vb, den_b, D, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
         """Score tile ``A_n B_n^T`` of the normalised metric rows at ``pos_a`` and ``pos_b`` (norms
         ``den_a``, ``den_b`` from ``row_norms``), accumulated over D in BLOCK_D chunks: any metric
         dimension runs with [BLOCK, BLOCK_D] operand tiles (shared memory and registers independent
-        of D). Precision as ``similarity``; "interp" accumulates the chunks in float64 and rounds
-        once."""
+        of D). On the GPU a ``tl.dot`` per chunk (PREC "tf32x3": tensor cores, float32 accuracy;
+        every element is computed by the same instruction sequence, so duplicated rows give exactly
+        tied scores, as the spec's tie rules expect). "interp": the interpreter's dot is a BLAS
+        matmul whose rounding depends on the row's place in the tile, so it computes in float64,
+        accumulates the chunks in float64 and rounds once, which keeps exact ties exact."""
         if PREC == "interp":
             acc = tl.zeros([pos_a.shape[0], pos_b.shape[0]], tl.float64)
         else:
