@@ -347,7 +347,9 @@ def _config(na: int, nb: int, c: int, d: int, interp: bool, x_dtype, go_dtype, m
         BI=block_i or min(tile, pow2(na)), BJ=block_j or min(tile, pow2(nb)),
         BC=block_c or min(tile, pow2(c)), BD=block_d or min(BLOCK_D, pow2(d, 16)),
         BT=32, BC_X=min(64 if not interp else 256, pow2(c)),
-        warps_metric=4, warps_x=4,
+        # sm_90 (tests/aot_compile.py): 3xTF32 tiles (float32 operands) spill at 4 warps, half ones do not
+        warps_scores=4 if x_dtype in _HALF and m_dtype in _HALF and go_dtype == x_dtype else 8,
+        warps_metric=8, warps_x=4,
         SCORE_PREC="ieee" if interp else "tf32x3",
         GRAD_PREC="ieee" if interp else "tf32x3",
         NATIVE_M=not interp and m_dtype in _HALF,
@@ -412,7 +414,7 @@ def fpet_merge_backward(grad_out: Tensor, grad_size: Optional[Tensor], x: Tensor
             n, c, d, na, nb, num_prefix, H, W,
             HAS_SIZE=size is not None, BI=bi, BJ=bj, BC=cfg["BC"], BD=cfg["BD"],
             SCORE_PREC=cfg["SCORE_PREC"], GRAD_PREC=cfg["GRAD_PREC"], NATIVE_M=cfg["NATIVE_M"],
-            NATIVE_X=cfg["NATIVE_X"], num_warps=cfg["warps_metric"])
+            NATIVE_X=cfg["NATIVE_X"], num_warps=cfg["warps_scores"])
     _fpet_bwd_metric_kernel[(bsz, nib + njb)](
         metric, nrm, p_ws, rs_ws, top_ws, topv_ws, proj_ws, colp_ws, grad_metric, n, d, na, nb, num_prefix, H, W,
         BI=bi, BJ=bj, BD=cfg["BD"], GRAD_PREC=cfg["GRAD_PREC"], num_warps=cfg["warps_metric"])
@@ -484,7 +486,7 @@ def aot_specs(n: int = 197, num_prefix: int = 1, h: int = 14, w: int = 14, c: in
         const_x = dict(HAS_SIZE=True, BT=cfg["BT"], BC=cfg["BC_X"])
         sig_x.update({k: "constexpr" for k in const_x})
         for fn, sig, const, ints, warps in ((_fpet_bwd_prep_kernel, sig_p, const_p, ints_p, cfg["warps_x"]),
-                                            (_fpet_bwd_scores_kernel, sig_s, const_s, ints_s, cfg["warps_metric"]),
+                                            (_fpet_bwd_scores_kernel, sig_s, const_s, ints_s, cfg["warps_scores"]),
                                             (_fpet_bwd_metric_kernel, sig_m, const_m, ints_m, cfg["warps_metric"]),
                                             (_fpet_bwd_x_kernel, sig_x, const_x, ints_x, cfg["warps_x"])):
             sig, const, attrs = _specialize(fn, sig, const, ints)

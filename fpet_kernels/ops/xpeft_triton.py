@@ -1,5 +1,5 @@
-"""Triton kernel of ``xpeft_adapter`` (``ops/xpeft.py``): one program per (batch row, tile of
-tokens) reads its row's profile id and applies that profile's combined adapter, down-projection,
+"""Triton kernel of ``xpeft_adapter`` (``ops/xpeft.py``): one program per (batch row, 32-token
+tile) reads its row's profile id and applies that profile's combined adapter, down-projection,
 ReLU, up-projection and residual add, in two phases separated by ``tl.debug_barrier()``:
 
     1. for each BLOCK_R columns of the rank r:  h = relu(x_tile @ down[p] + down_bias[p])
@@ -7,8 +7,8 @@ ReLU, up-projection and residual add, in two phases separated by ``tl.debug_barr
     2. for each BLOCK_D columns of d:  out = residual + scale * (h @ up[p] + up_bias[p])
        (a loop over the rank in BLOCK_R blocks, h read back from the workspace).
 
-Tiled over the rank as over d: no register tile grows with r (any r runs; r = 64 fits the
-registers of 4 warps). Half inputs (x, down and up of one half dtype) go to the tensor cores as
+Tiled over the rank as over d: no register tile grows with r (any r runs; no spills at r = 64,
+see the tile sizes below). Half inputs (x, down and up of one half dtype) go to the tensor cores as
 they are, ``tl.dot`` accumulating in float32, and h is stored in that half dtype for the second
 product (the rounding a PyTorch half adapter does); float32 inputs use 3xTF32 dots (float32
 accuracy). The interpreter computes every dot in float32 IEEE (its bf16 dot is wrong). ReLU keeps
@@ -28,10 +28,14 @@ import torch
 from .. import _checks
 from .triton_common import HAS_TRITON, cdiv, check_index_range, interpreting, pow2, tl, triton
 
-BLOCK_M = 64     # tokens per program
-BLOCK_D = 64     # columns of d per step
-BLOCK_R = 64     # columns of the rank per step (fewer when r is small)
+# Tiles, sm_90 with a launch's specialisation (Triton 3.8, r = 64): half inputs 32 x 64 x 64 at 4 warps,
+# 213 registers, no spills; float32 (3xTF32 splits every operand in three) 32 x 32 x 32 at 8 warps,
+# 189 registers, no spills (32 x 64 x 64 spilled 0.8-1 KB there). The interpreter runs the half tiles.
+BLOCK_M = 32         # tokens per program
+BLOCK_D = 64         # columns of d per step
+BLOCK_R = 64         # columns of the rank per step (fewer when r is small)
 NUM_WARPS = 4
+BLOCK_D_F32, BLOCK_R_F32, NUM_WARPS_F32 = 32, 32, 8   # float32 operands on the GPU
 _HALF = (torch.float16, torch.bfloat16)
 
 if HAS_TRITON:
@@ -129,11 +133,13 @@ def xpeft_adapter(x, residual, profile, down, down_bias, up, up_bias, scale: flo
     interp = interpreting()
     native = not interp and x.dtype in _HALF and down.dtype == x.dtype and up.dtype == x.dtype
     h = torch.empty(bsz, n, max(r, 1), dtype=x.dtype if native else torch.float32, device=x.device)
+    block_d, block_r, warps = (BLOCK_D, BLOCK_R, NUM_WARPS) if native or interp else (BLOCK_D_F32, BLOCK_R_F32,
+                                                                                        NUM_WARPS_F32)
     grid = (bsz, cdiv(n, BLOCK_M))
     _xpeft_adapter_kernel[grid](x, x if residual is None else residual, profile, down, down_bias, up, up_bias, out,
                                 h, n, d, r, scale, HAS_RES=residual is not None, NATIVE=native,
-                                PREC="ieee" if interp else "tf32x3", BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
-                                BLOCK_R=min(BLOCK_R, pow2(r, 16)), num_warps=NUM_WARPS)
+                                PREC="ieee" if interp else "tf32x3", BLOCK_M=BLOCK_M, BLOCK_D=block_d,
+                                BLOCK_R=min(block_r, pow2(r, 16)), num_warps=warps)
     return out
 
 
@@ -147,8 +153,10 @@ def aot_specs():
         t = "*" + dt
         sig = dict(x_ptr=t, res_ptr=t, prof_ptr="*i64", down_ptr=t, db_ptr=t, up_ptr=t, ub_ptr=t, out_ptr=t,
                    h_ptr=t if dt != "fp32" else "*fp32", N="i32", D="i32", R="i32", scale="fp32")
-        for block_r in (16, 64):
-            const = dict(HAS_RES=True, NATIVE=dt != "fp32", PREC="tf32x3", BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
-                         BLOCK_R=block_r)
-            specs.append((_xpeft_adapter_kernel, sig, const, NUM_WARPS))
+        block_d, block_r, warps = (BLOCK_D, BLOCK_R, NUM_WARPS) if dt != "fp32" else (BLOCK_D_F32, BLOCK_R_F32,
+                                                                                     NUM_WARPS_F32)
+        for br in (16, block_r):
+            const = dict(HAS_RES=True, NATIVE=dt != "fp32", PREC="tf32x3", BLOCK_M=BLOCK_M, BLOCK_D=block_d,
+                         BLOCK_R=br)
+            specs.append((_xpeft_adapter_kernel, sig, const, warps))
     return specs
