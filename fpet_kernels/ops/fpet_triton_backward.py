@@ -345,7 +345,9 @@ def _config(na: int, nb: int, c: int, d: int, interp: bool, x_dtype, go_dtype, m
     tile = 64 if interp else 32  # GPU: 32 x 32 score tiles
     cfg = dict(
         BI=block_i or min(tile, pow2(na)), BJ=block_j or min(tile, pow2(nb)),
-        BC=block_c or min(tile, pow2(c)), BD=block_d or min(BLOCK_D, pow2(d, 16)),
+        BC=block_c or min(tile, pow2(c)),
+        # 3xTF32 score chunks of a float32 metric: 32 columns (64 spill 40 bytes at 8 warps on sm_90)
+        BD=block_d or min(BLOCK_D if interp or m_dtype in _HALF else 32, pow2(d, 16)),
         BT=32, BC_X=min(64 if not interp else 256, pow2(c)),
         # sm_90 (tests/aot_compile.py): 3xTF32 tiles (float32 operands) spill at 4 warps, half ones do not
         warps_scores=4 if x_dtype in _HALF and m_dtype in _HALF and go_dtype == x_dtype else 8,
