@@ -93,6 +93,17 @@ def test_multiple_tiles_odd_channels():
     _check(args, block_i=32, block_j=32, block_c=32)
 
 
+@pytest.mark.parametrize("d", [512, 768])
+def test_large_metric_dim(d):
+    """D = 512 / 768: 8 / 12 metric chunks of 64 in the norms, scores and gradient rows."""
+    _check(_case(1, 4, 4, c=32, d=d, bsz=1, seed=17))
+
+
+def test_metric_chunks_with_a_tail():
+    # block_d = 16 with D = 40: three chunks, the last masked; two images, several A/B blocks
+    _check(_case(1, 9, 8, c=48, d=40, seed=19), block_i=32, block_j=32, block_d=16)
+
+
 def test_zero_norm_b_row():
     # a B token with a zero metric row: its scores are 0 (never a top pick here), grad = dn / 1e-12
     _, b_idx = checkerboard(1, 6, 6)

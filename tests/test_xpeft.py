@@ -466,6 +466,83 @@ def test_bad_op_input_cpu_kernel():
         op(x, None, torch.tensor([0, 1]), w[0][:, :8], w[1], w[2], w[3], 1.0)
 
 
+def _triton_only():
+    if not _TRITON:
+        if REQUIRE_EXTENSION:
+            pytest.fail("FPET_REQUIRE_EXTENSION=1: triton is not installed or TRITON_INTERPRET != 1", pytrace=False)
+        pytest.skip("triton backend not live")
+
+
+def test_bad_op_input_triton_kernel():
+    """The Triton entry checks every argument itself (a direct call skips the Python checks): no
+    call below may reach the kernel (they segfaulted or read out of bounds before)."""
+    _triton_only()
+    op = torch.ops.fpet.xpeft_adapter_triton
+    x = gen(2, 3, 16)
+    w = weights(2, 16, 4)
+    prof = torch.tensor([0, 1])
+    cases = [
+        ("profile entries must be in", (x, None, torch.tensor([0, 5]), *w, 1.0)),
+        ("profile entries must be in", (x, None, torch.tensor([-1, 0]), *w, 1.0)),
+        ("profile must be one of int64", (x, None, prof.int(), *w, 1.0)),
+        ("profile must have shape", (x, None, torch.tensor([0]), *w, 1.0)),
+        ("profile must have shape", (x, None, torch.empty(0, dtype=torch.int64), *w, 1.0)),
+        ("residual must have shape", (x, gen(2, 4, 16), prof, *w, 1.0)),
+        ("residual must have shape", (x, x[:0], prof, *w, 1.0)),
+        ("residual must be one of float32", (x, x.half(), prof, *w, 1.0)),
+        ("down must have shape", (x, None, prof, w[0][:, :8], w[1], w[2], w[3], 1.0)),
+        ("down must have shape", (x, None, prof, w[0][0], w[1], w[2], w[3], 1.0)),
+        ("down_bias must have shape", (x, None, prof, w[0], w[1][:, :3], w[2], w[3], 1.0)),
+        ("down_bias must have shape", (x, None, prof, w[0], w[1][:0], w[2], w[3], 1.0)),
+        ("up must have shape", (x, None, prof, w[0], w[1], w[2][:, :, :8], w[3], 1.0)),
+        ("up must have shape", (x, None, prof, w[0], w[1], w[2][:1], w[3], 1.0)),
+        ("up_bias must have shape", (x, None, prof, w[0], w[1], w[2], w[3][:, :0], 1.0)),
+        ("up_bias must have shape", (x, None, prof, w[0], w[1], w[2], w[3][:1], 1.0)),
+        ("profile entries must be in", (x, None, prof, *(t[:0] for t in w), 1.0)),
+        ("x must be one of", (x.double(), None, prof, *w, 1.0)),
+        ("down must be one of", (x, None, prof, w[0].double(), *w[1:], 1.0)),
+        ("x must have shape", (x[0], None, prof, *w, 1.0)),
+        ("scale must be a finite number", (x, None, prof, *w, float("nan"))),
+        ("scale must be a finite number", (x, None, prof, *w, float("inf"))),
+    ]
+    for msg, args in cases:
+        with pytest.raises((ValueError, TypeError), match=msg):
+            op(*args)
+    # the 0-row cases that are valid: no rows, no tokens
+    assert op(x[:0], None, prof[:0], *w, 1.0).shape == (0, 3, 16)
+    assert op(x[:, :0], None, prof, *w, 1.0).shape == (2, 0, 16)
+
+
+def test_triton_relu_keeps_nan():
+    """A NaN pre-activation stays NaN through the ReLU (tl.maximum would make it 0), as in the
+    reference and the C++ kernel: every output of a row whose profile has a NaN down_bias is NaN."""
+    _triton_only()
+    x = gen(3, 5, 16)
+    w = list(weights(2, 16, 4))
+    w[1] = w[1].clone()
+    w[1][1, 2] = float("nan")
+    prof = torch.tensor([0, 1, 0])
+    ref = xpeft_adapter_reference(x, prof, *w, scale=0.5)
+    for backend in ("triton",) + (("cpu",) if cpu_kernel_live() else ()):
+        out = xpeft_adapter(x, prof, *w, scale=0.5, backend=backend)
+        assert torch.equal(out.isnan(), ref.isnan()), backend
+        assert out[1].isnan().all() and not out[0].isnan().any(), backend
+        torch.testing.assert_close(out[[0, 2]], ref[[0, 2]])
+
+
+@pytest.mark.parametrize("r,block_r", [(64, 16), (512, 64), (37, 16)])
+def test_triton_rank_tiles(monkeypatch, r, block_r):
+    """The rank is tiled (BLOCK_R columns per step, a masked tail for r = 37): r = 512 runs."""
+    _triton_only()
+    from fpet_kernels.ops import xpeft_triton
+    monkeypatch.setattr(xpeft_triton, "BLOCK_R", block_r)
+    x = gen(2, 9, 24, seed=4)
+    prof = torch.tensor([1, 0])
+    w = weights(2, 24, r, seed=5)
+    out = xpeft_adapter(x, prof, *w, scale=0.5, backend="triton")
+    torch.testing.assert_close(out, xpeft_adapter_reference(x, prof, *w, scale=0.5), atol=2e-5, rtol=2e-5)
+
+
 def test_bad_profile_files(tmp_path):
     model = _xpeft(_vit(), seed=0, mask="hard", k=2)
     path = str(tmp_path / "alice.safetensors")

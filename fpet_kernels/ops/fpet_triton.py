@@ -1,6 +1,7 @@
 """Triton forward of ``fpet_merge`` (``ops/fpet.py``); the backward is in ``fpet_triton_backward.py``.
 
-ONE launch, grid (B, channel splits). Each program: checkerboard similarity tiles with a running
+ONE launch, grid (B, channel splits). Each program: checkerboard similarity tiles (chunked over the
+metric dim D, ``triton_common.unit_scores``: any D runs) with a running
 top-2 per A row (NaN scores skipped), the hard match (top1 column iff ``top1 > top2``, none on a
 tie), the token map, the A rows grouped by their destination, and the size-weighted gather
 of every B row (its matched A rows in ascending order). The forward matching is one-hot, so the
@@ -11,16 +12,16 @@ from __future__ import annotations
 import torch
 
 from .shapes import grid_sizes
-from .triton_common import HAS_TRITON, channel_split, check_grid, check_merge_inputs, pow2, tl, triton
+from .triton_common import HAS_TRITON, channel_split, check_grid, check_merge_inputs, tl, triton
 
 if HAS_TRITON:
-    from .triton_common import (checkerboard_a, checkerboard_b, group_by_destination, merge_destinations, similarity,
-                                unit_rows)
+    from .triton_common import (checkerboard_a, checkerboard_b, group_by_destination, merge_destinations, row_norms,
+                                unit_scores)
 
     @triton.jit
     def _fpet_merge_kernel(x_ptr, m_ptr, s_ptr, out_ptr, osize_ptr, map_ptr, ws_ptr,
                            N, C, D, P, H, W, NA, NB, c_per,
-                           HAS_SIZE: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
+                           HAS_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
                            BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         pc = tl.program_id(1)
@@ -41,14 +42,16 @@ if HAS_TRITON:
             ii = i0 + tl.arange(0, BLOCK)
             vi = ii < NA
             pos_a = checkerboard_a(ii, P, H, W)
-            a = unit_rows(m_b, pos_a, vi, D, D_PAD)
+            den_a = row_norms(m_b, pos_a, vi, D, BLOCK_D)
             t1 = tl.full([BLOCK], float("-inf"), tl.float32)
             t2 = tl.full([BLOCK], float("-inf"), tl.float32)
             arg = tl.zeros([BLOCK], tl.int32)
             for j0 in range(0, NB, BLOCK):
                 jj = j0 + tl.arange(0, BLOCK)
                 vj = jj < NB
-                s = similarity(a, unit_rows(m_b, checkerboard_b(jj, P, H, W), vj, D, D_PAD), PREC)
+                pos_b = checkerboard_b(jj, P, H, W)
+                s = unit_scores(m_b, pos_a, vi, den_a, pos_b, vj, row_norms(m_b, pos_b, vj, D, BLOCK_D), D, BLOCK_D,
+                                PREC)
                 s = tl.where(((jj < P) | (jj >= NB))[None, :] | (ii < 0)[:, None] | (s != s), float("-inf"), s)
                 bmax = tl.max(s, 1)
                 barg = tl.min(tl.where(s == bmax[:, None], jj[None, :], 2147483647), 1)
@@ -99,7 +102,7 @@ def fpet_merge(x, metric, size, num_prefix, H, W, split=None):
     s, has_size = (size, True) if size is not None else (x, False)
     _fpet_merge_kernel[(bsz, splits)](
         x, metric, s, out, out_size, tmap, ws, n, c, d, num_prefix, H, W, na, nb, c_per,
-        HAS_SIZE=has_size, D_PAD=pow2(d, 16), BLOCK=cfg.BLOCK, BLOCK_J=cfg.BLOCK_J, BLOCK_C=cfg.BLOCK_C,
+        HAS_SIZE=has_size, BLOCK_D=cfg.block_d(d), BLOCK=cfg.BLOCK, BLOCK_J=cfg.BLOCK_J, BLOCK_C=cfg.BLOCK_C,
         PREC=cfg._prec(), num_warps=cfg.NUM_WARPS)
     return out, out_size, tmap
 
@@ -112,6 +115,6 @@ def aot_specs():
         sig = dict(x_ptr=f"*{dt}", m_ptr=f"*{dt}", s_ptr="*fp32", out_ptr=f"*{dt}", osize_ptr="*fp32", map_ptr="*i64",
                    ws_ptr="*i32", N="i32", C="i32", D="i32", P="i32", H="i32", W="i32", NA="i32", NB="i32",
                    c_per="i32")
-        specs.append((_fpet_merge_kernel, sig, dict(HAS_SIZE=True, D_PAD=64, BLOCK=32, BLOCK_J=32, BLOCK_C=128,
+        specs.append((_fpet_merge_kernel, sig, dict(HAS_SIZE=True, BLOCK_D=64, BLOCK=32, BLOCK_J=32, BLOCK_C=128,
                                                     PREC="tf32x3"), cfg.NUM_WARPS))
     return specs

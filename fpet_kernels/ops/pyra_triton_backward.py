@@ -2,21 +2,24 @@
 
 Same values as ``pyra.pyra_merge_backward_reference``; all arithmetic float32. Nothing of the
 forward but its output is kept: the LayerNorm statistics and both weights are recomputed from ``x``
-and the matching (``src_idx``, ``dst_idx``, ``unm_idx``). Two launches:
+and the matching (``src_idx``, ``dst_idx``, ``unm_idx``). Three launches:
 
-1. ``_pyra_bwd_stats_kernel``, one program per image, phases separated by ``tl.debug_barrier()``
-   (k: the r sources in rank order, S = z_A[src_k], T = z_B[dst_k], z = x * s, G = g_num of
-   k's destination row, g_num = grad_out / out_size):
-   (a) per block of sources: mean and rstd of ``y = S + T`` over C, ``wt = 2 sigmoid(<W, b>) - 1``
-       with ``W = (y - mean) rstd ln_w + ln_b``;
-   (b) per block of channels: ``wc = 2 sigmoid(sum_k a_k W[k])``, ``g_wc = sum_k G S wt_k``,
-       ``g_u = g_wc wc (1 - wc / 2)``;
-   (c) per block of sources: ``g_wt = <G S, wc>`` -> ``g_v``, ``grad_a = <g_u, W>``, and the
-       LayerNorm backward's two row means of ``g_yh = (a g_u + g_v b) ln_w``;
-   (d) per block of channels: ``grad_b``, ``grad_ln_weight``, ``grad_ln_bias`` (sums over k);
-   (e) the sources grouped by destination (stable counting sort, rank order within a destination).
-   The parameter gradients are per-image partial sums ``[B, r + 3C]``, summed over images afterwards
-   by ``torch.sum`` (a fixed-order reduction).
+1. ``_pyra_bwd_stats_kernel`` and ``_pyra_bwd_params_kernel``, grid (B, r / BLOCK_K): one program
+   per block of sources of an image (k: the r sources in rank order, S = z_A[src_k], T = z_B[dst_k],
+   z = x * s, G = g_num of k's destination row, g_num = grad_out / out_size):
+   (a) mean and rstd of ``y = S + T`` over C, ``wt = 2 sigmoid(<W, b>) - 1`` with
+       ``W = (y - mean) rstd ln_w + ln_b``;
+   (b) this block's partial sums of ``u = sum_k a_k W[k]`` and ``g_wc = sum_k G S wt_k`` per channel,
+       to a workspace ``[B, r / BLOCK_K, 2, C]``;
+   -- second launch --
+   (c) ``wc = 2 sigmoid(u)``, ``g_u = g_wc wc (1 - wc / 2)`` from the blocks' partials added in
+       block order (every program the same sums; the first block also stores them for step 2);
+       ``g_wt = <G S, wc>`` -> ``g_v``, ``grad_a = <g_u, W>``, and the LayerNorm backward's two
+       row means of ``g_yh = (a g_u + g_v b) ln_w``;
+   (d) this block's partial sums of ``grad_b``, ``grad_ln_weight``, ``grad_ln_bias``;
+   (e) (first block) the sources grouped by destination (stable counting sort, rank order).
+   The parameter gradients are per (image, block) partial sums, summed afterwards by ``torch.sum``
+   in a fixed order.
 2. ``_pyra_bwd_tokens_kernel``, one program per (image, block of tokens of one kind): the tokens are enumerated
    as the unmerged slots, then the sources (rank order), then the B rows; each gets ``g_z`` (its
    row's ``g_num``; a source adds ``G wc wt_k + g_y[k]``; a B row adds the ``g_y`` of its sources in
@@ -88,10 +91,87 @@ if HAS_TRITON:
 
     @triton.jit
     def _pyra_bwd_stats_kernel(x_ptr, s_ptr, go_ptr, os_ptr, src_ptr, dst_ptr, a_ptr, b_ptr, lw_ptr, lb_ptr,
-                               wsf_ptr, wsi_ptr, part_ptr, N, C, r, eps,
+                               wsf_ptr, chan_ptr, N, C, r, eps,
                                HAS_SIZE: tl.constexpr, DISTILL: tl.constexpr, BLOCK_K: tl.constexpr,
                                BLOCK_C: tl.constexpr):
+        """Grid (B, r / BLOCK_K): phase (a) for this block of sources, and its partial sums of (b)."""
         img = tl.program_id(0).to(tl.int64)
+        kb = tl.program_id(1)
+        na = (N + 1) // 2
+        n_out = N - r
+        x_b = x_ptr + img * N * C
+        s_b = s_ptr + img * N
+        go_b = go_ptr + img * n_out * C
+        os_b = os_ptr + img * n_out
+        src_b = src_ptr + img * r
+        dst_b = dst_ptr + img * r
+        ws = wsf_ptr + img * (6 * r + 2 * C)
+        chan = chan_ptr + (img * tl.cdiv(r, BLOCK_K) + kb) * 2 * C   # [C] partial u, [C] partial g_wc
+
+        # (a) LayerNorm statistics and token weights of the sources
+        kk = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        vk = kk < r
+        si = tl.load(src_b + kk, mask=vk, other=0)
+        dj = tl.load(dst_b + kk, mask=vk, other=0)
+        acc = tl.zeros([BLOCK_K], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + tl.arange(0, BLOCK_C)
+            acc += tl.sum(_y_rows(x_b, s_b, si, dj, vk, cc, cc < C, C, HAS_SIZE), 1)
+        mean = acc / C
+        acc = tl.zeros([BLOCK_K], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + tl.arange(0, BLOCK_C)
+            vc = cc < C
+            d = tl.where(vk[:, None] & vc[None, :],
+                         _y_rows(x_b, s_b, si, dj, vk, cc, vc, C, HAS_SIZE) - mean[:, None], 0.0)
+            acc += tl.sum(d * d, 1)
+        rstd = 1.0 / tl.sqrt(acc / C + eps)
+        acc = tl.zeros([BLOCK_K], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cc, vc, lw, lb = _ln_channels(lw_ptr, lb_ptr, c0, C, BLOCK_C)
+            bv = tl.load(b_ptr + cc, mask=vc, other=0.0).to(tl.float32)
+            w = ((_y_rows(x_b, s_b, si, dj, vk, cc, vc, C, HAS_SIZE) - mean[:, None]) * rstd[:, None]
+                 * lw[None, :] + lb[None, :])
+            acc += tl.sum(tl.where(vk[:, None] & vc[None, :], w * bv[None, :], 0.0), 1)
+        wt = 2.0 * tl.sigmoid(acc) - 1.0
+        tl.store(ws + kk, mean, mask=vk)
+        tl.store(ws + r + kk, rstd, mask=vk)
+        tl.store(ws + 2 * r + kk, wt, mask=vk)
+
+        # (b) this block's share of u = sum_k a_k W[k] and g_wc = sum_k G S wt_k, per channel
+        ak = tl.load(a_ptr + kk, mask=vk, other=0.0).to(tl.float32)
+        row = _out_row_b(dj, na, r, DISTILL)
+        for c0 in range(0, C, BLOCK_C):
+            cc, vc, lw, lb = _ln_channels(lw_ptr, lb_ptr, c0, C, BLOCK_C)
+            msk = vk[:, None] & vc[None, :]
+            w = ((_y_rows(x_b, s_b, si, dj, vk, cc, vc, C, HAS_SIZE) - mean[:, None]) * rstd[:, None]
+                 * lw[None, :] + lb[None, :])
+            gs = _gnum_rows(go_b, os_b, row, vk, cc, vc, C) * _z_rows(x_b, s_b, 2 * si, vk, cc, vc, C, HAS_SIZE)
+            tl.store(chan + cc, tl.sum(tl.where(msk, ak[:, None] * w, 0.0), 0), mask=vc)
+            tl.store(chan + C + cc, tl.sum(gs * wt[:, None], 0), mask=vc)
+
+    @triton.jit
+    def _wc_gu(chan_b, cc, vc, nkb, C):
+        """Channel weights ``wc = 2 sigmoid(u)`` and ``g_u = g_wc wc (1 - wc / 2)`` of channels ``cc``:
+        the source blocks' partial sums of u and g_wc added in block order (deterministic)."""
+        u = tl.zeros(cc.shape, tl.float32)
+        gwc = tl.zeros(cc.shape, tl.float32)
+        for kb in range(0, nkb):
+            u += tl.load(chan_b + kb * 2 * C + cc, mask=vc, other=0.0)
+            gwc += tl.load(chan_b + kb * 2 * C + C + cc, mask=vc, other=0.0)
+        wc = 2.0 * tl.sigmoid(u)
+        return wc, gwc * wc * (1.0 - wc / 2.0)
+
+    @triton.jit
+    def _pyra_bwd_params_kernel(x_ptr, s_ptr, go_ptr, os_ptr, src_ptr, dst_ptr, a_ptr, b_ptr, lw_ptr, lb_ptr,
+                                wsf_ptr, wsi_ptr, chan_ptr, ga_ptr, part_ptr, N, C, r,
+                                HAS_SIZE: tl.constexpr, DISTILL: tl.constexpr, BLOCK_K: tl.constexpr,
+                                BLOCK_C: tl.constexpr):
+        """Grid (B, r / BLOCK_K): phases (c) and (d) for this block of sources (their parameter
+        gradients as one partial sum per block), (e) and the channel weights in the first block."""
+        img = tl.program_id(0).to(tl.int64)
+        kb = tl.program_id(1)
+        nkb = tl.cdiv(r, BLOCK_K)
         na = (N + 1) // 2
         n_out = N - r
         x_b = x_ptr + img * N * C
@@ -109,120 +189,63 @@ if HAS_TRITON:
         m2_ws = ws + 5 * r
         wc_ws = ws + 6 * r      # [C] each
         gu_ws = ws + 6 * r + C
-        pt = part_ptr + img * (r + 3 * C)   # grad_a [r], grad_b, grad_ln_weight, grad_ln_bias [C] each
-
-        # (a) LayerNorm statistics and token weights of the sources
-        for k0 in range(0, r, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            vk = kk < r
-            si = tl.load(src_b + kk, mask=vk, other=0)
-            dj = tl.load(dst_b + kk, mask=vk, other=0)
-            acc = tl.zeros([BLOCK_K], tl.float32)
-            for c0 in range(0, C, BLOCK_C):
-                cc = c0 + tl.arange(0, BLOCK_C)
-                acc += tl.sum(_y_rows(x_b, s_b, si, dj, vk, cc, cc < C, C, HAS_SIZE), 1)
-            mean = acc / C
-            acc = tl.zeros([BLOCK_K], tl.float32)
-            for c0 in range(0, C, BLOCK_C):
-                cc = c0 + tl.arange(0, BLOCK_C)
-                vc = cc < C
-                d = tl.where(vk[:, None] & vc[None, :],
-                             _y_rows(x_b, s_b, si, dj, vk, cc, vc, C, HAS_SIZE) - mean[:, None], 0.0)
-                acc += tl.sum(d * d, 1)
-            rstd = 1.0 / tl.sqrt(acc / C + eps)
-            acc = tl.zeros([BLOCK_K], tl.float32)
-            for c0 in range(0, C, BLOCK_C):
-                cc, vc, lw, lb = _ln_channels(lw_ptr, lb_ptr, c0, C, BLOCK_C)
-                bv = tl.load(b_ptr + cc, mask=vc, other=0.0).to(tl.float32)
-                w = ((_y_rows(x_b, s_b, si, dj, vk, cc, vc, C, HAS_SIZE) - mean[:, None]) * rstd[:, None]
-                     * lw[None, :] + lb[None, :])
-                acc += tl.sum(tl.where(vk[:, None] & vc[None, :], w * bv[None, :], 0.0), 1)
-            tl.store(mean_ws + kk, mean, mask=vk)
-            tl.store(rstd_ws + kk, rstd, mask=vk)
-            tl.store(wt_ws + kk, 2.0 * tl.sigmoid(acc) - 1.0, mask=vk)
-        tl.debug_barrier()
-
-        # (b) channel weights and the gradient of their pre-activation
-        for c0 in range(0, C, BLOCK_C):
-            cc, vc, lw, lb = _ln_channels(lw_ptr, lb_ptr, c0, C, BLOCK_C)
-            u = tl.zeros([BLOCK_C], tl.float32)
-            gwc = tl.zeros([BLOCK_C], tl.float32)
-            for k0 in range(0, r, BLOCK_K):
-                kk, vk, si, dj, mean, rstd, ak = _source_block(src_b, dst_b, mean_ws, rstd_ws, a_ptr, k0, r, BLOCK_K)
-                msk = vk[:, None] & vc[None, :]
-                wt = tl.load(wt_ws + kk, mask=vk, other=0.0)
-                w = ((_y_rows(x_b, s_b, si, dj, vk, cc, vc, C, HAS_SIZE) - mean[:, None]) * rstd[:, None]
-                     * lw[None, :] + lb[None, :])
-                u += tl.sum(tl.where(msk, ak[:, None] * w, 0.0), 0)
-                gs = (_gnum_rows(go_b, os_b, _out_row_b(dj, na, r, DISTILL), vk, cc, vc, C)
-                      * _z_rows(x_b, s_b, 2 * si, vk, cc, vc, C, HAS_SIZE))
-                gwc += tl.sum(gs * wt[:, None], 0)
-            wc = 2.0 * tl.sigmoid(u)
-            tl.store(wc_ws + cc, wc, mask=vc)
-            tl.store(gu_ws + cc, gwc * wc * (1.0 - wc / 2.0), mask=vc)
-        tl.debug_barrier()
+        chan_b = chan_ptr + img * nkb * 2 * C
+        pt = part_ptr + (img * nkb + kb) * 3 * C   # grad_b, grad_ln_weight, grad_ln_bias [C] each
 
         # (c) per source: g_v, grad_a, and the two means of the LayerNorm backward
-        for k0 in range(0, r, BLOCK_K):
-            kk, vk, si, dj, mean, rstd, ak = _source_block(src_b, dst_b, mean_ws, rstd_ws, a_ptr, k0, r, BLOCK_K)
-            wt = tl.load(wt_ws + kk, mask=vk, other=0.0)
-            row = _out_row_b(dj, na, r, DISTILL)
-            gwt = tl.zeros([BLOCK_K], tl.float32)
-            ga = tl.zeros([BLOCK_K], tl.float32)
-            for c0 in range(0, C, BLOCK_C):
-                cc, vc, lw, lb = _ln_channels(lw_ptr, lb_ptr, c0, C, BLOCK_C)
-                wc = tl.load(wc_ws + cc, mask=vc, other=0.0)
-                gu = tl.load(gu_ws + cc, mask=vc, other=0.0)
-                w = ((_y_rows(x_b, s_b, si, dj, vk, cc, vc, C, HAS_SIZE) - mean[:, None]) * rstd[:, None]
-                     * lw[None, :] + lb[None, :])
-                gs = _gnum_rows(go_b, os_b, row, vk, cc, vc, C) * _z_rows(x_b, s_b, 2 * si, vk, cc, vc, C, HAS_SIZE)
-                gwt += tl.sum(gs * wc[None, :], 1)
-                ga += tl.sum(tl.where(vk[:, None] & vc[None, :], gu[None, :] * w, 0.0), 1)
-            sv = (wt + 1.0) / 2.0
-            gv = gwt * 2.0 * sv * (1.0 - sv)
-            m1 = tl.zeros([BLOCK_K], tl.float32)
-            m2 = tl.zeros([BLOCK_K], tl.float32)
-            for c0 in range(0, C, BLOCK_C):
-                cc = c0 + tl.arange(0, BLOCK_C)
-                vc = cc < C
-                msk = vk[:, None] & vc[None, :]
-                lw = tl.load(lw_ptr + cc, mask=vc, other=0.0).to(tl.float32)
-                bv = tl.load(b_ptr + cc, mask=vc, other=0.0).to(tl.float32)
-                gu = tl.load(gu_ws + cc, mask=vc, other=0.0)
-                yh = (_y_rows(x_b, s_b, si, dj, vk, cc, vc, C, HAS_SIZE) - mean[:, None]) * rstd[:, None]
-                gyh = tl.where(msk, (ak[:, None] * gu[None, :] + gv[:, None] * bv[None, :]) * lw[None, :], 0.0)
-                m1 += tl.sum(gyh, 1)
-                m2 += tl.sum(tl.where(msk, gyh * yh, 0.0), 1)
-            tl.store(gv_ws + kk, gv, mask=vk)
-            tl.store(m1_ws + kk, m1 / C, mask=vk)
-            tl.store(m2_ws + kk, m2 / C, mask=vk)
-            tl.store(pt + kk, ga, mask=vk)
-        tl.debug_barrier()
+        kk, vk, si, dj, mean, rstd, ak = _source_block(src_b, dst_b, mean_ws, rstd_ws, a_ptr, kb * BLOCK_K, r,
+                                                       BLOCK_K)
+        wt = tl.load(wt_ws + kk, mask=vk, other=0.0)
+        row = _out_row_b(dj, na, r, DISTILL)
+        gwt = tl.zeros([BLOCK_K], tl.float32)
+        ga = tl.zeros([BLOCK_K], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cc, vc, lw, lb = _ln_channels(lw_ptr, lb_ptr, c0, C, BLOCK_C)
+            wc, gu = _wc_gu(chan_b, cc, vc, nkb, C)
+            if kb == 0:  # for the token kernel
+                tl.store(wc_ws + cc, wc, mask=vc)
+                tl.store(gu_ws + cc, gu, mask=vc)
+            w = ((_y_rows(x_b, s_b, si, dj, vk, cc, vc, C, HAS_SIZE) - mean[:, None]) * rstd[:, None]
+                 * lw[None, :] + lb[None, :])
+            gs = _gnum_rows(go_b, os_b, row, vk, cc, vc, C) * _z_rows(x_b, s_b, 2 * si, vk, cc, vc, C, HAS_SIZE)
+            gwt += tl.sum(gs * wc[None, :], 1)
+            ga += tl.sum(tl.where(vk[:, None] & vc[None, :], gu[None, :] * w, 0.0), 1)
+        sv = (wt + 1.0) / 2.0
+        gv = gwt * 2.0 * sv * (1.0 - sv)
+        m1 = tl.zeros([BLOCK_K], tl.float32)
+        m2 = tl.zeros([BLOCK_K], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + tl.arange(0, BLOCK_C)
+            vc = cc < C
+            msk = vk[:, None] & vc[None, :]
+            lw = tl.load(lw_ptr + cc, mask=vc, other=0.0).to(tl.float32)
+            bv = tl.load(b_ptr + cc, mask=vc, other=0.0).to(tl.float32)
+            wc, gu = _wc_gu(chan_b, cc, vc, nkb, C)
+            yh = (_y_rows(x_b, s_b, si, dj, vk, cc, vc, C, HAS_SIZE) - mean[:, None]) * rstd[:, None]
+            gyh = tl.where(msk, (ak[:, None] * gu[None, :] + gv[:, None] * bv[None, :]) * lw[None, :], 0.0)
+            m1 += tl.sum(gyh, 1)
+            m2 += tl.sum(tl.where(msk, gyh * yh, 0.0), 1)
+        tl.store(gv_ws + kk, gv, mask=vk)
+        tl.store(m1_ws + kk, m1 / C, mask=vk)
+        tl.store(m2_ws + kk, m2 / C, mask=vk)
+        tl.store(ga_ptr + img * r + kk, ga, mask=vk)
 
-        # (d) grad_b, grad_ln_weight, grad_ln_bias of this image (sums over the sources)
+        # (d) this block's share of grad_b, grad_ln_weight, grad_ln_bias (sums over its sources)
         for c0 in range(0, C, BLOCK_C):
             cc, vc, lw, lb = _ln_channels(lw_ptr, lb_ptr, c0, C, BLOCK_C)
             bv = tl.load(b_ptr + cc, mask=vc, other=0.0).to(tl.float32)
-            gu = tl.load(gu_ws + cc, mask=vc, other=0.0)
-            gb = tl.zeros([BLOCK_C], tl.float32)
-            glw = tl.zeros([BLOCK_C], tl.float32)
-            glb = tl.zeros([BLOCK_C], tl.float32)
-            for k0 in range(0, r, BLOCK_K):
-                kk, vk, si, dj, mean, rstd, ak = _source_block(src_b, dst_b, mean_ws, rstd_ws, a_ptr, k0, r, BLOCK_K)
-                msk = vk[:, None] & vc[None, :]
-                gv = tl.load(gv_ws + kk, mask=vk, other=0.0)
-                yh = (_y_rows(x_b, s_b, si, dj, vk, cc, vc, C, HAS_SIZE) - mean[:, None]) * rstd[:, None]
-                w = yh * lw[None, :] + lb[None, :]
-                gw = ak[:, None] * gu[None, :] + gv[:, None] * bv[None, :]
-                gb += tl.sum(tl.where(msk, gv[:, None] * w, 0.0), 0)
-                glw += tl.sum(tl.where(msk, gw * yh, 0.0), 0)
-                glb += tl.sum(tl.where(msk, gw, 0.0), 0)
-            tl.store(pt + r + cc, gb, mask=vc)
-            tl.store(pt + r + C + cc, glw, mask=vc)
-            tl.store(pt + r + 2 * C + cc, glb, mask=vc)
+            wc, gu = _wc_gu(chan_b, cc, vc, nkb, C)
+            msk = vk[:, None] & vc[None, :]
+            yh = (_y_rows(x_b, s_b, si, dj, vk, cc, vc, C, HAS_SIZE) - mean[:, None]) * rstd[:, None]
+            w = yh * lw[None, :] + lb[None, :]
+            gw = ak[:, None] * gu[None, :] + gv[:, None] * bv[None, :]
+            tl.store(pt + cc, tl.sum(tl.where(msk, gv[:, None] * w, 0.0), 0), mask=vc)
+            tl.store(pt + C + cc, tl.sum(tl.where(msk, gw * yh, 0.0), 0), mask=vc)
+            tl.store(pt + 2 * C + cc, tl.sum(tl.where(msk, gw, 0.0), 0), mask=vc)
 
         # (e) the sources grouped by destination, for the token kernel
-        group_by_destination(dst_b, r, wsi_ptr + img * r, BLOCK_K)
+        if kb == 0:
+            group_by_destination(dst_b, r, wsi_ptr + img * r, BLOCK_K)
 
     @triton.jit
     def _token_block(x_b, s_b, go_b, gos_b, os_b, out_b, src_b, dst_b, unm_b, a_ptr, b_ptr, lw_ptr, ws, sorted_b,
@@ -410,7 +433,9 @@ def pyra_merge_backward(grad_out, grad_out_size, x, size, out, out_size, src_idx
     dev = x.device
     grad_x = torch.empty_like(x)
     grad_size = torch.empty(bsz, n, 1, dtype=torch.float32, device=dev)
-    part = torch.zeros(bsz, r + 3 * c, dtype=torch.float32, device=dev)
+    nkb = cdiv(r, BLOCK_K)
+    ga = torch.zeros(bsz, r, dtype=torch.float32, device=dev)
+    part = torch.zeros(bsz * max(nkb, 1), 3 * c, dtype=torch.float32, device=dev)
     if bsz > 0 and n > 0:
         os32 = out_size.to(torch.float32).contiguous()
         av = a.contiguous().view(-1)
@@ -421,8 +446,13 @@ def pyra_merge_backward(grad_out, grad_out_size, x, size, out, out_size, src_idx
         wsf = torch.zeros(bsz, 6 * r + 2 * c, dtype=torch.float32, device=dev)
         wsi = torch.empty(bsz, max(r, 1), dtype=torch.int32, device=dev)
         if r > 0:
-            _pyra_bwd_stats_kernel[(bsz,)](
-                x, s, grad_out, os32, src_idx, dst_idx, av, bv, lw, lb, wsf, wsi, part, n, c, r, float(eps),
+            chan = torch.empty(bsz, nkb, 2, c, dtype=torch.float32, device=dev)  # per source block: u, g_wc
+            _pyra_bwd_stats_kernel[(bsz, nkb)](
+                x, s, grad_out, os32, src_idx, dst_idx, av, bv, lw, lb, wsf, chan, n, c, r, float(eps),
+                HAS_SIZE=size is not None, DISTILL=bool(distill_token), BLOCK_K=BLOCK_K, BLOCK_C=BLOCK_C,
+                num_warps=NUM_WARPS)
+            _pyra_bwd_params_kernel[(bsz, nkb)](
+                x, s, grad_out, os32, src_idx, dst_idx, av, bv, lw, lb, wsf, wsi, chan, ga, part, n, c, r,
                 HAS_SIZE=size is not None, DISTILL=bool(distill_token), BLOCK_K=BLOCK_K, BLOCK_C=BLOCK_C,
                 num_warps=NUM_WARPS)
         blocks = cdiv(na - r, BLOCK_T) + cdiv(r, BLOCK_T) + cdiv(nb, BLOCK_T)
@@ -430,10 +460,10 @@ def pyra_merge_backward(grad_out, grad_out_size, x, size, out, out_size, src_idx
             x, s, grad_out, gs, os32, out, src_idx, dst_idx, unm_idx, av, bv, lw, wsf, wsi, grad_x, grad_size,
             n, c, r, HAS_SIZE=size is not None, HAS_GSIZE=grad_out_size is not None, DISTILL=bool(distill_token),
             BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
-    total = part.sum(0)
-    return (grad_x, total[:r].view(r, 1).to(a.dtype, copy=True), total[r:r + c].view(1, c).to(b.dtype, copy=True),
-            total[r + c:r + 2 * c].to(ln_weight.dtype, copy=True),
-            total[r + 2 * c:].to(ln_bias.dtype, copy=True), grad_size.to(out_size.dtype))
+    total = part.sum(0)  # (image, source block) partials in a fixed order
+    return (grad_x, ga.sum(0).view(r, 1).to(a.dtype), total[:c].view(1, c).to(b.dtype, copy=True),
+            total[c:2 * c].to(ln_weight.dtype, copy=True),
+            total[2 * c:].to(ln_bias.dtype, copy=True), grad_size.to(out_size.dtype))
 
 
 def aot_specs():
@@ -446,13 +476,17 @@ def aot_specs():
     for dt in ("fp16", "bf16", "fp32"):
         t = "*" + dt
         sig1 = dict(x_ptr=t, s_ptr="*fp32", go_ptr=t, os_ptr="*fp32", src_ptr="*i64", dst_ptr="*i64", a_ptr="*fp32",
-                    b_ptr="*fp32", lw_ptr="*fp32", lb_ptr="*fp32", wsf_ptr="*fp32", wsi_ptr="*i32", part_ptr="*fp32",
+                    b_ptr="*fp32", lw_ptr="*fp32", lb_ptr="*fp32", wsf_ptr="*fp32", chan_ptr="*fp32",
                     N="i32", C="i32", r="i32", eps="fp32")
         const1 = dict(HAS_SIZE=True, DISTILL=False, BLOCK_K=32, BLOCK_C=BLOCK_C)
+        sig3 = dict(x_ptr=t, s_ptr="*fp32", go_ptr=t, os_ptr="*fp32", src_ptr="*i64", dst_ptr="*i64", a_ptr="*fp32",
+                    b_ptr="*fp32", lw_ptr="*fp32", lb_ptr="*fp32", wsf_ptr="*fp32", wsi_ptr="*i32", chan_ptr="*fp32",
+                    ga_ptr="*fp32", part_ptr="*fp32", N="i32", C="i32", r="i32")
         sig2 = dict(x_ptr=t, s_ptr="*fp32", go_ptr=t, gos_ptr="*fp32", os_ptr="*fp32", out_ptr=t, src_ptr="*i64",
                     dst_ptr="*i64", unm_ptr="*i64", a_ptr="*fp32", b_ptr="*fp32", lw_ptr="*fp32", wsf_ptr="*fp32",
                     wsi_ptr="*i32", gx_ptr=t, gsize_ptr="*fp32", N="i32", C="i32", r="i32")
         const2 = dict(HAS_SIZE=True, HAS_GSIZE=True, DISTILL=False, BLOCK_T=32, BLOCK_K=32, BLOCK_C=BLOCK_C)
         specs.append((_pyra_bwd_stats_kernel, sig1, const1, NUM_WARPS))
+        specs.append((_pyra_bwd_params_kernel, sig3, const1, NUM_WARPS))
         specs.append((_pyra_bwd_tokens_kernel, sig2, const2, NUM_WARPS))
     return specs

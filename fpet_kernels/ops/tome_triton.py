@@ -1,7 +1,8 @@
 """Triton kernels of the ToMe ops (``ops/tome.py``) and of PYRA's forward (``ops/pyra.py``).
 
 ``tome_merge``/``pyra_merge``: ONE launch, grid (B, channel splits); each program does the whole
-step for its image (see ``triton_common``): similarity tiles and per-row max/argmax, the rank of
+step for its image (see ``triton_common``): similarity tiles (chunked over the metric dim D,
+so any D runs) and per-row max/argmax, the rank of
 every A row (a counting comparison, ties by lower index), top-r selection, the index outputs, the
 unmerged rows, and the size-weighted gather of every destination row (PYRA: with the modulation
 of its sources, whose statistics the same program computes first). Matching and index outputs are
@@ -22,8 +23,8 @@ from .triton_common import (HAS_TRITON, cdiv, channel_split, check_merge_inputs,
                             triton)
 
 if HAS_TRITON:
-    from .triton_common import (group_by_destination, load_sizes, merge_destinations, similarity, store_rounded,
-                                unit_rows)
+    from .triton_common import (group_by_destination, load_sizes, merge_destinations, row_norms, store_rounded,
+                                unit_scores)
 
     @triton.jit
     def _out_row_b(jj, na, r, DISTILL: tl.constexpr):
@@ -38,7 +39,7 @@ if HAS_TRITON:
                            wsf_ptr, wsi_ptr, a_ptr, b_ptr, lnw_ptr, lnb_ptr,
                            N, C, D, r, c_per, WSF, WSI, eps,
                            HAS_SIZE: tl.constexpr, CLS: tl.constexpr, DISTILL: tl.constexpr, PYRA: tl.constexpr,
-                           D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_J: tl.constexpr,
+                           BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_J: tl.constexpr,
                            BLOCK_C: tl.constexpr, PREC: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         pc = tl.program_id(1)
@@ -64,13 +65,14 @@ if HAS_TRITON:
         for i0 in range(0, na, BLOCK):
             ii = i0 + tl.arange(0, BLOCK)
             vi = ii < na
-            a = unit_rows(m_b, 2 * ii, vi, D, D_PAD)
+            den_a = row_norms(m_b, 2 * ii, vi, D, BLOCK_D)
             best = tl.full([BLOCK], float("-inf"), tl.float32)
             arg = tl.zeros([BLOCK], tl.int32)
             for j0 in range(0, nb, BLOCK):
                 jj = j0 + tl.arange(0, BLOCK)
                 vj = jj < nb
-                s = similarity(a, unit_rows(m_b, 2 * jj + 1, vj, D, D_PAD), PREC)
+                s = unit_scores(m_b, 2 * ii, vi, den_a, 2 * jj + 1, vj, row_norms(m_b, 2 * jj + 1, vj, D, BLOCK_D), D,
+                                BLOCK_D, PREC)
                 s = tl.where(s != s, float("inf"), s)  # NaN: the largest score (as torch.max / torch.sort)
                 bad = (jj >= nb)[None, :] | (ii < 0)[:, None]
                 if DISTILL:
@@ -281,20 +283,29 @@ if HAS_TRITON:
 
 
 # ----------------------------------------------------------------------------- launchers
-# Tile shapes. On the GPU: 32-row similarity / comparison tiles, 32 x 128 merge tiles, 8 warps (no
-# register spills for sm_90, see tests/aot_compile.py). The interpreter's cost is per block
+# Tile shapes. On the GPU: 32-row similarity / comparison tiles (64 metric columns per step), 32 x 128
+# merge tiles, 8 warps. sm_90 with a launch's specialisation (Triton 3.8, tests/aot_compile.py):
+# half inputs 218-246 registers, no spills, 32 KB of shared memory; float32 (3xTF32) 255 registers
+# and 8-16 bytes of spill stack, 64 KB. The interpreter's cost is per block
 # operation, not per element, so it runs 64-row tiles (still several blocks at the test shapes);
 # tests also run the GPU tile shapes in the interpreter.
 BLOCK = 64 if interpreting() else 32      # rows of A / B per similarity tile, and per rank / group comparison
 BLOCK_J = 64 if interpreting() else 32    # destination rows per merge tile
 BLOCK_C = 128                             # channels per merge tile
+BLOCK_D = 64                              # metric columns per similarity step (any D runs, in chunks)
 NUM_WARPS = 8
 SPLIT = None      # channel programs per image (None: decided from B and the SM count); tests force it
 
 
 def _prec() -> str:
-    """Similarity tiles: 3xTF32 on tensor cores (float32 accuracy); see ``triton_common.similarity``."""
+    """Similarity tiles: 3xTF32 on tensor cores (float32 accuracy); see ``triton_common.unit_scores``."""
     return "interp" if interpreting() else "tf32x3"
+
+
+def block_d(d: int) -> int:
+    """Metric columns per similarity step: D rounded up to a power of two (>= 16, ``tl.dot``'s
+    minimum), at most BLOCK_D."""
+    return min(BLOCK_D, pow2(d, 16))
 
 
 def _size_arg(size, x):
@@ -337,7 +348,7 @@ def tome_merge(x, metric, r, size, class_token, distill_token, pyra=None):
         x, metric, s, out, out_size, src, dst, unm, tmap, ws_f, ws_i, a, b, lnw, lnb,
         n, c, d, r, c_per, wsf, wsi, float(eps),
         HAS_SIZE=has_size, CLS=bool(class_token), DISTILL=bool(distill_token), PYRA=pyra is not None,
-        D_PAD=pow2(d, 16), BLOCK=BLOCK, BLOCK_J=BLOCK_J, BLOCK_C=BLOCK_C, PREC=_prec(), num_warps=NUM_WARPS)
+        BLOCK_D=block_d(d), BLOCK=BLOCK, BLOCK_J=BLOCK_J, BLOCK_C=BLOCK_C, PREC=_prec(), num_warps=NUM_WARPS)
     return out, out_size, src, dst, unm, tmap
 
 
@@ -444,7 +455,7 @@ def aot_specs():
                        src_ptr="*i64", dst_ptr="*i64", unm_ptr="*i64", map_ptr="*i64", wsf_ptr="*fp32",
                        wsi_ptr="*i32", a_ptr="*fp32", b_ptr="*fp32", lnw_ptr="*fp32", lnb_ptr="*fp32", N="i32",
                        C="i32", D="i32", r="i32", c_per="i32", WSF="i32", WSI="i32", eps="fp32")
-            const = dict(HAS_SIZE=True, CLS=True, DISTILL=False, PYRA=pyra, D_PAD=64, BLOCK=32, BLOCK_J=32,
+            const = dict(HAS_SIZE=True, CLS=True, DISTILL=False, PYRA=pyra, BLOCK_D=64, BLOCK=32, BLOCK_J=32,
                          BLOCK_C=128, PREC="tf32x3")
             specs.append((_tome_merge_kernel, sig, const, NUM_WARPS))
         ptrs = dict(map_ptr="*i64", out_ptr=f"*{dt}", s_ptr="*fp32", osize_ptr="*fp32", N="i32", M="i32", C="i32")

@@ -3,8 +3,9 @@
 Every fused merge kernel runs one program per image (optionally per image and channel block, the
 cheap matching recomputed in each, so that B=1 still fills the GPU) through the same phases:
 
-  1. match:  normalised metric rows, A·Bᵀ similarity tiles with ``tl.dot``, a running per-row
-             reduction (max/argmax for ToMe, top-2 for FPET);
+  1. match:  normalised metric rows, A·Bᵀ similarity tiles with ``tl.dot`` accumulated over the
+             metric dimension D in BLOCK_D chunks (``unit_scores``: any D, operand tiles of
+             [32, BLOCK_D]), a running per-row reduction (max/argmax for ToMe, top-2 for FPET);
   2. select: which A rows merge where (ToMe: rank by score, top r; FPET: the hard match);
   3. group:  the sources sorted by destination (a counting sort in the program's workspace), so
   4. merge:  every destination row *gathers* its sources in a fixed order, size-weighted, and the
@@ -20,6 +21,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import _checks
 
@@ -64,6 +66,30 @@ def check_r(op: str, r, n: int, class_token, distill_token) -> int:
     _checks.flag("class_token", class_token)
     _checks.flag("distill_token", distill_token)
     return _checks.kernel_int(op, "r", r, 0, _checks.r_cap(n, class_token, distill_token))
+
+
+_CHECKED_INDICES = WeakIdKeyDictionary()  # index tensor -> (version, data_ptr, bound) it passed
+
+
+def check_index_range(op: str, name: str, t: torch.Tensor, hi: int) -> None:
+    """Entries of the index tensor ``t`` must be in ``[0, hi)``: one host sync, and none for a
+    tensor already checked against the same bound and not modified since (its version counter):
+    the indices a module keeps (PaFi's rows / cols) are checked once, not in every training step.
+    Skipped while tracing or capturing a CUDA graph (``_checks._no_data``)."""
+    if t.numel() == 0 or _checks._no_data(t):
+        return
+    try:
+        key = (t._version, t.data_ptr(), int(hi))
+    except RuntimeError:  # inference tensors have no version counter: check every time
+        key = None
+    if key is not None and _CHECKED_INDICES.get(t) == key:
+        return
+    lo_v, hi_v = torch.aminmax(t)
+    lo_v, hi_v = int(lo_v), int(hi_v)
+    if lo_v < 0 or hi_v >= hi:
+        raise ValueError(f"{op}: {name} entries must be in [0, {hi}), got entries in [{lo_v}, {hi_v}]")
+    if key is not None:
+        _CHECKED_INDICES[t] = key
 
 
 def cdiv(a: int, b: int) -> int:
@@ -112,27 +138,48 @@ if HAS_TRITON:
         tl.store(ptr, v.to(ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def unit_rows(m_ptr, pos, valid, D, D_PAD: tl.constexpr):
-        """Metric rows at token positions ``pos``, normalised to unit L2 norm (m / max(||m||, 1e-12)),
-        float32 [BLOCK, D_PAD]; invalid rows are zero."""
-        d = tl.arange(0, D_PAD)
-        v = tl.load(m_ptr + pos[:, None] * D + d[None, :], mask=valid[:, None] & (d[None, :] < D),
-                    other=0.0).to(tl.float32)
-        nrm = tl.sqrt(tl.sum(v * v, 1))
-        return v / tl.maximum(nrm, 1e-12)[:, None]
+    def row_norms(m_ptr, pos, valid, D, BLOCK_D: tl.constexpr):
+        """``max(||m||, 1e-12)`` of the metric rows at ``pos`` (float32; 1e-12 where invalid), summed
+        over D in BLOCK_D chunks: no register tile grows with D."""
+        d = tl.arange(0, BLOCK_D)
+        ss = tl.zeros(pos.shape, tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            v = tl.load(m_ptr + pos[:, None] * D + (d0 + d)[None, :], mask=valid[:, None] & ((d0 + d) < D)[None, :],
+                        other=0.0).to(tl.float32)
+            ss += tl.sum(v * v, 1)
+        return tl.maximum(tl.sqrt(ss), 1e-12)
 
     @triton.jit
-    def similarity(a, b, PREC: tl.constexpr):
-        """Score tile ``a @ b^T`` (float32 rows of unit norm). On the GPU a ``tl.dot`` (PREC "tf32x3":
-        tensor cores, float32 accuracy; every element is computed by the same instruction sequence,
-        so duplicated rows give exactly tied scores, as the spec's tie rules expect). "interp": the
-        interpreter's dot is a BLAS matmul whose rounding depends on the row's place in the tile, so it
-        computes in float64 and rounds once, which keeps exact ties exact."""
+    def unit_chunk(m_ptr, pos, valid, den, d0, D, BLOCK_D: tl.constexpr):
+        """Columns ``d0 .. d0 + BLOCK_D`` of the normalised rows at ``pos`` (``den``: their
+        ``row_norms``), float32 [BLOCK, BLOCK_D], 0 outside."""
+        d = d0 + tl.arange(0, BLOCK_D)
+        v = tl.load(m_ptr + pos[:, None] * D + d[None, :], mask=valid[:, None] & (d < D)[None, :],
+                    other=0.0).to(tl.float32)
+        return v / den[:, None]
+
+    @triton.jit
+    def unit_scores(m_ptr, pos_a, va, den_a, pos_b, vb, den_b, D, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+        """Score tile ``A_n B_n^T`` of the normalised metric rows at ``pos_a`` and ``pos_b`` (norms
+        ``den_a``, ``den_b`` from ``row_norms``), accumulated over D in BLOCK_D chunks: any metric
+        dimension runs with [BLOCK, BLOCK_D] operand tiles (shared memory and registers independent
+        of D). On the GPU a ``tl.dot`` per chunk (PREC "tf32x3": tensor cores, float32 accuracy;
+        every element is computed by the same instruction sequence, so duplicated rows give exactly
+        tied scores, as the spec's tie rules expect). "interp": the interpreter's dot is a BLAS
+        matmul whose rounding depends on the row's place in the tile, so it computes in float64,
+        accumulates the chunks in float64 and rounds once, which keeps exact ties exact."""
         if PREC == "interp":
-            s = tl.dot(a.to(tl.float64), tl.trans(b.to(tl.float64))).to(tl.float32)
+            acc = tl.zeros([pos_a.shape[0], pos_b.shape[0]], tl.float64)
         else:
-            s = tl.dot(a, tl.trans(b), input_precision=PREC)
-        return s
+            acc = tl.zeros([pos_a.shape[0], pos_b.shape[0]], tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            a = unit_chunk(m_ptr, pos_a, va, den_a, d0, D, BLOCK_D)
+            b = unit_chunk(m_ptr, pos_b, vb, den_b, d0, D, BLOCK_D)
+            if PREC == "interp":
+                acc += tl.dot(a.to(tl.float64), tl.trans(b.to(tl.float64)))
+            else:
+                acc += tl.dot(a, tl.trans(b), input_precision=PREC)
+        return acc.to(tl.float32)
 
     @triton.jit
     def load_sizes(s_ptr, pos, valid, HAS_SIZE: tl.constexpr):
