@@ -39,7 +39,8 @@
 # | 6 | record      |    80 |    30 |      35-60 | 14 op/mode cases x B{1,256} x f16 x live backends: 50 do_bench        |
 # |   |             |       |       |            | medians; the file is rewritten after each one                         |
 # | 7 | sanitizer   |    90 |     - |      60-90 | OPTIONAL, last: memcheck of test_gpu.py -k test_sanitizer, backend|
-# |   |             |       |       |            | cuda; runs only if >= 75 s remain, else SKIP (not a failure)          |
+# |   |             |       |       |            | cuda; runs only if >= 75 s remain, else SKIP; a timeout is a WARN     |
+# |   |             |       |       |            | (neither is a failure; memcheck errors are)                           |
 # |   | total       |   530 |       |    225-455 | + sanitizer if time allows; 9 min = 540 s                             |
 #
 # Result files (at most 8, all directly in $OUT or one folder down):

@@ -90,5 +90,5 @@ def test_shape_too_large_for_shared_memory_says_so(simt_ops):
     x, metric = gen(1, 20, 8), gen(1, 20, 4096)
     with pytest.raises(RuntimeError, match=r"N = 20 tokens with a metric of D = 4096 channels need more shared"):
         simt_ops.tome_merge(x, metric, 4, None, True, False)
-    with pytest.raises(RuntimeError, match=r"N = 20 tokens with a metric of D = 4096 channels need more shared"):
+    with pytest.raises(RuntimeError, match=r"N = 17 tokens with a metric of D = 4096 channels need more shared"):
         simt_ops.fpet_merge(gen(1, 17, 8), gen(1, 17, 4096), None, 1, 4, 4)
