@@ -5,14 +5,17 @@
     python -m pytest bench/bench_ops.py --benchmark-only -k cuda    # the GPU providers only
 
 CPU: reference and the C++ kernels, float32, B in {1, 8, 64}. With CUDA also the GPU providers
-(reference, reference under torch.compile, triton, cuda), float16, B in {1, 64, 256}; without
-CUDA (or when a backend is not live) those cases are skipped. For the summary table with
+(reference, reference under torch.compile, triton, cuda) for every op of ``common.ALL_OPS`` (the
+merges, X-PEFT's adapter, PaFi's masked weight gradient), float16, B in {1, 64, 256}; without
+CUDA (or when a backend is not live, e.g. "cuda" for the two PET ops, which have no CUDA C++
+kernel) those cases are skipped. For the summary table with
 speed-ups, GB/s and the targets, run ``python bench/run_table.py``.
 """
 import pytest
 import torch
 
-from common import ALL_OPS, BATCHES, GPU_BACKENDS, GPU_BATCHES, MODES, OPS, is_live, make_call, providers
+from common import (ALL_OPS, BATCHES, FORWARD_ONLY, GPU_BACKENDS, GPU_BATCHES, MODES, OPS, is_live, make_call,
+                    providers)
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -34,7 +37,7 @@ def _expand():
     for case in _cases():
         device, provider, op, dtype, batches = case.values
         for mode in MODES:
-            if (op, mode) == ("tome_match", "forward+backward"):  # the matching has no gradient
+            if op in FORWARD_ONLY and mode != "forward":  # no gradient, or one never taken (common.py)
                 continue
             for batch in batches:
                 yield pytest.param(device, provider, op, dtype, mode, batch, marks=case.marks,

@@ -1,5 +1,5 @@
-"""Shapes, inputs and providers shared by the microbenchmarks (bench_ops.py), the table (run_table.py)
-and the launch count (profile_launches.py).
+"""Shapes, inputs and providers shared by the microbenchmarks (bench_ops.py), the table (run_table.py),
+the recorded dispatch results (record_dispatch.py) and the launch count (profile_launches.py).
 
 A provider is a zero-argument callable made for one (op, mode, B, dtype):
   "reference"          the project's pure-PyTorch reference (``fk.reference.*``), eager;
@@ -9,6 +9,7 @@ A provider is a zero-argument callable made for one (op, mode, B, dtype):
 """
 import csv
 import os
+import subprocess
 import sys
 import time
 
@@ -16,18 +17,30 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fpet_kernels as fk  # noqa: E402
+from fpet_kernels.ops import sparse, xpeft  # noqa: E402
 
 # ViT-B/16 at 224: 196 patches + class token, C = 768, metric = keys averaged over heads (D = 64).
 N, C, D, R = 197, 768, 64, 16
 FPET_OUT = 99  # FPET keeps the class token and the 98 B cells of the 14 x 14 checkerboard
 BATCHES = (1, 8, 64)  # CPU default
 GPU_BATCHES = (1, 64, 256)
+# X-PEFT's mixed-profile adapter at one ViT-B/16 site: rank 16 (pet.apply's default), 8 profiles, row b
+# with profile b % 8. PaFi's masked weight gradient of ViT-B/16's fc1 (W [3072, 768]) at density 0.5%
+# (pet.apply's default), M = B * N tokens.
+XPEFT_RANK, XPEFT_PROFILES, XPEFT_SCALE = 16, 8, 0.1
+PAFI_OUT, PAFI_IN, PAFI_DENSITY = 3072, 768, 0.005
+PAFI_K = round(PAFI_DENSITY * PAFI_OUT * PAFI_IN)
 OPS = ("tome_merge", "fpet_merge")  # the CPU table and the CPU microbenchmarks
-ALL_OPS = ("tome_merge", "fpet_merge", "pyra_merge", "unmerge", "tome_match", "merge_wavg")
+ALL_OPS = ("tome_merge", "fpet_merge", "pyra_merge", "unmerge", "tome_match", "merge_wavg", "xpeft_adapter",
+           "masked_weight_grad")
 MODES = ("forward", "forward+backward")
-# What the GPU table times by default (the Triton issue's list): (op, mode)
+# Ops without a forward+backward case: the matching has no gradient; the masked weight gradient is
+# itself a backward (PaFi's), its own gradient is never taken in training.
+FORWARD_ONLY = ("tome_match", "masked_weight_grad")
+# What the GPU table times by default (the Triton issue's list, then the PET ops): (op, mode)
 GPU_CASES = (("tome_merge", "forward"), ("fpet_merge", "forward"), ("fpet_merge", "forward+backward"),
-             ("pyra_merge", "forward"), ("unmerge", "forward"))
+             ("pyra_merge", "forward"), ("unmerge", "forward"), ("xpeft_adapter", "forward"),
+             ("xpeft_adapter", "forward+backward"), ("masked_weight_grad", "forward"))
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 GPU_DTYPES = ("float16", "bfloat16")
 GPU_BACKENDS = ("triton", "cuda")
@@ -52,7 +65,37 @@ BF16_VS_F16 = 1.10  # and: bfloat16 within 10% of float16 (same op, mode, B, pro
 DISPATCH_CASES = (("tome_match", "forward"), ("tome_merge", "forward"), ("tome_merge", "forward+backward"),
                   ("merge_wavg", "forward"), ("merge_wavg", "forward+backward"), ("unmerge", "forward"),
                   ("unmerge", "forward+backward"), ("fpet_merge", "forward"), ("fpet_merge", "forward+backward"),
-                  ("pyra_merge", "forward"), ("pyra_merge", "forward+backward"))
+                  ("pyra_merge", "forward"), ("pyra_merge", "forward+backward"), ("xpeft_adapter", "forward"),
+                  ("xpeft_adapter", "forward+backward"), ("masked_weight_grad", "forward"))
+
+
+def driver_version() -> str:
+    """The NVIDIA driver's version (nvidia-smi), or "-" where it cannot be read."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        return out.stdout.strip().splitlines()[0].strip() if out.returncode == 0 and out.stdout.strip() else "-"
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "-"
+
+
+def versions(device: str = "cuda") -> dict:
+    """What a table's numbers depend on: GPU name, torch, Triton, CUDA (torch's build), driver."""
+    try:
+        import triton
+        tv = triton.__version__
+    except ImportError:
+        tv = "-"
+    on_gpu = device == "cuda" and torch.cuda.is_available()
+    return {"gpu": torch.cuda.get_device_name() if on_gpu else "none (CPU)", "torch": torch.__version__,
+            "triton": tv, "cuda": torch.version.cuda or "-", "driver": driver_version() if on_gpu else "-"}
+
+
+def versions_line(device: str = "cuda") -> str:
+    """One line printed beside every table: ``# GPU ... | torch ... | Triton ... | CUDA ... | driver ...``."""
+    v = versions(device)
+    return (f"# GPU {v['gpu']} | torch {v['torch']} | Triton {v['triton']} | CUDA {v['cuda']} | "
+            f"driver {v['driver']}")
 
 
 def make_inputs(batch: int, device="cpu", dtype=torch.float32, requires_grad=False, seed=0):
@@ -89,8 +132,34 @@ def is_live(provider: str, device: str, op: str = None) -> bool:
 
 
 # ----------------------------------------------------------------------------- op inputs and calls
+def _randn(shape, device, dtype, seed, scale=1.0):
+    """Normal draws made on ``device`` (the PaFi gradients are hundreds of MB at B = 256)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    return (scale * torch.randn(shape, generator=g, device=device, dtype=torch.float32)).to(dtype)
+
+
+def pafi_positions(device="cpu", seed=0):
+    """(rows, cols): PAFI_K distinct positions of W [PAFI_OUT, PAFI_IN], ascending flat index (as
+    pet.pafi_indices returns them), drawn uniformly."""
+    g = torch.Generator().manual_seed(seed)
+    flat = torch.randperm(PAFI_OUT * PAFI_IN, generator=g)[:PAFI_K].sort().values
+    return (flat // PAFI_IN).to(device), (flat % PAFI_IN).to(device)
+
+
 def make_args(op: str, batch: int, device="cpu", dtype=torch.float32, requires_grad=False, seed=0):
     """(positional arguments of the op, the tensors a backward differentiates)."""
+    if op == "xpeft_adapter":
+        x = _randn((batch, N, C), device, dtype, seed).requires_grad_(requires_grad)
+        profile = (torch.arange(batch) % XPEFT_PROFILES).to(device)
+        p, r = XPEFT_PROFILES, XPEFT_RANK
+        w = [_randn((p, C, r), device, dtype, seed + 1, C ** -0.5), _randn((p, r), device, dtype, seed + 2, 0.1),
+             _randn((p, r, C), device, dtype, seed + 3, r ** -0.5), _randn((p, C), device, dtype, seed + 4, 0.1)]
+        w = [t.requires_grad_(requires_grad) for t in w]
+        return (x, profile, *w), [x] + w
+    if op == "masked_weight_grad":
+        grad_out = _randn((batch * N, PAFI_OUT), device, dtype, seed).requires_grad_(requires_grad)
+        inp = _randn((batch * N, PAFI_IN), device, dtype, seed + 1).requires_grad_(requires_grad)
+        return (grad_out, inp, *pafi_positions(device, seed)), [grad_out, inp]
     x, metric = make_inputs(batch, device, dtype, requires_grad=requires_grad, seed=seed)
     if op == "tome_merge":
         return (x, metric), [x]
@@ -142,8 +211,17 @@ def _ref_wavg(x, matching):
     return fk.reference.merge_wavg_reference(x, None, matching.token_map, N - R)
 
 
+def _ref_xpeft(x, profile, down, down_bias, up, up_bias):
+    return xpeft.xpeft_adapter_reference(x, profile, down, down_bias, up, up_bias, XPEFT_SCALE)
+
+
+def _ref_masked(grad_out, inp, rows, cols):
+    return sparse.masked_weight_grad_reference(grad_out, inp, rows, cols)
+
+
 REFERENCE_FNS = {"tome_merge": _ref_tome, "fpet_merge": _ref_fpet, "pyra_merge": _ref_pyra, "unmerge": _ref_unmerge,
-                 "tome_match": _ref_match, "merge_wavg": _ref_wavg}
+                 "tome_match": _ref_match, "merge_wavg": _ref_wavg, "xpeft_adapter": _ref_xpeft,
+                 "masked_weight_grad": _ref_masked}
 
 
 def fused_fn(op: str, backend: str):
@@ -160,6 +238,10 @@ def fused_fn(op: str, backend: str):
         return lambda metric: fk.tome_match(metric, R, class_token=True, backend=backend)
     if op == "merge_wavg":  # ToMe's closure API: merge_wavg recognises the merge and runs the fused op
         return lambda x, matching: fk.merge_wavg(fk.ToMeMerge(matching, False, backend), x)
+    if op == "xpeft_adapter":
+        return lambda x, profile, *w: xpeft.xpeft_adapter(x, profile, *w, scale=XPEFT_SCALE, backend=backend)
+    if op == "masked_weight_grad":
+        return lambda grad_out, inp, rows, cols: sparse.masked_weight_grad(grad_out, inp, rows, cols, backend=backend)
     raise ValueError(f"unknown op {op!r}")
 
 
@@ -255,9 +337,21 @@ def bytes_moved(op: str, batch: int, dtype=torch.float32, mode: str = "forward")
               (a lower bound: the kernels may re-read x or the metric).
     tome_match reads the metric and writes the int64 indices and token map; merge_wavg reads x and the
     token map and writes the merged tokens and their sizes.
+    xpeft_adapter reads x and the P profiles' weights and writes the output; its backward reads the
+    output gradient and writes the gradients of x and the weights. masked_weight_grad reads
+    grad_out [M, 3072] and input [M, 768] (at density 0.5% nearly every row and column of W holds a
+    position) and the int64 positions and writes K values.
     The calls here pass no ``size``: a call with sizes would also read ``B * N * 4`` bytes (< 0.2%).
     """
     e = torch.finfo(dtype).bits // 8
+    if op == "xpeft_adapter":
+        weights = XPEFT_PROFILES * (2 * C * XPEFT_RANK + XPEFT_RANK + C) * e
+        fwd = batch * 2 * N * C * e + weights
+        return fwd + (fwd if mode == "forward+backward" else 0)
+    if op == "masked_weight_grad":
+        fwd = batch * N * (PAFI_OUT + PAFI_IN) * e + PAFI_K * (16 + e)
+        bwd = PAFI_K * (16 + e) + batch * N * (PAFI_OUT + PAFI_IN) * e * 2  # read K values, write both grads
+        return fwd + (bwd if mode == "forward+backward" else 0)
     tok = C * e
     params = (R + C + 2 * C) * e  # PYRA a [r, 1], b [1, C], LayerNorm weight and bias [C]
     if op == "tome_match":

@@ -8,10 +8,13 @@ Times every live GPU backend ("cuda", "triton") that has kernels for the op on t
 ``common.DISPATCH_CASES`` (every public op that resolves a backend, forward and, where the op has
 one, forward+backward) at ViT-B/16 shapes, with run_table.py's timer (triton.testing.do_bench
 median, L2 flushed), and writes the medians with the GPU's name and compute capability, the
-torch / triton / CUDA versions, the commit and the date. ``fpet_kernels._backend`` reads the file
-(format in fpet_kernels/tuning/README.md) and, per op, picks the backend with the lowest geometric
-mean of the medians over the cells both backends have. Only measured numbers are written: a
-failing measurement is listed under "failed", never given a value. Commit the file to ship it.
+torch / triton / CUDA / driver versions, the commit and the date. The file is rewritten after every
+cell (atomically), so a run cut short keeps what it measured. ``fpet_kernels._backend`` reads the
+file (format in fpet_kernels/tuning/README.md) and, per op, picks the backend with the lowest
+geometric mean of the medians over the cells both backends have (an op with one live GPU backend,
+such as ``xpeft_adapter`` and ``masked_weight_grad`` without a CUDA C++ kernel, is recorded anyway).
+Only measured numbers are written: a failing measurement is listed under "failed", never given a
+value. Commit the file to ship it.
 """
 import argparse
 import datetime
@@ -23,7 +26,7 @@ import time
 
 import torch
 
-from common import DISPATCH_CASES, DTYPES, GPU_BACKENDS, GPU_BATCHES, fk, make_call
+from common import DISPATCH_CASES, DTYPES, GPU_BACKENDS, GPU_BATCHES, fk, make_call, versions, versions_line
 from run_table import git_rev, median_ms, triton_version
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -59,12 +62,82 @@ def build_record(results: list, failed: list, gpu: str, capability: str, **meta)
 
 
 def write_record(doc: dict, out_dir: str) -> str:
+    """Write ``doc`` as ``out_dir/<gpu slug>.json``, atomically (a temporary file renamed over it):
+    a run killed while writing leaves the previous complete file, never a truncated one."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, slug(doc["gpu"]))
-    with open(path, "w") as f:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
         json.dump(doc, f, indent=1)
         f.write("\n")
+    os.replace(tmp, path)
     return path
+
+
+class Recorder:
+    """The medians of one run, written to the results file after every cell: a run cut short (a
+    timeout of bench/gpu_check.sh's record phase, a crash) keeps every median it measured."""
+
+    def __init__(self, out_dir: str, gpu: str, capability: str, **meta):
+        meta.setdefault("commit", git_rev())  # once per run, not per write
+        meta.setdefault("date", datetime.datetime.now().isoformat(timespec="seconds"))
+        self.out_dir, self.gpu, self.capability, self.meta = out_dir, gpu, capability, meta
+        self.results, self.failed, self.path = [], [], None
+
+    def add(self, cell: dict, ms: float | None = None, note: str | None = None) -> None:
+        """One measured cell (``ms``) or one failed / skipped cell (``note``); rewrites the file once
+        anything is measured (a results file without results is not valid)."""
+        if ms is not None:
+            self.results.append(dict(cell, median_ms=round(ms, 5)))
+        else:
+            self.failed.append(dict(cell, note=note or "not measured"))
+        self.write()
+
+    def write(self) -> str | None:
+        if self.results:
+            self.path = write_record(build_record(list(self.results), list(self.failed), self.gpu, self.capability,
+                                                  **dict(self.meta)), self.out_dir)
+        return self.path
+
+
+def measure_cells(cases, dtypes, batches, live_backends, measure, recorder: Recorder, max_seconds=None,
+                  log=print) -> None:
+    """Every (op, mode) x dtype x batch x live backend cell through ``measure(op, backend, mode, batch,
+    dtype) -> ms``; each result goes to ``recorder`` as it comes. A failing measurement is recorded
+    as failed (never as a number); after ``max_seconds`` the remaining cells are recorded as skipped."""
+    t0 = time.perf_counter()
+    for op, mode in cases:
+        backends = live_backends(op)
+        if len(backends) < 2:
+            log(f"{op}: live GPU backends {backends}: recorded anyway (the choice needs two)")
+        for dt in dtypes:
+            for b in batches:
+                for be in backends:
+                    cell = dict(op=op, mode=mode, dtype=dt, batch=b, backend=be)
+                    if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+                        recorder.add(cell, note="skipped: --max-seconds reached")
+                        continue
+                    try:
+                        ms = measure(op, be, mode, b, dt)
+                    except Exception as exc:  # noqa: BLE001 - recorded as failed, never as a number
+                        msg = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+                        recorder.add(cell, note=msg)
+                        log(f"{op} {mode} {dt} B={b} {be}: FAILED {msg}")
+                        continue
+                    recorder.add(cell, ms=ms)
+                    log(f"{op} {mode} {dt} B={b} {be}: {ms:.4f} ms")
+
+
+def _measure_gpu(warmup: int, rep: int):
+    def measure(op, backend, mode, batch, dtype):
+        call = None
+        try:
+            call = make_call(op, backend, mode, batch, "cuda", DTYPES[dtype])
+            return median_ms(call, "cuda", 0.0, warmup, rep)
+        finally:
+            del call
+            torch.cuda.synchronize()
+    return measure
 
 
 def main(argv=None) -> int:
@@ -89,43 +162,22 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name()
     cap = "{}.{}".format(*torch.cuda.get_device_capability())
     info = fk.backends()
-    print(f"# {gpu} (sm {cap}), torch {torch.__version__}, triton {triton_version() or '-'}; live: "
-          f"{[k for k, v in info['live'].items() if v]}; CUDA kernels: {info['cuda_kernels']}", file=sys.stderr)
+    vline = versions_line("cuda")
+    print(f"{vline}\n# sm {cap}; live: {[k for k, v in info['live'].items() if v]}; CUDA kernels: "
+          f"{info['cuda_kernels']}", file=sys.stderr)
 
-    t0 = time.perf_counter()
-    results, failed = [], []
-    for op, mode in cases:
-        backends = [b for b in GPU_BACKENDS if fk._backend.op_live(op, b)]
-        if len(backends) < 2:
-            print(f"{op}: live GPU backends {backends}: recorded anyway (the choice needs two)", file=sys.stderr)
-        for dt in dtypes:
-            for b in batches:
-                for be in backends:
-                    cell = dict(op=op, mode=mode, dtype=dt, batch=b, backend=be)
-                    if args.max_seconds is not None and time.perf_counter() - t0 > args.max_seconds:
-                        failed.append(dict(cell, note="skipped: --max-seconds reached"))
-                        continue
-                    try:
-                        call = make_call(op, be, mode, b, "cuda", DTYPES[dt])
-                        ms = median_ms(call, "cuda", 0.0, warmup, rep)
-                        del call
-                    except Exception as exc:  # noqa: BLE001 - recorded as failed, never as a number
-                        msg = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
-                        failed.append(dict(cell, note=msg))
-                        print(f"{op} {mode} {dt} B={b} {be}: FAILED {msg}", file=sys.stderr)
-                        continue
-                    finally:
-                        torch.cuda.synchronize()
-                    results.append(dict(cell, median_ms=round(ms, 5)))
-                    print(f"{op} {mode} {dt} B={b} {be}: {ms:.4f} ms", file=sys.stderr)
-    if not results:
+    rec = Recorder(args.out, gpu, cap, driver=versions("cuda")["driver"])
+    measure_cells(cases, dtypes, batches, lambda op: [b for b in GPU_BACKENDS if fk._backend.op_live(op, b)],
+                  _measure_gpu(warmup, rep), rec, args.max_seconds, log=lambda m: print(m, file=sys.stderr))
+    if not rec.results:
         print("nothing measured: no file written", file=sys.stderr)
         return 1
-    doc = build_record(results, failed, gpu, cap)
-    path = write_record(doc, args.out)
-    print(f"wrote {len(results)} medians ({len(failed)} failed or skipped) to {path}", file=sys.stderr)
-    # What the package would choose with this file, per op.
-    data = dict(doc, _file=os.path.basename(path))
+    path = rec.write()
+    print(f"wrote {len(rec.results)} medians ({len(rec.failed)} failed or skipped) to {path}", file=sys.stderr)
+    # What the package would choose with this file, per op (the versions beside the table).
+    with open(path) as f:
+        data = dict(json.load(f), _file=os.path.basename(path))
+    print(vline)
     for op in fk._backend.OP_KERNELS:
         be, why = fk._backend.choose_gpu_backend(op, gpu, cap, [data])
         print(f"  {op}: {be} ({why})")

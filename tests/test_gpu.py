@@ -2,7 +2,10 @@
 
 Every public op and its gradients: tome_match, tome_merge (x and size), unmerge (backward merge_sum),
 merge_wavg through ToMe's and FPET's closure APIs (backward merge_wavg_backward), fpet_merge (x,
-metric, size), pyra_merge (x, size, a, b, LayerNorm), for both GPU backends; a patched tiny ViT on
+metric, size), pyra_merge (x, size, a, b, LayerNorm), for both GPU backends; X-PEFT's xpeft_adapter
+(x, residual and the four weights) and PaFi's masked_weight_grad (and its gradients) on Triton; they
+have no CUDA C++ kernel, so under ``cuda`` an explicit ``backend="cuda"`` must raise naming the op
+and the automatic choice (a live kernel, not the reference) is compared instead; a patched tiny ViT on
 the GPU against the same model on the CPU (``-k test_vit_patched``); small shapes of every op for
 compute-sanitizer (``-k test_sanitizer``). Ops are called only through the public functions with
 ``backend=``.
@@ -24,7 +27,8 @@ How results are compared:
 Marked ``gpu``; skipped without a CUDA device (CI has none: there the Triton kernels are tested in
 the interpreter by the rest of the suite). ``bench/gpu_check.sh`` runs it on the GPU machine.
 ``FPET_TEST_BACKENDS=cuda`` restricts the backends. ``FPET_GPU_TEST_DEVICE=cpu`` runs the same
-checks on CPU tensors with the "cpu" backend (to test this file's logic without a GPU).
+checks on CPU tensors with the "cpu" backend (to test this file's logic without a GPU);
+``FPET_TEST_BACKENDS=triton`` with it runs them in Triton's CPU interpreter (slow: name tests with -k).
 """
 import os
 import warnings
@@ -43,8 +47,9 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(ON_GPU and not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 _ONLY = [b.strip() for b in os.environ.get("FPET_TEST_BACKENDS", "").split(",") if b.strip()]
-_CANDIDATES = ("triton", "cuda") if ON_GPU else ("cpu",)
-GPU_BACKENDS = [b for b in _CANDIDATES if not _ONLY or b in _ONLY]
+# On CPU tensors "triton" is the interpreter: only when named in FPET_TEST_BACKENDS.
+_CANDIDATES = ("triton", "cuda") if ON_GPU else ("cpu", "triton")
+GPU_BACKENDS = [b for b in _CANDIDATES if b in _ONLY] if _ONLY else list(_CANDIDATES if ON_GPU else ("cpu",))
 
 TIE_ULPS = 32
 TIE_TOL = TIE_ULPS * torch.finfo(torch.float32).eps  # scores are cosines (|s| <= 1): absolute ulps at 1
@@ -381,6 +386,92 @@ def test_pyra_merge_forward_and_gradients(gpu_backend, case, dtype, atol, rtol):
     exp_o = exp[0][:2] + [ge.values, exp[0][3].gather(1, ge.indices)] + exp[0][4:]
     _close(got_o, exp_o, keep, 4 * atol, 4 * rtol, "pyra_merge")
     _close_grads(got[1], exp[1], 4 * atol, 4 * rtol, "pyra_merge x / size / a / b / ln")
+
+
+# ----------------------------------------------------------------------------- X-PEFT and PaFi
+def _pet_backend(gpu_backend, op, call):
+    """The backend a PET-op test compares: ``gpu_backend`` where it has kernels for ``op``. Else
+    (``cuda``: xpeft_adapter and masked_weight_grad have no CUDA C++ kernel) ``call(gpu_backend)``
+    must raise naming the op, and the automatic choice on these tensors is compared instead: it must
+    be a live kernel, never a silent reference."""
+    if fk._backend.op_live(op, gpu_backend):
+        return gpu_backend
+    with pytest.raises(RuntimeError, match=f"fpet::{op}"):
+        call(gpu_backend)
+    auto = fk.backends()["auto_per_op"]["cuda" if ON_GPU else "cpu"][op]
+    assert auto != "reference" and fk._backend.op_live(op, auto), \
+        f"the automatic choice of {op} is {auto!r}, not a live kernel"
+    return None
+
+
+# (B, N, d, rank, profiles, dtype, residual): ViT-B/16 sites, and odd d / N with another rank.
+XPEFT_CASES = [pytest.param(4, 197, 768, 16, 3, F32, False, id="vitb-f32"),
+               pytest.param(4, 197, 768, 16, 3, F16, True, id="vitb-f16-residual"),
+               pytest.param(3, 197, 768, 16, 2, BF16, False, id="vitb-bf16"),
+               pytest.param(3, 65, 200, 24, 2, F32, True, id="odd-f32-residual")]
+
+
+@pytest.mark.parametrize("bsz,n,d,rank,nprof,dtype,with_residual", XPEFT_CASES)
+def test_xpeft_adapter_forward_and_gradients(gpu_backend, bsz, n, d, rank, nprof, dtype, with_residual):
+    """Mixed profiles in one batch: output and the gradients of x, the four weights and the residual."""
+    from fpet_kernels.ops.xpeft import xpeft_adapter
+
+    _, atol, rtol = _TOL[dtype].values
+    x = gen(bsz, n, d, dtype=dtype, seed=1).to(DEV)
+    profile = (torch.arange(bsz) % nprof).flip(0).to(DEV)  # mixed, not sorted
+    w = [gen(nprof, d, rank, seed=2) * d ** -0.5, 0.1 * gen(nprof, rank, seed=3), gen(nprof, rank, d, seed=4) * rank ** -0.5,
+         0.1 * gen(nprof, d, seed=5)]
+    w = [t.to(dtype).to(DEV) for t in w]
+    leaves = [x] + w + ([gen(bsz, n, d, dtype=dtype, seed=6).to(DEV)] if with_residual else [])
+
+    def run(be):
+        def f(x, down, down_bias, up, up_bias, residual=None):
+            return xpeft_adapter(x, profile, down, down_bias, up, up_bias, scale=0.5, residual=residual, backend=be)
+        return f
+    be = _pet_backend(gpu_backend, "xpeft_adapter", lambda b: run(b)(*leaves))
+    keep = torch.ones(bsz, dtype=torch.bool, device=DEV)
+    got = _grads(run(be), leaves, keep)
+    exp = _grads(run("reference"), leaves, keep)
+    _close(got[0], exp[0], keep, atol, rtol, f"xpeft_adapter ({be or 'auto'})")
+    _close_grads(got[1], exp[1], 4 * atol, 4 * rtol, f"xpeft_adapter ({be or 'auto'}) x / weights / residual")
+
+
+# (leading shape of grad_out / input, out, in, density, dtype): MiniLM's fc1 at 0.5% with M = 4 x 197
+# tokens as [B, N, .], and a small layer with unsorted, repeated positions.
+MWG_CASES = [pytest.param((4, 197), 1536, 384, 0.005, F32, id="minilm-f32"),
+             pytest.param((788,), 1536, 384, 0.005, F16, id="minilm-f16"),
+             pytest.param((788,), 384, 1536, 0.005, BF16, id="minilm-t-bf16"),
+             pytest.param((3, 65), 40, 72, 0.3, F32, id="small-unsorted")]
+
+
+@pytest.mark.parametrize("lead,n_out,n_in,density,dtype", MWG_CASES)
+def test_masked_weight_grad_and_gradients(gpu_backend, lead, n_out, n_in, density, dtype):
+    """PaFi's sparse weight gradient: grad[k] = sum_m grad_out[m, rows[k]] * input[m, cols[k]] (sums
+    over M up to 788 in float32), and its own gradients in grad_out and input."""
+    from fpet_kernels.ops.sparse import masked_weight_grad
+
+    _, atol, rtol = _TOL[dtype].values
+    k = max(1, round(density * n_out * n_in))
+    g = torch.Generator().manual_seed(7)
+    flat = torch.randperm(n_out * n_in, generator=g)[:k]
+    if density < 0.1:
+        flat = flat.sort().values  # as pet.pafi_indices gives them
+    else:
+        flat = torch.cat([flat, flat[:5]])  # unsorted, and some positions twice
+    rows, cols = (flat // n_in).to(DEV), (flat % n_in).to(DEV)
+    leaves = [gen(*lead, n_out, dtype=dtype, seed=8).to(DEV), gen(*lead, n_in, dtype=dtype, seed=9).to(DEV)]
+
+    def run(be):
+        return lambda dy, x: masked_weight_grad(dy, x, rows, cols, backend=be)
+    be = _pet_backend(gpu_backend, "masked_weight_grad", lambda b: run(b)(*leaves))
+    keep = torch.ones(1, dtype=torch.bool, device=DEV)
+    got = _grads(run(be), leaves, keep)
+    exp = _grads(run("reference"), leaves, keep)
+    # a sum of M products: the tolerance grows with sqrt(M) against the unit-scale entries
+    scale = float(torch.tensor(lead).prod()) ** 0.5
+    every = torch.ones(rows.numel(), dtype=torch.bool, device=DEV)
+    _close(got[0], exp[0], every, atol * scale, rtol, f"masked_weight_grad ({be or 'auto'})")
+    _close_grads(got[1], exp[1], 4 * atol, 4 * rtol, f"masked_weight_grad ({be or 'auto'}) grad_out / input")
 
 
 # ----------------------------------------------------------------------------- compile, empty batch

@@ -24,6 +24,10 @@ struct CudaExec {
   static int num_sms(const at::Tensor& t) {
     return at::cuda::getDeviceProperties(t.get_device())->multiProcessorCount;
   }
+  // Shared memory one block may use (with the opt-in): what the launchers plan their staging for.
+  static size_t smem_limit(const at::Tensor& t) {
+    return at::cuda::getDeviceProperties(t.get_device())->sharedMemPerBlockOptin;
+  }
   template <class Body>
   static void launch(const Body& body, int gx, int gy, size_t smem) {
     if (gx == 0 || gy == 0) return;

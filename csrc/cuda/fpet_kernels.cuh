@@ -3,15 +3,20 @@
 // the CPU oracle: csrc/cpu/fpet.cpp (same top-2 scan, same tie rules, same summation orders
 // wherever a sum is sequential).
 //
-// Forward, one launch, one block per (image, channel slice) as ToMe:
-//   1. position tables of the A and B sets, den[n] = max(||metric[n]||, eps)
-//   2. score tiles A x B (prefix columns skipped: they are -inf); per A row the two largest values
-//      and the column of the largest, scanning the columns in ascending order (strict >: the lowest
-//      column wins a tie, NaN never does)
-//   3. hard match: top1 column iff top1 > top2 (compared as scores), else -1
-//   4. sources grouped by destination in ascending A index (counts, block scan, stable slots)
-//   5. token_map and merged sizes (block of slice 0), merged rows of this block's channel slice:
-//      B row j's sum starts with the row itself and adds its sources in ascending A index.
+// Forward, one launch, one block per (image, channel slice) as ToMe; 8 phases at ViT-B/16 (N = 197,
+// D = 64: tests/test_simt_phases.py):
+//   1. position tables of the A and B sets, den[n] = max(||metric[n]||, eps) one thread per row
+//   2-4. the matching over staged normalised rows (tiles.cuh, staged_match: staging, all scores A x B
+//      in one phase, the column chunks merged per A row): per A row the two largest values and the
+//      column of the largest, scanning the columns in ascending order (prefix columns skipped: they
+//      are -inf; strict >: the lowest column wins a tie, NaN never does); in the last of them the
+//      hard match: top1 column iff top1 > top2 (compared as scores), else -1
+//   5. per destination the first slot of its sources (the count of sources with a lower
+//      destination: no scan) and each source's slot among them (ascending A index)
+//   6. sources grouped by destination, token_map (block of slice 0)
+//   7. merged sizes (block of slice 0 writes them)
+//   8. merged rows of this block's channel slice: B row j's sum starts with the row itself and adds
+//      its sources in ascending A index.
 //
 // Backward, two launches and three float32 workspaces (the caching allocator's at::empty):
 //   P     [B, Na, Nb]  scores, then P = G soft (1 - soft), then dS (in place)
@@ -100,11 +105,10 @@ struct FpetMergeSmem {
   int* slot;    // [Na] place of source i among its destination's sources (ascending i)
   int* list;    // [Na] sources grouped by destination
   int* head;    // [Nb + 1] first source of each destination
-  int* scan;    // [2 * (Nb + 1)] scan scratch
   float* bden;  // [Nb] merged size of each B row
-  simt::ScoreTiles tiles;
+  simt::StagedMatch staged;  // the matching's staged rows (tiles.cuh)
   size_t bytes;
-  FPET_HD static FpetMergeSmem make(char* base, const FpetGrid& g, int D) {
+  FPET_HD static FpetMergeSmem make(char* base, const FpetGrid& g, int D, simt::MatchPlan plan) {
     simt::Arena ar{base};
     FpetMergeSmem s;
     s.apos = ar.take<int>(g.Na);
@@ -117,11 +121,15 @@ struct FpetMergeSmem {
     s.slot = ar.take<int>(g.Na);
     s.list = ar.take<int>(g.Na);
     s.head = ar.take<int>(g.Nb + 1);
-    s.scan = ar.take<int>(2 * (g.Nb + 1));
     s.bden = ar.take<float>(g.Nb);
-    s.tiles = simt::ScoreTiles::take(ar, D);
+    s.staged = simt::StagedMatch::take(ar, D, plan);
     s.bytes = ar.used;
     return s;
+  }
+  // The staging panels for `limit` bytes of shared memory: as large as the rest leaves room for.
+  static simt::MatchPlan plan(const FpetGrid& g, int D, size_t limit) {
+    const size_t rest = make(nullptr, g, D, simt::MatchPlan{}).bytes;
+    return simt::plan_match(g.Na, g.Nb, D, limit > rest ? limit - rest : 0);
   }
 };
 
@@ -132,6 +140,7 @@ struct FpetMergeBody {
   FpetGrid g;
   int C, D;
   int slice;  // channels per block
+  simt::MatchPlan plan;  // rows staged per pass (FpetMergeSmem::plan)
   scalar_t* out;
   float* out_size;
   int64_t* token_map;
@@ -150,57 +159,30 @@ struct FpetMergeBody {
     scalar_t* ob = out + b * Nb * C;
     float* osb = out_size + b * Nb;
     int64_t* map_b = token_map + b * N;
-    const FpetMergeSmem sm = FpetMergeSmem::make(smem_base, g, D);
+    const FpetMergeSmem sm = FpetMergeSmem::make(smem_base, g, D, plan);
 
-    // 1. position tables, top-2 state, norms
+    // 1. position tables, norms (one thread per row)
     blk.each([&](int t) {
-      for (int i = t; i < Na; i += T) {
-        sm.apos[i] = g.a_pos(i);
-        sm.v1[i] = simt::neg_inf();
-        sm.v2[i] = simt::neg_inf();
-        sm.i1[i] = -1;
-      }
+      for (int i = t; i < Na; i += T) sm.apos[i] = g.a_pos(i);
       for (int j = t; j < Nb; j += T) sm.bpos[j] = g.b_pos(j);
+      for (int n = t; n < N; n += T) {
+        float ss = 0.f;
+        for (int k = 0; k < D; ++k) {
+          const float v = m[int64_t(n) * D + k];
+          ss += v * v;
+        }
+        sm.den[n] = fmaxf(sqrtf(ss), simt::kNormEps);
+      }
     });
-    simt::row_norms(blk, m, N, D, sm.tiles.s, sm.den);
 
-    // 2. top-2 of every A row over the non-prefix columns, in ascending column order
-    auto pa = [&](int i) { return sm.apos[i]; };
-    auto pb = [&](int j) { return sm.bpos[j]; };
-    const int j_first = p / kTile * kTile;  // tiles before it hold prefix columns only
-    for (int i0 = 0; i0 < Na; i0 += kTile) {
-      for (int j0 = j_first; j0 < Nb; j0 += kTile) {
-        simt::score_tile(blk, sm.tiles, m, sm.den, D, i0, Na, j0, Nb, pa, pb);
-        blk.each([&](int t) {
-          const int i = i0 + t;
-          if (t >= kTile || i >= Na) return;
-          float v1 = sm.v1[i], v2 = sm.v2[i];
-          int i1 = sm.i1[i];
-          for (int jj = 0; jj < kTile && j0 + jj < Nb; ++jj) {
-            if (j0 + jj < p) continue;
-            const float v = sm.tiles.score(t, jj);
-            if (v > v1) {
-              v2 = v1;
-              v1 = v;
-              i1 = j0 + jj;
-            } else if (v > v2) {
-              v2 = v;
-            }
-          }
-          sm.v1[i] = v1;
-          sm.v2[i] = v2;
-          sm.i1[i] = i1;
+    // 2-4. top-2 of every A row over the non-prefix columns, in ascending column order; hard matches
+    simt::staged_match<simt::Top2Scan>(
+        blk, sm.staged, m, sm.den, D, Na, Nb, [&](int i) { return sm.apos[i]; }, [&](int j) { return sm.bpos[j]; },
+        [](int) { return false; }, [&](int j) { return j < p; }, sm.v1, sm.v2, sm.i1, [&](int i) {
+          const int j = sm.i1[i];
+          sm.match[i] = j >= 0 && sm.v1[i] > sm.v2[i] ? j : -1;
         });
-      }
-    }
-    // 3. hard matches
-    blk.each([&](int t) {
-      for (int i = t; i < Na; i += T) {
-        const int j = sm.i1[i];
-        sm.match[i] = j >= 0 && sm.v1[i] > sm.v2[i] ? j : -1;
-      }
-    });
-    // 4. sources per destination (ascending A index)
+    // 5. sources per destination (ascending A index): slots, first slot of each destination
     blk.each([&](int t) {
       for (int i = t; i < Na; i += T) {
         const int j = sm.match[i];
@@ -210,13 +192,13 @@ struct FpetMergeBody {
         }
         sm.slot[i] = before;
       }
-      for (int j = t; j < Nb; j += T) {
-        int count = 0;
-        for (int i = 0; i < Na; ++i) count += sm.match[i] == j;
-        sm.head[j] = count;
+      for (int j = t; j <= Nb; j += T) {
+        int before = 0;
+        for (int i = 0; i < Na; ++i) before += sm.match[i] >= 0 && sm.match[i] < j;
+        sm.head[j] = before;
       }
     });
-    simt::exclusive_scan(blk, sm.head, Nb, sm.scan);
+    // 6. sources grouped by destination, token_map
     blk.each([&](int t) {
       for (int i = t; i < Na; i += T) {
         const int j = sm.match[i];
@@ -226,7 +208,7 @@ struct FpetMergeBody {
       for (int j = t; j < Nb; j += T) map_b[sm.bpos[j]] = j;
       for (int i = t; i < Na; i += T) map_b[sm.apos[i]] = sm.match[i];
     });
-    // 5. merged sizes, then the merged rows of this slice
+    // 7. merged sizes, 8. the merged rows of this slice
     blk.each([&](int t) {
       for (int j = t; j < Nb; j += T) {
         float den = s[sm.bpos[j]];
@@ -685,10 +667,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_launch(const at::Tenso
     body.C = static_cast<int>(C);
     body.D = static_cast<int>(D);
     body.slice = static_cast<int>(slices.width);
+    body.plan = FpetMergeSmem::plan(g, body.D, Exec::smem_limit(x));
+    TORCH_CHECK(body.plan.pa > 0, op, ": N = ", N, " tokens with a metric of D = ", D, " channels need more shared "
+                "memory than the device's ", Exec::smem_limit(x), " bytes per block (a smaller N or D fits)");
     body.out = out.data_ptr<scalar_t>();
     body.out_size = out_size.data_ptr<float>();
     body.token_map = token_map.data_ptr<int64_t>();
-    const size_t smem = FpetMergeSmem::make(nullptr, g, body.D).bytes;
+    const size_t smem = FpetMergeSmem::make(nullptr, g, body.D, body.plan).bytes;
     Exec::launch(body, static_cast<int>(B), slices.blocks, smem);
   });
   return {out, out_size, token_map};

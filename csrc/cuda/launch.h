@@ -9,6 +9,7 @@
 //   using Guard = ...;                                   Guard g(device): the device of a launch
 //   static bool on_device(const at::Tensor&);
 //   static int num_sms(const at::Tensor&);              multiprocessors (grid sizing)
+//   static size_t smem_limit(const at::Tensor&);       shared memory per block (staging plans)
 //   template <class Body> static void launch(const Body&, int gx, int gy, size_t smem_bytes);
 #pragma once
 

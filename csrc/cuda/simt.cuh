@@ -50,13 +50,16 @@ struct DeviceBlock {
 #endif
 
 // The host runner's block: the threads of a phase one after another, in `order`
-// (0 forward, 1 reverse), with `threads` threads per block.
+// (0 forward, 1 reverse), with `threads` threads per block. `phases` (when set) counts the phases
+// the block ran: each one is a __syncthreads on the GPU.
 struct HostBlock {
   int threads = kThreads;
   int order = 0;
+  int64_t* phases = nullptr;
   int size() const { return threads; }
   template <class F>
   void each(F&& f) {
+    if (phases != nullptr) ++*phases;
     if (order == 0) {
       for (int t = 0; t < threads; ++t) f(t);
     } else {
@@ -156,6 +159,37 @@ FPET_HD void row_sums(Blk& blk, int nrows, int ncols, float* scratch, F&& f, Out
       if (t < groups && row < nrows) {
         float acc = 0.f;
         for (int l = 0; l < 32; ++l) acc += scratch[t * 32 + l];
+        out(row, acc);
+      }
+    });
+  }
+}
+
+// row_sums with as many rows at once as the block holds: L lanes per row (the largest power of two
+// <= 32 with L * nrows <= blk.size(), at least 1), lane l summing cols l, l + L, ..., then one
+// thread per row adding the L partials in lane order. Two phases for nrows <= blk.size() (PYRA's
+// r = 16 rows at 256 threads: 16 lanes each) where row_sums takes two per 8 rows. `scratch` holds
+// blk.size() floats.
+template <class Blk, class F, class Out>
+FPET_HD void row_sums_wide(Blk& blk, int nrows, int ncols, float* scratch, F&& f, Out&& out) {
+  const int T = blk.size();
+  int L = 32;
+  while (L > 1 && L * nrows > T) L /= 2;
+  const int per = T / L;  // rows per pass
+  for (int r0 = 0; r0 < nrows; r0 += per) {
+    blk.each([&](int t) {
+      const int row = r0 + t / L, lane = t % L;
+      float acc = 0.f;
+      if (row < nrows) {
+        for (int c = lane; c < ncols; c += L) acc += f(row, c);
+      }
+      scratch[t] = acc;
+    });
+    blk.each([&](int t) {
+      const int row = r0 + t;
+      if (t < per && row < nrows) {
+        float acc = 0.f;
+        for (int l = 0; l < L; ++l) acc += scratch[t * L + l];
         out(row, acc);
       }
     });

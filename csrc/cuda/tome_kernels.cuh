@@ -2,16 +2,22 @@
 // (and channel slice). Contracts: csrc/README.md (`tome_match`, `tome_merge`); execution model:
 // simt.cuh. PYRA (pyra_kernels.cuh) reuses this body with its modulation switched on.
 //
-// Phases of one block:
-//   1. den[n] = max(||metric[n]||, eps)
-//   2. score tiles A x B (A = even positions, B = odd): per A row the best score and its lowest
-//      argmax (class-token row and distill-token column excluded)
-//   3. rank of every A row (best descending, ties by lower index): a counting sort, each thread
+// Phases of one block (9 at ViT-B/16, N = 197, D = 64; PYRA adds 7: tests/test_simt_phases.py):
+//   1. den[n] = max(||metric[n]||, eps), one thread per row
+//   2. the normalised A (even positions) and B (odd) rows staged in shared memory (tiles.cuh,
+//      staged_match: all at once where they fit the device's shared memory, else in panels)
+//   3. all scores A x B in one phase, each thread 2 A rows x a chunk of columns: per A row and chunk
+//      the best score and its lowest argmax (class-token row and distill-token column excluded)
+//   4. the chunks merged in column order: per A row the best score and its lowest argmax
+//   5. rank of every A row (best descending, ties by lower index): a counting sort, each thread
 //      counting the rows ahead of its own, then order[rank] = row
-//   4. index outputs (src_idx, dst_idx, unm_idx, token_map), written by the block of slice 0
-//   5. sources grouped by destination in rank order (counts, a block scan, stable slots)
-//   6. merged sizes, then the merged rows of this block's channel slice: B row j's sum starts with
-//      the row itself and adds its sources in rank order; unmerged rows are (x * s) / s
+//   6. unmerged rows in output order; per destination the first slot of its sources (the count of
+//      sources with a lower destination: no scan) and each source's slot among them (rank order)
+//   7. sources grouped by destination; index outputs (src_idx, dst_idx, unm_idx, token_map),
+//      written by the block of slice 0
+//   8. merged sizes (PYRA: then its weights, tome_kernels' pyra_weights)
+//   9. the output rows of this block's channel slice: unmerged rows are (x * s) / s; B row j's sum
+//      starts with the row itself and adds its sources in rank order
 // No atomics: every sum has one fixed order, so results are deterministic.
 #pragma once
 
@@ -23,7 +29,7 @@
 namespace fpet {
 namespace kernels {
 
-using simt::kTile;
+using simt::MatchPlan;
 
 // Output rows of the ToMe merge (csrc/README.md, tome_match).
 struct TomeRows {
@@ -51,15 +57,16 @@ struct TomeSmem {
   int* head;     // [Nb + 1] first source of each destination
   int* slot;     // [Na] a source's place among its destination's sources (by rank)
   int* list;     // [Na] A rows of the sources, grouped by destination, rank order within
-  int* scan;     // [2 * (Nb + 1)] scan scratch
   float* bden;   // [Nb] merged size of each B row
   float* wc;     // PYRA [slice] channel weights
   float* mu;     // PYRA [r] mean, then rstd, then token weight of each source
   float* rstd;
   float* wt;
-  simt::ScoreTiles tiles;
+  float* red;    // PYRA [kRedFloats] row_sums_wide scratch (one float per thread)
+  simt::StagedMatch staged;  // the matching's staged rows (tiles.cuh)
   size_t bytes;
-  FPET_HD static TomeSmem make(char* base, int N, int D, int r, int cw, bool pyra) {
+  static constexpr int kRedFloats = 1024;  // the most threads per block any executor runs
+  FPET_HD static TomeSmem make(char* base, int N, int D, int r, int cw, bool pyra, MatchPlan plan) {
     const int Na = (N + 1) / 2, Nb = N / 2;
     simt::Arena ar{base};
     TomeSmem s;
@@ -72,15 +79,20 @@ struct TomeSmem {
     s.head = ar.take<int>(Nb + 1);
     s.slot = ar.take<int>(Na);
     s.list = ar.take<int>(Na);
-    s.scan = ar.take<int>(2 * (Nb + 1));
     s.bden = ar.take<float>(Nb);
     s.wc = ar.take<float>(pyra ? cw : 0);
     s.mu = ar.take<float>(pyra ? r : 0);
     s.rstd = ar.take<float>(pyra ? r : 0);
     s.wt = ar.take<float>(pyra ? r : 0);
-    s.tiles = simt::ScoreTiles::take(ar, D);
+    s.red = ar.take<float>(pyra ? kRedFloats : 0);
+    s.staged = simt::StagedMatch::take(ar, D, plan);
     s.bytes = ar.used;
     return s;
+  }
+  // The staging panels for `limit` bytes of shared memory: as large as the rest leaves room for.
+  static MatchPlan plan(int N, int D, int r, int cw, bool pyra, size_t limit) {
+    const size_t rest = make(nullptr, N, D, r, cw, pyra, MatchPlan{}).bytes;
+    return simt::plan_match((N + 1) / 2, N / 2, D, limit > rest ? limit - rest : 0);
   }
 };
 
@@ -93,6 +105,7 @@ struct TomeBody {
   int N, C, D, r;
   bool class_token, distill_token;
   int slice;  // channels per block
+  MatchPlan plan;  // rows staged per pass (TomeSmem::plan)
   // outputs (out, out_size null for tome_match)
   scalar_t* out;
   float* out_size;
@@ -115,7 +128,7 @@ struct TomeBody {
     int64_t* dst_b = dst_idx + b * r;
     int64_t* unm_b = unm_idx + b * (Na - r);
     int64_t* map_b = token_map + b * N;
-    const TomeSmem sm = TomeSmem::make(smem_base, N, D, r, cw, pyra.enabled());
+    const TomeSmem sm = TomeSmem::make(smem_base, N, D, r, cw, pyra.enabled(), plan);
 
     if (r == 0) {  // the identity: out = x (bit for bit), out_size = s
       blk.each([&](int t) {
@@ -130,34 +143,13 @@ struct TomeBody {
       return;
     }
 
-    // 1-2. norms, scores, best and argmax per A row
-    simt::row_norms(blk, m, N, D, sm.tiles.s, sm.den);
-    auto pa = [](int i) { return 2 * i; };
-    auto pb = [](int j) { return 2 * j + 1; };
-    for (int i0 = 0; i0 < Na; i0 += kTile) {
-      for (int j0 = 0; j0 < Nb; j0 += kTile) {
-        simt::score_tile(blk, sm.tiles, m, sm.den, D, i0, Na, j0, Nb, pa, pb);
-        blk.each([&](int t) {
-          const int i = i0 + t;
-          if (t >= kTile || i >= Na) return;
-          float best = j0 == 0 ? simt::neg_inf() : sm.best[i];
-          int arg = j0 == 0 ? 0 : sm.dst[i];
-          if (!(class_token && i == 0)) {
-            for (int jj = 0; jj < kTile && j0 + jj < Nb; ++jj) {
-              if (distill_token && j0 + jj == 0) continue;
-              const float v = sm.tiles.score(t, jj);
-              if (simt::greater(v, best)) {
-                best = v;
-                arg = j0 + jj;
-              }
-            }
-          }
-          sm.best[i] = best;
-          sm.dst[i] = arg;
-        });
-      }
-    }
-    // 3. rank: rows ahead of row i are the greater ones and the equal ones of lower index
+    // 1-4. norms, staged rows, scores, best and argmax per A row
+    simt::row_norms_direct(blk, m, N, D, sm.den);
+    simt::staged_match<simt::Top1Scan>(
+        blk, sm.staged, m, sm.den, D, Na, Nb, [](int i) { return 2 * i; }, [](int j) { return 2 * j + 1; },
+        [&](int i) { return class_token && i == 0; }, [&](int j) { return distill_token && j == 0; }, sm.best,
+        nullptr, sm.dst, [](int) {});
+    // 5. rank: rows ahead of row i are the greater ones and the equal ones of lower index
     blk.each([&](int t) {
       for (int i = t; i < Na; i += T) {
         const float bi = sm.best[i];
@@ -170,8 +162,9 @@ struct TomeBody {
         sm.order[ahead] = i;
       }
     });
-    // 4. unmerged rows in output order (ascending index with a class token, else rank order),
-    //    per-destination counts and each source's slot among its destination's sources
+    // 6. unmerged rows in output order (ascending index with a class token, else rank order), the
+    //    first slot of each destination's sources (sources with a lower destination) and each
+    //    source's slot among its destination's sources
     const TomeRows rows{Na, r, distill_token};
     blk.each([&](int t) {
       for (int i = t; i < Na; i += T) {
@@ -189,13 +182,13 @@ struct TomeBody {
         for (int k2 = 0; k2 < k; ++k2) before += sm.dst[sm.order[k2]] == j;
         sm.slot[k] = before;
       }
-      for (int j = t; j < Nb; j += T) {
-        int count = 0;
-        for (int k = 0; k < r; ++k) count += sm.dst[sm.order[k]] == j;
-        sm.head[j] = count;
+      for (int j = t; j <= Nb; j += T) {
+        int before = 0;
+        for (int k = 0; k < r; ++k) before += sm.dst[sm.order[k]] < j;
+        sm.head[j] = before;
       }
     });
-    simt::exclusive_scan(blk, sm.head, Nb, sm.scan);
+    // 7. sources grouped by destination, index outputs
     blk.each([&](int t) {
       for (int k = t; k < r; k += T) {
         const int i = sm.order[k];
@@ -216,7 +209,7 @@ struct TomeBody {
     });
     if (!xb) return;
 
-    // 5. merged sizes
+    // 8. merged sizes
     blk.each([&](int t) {
       for (int j = t; j < Nb; j += T) {
         float den = s[2 * j + 1];
@@ -229,10 +222,12 @@ struct TomeBody {
     });
     if (pyra.enabled()) pyra_weights(blk, sm, xb, s, b, c0, cw);
 
-    // 6. merged rows of this slice
-    copy_rows(blk, xb, s, ob, Na - r, c0, cw, [&](int k) { return 2 * sm.unm[k]; },
-              [&](int k) { return rows.unm_row(k); });
+    // 9. the output rows of this slice: unmerged rows, then merged rows, in one phase
     blk.each([&](int t) {
+      for (int e = t; e < (Na - r) * cw; e += T) {
+        const int k = e / cw, c = c0 + e % cw;
+        ob[int64_t(rows.unm_row(k)) * C + c] = scaled_copy(xb, s, 2 * sm.unm[k], c);
+      }
       for (int e = t; e < Nb * cw; e += T) {
         const int j = e / cw, c = c0 + e % cw;
         const int64_t pj = 2 * j + 1;
@@ -246,6 +241,13 @@ struct TomeBody {
         ob[int64_t(rows.b_row(j)) * C + c] = static_cast<scalar_t>(sm.bden[j] == 0.f ? 0.f : acc / sm.bden[j]);
       }
     });
+  }
+
+  // (x[p][c] * s) / s with s = size[p]: x itself if s == 1, 0 if s == 0.
+  FPET_HD scalar_t scaled_copy(const scalar_t* xb, const AnyPtr& s, int64_t p, int c) const {
+    const float sv = static_cast<float>(s[p]);
+    const scalar_t v = xb[p * C + c];
+    return sv == 1.0f ? v : sv == 0.f ? static_cast<scalar_t>(0.f) : static_cast<scalar_t>((static_cast<float>(v) * sv) / sv);
   }
 
   // out[out_row(k)][c] = (x[pos(k)][c] * s) / s for k < rows, c in the slice (exact copy if s == 1 or
@@ -283,15 +285,15 @@ struct TomeBody {
       return (st(k, c) - sm.mu[k]) * sm.rstd[k] * pyra.ln_weight[c] + pyra.ln_bias[c];
     };
     const float inv_c = 1.0f / static_cast<float>(C);
-    simt::row_sums(blk, r, C, sm.tiles.s, st, [&](int k, float sum) { sm.mu[k] = sum * inv_c; });
-    simt::row_sums(
-        blk, r, C, sm.tiles.s,
+    simt::row_sums_wide(blk, r, C, sm.red, st, [&](int k, float sum) { sm.mu[k] = sum * inv_c; });
+    simt::row_sums_wide(
+        blk, r, C, sm.red,
         [&](int k, int c) {
           const float d = st(k, c) - sm.mu[k];
           return d * d;
         },
         [&](int k, float sum) { sm.rstd[k] = 1.0f / sqrtf(sum * inv_c + pyra.eps); });
-    simt::row_sums(blk, r, C, sm.tiles.s, [&](int k, int c) { return w(k, c) * pyra.b[c]; },
+    simt::row_sums_wide(blk, r, C, sm.red, [&](int k, int c) { return w(k, c) * pyra.b[c]; },
                    [&](int k, float sum) { sm.wt[k] = 2.0f * simt::sigmoid(sum) - 1.0f; });
     blk.each([&](int t) {
       for (int cc = t; cc < cw; cc += T) {
@@ -364,6 +366,9 @@ TomeOutputs tome_launch(const char* op, const at::Tensor& x_in, const at::Tensor
     body.class_token = class_token;
     body.distill_token = distill_token;
     body.slice = static_cast<int>(slices.width);
+    body.plan = TomeSmem::plan(body.N, body.D, body.r, body.slice, pyra.enabled(), Exec::smem_limit(metric));
+    TORCH_CHECK(body.plan.pa > 0, op, ": N = ", N, " tokens with a metric of D = ", D, " channels need more shared "
+                "memory than the device's ", Exec::smem_limit(metric), " bytes per block (a smaller N or D fits)");
     body.out = merge ? out.data_ptr<scalar_t>() : nullptr;
     body.out_size = merge ? out_size.data_ptr<float>() : nullptr;
     body.src_idx = src.data_ptr<int64_t>();
@@ -371,7 +376,7 @@ TomeOutputs tome_launch(const char* op, const at::Tensor& x_in, const at::Tensor
     body.unm_idx = unm.data_ptr<int64_t>();
     body.token_map = map.data_ptr<int64_t>();
     const size_t smem =
-        TomeSmem::make(nullptr, body.N, body.D, body.r, body.slice, pyra.enabled()).bytes;
+        TomeSmem::make(nullptr, body.N, body.D, body.r, body.slice, pyra.enabled(), body.plan).bytes;
     Exec::launch(body, static_cast<int>(B), slices.blocks, smem);
   };
   if (merge) {

@@ -16,13 +16,21 @@ namespace kernels {
 namespace {
 
 // Thread order (0 forward, 1 reverse), threads per block (a multiple of 32), multiprocessors seen
-// by the grid sizing. Returns nothing; the settings hold for the process.
-void configure(int64_t order, int64_t threads, int64_t sms) {
+// by the grid sizing, shared memory per block in bytes. Returns nothing; the settings hold for the
+// process.
+void configure(int64_t order, int64_t threads, int64_t sms, int64_t smem) {
   TORCH_CHECK(order == 0 || order == 1, "configure: order must be 0 or 1, got ", order);
   TORCH_CHECK(threads >= 32 && threads <= 1024 && threads % 32 == 0,
               "configure: threads must be a multiple of 32 in [32, 1024], got ", threads);
   TORCH_CHECK(sms >= 1, "configure: sms must be >= 1, got ", sms);
-  host_config() = HostConfig{static_cast<int>(order), static_cast<int>(threads), static_cast<int>(sms)};
+  TORCH_CHECK(smem >= 1024, "configure: smem must be >= 1024 bytes, got ", smem);
+  host_config() = HostConfig{static_cast<int>(order), static_cast<int>(threads), static_cast<int>(sms), smem};
+}
+
+// [most phases (block-wide barriers) of one block, blocks] of the last kernel launch.
+std::vector<int64_t> phase_count() {
+  const PhaseCount& c = last_phase_count();
+  return {c.max_per_block, c.blocks};
 }
 
 }  // namespace
@@ -31,7 +39,8 @@ void configure(int64_t order, int64_t threads, int64_t sms) {
 
 TORCH_LIBRARY(fpet_simt, m) {
   fpet::define_kernel_schemas(m);
-  m.def("configure(int order, int threads, int sms) -> ()", &fpet::kernels::configure);
+  m.def("configure(int order, int threads, int sms, int smem=232448) -> ()", &fpet::kernels::configure);
+  m.def("phase_count() -> int[]", &fpet::kernels::phase_count);
 }
 
 TORCH_LIBRARY_IMPL(fpet_simt, CPU, m) {
