@@ -266,7 +266,10 @@ if HAS_TRITON:
         den = tl.zeros([BLOCK_M], tl.float32)
         for t in range(0, maxc):
             vt = t < cnt
-            n_idx = tl.load(order_ptr + b * N + st + t, mask=vt, other=0)
+            # an unmasked load of an index clamped into this image's row (lanes past their group read an
+            # entry they do not use): Triton 3.6 fails to compile a masked load here when C % 16 == 0
+            # ('tt.load' op failed to verify that mask type matches ptr type, in its layout pass)
+            n_idx = tl.load(order_ptr + b * N + tl.minimum(st + t, N - 1))
             v = tl.load(x_ptr + b * N * C + n_idx[:, None] * C + cc[None, :], mask=vt[:, None] & vc[None, :],
                         other=0.0).to(tl.float32)
             if WAVG:
