@@ -17,6 +17,7 @@ raises, or a kernel launched in an ops module (``name[grid](...)``) is launched 
                                                    # (pip install --target DIR triton==3.6.0)
     python bench/aot_check.py --quick              # fewer variants (CI): base cases of every dtype,
                                                    # the flag / shape variants in float16 only
+    python bench/aot_check.py --list               # the launches only (seconds), nothing compiled
 
 A new kernel is covered when it is a ``@triton.jit`` function of an ``ops/*_triton*.py`` module
 launched there as ``name[grid](...)`` (found automatically), and some entry of ``SCENARIOS``
@@ -47,6 +48,7 @@ def _parse_args(argv=None):
                     help="write the table (markdown) and the records (json) next to this path "
                          "(default bench/results/aot_sm90_triton<version>.md)")
     ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument("--list", action="store_true", help="record and print the launches, compile nothing")
     return ap.parse_args(argv)
 
 
@@ -338,8 +340,17 @@ def main() -> int:
             for k in ks:
                 if k not in seen:
                     failures.append(f"kernel {mod}.{k} is launched by no scenario of bench/aot_check.py")
-    rows = []
+    found = sorted(k for ks in kernels.values() for k in ks)
+    print(f"{len(found)} kernels found at launch sites: {', '.join(found)}")
     recs = sorted(rec.launches.values(), key=lambda r: (r["module"], r["name"], describe(r)))
+    if args.list:
+        for r in recs:
+            print(f"launch {r['name']} w{r['options'].num_warps} [{describe(r)}] from {r['scenarios'][0]}")
+        for msg in failures:
+            print("FAIL", msg)
+        print(f"{len(recs)} distinct launches, {len(failures)} failures, {time.time() - t_start:.0f} s")
+        return 1 if failures else 0
+    rows = []
     print(f"{len(recs)} distinct launches of {len(seen)} kernels from {len(rec.binders)} kernels called; compiling")
     for r in recs:
         row = dict(kernel=r["name"], module=r["module"], variant=describe(r), warps=r["options"].num_warps,
