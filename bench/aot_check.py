@@ -15,8 +15,8 @@ raises, or a kernel launched in an ops module (``name[grid](...)``) is launched 
     python bench/aot_check.py                      # the installed Triton
     python bench/aot_check.py --triton-dir DIR     # the Triton installed in DIR
                                                    # (pip install --target DIR triton==3.6.0)
-    python bench/aot_check.py --quick              # fewer variants (CI): base cases of every dtype,
-                                                   # the flag / shape variants in float16 only
+    python bench/aot_check.py --quick              # fewer launches (CI): base cases in every dtype,
+                                                   # the flag / shape variants combined, in float16
     python bench/aot_check.py --list               # the launches only (seconds), nothing compiled
 
 A new kernel is covered when it is a ``@triton.jit`` function of an ``ops/*_triton*.py`` module
@@ -42,13 +42,14 @@ SMEM_LIMIT = 227 * 1024  # an H100's largest shared memory per block (opt-in), b
 def _parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--triton-dir", help="a folder with another Triton (pip install --target DIR triton==X)")
-    ap.add_argument("--quick", action="store_true", help="flag and shape variants in float16 only")
+    ap.add_argument("--quick", action="store_true", help="flag and shape variants combined, in float16 only")
     ap.add_argument("--only", default="", help="regex: run only the scenarios whose name matches")
     ap.add_argument("--out", default=None,
                     help="write the table (markdown) and the records (json) next to this path "
                          "(default bench/results/aot_sm90_triton<version>.md)")
     ap.add_argument("--no-write", action="store_true", help="print only")
     ap.add_argument("--list", action="store_true", help="record and print the launches, compile nothing")
+    ap.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1), help="compiling processes")
     return ap.parse_args(argv)
 
 
@@ -231,7 +232,8 @@ def scenarios(quick: bool) -> list:
     """(name, callable, kwargs): the base case of every launcher in each dtype, then its flag and shape
     variants (what the launch sites can produce: sizes absent / in half precision, the class and
     distillation tokens, r == 1, r not a multiple of 16, other metric widths, half parameters,
-    mixed dtypes, other token counts) in float16 (in every dtype unless ``quick``)."""
+    mixed dtypes, other token counts) in every dtype; ``quick``: the variants combined, several per
+    launch, in float16 only."""
     base = [
         (tome, {}), (tome, dict(pyra=True)),
         (reduce, dict(op="merge_sum")), (reduce, dict(op="merge_wavg")), (reduce, dict(op="unmerge")),
@@ -262,11 +264,28 @@ def scenarios(quick: bool) -> list:
         (xpeft, dict(residual=False)), (xpeft, dict(r=1)), (xpeft, dict(r=64)), (xpeft, dict(d=100, n=50, r=5)),
         (xpeft, dict(wdt=F32)),
     ]
+    # --quick: the same constexpr values and int classes, several per launch (each value at least once)
+    combined = [
+        (tome, dict(size=False, cls=False, r=13, d=40)), (tome, dict(distill=True, r=1, d=128, mdt=F32)),
+        (tome, dict(n=256, c=512, sdt=None)), (tome, dict(pyra=True, size=False, distill=True, r=1)),
+        (tome, dict(pyra=True, pdt=None, c=100, d=40, n=50, r=5)),
+        (reduce, dict(op="merge_wavg", size=False, c=100, n=50, n_out=33)), (reduce, dict(op="merge_wavg", sdt=None)),
+        (reduce, dict(op="merge_sum", c=24)), (reduce, dict(op="merge_wavg", c=1)),
+        (reduce, dict(op="merge_wavg_backward", size=False)), (reduce, dict(op="unmerge", c=100, n=50, n_out=33)),
+        (fpet, dict(size=False, prefix=0, d=40)), (fpet, dict(prefix=2, d=128, mdt=F32)),
+        (fpet, dict(h=7, w=9, c=100, sdt=None)), (fpet, dict(backward=True, size=False, gsize=False, prefix=0, d=40)),
+        (fpet, dict(backward=True, d=128, mdt=F32)), (fpet, dict(backward=True, h=7, w=9, c=100)),
+        (pyra_backward, dict(size=False, gsize=False, distill=True)), (pyra_backward, dict(r=1, pdt=None)),
+        (pyra_backward, dict(n=50, c=100, r=5)),
+        (attention, dict(size=False)), (attention, dict(pad_value=False, hd=40, heads=3, sdt=None)),
+        (masked_grad, dict(transposed=True)), (masked_grad, dict(m=1, k=1)),
+        (xpeft, dict(residual=False, r=1)), (xpeft, dict(r=64, wdt=F32)), (xpeft, dict(d=100, n=50, r=5)),
+    ]
     out = []
     for fn, kw in base:
         for dt in DTYPES:
             out.append((fn, dict(dt=dt, **kw)))
-    for fn, kw in variants:
+    for fn, kw in (combined if quick else variants):
         for dt in ((F16,) if quick else DTYPES):
             kw2 = dict(dt=dt, **kw)
             for k in ("sdt", "pdt"):  # None: the same dtype as x
@@ -296,6 +315,26 @@ def compile_one(rec: dict) -> dict:
     res = _resources(k.asm["cubin"])
     return dict(regs=res.get("reg"), stack=res.get("stack"), local=res.get("local"), smem=k.metadata.shared,
                 seconds=round(time.time() - t0, 1))
+
+
+_RECS: list = []  # the launches to compile, shared with the forked compiling processes
+
+
+def _compile_index(i: int) -> dict:
+    try:
+        return compile_one(_RECS[i])
+    except Exception as exc:  # noqa: BLE001 - reported by the caller
+        return dict(error=f"{type(exc).__name__}: {' '.join(str(exc).split())[:600]}")
+
+
+def compile_all(jobs: int):
+    """Yields (index, result) in order; ``jobs`` > 1: in that many forked processes."""
+    if jobs <= 1 or len(_RECS) <= 1:
+        yield from ((i, _compile_index(i)) for i in range(len(_RECS)))
+        return
+    import multiprocessing
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        yield from enumerate(pool.imap(_compile_index, range(len(_RECS))))
 
 
 def describe(rec: dict) -> str:
@@ -351,21 +390,20 @@ def main() -> int:
         print(f"{len(recs)} distinct launches, {len(failures)} failures, {time.time() - t_start:.0f} s")
         return 1 if failures else 0
     rows = []
-    print(f"{len(recs)} distinct launches of {len(seen)} kernels from {len(rec.binders)} kernels called; compiling")
-    for r in recs:
+    print(f"{len(recs)} distinct launches of {len(seen)} kernels; compiling in {args.jobs} process(es)", flush=True)
+    _RECS[:] = recs
+    for i, res in compile_all(args.jobs):
+        r = recs[i]
         row = dict(kernel=r["name"], module=r["module"], variant=describe(r), warps=r["options"].num_warps,
-                   stages=r["options"].num_stages, scenario=r["scenarios"][0])
-        try:
-            row.update(compile_one(r))
+                   stages=r["options"].num_stages, scenario=r["scenarios"][0], **res)
+        if "error" in row:
+            row["status"] = "FAIL"
+            failures.append(f"{r['name']} [{row['variant']}] (from {row['scenario']}): {row['error']}")
+        else:
             row["status"] = "ok" if row["smem"] <= SMEM_LIMIT else "SMEM"
             if row["status"] != "ok":
                 failures.append(f"{r['name']} [{row['variant']}]: {row['smem']} B of shared memory > {SMEM_LIMIT}"
                                 f" (from {row['scenario']})")
-        except Exception as exc:  # noqa: BLE001
-            row["status"] = "FAIL"
-            msg = " ".join(str(exc).split())
-            row["error"] = f"{type(exc).__name__}: {msg[:600]}"
-            failures.append(f"{r['name']} [{row['variant']}] (from {row['scenario']}): {row['error']}")
         rows.append(row)
         print(f"{row['status']:4s} {row['kernel']:26s} w{row['warps']} regs={row.get('regs')} "
               f"stack={row.get('stack')} smem={row.get('smem')} {row.get('seconds', '')}s  [{row['variant']}]",
