@@ -173,7 +173,8 @@ def reduce(op, dt=F16, n=197, c=768, n_out=181, size=True, sdt=F32):
         tt.merge_wavg_backward(_rand(2, n_out, c, dtype=dt), s, _size(2, n_out), tmap)
 
 
-def fpet(dt=F16, mdt=None, prefix=1, h=14, w=14, c=768, d=64, size=True, sdt=F32, backward=False, gsize=True):
+def fpet(dt=F16, mdt=None, prefix=1, h=14, w=14, c=768, d=64, size=True, sdt=F32, backward=False, gsize=True,
+         gdt=None):
     from fpet_kernels.ops import fpet_triton, fpet_triton_backward
     from fpet_kernels.ops.shapes import grid_sizes
     n = prefix + h * w
@@ -184,8 +185,9 @@ def fpet(dt=F16, mdt=None, prefix=1, h=14, w=14, c=768, d=64, size=True, sdt=F32
         return
     _, nb = grid_sizes(prefix, h, w)
     tmap = torch.arange(n).remainder(nb).expand(2, n).contiguous()
-    fpet_triton_backward.fpet_merge_backward(_rand(2, nb, c, dtype=dt), _size(2, nb) if gsize else None, x, m, s,
-                                             _rand(2, nb, c, dtype=dt), _size(2, nb), tmap, prefix, h, w)
+    go = _rand(2, nb, c, dtype=gdt or dt)
+    fpet_triton_backward.fpet_merge_backward(go, _size(2, nb) if gsize else None, x, m, s, _rand(2, nb, c, dtype=dt),
+                                             _size(2, nb), tmap, prefix, h, w)
 
 
 def pyra_backward(dt=F16, n=197, c=768, r=16, size=True, sdt=F32, gsize=True, distill=False, pdt=F32):
@@ -256,6 +258,7 @@ def scenarios(quick: bool) -> list:
         (fpet, dict(backward=True, size=False, gsize=False)), (fpet, dict(backward=True, prefix=0)),
         (fpet, dict(backward=True, d=40)), (fpet, dict(backward=True, d=128)),
         (fpet, dict(backward=True, mdt=F32)), (fpet, dict(backward=True, h=7, w=9, c=100)),
+        (fpet, dict(backward=True, gdt=F32)),
         (pyra_backward, dict(size=False, gsize=False)), (pyra_backward, dict(distill=True)),
         (pyra_backward, dict(r=1)), (pyra_backward, dict(pdt=None)), (pyra_backward, dict(n=50, c=100, r=5)),
         (attention, dict(size=False)), (attention, dict(pad_value=False)), (attention, dict(hd=40, heads=3)),
@@ -274,7 +277,7 @@ def scenarios(quick: bool) -> list:
         (reduce, dict(op="merge_wavg_backward", size=False)), (reduce, dict(op="unmerge", c=100, n=50, n_out=33)),
         (fpet, dict(size=False, prefix=0, d=40)), (fpet, dict(prefix=2, d=128, mdt=F32)),
         (fpet, dict(h=7, w=9, c=100, sdt=None)), (fpet, dict(backward=True, size=False, gsize=False, prefix=0, d=40)),
-        (fpet, dict(backward=True, d=128, mdt=F32)), (fpet, dict(backward=True, h=7, w=9, c=100)),
+        (fpet, dict(backward=True, d=128, mdt=F32)), (fpet, dict(backward=True, h=7, w=9, c=100, gdt=F32)),
         (pyra_backward, dict(size=False, gsize=False, distill=True)), (pyra_backward, dict(r=1, pdt=None)),
         (pyra_backward, dict(n=50, c=100, r=5)),
         (attention, dict(size=False)), (attention, dict(pad_value=False, hd=40, heads=3, sdt=None)),
@@ -338,7 +341,8 @@ def compile_all(jobs: int):
 
 
 def describe(rec: dict) -> str:
-    """The variant: pointer element types (h fp16, b bf16, f fp32, l i64, i i32), constexprs, int arguments that are constant (== 1) or multiples of 16."""
+    """The variant: pointer element types (h fp16, b bf16, f fp32, l i64, i i32), constexprs, the int
+    arguments that are constant (== 1) or multiples of 16."""
     names = [p.name for p in rec["fn"].params]
     parts = []
     for path, val in sorted(rec["constexprs"].items()):

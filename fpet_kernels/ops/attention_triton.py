@@ -59,7 +59,7 @@ def attention_inputs(qkv, size, num_heads: int, scale: float, pad_value: bool):
     metric = torch.empty(bsz, n, hd, device=dev, dtype=dt)
     if bsz == 0 or n == 0:
         return q, k, v, metric
-    block_n = 16  # 16 tokens x E_PAD channels, 8 warps: no register spills for sm_90 (tests/aot_compile.py)
+    block_n = 16  # 16 tokens x E_PAD channels, 8 warps: no register spills for sm_90 (bench/aot_check.py)
     _attention_inputs_kernel[(bsz, cdiv(n, block_n))](
         qkv, qkv if size is None else size.contiguous(), q, k, v, metric, n, num_heads, hd, e, ev, 1.0 / scale,
         HAS_SIZE=size is not None, BLOCK_N=block_n, E_PAD=pow2(e, 16), num_warps=8)
@@ -67,7 +67,7 @@ def attention_inputs(qkv, size, num_heads: int, scale: float, pad_value: bool):
 
 
 def aot_specs():
-    """(kernel, signature, constexprs, num_warps) at ViT-B/16 (12 heads, hd 64 -> 72), for tests/aot_compile.py."""
+    """(kernel, signature, constexprs, num_warps) at ViT-B/16 (12 heads, hd 64 -> 72), for compiling ahead of time."""
     specs = []
     for dt in ("fp16", "bf16", "fp32"):
         sig = dict(qkv_ptr=f"*{dt}", size_ptr="*fp32", q_ptr=f"*{dt}", k_ptr=f"*{dt}", v_ptr=f"*{dt}",

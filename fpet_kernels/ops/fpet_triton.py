@@ -105,7 +105,7 @@ def fpet_merge(x, metric, size, num_prefix, H, W, split=None):
 
 
 def aot_specs():
-    """(kernel, signature, constexprs, num_warps) at ViT-B/16 shapes, for tests/aot_compile.py."""
+    """(kernel, signature, constexprs, num_warps) at ViT-B/16 shapes, for compiling ahead of time."""
     from . import tome_triton as cfg
     specs = []
     for dt in ("fp16", "bf16", "fp32"):

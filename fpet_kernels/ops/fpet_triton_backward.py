@@ -280,7 +280,8 @@ def _config(na: int, nb: int, c: int, d_pad: int, interp: bool, x_dtype, go_dtyp
     Dots whose operands are half inputs (x . grad_out, metric . metric) run natively on GPU tensor
     cores (products exact, float32 accumulation); float32 operands use ``tf32x3`` there (~float32
     accuracy). The interpreter computes every dot in float32 "ieee" (its bf16 dot is wrong)."""
-    tile = 64 if interp else 32  # GPU: 32 x 32 tiles keep 8 warps free of register spills (ptxas, sm_90)
+    tile = 64 if interp else 32  # GPU: 32 x 32 tiles, 8 warps: 255 registers, spills in float32 and at D = 128
+    # (16 and 176-456 bytes for sm_90, bench/aot_check.py)
     cfg = dict(
         BI=block_i or min(tile, pow2(na)), BJ=block_j or min(tile, pow2(nb)),
         BC=block_c or min(tile, pow2(c)),
@@ -374,7 +375,8 @@ def aot_specs(n: int = 197, num_prefix: int = 1, h: int = 14, w: int = 14, c: in
               dtypes=(torch.float16, torch.bfloat16, torch.float32), with_attrs: bool = False) -> list:
     """``(kernel, signature, constexprs, num_warps)`` of both launches as a GPU run makes them, for
     ``triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-    options={"num_warps": num_warps})`` without a GPU (tests/aot_compile.py). Default shape ViT-B/16:
+    options={"num_warps": num_warps})`` without a GPU (bench/aot_check.py records the launches themselves
+    instead). Default shape ViT-B/16:
     N=197, class token, 14 x 14, C=768, D=64; size and grad_size present (float32).
     ``with_attrs``: a fifth item, the launch's divisibility hints (``ASTSource(..., attrs=attrs)``);
     without them the compiler cannot vectorise the row loads and the register count rises."""

@@ -337,8 +337,9 @@ if HAS_TRITON:
 
 
 # ----------------------------------------------------------------------------- launcher
-# Tiles: 32 sources / tokens by 64 channels, 8 warps on the GPU (no register spills for sm_90, see
-# tests/aot_compile.py); the interpreter's cost is per block operation, so it runs 64-row tiles.
+# Tiles: 32 sources / tokens by 64 channels, 8 warps on the GPU (sm_90, bench/aot_check.py: no register
+# spills when C is a multiple of 16; at C = 100 the tokens kernel spills 64-120 bytes); the
+# interpreter's cost is per block operation, so it runs 64-row tiles.
 BLOCK_K = 64 if interpreting() else 32
 BLOCK_T = 64 if interpreting() else 32
 BLOCK_C = 64
@@ -439,7 +440,7 @@ def pyra_merge_backward(grad_out, grad_out_size, x, size, out, out_size, src_idx
 def aot_specs():
     """(kernel, signature, constexprs, num_warps) of both launches as a GPU run makes them (x, grad_out and out
     in one dtype, sizes and parameters float32), for compiling ahead of time for sm_90 without a GPU
-    (tests/aot_compile.py)."""
+    (bench/aot_check.py records the launches themselves instead)."""
     if not HAS_TRITON:
         return []
     specs = []

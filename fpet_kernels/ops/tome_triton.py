@@ -285,7 +285,8 @@ if HAS_TRITON:
 
 # ----------------------------------------------------------------------------- launchers
 # Tile shapes. On the GPU: 32-row similarity / comparison tiles, 32 x 128 merge tiles, 8 warps (no
-# register spills for sm_90, see tests/aot_compile.py). The interpreter's cost is per block
+# register spills for sm_90 at metric widths up to 128, Triton 3.6 and 3.8: bench/aot_check.py;
+# 249 registers at D = 128). The interpreter's cost is per block
 # operation, not per element, so it runs 64-row tiles (still several blocks at the test shapes);
 # tests also run the GPU tile shapes in the interpreter.
 BLOCK = 64 if interpreting() else 32      # rows of A / B per similarity tile, and per rank / group comparison
@@ -439,7 +440,7 @@ def merge_wavg(x, size, token_map, n_out):
 
 def aot_specs():
     """(kernel, signature, constexprs, num_warps) of the launches at ViT-B/16 shapes, for compiling ahead of
-    time for sm_90 without a GPU (tests/aot_compile.py)."""
+    time for sm_90 without a GPU. (bench/aot_check.py records the launches themselves instead.)"""
     specs = []
     for dt in ("fp16", "bf16", "fp32"):
         for pyra in (False, True):
