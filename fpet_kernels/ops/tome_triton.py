@@ -286,9 +286,10 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------- launchers
 # Tile shapes. On the GPU: 32-row similarity / comparison tiles, 32 x 128 merge tiles, 8 warps (no
 # register spills for sm_90 at metric widths up to 128, Triton 3.6 and 3.8: bench/aot_check.py;
-# 249 registers at D = 128). The interpreter's cost is per block
-# operation, not per element, so it runs 64-row tiles (still several blocks at the test shapes);
-# tests also run the GPU tile shapes in the interpreter.
+# 249 registers at D = 128; the FPET merge kernel, which shares them, spills 8 bytes at D = 128
+# under Triton 3.6). The interpreter's cost is per block operation, not per element, so it runs
+# 64-row tiles (still several blocks at the test shapes); tests also run the GPU tile shapes in the
+# interpreter.
 BLOCK = 64 if interpreting() else 32      # rows of A / B per similarity tile, and per rank / group comparison
 BLOCK_J = 64 if interpreting() else 32    # destination rows per merge tile
 BLOCK_C = 128                             # channels per merge tile
