@@ -59,18 +59,10 @@ def attention_inputs(qkv, size, num_heads: int, scale: float, pad_value: bool):
     metric = torch.empty(bsz, n, hd, device=dev, dtype=dt)
     if bsz == 0 or n == 0:
         return q, k, v, metric
-    block_n = 16  # 16 tokens x E_PAD channels, 8 warps: no register spills for sm_90 (tests/aot_compile.py)
+    block_n = 16  # 16 tokens x E_PAD channels, 8 warps: no register spills for sm_90 (bench/aot_check.py)
     _attention_inputs_kernel[(bsz, cdiv(n, block_n))](
         qkv, qkv if size is None else size.contiguous(), q, k, v, metric, n, num_heads, hd, e, ev, 1.0 / scale,
         HAS_SIZE=size is not None, BLOCK_N=block_n, E_PAD=pow2(e, 16), num_warps=8)
     return q, k, v, metric
 
 
-def aot_specs():
-    """(kernel, signature, constexprs, num_warps) at ViT-B/16 (12 heads, hd 64 -> 72), for tests/aot_compile.py."""
-    specs = []
-    for dt in ("fp16", "bf16", "fp32"):
-        sig = dict(qkv_ptr=f"*{dt}", size_ptr="*fp32", q_ptr=f"*{dt}", k_ptr=f"*{dt}", v_ptr=f"*{dt}",
-                   metric_ptr=f"*{dt}", N="i32", H="i32", HD="i32", E="i32", EV="i32", inv_scale="fp32")
-        specs.append((_attention_inputs_kernel, sig, dict(HAS_SIZE=True, BLOCK_N=16, E_PAD=128), 8))
-    return specs

@@ -107,14 +107,3 @@ def fpet_merge(x, metric, size, num_prefix, H, W, split=None):
     return out, out_size, tmap
 
 
-def aot_specs():
-    """(kernel, signature, constexprs, num_warps) at ViT-B/16 shapes, for tests/aot_compile.py."""
-    from . import tome_triton as cfg
-    specs = []
-    for dt in ("fp16", "bf16", "fp32"):
-        sig = dict(x_ptr=f"*{dt}", m_ptr=f"*{dt}", s_ptr="*fp32", out_ptr=f"*{dt}", osize_ptr="*fp32", map_ptr="*i64",
-                   ws_ptr="*i32", N="i32", C="i32", D="i32", P="i32", H="i32", W="i32", NA="i32", NB="i32",
-                   c_per="i32")
-        specs.append((_fpet_merge_kernel, sig, dict(HAS_SIZE=True, BLOCK_D=64, BLOCK=32, BLOCK_J=32, BLOCK_C=128,
-                                                    PREC="tf32x3"), cfg.NUM_WARPS))
-    return specs

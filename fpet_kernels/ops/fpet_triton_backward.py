@@ -342,14 +342,14 @@ def _config(na: int, nb: int, c: int, d: int, interp: bool, x_dtype, go_dtype, m
     Dots whose operands are half inputs (x . grad_out, metric . metric) run natively on GPU tensor
     cores (products exact, float32 accumulation); float32 operands use ``tf32x3`` there (~float32
     accuracy). The interpreter computes every dot in float32 "ieee" (its bf16 dot is wrong)."""
-    tile = 64 if interp else 32  # GPU: 32 x 32 score tiles
+    tile = 64 if interp else 32  # GPU: 32 x 32 score tiles (registers and spills per launch: bench/aot_check.py)
     cfg = dict(
         BI=block_i or min(tile, pow2(na)), BJ=block_j or min(tile, pow2(nb)),
         BC=block_c or min(tile, pow2(c)),
         # 3xTF32 score chunks of a float32 metric: 32 columns (64 spill 40 bytes at 8 warps on sm_90)
         BD=block_d or min(BLOCK_D if interp or m_dtype in _HALF else 32, pow2(d, 16)),
         BT=32, BC_X=min(64 if not interp else 256, pow2(c)),
-        # sm_90 (tests/aot_compile.py): 3xTF32 tiles (float32 operands) spill at 4 warps, half ones do not
+        # sm_90 (bench/aot_check.py): 3xTF32 tiles (float32 operands) spill at 4 warps, half ones do not
         warps_scores=4 if x_dtype in _HALF and m_dtype in _HALF and go_dtype == x_dtype else 8,
         warps_metric=8, warps_x=4,
         SCORE_PREC="ieee" if interp else "tf32x3",
@@ -433,64 +433,3 @@ def fpet_merge_backward(grad_out: Tensor, grad_size: Optional[Tensor], x: Tensor
 _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def _specialize(fn, sig: dict, const: dict, ints: dict) -> tuple[dict, dict, dict]:
-    """What a launch specialises on: int arguments equal to 1 become constexprs, pointers (torch
-    allocations) and ints that are multiples of 16 get ``tt.divisibility = 16``."""
-    sig, const, attrs = dict(sig), dict(const), {}
-    for name, val in ints.items():
-        if val == 1:
-            sig[name] = "constexpr"
-            const[name] = 1
-    for name, ty in sig.items():
-        if ty.startswith("*") or (ty == "i32" and ints[name] % 16 == 0):
-            attrs[(fn.arg_names.index(name),)] = [["tt.divisibility", 16]]
-    return sig, const, attrs
-
-
-def aot_specs(n: int = 197, num_prefix: int = 1, h: int = 14, w: int = 14, c: int = 768, d: int = 64,
-              dtypes=(torch.float16, torch.bfloat16, torch.float32), with_attrs: bool = False) -> list:
-    """``(kernel, signature, constexprs, num_warps)`` of the four launches as a GPU run makes them, for
-    ``triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-    options={"num_warps": num_warps})`` without a GPU (tests/aot_compile.py). Default shape ViT-B/16:
-    N=197, class token, 14 x 14, C=768, D=64; size and grad_size present (float32).
-    ``with_attrs``: a fifth item, the launch's divisibility hints (``ASTSource(..., attrs=attrs)``);
-    without them the compiler cannot vectorise the row loads and the register count rises."""
-    if not HAS_TRITON:
-        return []
-    na, nb = grid_sizes(num_prefix, h, w)
-    specs = []
-    for dt in dtypes:
-        cfg = _config(na, nb, c, d, False, dt, dt, dt)
-        t = "*" + _TRITON_DTYPE[dt]
-        ints_p = dict(N=n, C=c, D=d, Nb=nb)
-        sig_p = {"go_ptr": t, "gsz_in_ptr": "*fp32", "out_ptr": t, "osz_ptr": "*fp32", "m_ptr": t,
-                 "gden_ptr": "*fp32", "nrm_ptr": "*fp32", **{k: "i32" for k in ints_p}}
-        const_p = dict(HAS_GSIZE=True, BT=cfg["BT"], BC=cfg["BC_X"], BD=cfg["BD"])
-        ints_s = dict(N=n, C=c, D=d, Na=na, Nb=nb, p=num_prefix, H=h, W=w)
-        sig_s = {"go_ptr": t, "osz_ptr": "*fp32", "x_ptr": t, "m_ptr": t, "s_ptr": "*fp32", "gden_ptr": "*fp32",
-                 "nrm_ptr": "*fp32", "p_ptr": "*fp32", "rs_ptr": "*fp32", "top_ptr": "*i32", "topv_ptr": "*fp32",
-                 "proj_ptr": "*fp32", "colp_ptr": "*fp32", **{k: "i32" for k in ints_s}}
-        const_s = dict(HAS_SIZE=True, BI=cfg["BI"], BJ=cfg["BJ"], BC=cfg["BC"], BD=cfg["BD"],
-                       SCORE_PREC=cfg["SCORE_PREC"], GRAD_PREC=cfg["GRAD_PREC"], NATIVE_M=cfg["NATIVE_M"],
-                       NATIVE_X=cfg["NATIVE_X"])
-        ints_m = dict(N=n, D=d, Na=na, Nb=nb, p=num_prefix, H=h, W=w)
-        sig_m = {"m_ptr": t, "nrm_ptr": "*fp32", "p_ptr": "*fp32", "rs_ptr": "*fp32", "top_ptr": "*i32",
-                 "topv_ptr": "*fp32", "proj_ptr": "*fp32", "colp_ptr": "*fp32", "gm_ptr": t,
-                 **{k: "i32" for k in ints_m}}
-        const_m = dict(BI=cfg["BI"], BJ=cfg["BJ"], BD=cfg["BD"], GRAD_PREC=cfg["GRAD_PREC"])
-        for sig, const in ((sig_p, const_p), (sig_s, const_s), (sig_m, const_m)):
-            sig.update({k: "constexpr" for k in const})
-        ints_x = dict(N=n, C=c, Nb=nb)
-        sig_x = {
-            "go_ptr": t, "osz_ptr": "*fp32", "gden_ptr": "*fp32", "x_ptr": t, "s_ptr": "*fp32", "tmap_ptr": "*i64",
-            "gx_ptr": t, "gsz_ptr": "*fp32", **{k: "i32" for k in ints_x},
-        }
-        const_x = dict(HAS_SIZE=True, BT=cfg["BT"], BC=cfg["BC_X"])
-        sig_x.update({k: "constexpr" for k in const_x})
-        for fn, sig, const, ints, warps in ((_fpet_bwd_prep_kernel, sig_p, const_p, ints_p, cfg["warps_x"]),
-                                            (_fpet_bwd_scores_kernel, sig_s, const_s, ints_s, cfg["warps_scores"]),
-                                            (_fpet_bwd_metric_kernel, sig_m, const_m, ints_m, cfg["warps_metric"]),
-                                            (_fpet_bwd_x_kernel, sig_x, const_x, ints_x, cfg["warps_x"])):
-            sig, const, attrs = _specialize(fn, sig, const, ints)
-            specs.append((fn, sig, const, warps, attrs) if with_attrs else (fn, sig, const, warps))
-    return specs

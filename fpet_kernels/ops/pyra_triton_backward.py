@@ -360,8 +360,9 @@ if HAS_TRITON:
 
 
 # ----------------------------------------------------------------------------- launcher
-# Tiles: 32 sources / tokens by 64 channels, 8 warps on the GPU (no register spills for sm_90, see
-# tests/aot_compile.py); the interpreter's cost is per block operation, so it runs 64-row tiles.
+# Tiles: 32 sources / tokens by 64 channels, 8 warps on the GPU (sm_90, bench/aot_check.py: no register
+# spills when C is a multiple of 16; at C = 100 the tokens kernel spills 64-120 bytes); the
+# interpreter's cost is per block operation, so it runs 64-row tiles.
 BLOCK_K = 64 if interpreting() else 32
 BLOCK_T = 64 if interpreting() else 32
 BLOCK_C = 64
@@ -466,27 +467,3 @@ def pyra_merge_backward(grad_out, grad_out_size, x, size, out, out_size, src_idx
             total[2 * c:].to(ln_bias.dtype, copy=True), grad_size.to(out_size.dtype))
 
 
-def aot_specs():
-    """(kernel, signature, constexprs, num_warps) of both launches as a GPU run makes them (x, grad_out and out
-    in one dtype, sizes and parameters float32), for compiling ahead of time for sm_90 without a GPU
-    (tests/aot_compile.py)."""
-    if not HAS_TRITON:
-        return []
-    specs = []
-    for dt in ("fp16", "bf16", "fp32"):
-        t = "*" + dt
-        sig1 = dict(x_ptr=t, s_ptr="*fp32", go_ptr=t, os_ptr="*fp32", src_ptr="*i64", dst_ptr="*i64", a_ptr="*fp32",
-                    b_ptr="*fp32", lw_ptr="*fp32", lb_ptr="*fp32", wsf_ptr="*fp32", chan_ptr="*fp32",
-                    N="i32", C="i32", r="i32", eps="fp32")
-        const1 = dict(HAS_SIZE=True, DISTILL=False, BLOCK_K=32, BLOCK_C=BLOCK_C)
-        sig3 = dict(x_ptr=t, s_ptr="*fp32", go_ptr=t, os_ptr="*fp32", src_ptr="*i64", dst_ptr="*i64", a_ptr="*fp32",
-                    b_ptr="*fp32", lw_ptr="*fp32", lb_ptr="*fp32", wsf_ptr="*fp32", wsi_ptr="*i32", chan_ptr="*fp32",
-                    ga_ptr="*fp32", part_ptr="*fp32", N="i32", C="i32", r="i32")
-        sig2 = dict(x_ptr=t, s_ptr="*fp32", go_ptr=t, gos_ptr="*fp32", os_ptr="*fp32", out_ptr=t, src_ptr="*i64",
-                    dst_ptr="*i64", unm_ptr="*i64", a_ptr="*fp32", b_ptr="*fp32", lw_ptr="*fp32", wsf_ptr="*fp32",
-                    wsi_ptr="*i32", gx_ptr=t, gsize_ptr="*fp32", N="i32", C="i32", r="i32")
-        const2 = dict(HAS_SIZE=True, HAS_GSIZE=True, DISTILL=False, BLOCK_T=32, BLOCK_K=32, BLOCK_C=BLOCK_C)
-        specs.append((_pyra_bwd_stats_kernel, sig1, const1, NUM_WARPS))
-        specs.append((_pyra_bwd_params_kernel, sig3, const1, NUM_WARPS))
-        specs.append((_pyra_bwd_tokens_kernel, sig2, const2, NUM_WARPS))
-    return specs

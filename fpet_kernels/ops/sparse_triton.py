@@ -113,13 +113,3 @@ def masked_weight_grad(grad_out: torch.Tensor, input: torch.Tensor, rows: torch.
     return out.to(grad_out.dtype)
 
 
-def aot_specs():
-    """(kernel, signature, constexprs, num_warps) of the sparse launch, for tests/aot_compile.py."""
-    if not HAS_TRITON:
-        return []
-    specs = []
-    for dt in ("fp16", "bf16", "fp32"):
-        sig = dict(g_ptr=f"*{dt}", x_ptr=f"*{dt}", rows_ptr="*i64", cols_ptr="*i64", part_ptr="*fp32", M="i32",
-                   K="i32", m_per="i32", stride_gm="i32", stride_gn="i32", stride_xm="i32", stride_xn="i32")
-        specs.append((_masked_grad_kernel, sig, dict(BLOCK_M=BLOCK_M, BLOCK_K=128), NUM_WARPS))
-    return specs

@@ -268,7 +268,10 @@ if HAS_TRITON:
         den = tl.zeros([BLOCK_M], tl.float32)
         for t in range(0, maxc):
             vt = t < cnt
-            n_idx = tl.load(order_ptr + b * N + st + t, mask=vt, other=0)
+            # an unmasked load of an index clamped into this image's row (lanes past their group read an
+            # entry they do not use): Triton 3.6 fails to compile a masked load here when C % 16 == 0
+            # ('tt.load' op failed to verify that mask type matches ptr type, in its layout pass)
+            n_idx = tl.load(order_ptr + b * N + tl.minimum(st + t, N - 1))
             v = tl.load(x_ptr + b * N * C + n_idx[:, None] * C + cc[None, :], mask=vt[:, None] & vc[None, :],
                         other=0.0).to(tl.float32)
             if WAVG:
@@ -284,7 +287,7 @@ if HAS_TRITON:
 
 # ----------------------------------------------------------------------------- launchers
 # Tile shapes. On the GPU: 32-row similarity / comparison tiles (64 metric columns per step), 32 x 128
-# merge tiles, 8 warps. sm_90 with a launch's specialisation (Triton 3.8, tests/aot_compile.py):
+# merge tiles, 8 warps. sm_90 with a launch's specialisation (Triton 3.8, bench/aot_check.py):
 # half inputs 218-246 registers, no spills, 32 KB of shared memory; float32 (3xTF32) 255 registers
 # and 8-16 bytes of spill stack, 64 KB. The interpreter's cost is per block
 # operation, not per element, so it runs 64-row tiles (still several blocks at the test shapes);
@@ -445,24 +448,3 @@ def merge_wavg(x, size, token_map, n_out):
     return _scatter(x, token_map, n_out, size, wavg=True)
 
 
-def aot_specs():
-    """(kernel, signature, constexprs, num_warps) of the launches at ViT-B/16 shapes, for compiling ahead of
-    time for sm_90 without a GPU (tests/aot_compile.py)."""
-    specs = []
-    for dt in ("fp16", "bf16", "fp32"):
-        for pyra in (False, True):
-            sig = dict(x_ptr=f"*{dt}", m_ptr=f"*{dt}", s_ptr="*fp32", out_ptr=f"*{dt}", osize_ptr="*fp32",
-                       src_ptr="*i64", dst_ptr="*i64", unm_ptr="*i64", map_ptr="*i64", wsf_ptr="*fp32",
-                       wsi_ptr="*i32", a_ptr="*fp32", b_ptr="*fp32", lnw_ptr="*fp32", lnb_ptr="*fp32", N="i32",
-                       C="i32", D="i32", r="i32", c_per="i32", WSF="i32", WSI="i32", eps="fp32")
-            const = dict(HAS_SIZE=True, CLS=True, DISTILL=False, PYRA=pyra, BLOCK_D=64, BLOCK=32, BLOCK_J=32,
-                         BLOCK_C=128, PREC="tf32x3")
-            specs.append((_tome_merge_kernel, sig, const, NUM_WARPS))
-        ptrs = dict(map_ptr="*i64", out_ptr=f"*{dt}", s_ptr="*fp32", osize_ptr="*fp32", N="i32", M="i32", C="i32")
-        specs.append((_gather_kernel, dict(y_ptr=f"*{dt}", **ptrs), dict(SCALE=True, HAS_SIZE=True, BLOCK_N=32,
-                                                                          BLOCK_C=128), 4))
-        specs.append((_segment_sum_kernel, dict(x_ptr=f"*{dt}", order_ptr="*i64", start_ptr="*i64",
-                                                out_ptr=f"*{dt}", s_ptr="*fp32", osize_ptr="*fp32", N="i32",
-                                                M="i32", C="i32"),
-                      dict(WAVG=True, HAS_SIZE=True, BLOCK_M=32, BLOCK_C=128), 4))
-    return specs

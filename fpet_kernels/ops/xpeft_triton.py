@@ -143,20 +143,3 @@ def xpeft_adapter(x, residual, profile, down, down_bias, up, up_bias, scale: flo
     return out
 
 
-def aot_specs():
-    """(kernel, signature, constexprs, num_warps) as a GPU launch makes them (r = 16 and 64), for
-    tests/aot_compile.py."""
-    if not HAS_TRITON:
-        return []
-    specs = []
-    for dt in ("fp16", "bf16", "fp32"):
-        t = "*" + dt
-        sig = dict(x_ptr=t, res_ptr=t, prof_ptr="*i64", down_ptr=t, db_ptr=t, up_ptr=t, ub_ptr=t, out_ptr=t,
-                   h_ptr=t if dt != "fp32" else "*fp32", N="i32", D="i32", R="i32", scale="fp32")
-        block_d, block_r, warps = (BLOCK_D, BLOCK_R, NUM_WARPS) if dt != "fp32" else (BLOCK_D_F32, BLOCK_R_F32,
-                                                                                     NUM_WARPS_F32)
-        for br in (16, block_r):
-            const = dict(HAS_RES=True, NATIVE=dt != "fp32", PREC="tf32x3", BLOCK_M=BLOCK_M, BLOCK_D=block_d,
-                         BLOCK_R=br)
-            specs.append((_xpeft_adapter_kernel, sig, const, warps))
-    return specs
