@@ -64,5 +64,3 @@ def attention_inputs(qkv, size, num_heads: int, scale: float, pad_value: bool):
         qkv, qkv if size is None else size.contiguous(), q, k, v, metric, n, num_heads, hd, e, ev, 1.0 / scale,
         HAS_SIZE=size is not None, BLOCK_N=block_n, E_PAD=pow2(e, 16), num_warps=8)
     return q, k, v, metric
-
-

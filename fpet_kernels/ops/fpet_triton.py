@@ -105,5 +105,3 @@ def fpet_merge(x, metric, size, num_prefix, H, W, split=None):
         HAS_SIZE=has_size, BLOCK_D=cfg.block_d(d), BLOCK=cfg.BLOCK, BLOCK_J=cfg.BLOCK_J, BLOCK_C=cfg.BLOCK_C,
         PREC=cfg._prec(), num_warps=cfg.NUM_WARPS)
     return out, out_size, tmap
-
-

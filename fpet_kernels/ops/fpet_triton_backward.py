@@ -430,6 +430,3 @@ def fpet_merge_backward(grad_out: Tensor, grad_size: Optional[Tensor], x: Tensor
 
 
 # ----------------------------------------------------------------------------- ahead-of-time specs
-_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-

@@ -465,5 +465,3 @@ def pyra_merge_backward(grad_out, grad_out_size, x, size, out, out_size, src_idx
     return (grad_x, ga.sum(0).view(r, 1).to(a.dtype), total[:c].view(1, c).to(b.dtype, copy=True),
             total[c:2 * c].to(ln_weight.dtype, copy=True),
             total[2 * c:].to(ln_bias.dtype, copy=True), grad_size.to(out_size.dtype))
-
-

@@ -111,5 +111,3 @@ def masked_weight_grad(grad_out: torch.Tensor, input: torch.Tensor, rows: torch.
                                              input.stride(1), BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
     out = part[0] if split_m == 1 else part.sum(0)
     return out.to(grad_out.dtype)
-
-

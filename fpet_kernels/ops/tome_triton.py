@@ -446,5 +446,3 @@ def merge_sum(x, token_map, n_out):
 def merge_wavg(x, size, token_map, n_out):
     _check_reduce("merge_wavg (triton)", x, size, token_map, n_out)
     return _scatter(x, token_map, n_out, size, wavg=True)
-
-

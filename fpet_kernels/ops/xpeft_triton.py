@@ -141,5 +141,3 @@ def xpeft_adapter(x, residual, profile, down, down_bias, up, up_bias, scale: flo
                                 PREC="ieee" if interp else "tf32x3", BLOCK_M=BLOCK_M, BLOCK_D=block_d,
                                 BLOCK_R=min(block_r, pow2(r, 16)), num_warps=warps)
     return out
-
-
