@@ -427,6 +427,3 @@ def fpet_merge_backward(grad_out: Tensor, grad_size: Optional[Tensor], x: Tensor
         num_warps=cfg["warps_x"],
     )
     return grad_x, grad_metric, grad_s
-
-
-# ----------------------------------------------------------------------------- ahead-of-time specs
