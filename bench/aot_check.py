@@ -259,6 +259,7 @@ def scenarios(quick: bool) -> list:
         (fpet, dict(backward=True, d=40)), (fpet, dict(backward=True, d=128)),
         (fpet, dict(backward=True, mdt=F32)), (fpet, dict(backward=True, h=7, w=9, c=100)),
         (fpet, dict(backward=True, gdt=F32)),
+        (tome, dict(d=768)), (fpet, dict(d=768)), (fpet, dict(backward=True, d=768)),  # metric dim chunked
         (pyra_backward, dict(size=False, gsize=False)), (pyra_backward, dict(distill=True)),
         (pyra_backward, dict(r=1)), (pyra_backward, dict(pdt=None)), (pyra_backward, dict(n=50, c=100, r=5)),
         (attention, dict(size=False)), (attention, dict(pad_value=False)), (attention, dict(hd=40, heads=3)),
@@ -278,6 +279,7 @@ def scenarios(quick: bool) -> list:
         (fpet, dict(size=False, prefix=0, d=40)), (fpet, dict(prefix=2, d=128, mdt=F32)),
         (fpet, dict(h=7, w=9, c=100, sdt=None)), (fpet, dict(backward=True, size=False, gsize=False, prefix=0, d=40)),
         (fpet, dict(backward=True, d=128, mdt=F32)), (fpet, dict(backward=True, h=7, w=9, c=100, gdt=F32)),
+        (tome, dict(d=768)), (fpet, dict(d=768, mdt=F32)), (fpet, dict(backward=True, d=768)),
         (pyra_backward, dict(size=False, gsize=False, distill=True)), (pyra_backward, dict(r=1, pdt=None)),
         (pyra_backward, dict(n=50, c=100, r=5)),
         (attention, dict(size=False)), (attention, dict(pad_value=False, hd=40, heads=3, sdt=None)),
