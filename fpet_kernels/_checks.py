@@ -83,6 +83,9 @@ def token_map(name: str, m, y: torch.Tensor | None = None, tokens_name: str = "t
 # arguments with these before it launches: nothing a caller passes may make a kernel read or write
 # out of bounds. Messages start with the op's name and name the argument.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The output rows of a map-driven merge (merge_wavg, merge_sum): the same bound on every backend (the
+# CUDA and Triton kernels index rows with 32-bit integers), checked before anything is allocated.
+MAX_OUT_ROWS = 2 ** 31 - 1
 BACKEND_NAMES = ("reference", "cpu", "cuda", "triton", "auto")
 
 
@@ -144,7 +147,7 @@ def reference_map_args(op: str, x, token_map, n_out: int, size=None, x_name: str
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.is_floating_point():
         raise ValueError(f"{op}: {x_name} must be a floating [B, N, C] tensor, got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    kernel_int(op, "n_out", n_out, 0)
+    kernel_int(op, "n_out", n_out, 0, MAX_OUT_ROWS)
     kernel_tensor(op, "token_map", token_map, x.device, shape=(x.shape[0], None), dtypes=(torch.int64,))
     map_range(op, "token_map", token_map, n_out)
     if size is not None:
@@ -155,7 +158,9 @@ def map_range(op: str, name: str, t: torch.Tensor, n_out: int) -> None:
     """Entries of the token map ``t`` must be in ``[-1, n_out)``. A data check: one host sync, and
     skipped while tracing (fake tensors), capturing a CUDA graph (the kernels that read maps skip
     out-of-range entries, so even then nothing is read or written out of bounds) or inside
-    :func:`trusted_maps` (a backward, whose maps its forward produced or checked)."""
+    :func:`trusted_maps` (a backward, whose maps its forward produced or checked). ``n_out`` itself
+    must be in ``[0, MAX_OUT_ROWS]`` (checked first: no data needed)."""
+    kernel_int(op, "n_out", n_out, 0, MAX_OUT_ROWS)
     if t.numel() == 0 or maps_trusted() or _no_data(t):
         return
     lo, hi = torch.aminmax(t)

@@ -25,6 +25,14 @@ void configure(int64_t order, int64_t threads, int64_t sms) {
   host_config() = HostConfig{static_cast<int>(order), static_cast<int>(threads), static_cast<int>(sms)};
 }
 
+// The trusted-maps state of this thread (csrc/trusted_maps.h; the package sets it with
+// fpet_kernels._C._trust_maps inside a backward): set it, return the previous one.
+bool trust_maps(bool on) {
+  const bool prev = trusted_maps();
+  trusted_maps() = on;
+  return prev;
+}
+
 }  // namespace
 }  // namespace kernels
 }  // namespace fpet
@@ -32,6 +40,7 @@ void configure(int64_t order, int64_t threads, int64_t sms) {
 TORCH_LIBRARY(fpet_simt, m) {
   fpet::define_kernel_schemas(m);
   m.def("configure(int order, int threads, int sms) -> ()", &fpet::kernels::configure);
+  m.def("trust_maps(bool on) -> bool", &fpet::kernels::trust_maps);
 }
 
 TORCH_LIBRARY_IMPL(fpet_simt, CPU, m) {
