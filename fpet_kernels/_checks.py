@@ -163,8 +163,9 @@ def map_range(op: str, name: str, t: torch.Tensor, n_out: int) -> None:
     kernel_int(op, "n_out", n_out, 0, MAX_OUT_ROWS)
     if t.numel() == 0 or maps_trusted() or _no_data(t):
         return
-    lo, hi = torch.aminmax(t)
-    lo, hi = int(lo), int(hi)
+    if bool(((t >= -1) & (t < n_out)).all()):  # the one sync
+        return
+    lo, hi = (int(v) for v in torch.aminmax(t))  # an error: its message
     if lo < -1 or hi >= n_out:
         raise ValueError(f"{op}: {name} entries must be in [-1, {n_out}), got entries in [{lo}, {hi}]")
 

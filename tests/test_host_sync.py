@@ -4,8 +4,10 @@ when the user gave them) are trusted by its backward, so no backward reads a val
 A sync is counted as a call of ``aten::_local_scalar_dense`` (what ``.item()``, ``int(t)``,
 ``bool(t)`` run) or of an op whose output shape depends on the data (``nonzero``,
 ``masked_select``, ``unique``): on a GPU each makes the CPU wait for the device. Two counters: a
-``TorchDispatchMode`` sees every op called from Python (the public functions, the Triton launchers,
-the autograd formulas), and the profiler sees the ops called inside the C++ kernels as well.
+``TorchDispatchMode`` sees every aten op called from Python outside the registered ops (the public
+functions, the references, the model patch, the autograd formulas; a mode is switched off while it
+handles a call, so it cannot see into an op), and the profiler sees the aten ops called inside the
+registered ops ``fpet::*`` (the C++ kernels, the Triton launchers) at any depth.
 
 The training step (forward, backward, SGD step) of a patched tiny timm ViT, ToMe / FPET / PYRA, on
 the fused path: backend "cpu" (the C++ kernels), the default (None), and "triton" (interpreter).
@@ -61,11 +63,27 @@ def dispatch_syncs(fn, ops: set | None = None) -> list[str]:
     return counter.calls
 
 
+SCALAR_READS = frozenset({"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero"})
+
+
 def profiled_syncs(fn) -> list[str]:
-    """Syncing ops at any depth (inside C++ kernels too), by the profiler's record of every aten op."""
+    """Syncing ops at any depth, also inside the registered ops (the C++ kernels, the Triton launchers,
+    the emulated CUDA launchers): the profiler records every aten op called, from Python or C++. A read
+    made by an ATen op's own CPU implementation (e.g. ``std`` of a whole tensor reads its result
+    back on CPU, not on a GPU) is not the package's and is not counted: counted are the reads whose
+    caller (the first event above them other than ``item`` / ``is_nonzero``) is not an ``aten::`` op."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    return [e.name for e in prof.events() if e.name in SYNC_OPS]
+    found = []
+    for e in prof.events():
+        if e.name not in SYNC_OPS or e.name == "aten::item":  # item: counted as its _local_scalar_dense
+            continue
+        p = e.cpu_parent
+        while p is not None and p.name in SCALAR_READS:
+            p = p.cpu_parent
+        if p is None or not p.name.startswith("aten::"):
+            found.append(f"{e.name} in {p.name if p is not None else 'Python'}")
+    return found
 
 
 def _need(backend):
@@ -115,12 +133,11 @@ def test_training_step_has_no_host_sync(method, backend):
     if fused != "reference":  # the step ran the fused kernels, forward and backward
         suffix = "_triton" if fused == "triton" else ""
         assert {f"fpet::{op}{suffix}" for op in FUSED[method]} <= ops, ops
-    if backend != "triton":  # the interpreter's own bookkeeping is not the package's
-        assert profiled_syncs(step) == []
+    assert profiled_syncs(step) == []  # inside the registered ops too (C++ kernels, Triton launchers)
 
 
-def test_the_counters_see_a_sync():
-    """Both counters catch ``.item()`` and a check of a user-given map (so the zeros above can fail)."""
+def test_the_dispatch_counter_sees_a_sync():
+    """``.item()`` and the check of a user-given map are counted (so the zeros above can fail)."""
     t = torch.tensor([3])
     tmap = torch.tensor([[0, 1, 1, 2]])
     x = torch.randn(1, 4, 2)
@@ -128,10 +145,30 @@ def test_the_counters_see_a_sync():
     def user_calls():
         t.item()
         fk.compose_token_map(tmap, tmap.clamp_max(1))  # a user-given map: checked (one sync)
+        fk.unmerge(x[:, :3], tmap, backend="reference")  # the same
+    assert len(dispatch_syncs(user_calls)) == 3  # one each
 
-    assert len(dispatch_syncs(user_calls)) == 2
-    assert len(profiled_syncs(user_calls)) >= 2
-    assert dispatch_syncs(lambda: fk.unmerge(x[:, :3], tmap, backend="reference"))
+
+def test_cuda_launchers_trust_maps_inside_a_backward_only(simt_ops):
+    """The CUDA launchers (csrc/cuda/, run on the host by the emulator ``torch.ops.fpet_simt``): the
+    token-map check (``check_map_range``) and PYRA's matching check (``check_pyra_matching``) read
+    back one value each (a device sync on a GPU), and are skipped while the thread's trusted-maps
+    state (csrc/trusted_maps.h, set by ``fpet_kernels._C._trust_maps`` inside a backward) is on."""
+    calls = _map_backward_calls(simt_ops) + [_pyra_backward_call(simt_ops), _fpet_backward_call(simt_ops)]
+    assert simt_ops.trust_maps(False) is False
+    try:
+        for call in calls:
+            assert profiled_syncs(call), "outside a backward the launcher checks the map"
+            assert simt_ops.trust_maps(True) is False
+            assert profiled_syncs(call) == []
+            assert simt_ops.trust_maps(False) is True
+    finally:
+        simt_ops.trust_maps(False)
+    bad = _pyra_backward_call(simt_ops, lambda s, d, u: (s, d, u.flip(1).clone() if u.shape[1] > 1 else u))
+    bad()  # the same rows in another order: valid
+    dup = _pyra_backward_call(simt_ops, lambda s, d, u: (torch.cat([s[:, :1], s[:, :-1]], 1), d, u))
+    with pytest.raises(RuntimeError, match="src_idx"):
+        dup()  # checked outside a backward
 
 
 def _map_backward_calls(kernels):
@@ -174,11 +211,9 @@ def test_kernel_entries_trust_maps_inside_a_backward_only(family):
     calls = _map_backward_calls(kernels) + [_pyra_backward_call(kernels), _fpet_backward_call(kernels)]
     for call in calls:
         with library.trusted_maps():
-            assert dispatch_syncs(call) == []
-            if family == "cpu":
-                assert profiled_syncs(call) == []
+            assert dispatch_syncs(call) == [] and profiled_syncs(call) == []
         if family == "triton":  # the Triton launchers check user-given maps on the host
-            assert dispatch_syncs(call), "a call outside a backward must check its maps"
+            assert profiled_syncs(call), "a call outside a backward must check its maps"
 
 
 def test_trust_is_internal_and_scoped():
