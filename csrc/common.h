@@ -20,6 +20,7 @@
 #include <limits>
 #include <numeric>
 #include <optional>
+#include <string>
 #include <vector>
 
 #if defined(__linux__)
@@ -31,19 +32,25 @@
 #endif
 
 // ---------------------------------------------------------------------------------------------
-// Argument checks (TORCH_CHECK raises c10::Error, a RuntimeError in Python, naming the argument)
+// Argument checks (TORCH_CHECK raises c10::Error, a RuntimeError in Python, naming the argument).
+// The message names the op's argument: a kernel's local `x_` (the argument before .contiguous())
+// is reported as `x` (fpet::arg_name); a check in a loop over several tensors names each one with
+// the *_AS form. The message is built only when a check fails.
 // ---------------------------------------------------------------------------------------------
-#define CHECK_CPU(x) TORCH_CHECK((x).device().is_cpu(), #x " must be a CPU tensor, got ", (x).device())
+#define CHECK_CPU_AS(x, name) \
+  TORCH_CHECK((x).device().is_cpu(), ::fpet::arg_name(name), " must be a CPU tensor, got ", (x).device())
+#define CHECK_FLOATING_AS(x, name)                                                                       \
+  TORCH_CHECK(at::isFloatingType((x).scalar_type()), ::fpet::arg_name(name), " must be a floating tensor, got ", \
+              (x).scalar_type())
+#define CHECK_CPU(x) CHECK_CPU_AS(x, #x)
 #define CHECK_DIM(x, d) \
-  TORCH_CHECK((x).dim() == (d), #x " must have ", (d), " dimensions, got shape ", (x).sizes())
-#define CHECK_FLOATING(x) \
-  TORCH_CHECK(at::isFloatingType((x).scalar_type()), #x " must be a floating tensor, got ", (x).scalar_type())
+  TORCH_CHECK((x).dim() == (d), ::fpet::arg_name(#x), " must have ", (d), " dimensions, got shape ", (x).sizes())
+#define CHECK_FLOATING(x) CHECK_FLOATING_AS(x, #x)
 #define CHECK_INDEX(x) \
-  TORCH_CHECK((x).scalar_type() == at::kLong, #x " must be an int64 tensor, got ", (x).scalar_type())
-#define CHECK_SHAPE(x, ...)                                                                   \
-  TORCH_CHECK((x).sizes() == at::IntArrayRef(std::vector<int64_t>{__VA_ARGS__}), #x           \
-              " must have shape ", at::IntArrayRef(std::vector<int64_t>{__VA_ARGS__}), ", got ", \
-              (x).sizes())
+  TORCH_CHECK((x).scalar_type() == at::kLong, ::fpet::arg_name(#x), " must be an int64 tensor, got ", (x).scalar_type())
+#define CHECK_SHAPE(x, ...)                                                                              \
+  TORCH_CHECK((x).sizes() == at::IntArrayRef(std::vector<int64_t>{__VA_ARGS__}), ::fpet::arg_name(#x), \
+              " must have shape ", at::IntArrayRef(std::vector<int64_t>{__VA_ARGS__}), ", got ", (x).sizes())
 // A floating [B, N, D] CPU tensor.
 #define CHECK_BND(x)   \
   do {                 \
@@ -54,8 +61,22 @@
 
 namespace fpet {
 
+// The op's name of a checked argument: a trailing '_' (a kernel's local copy) dropped.
+inline std::string arg_name(const char* s) {
+  std::string n(s);
+  if (!n.empty() && n.back() == '_') n.pop_back();
+  return n;
+}
+
 // Epsilon of the metric row normalisation, as F.normalize: m / max(||m||_2, 1e-12).
 constexpr float kNormEps = 1e-12f;
+
+// The output rows of a map-driven merge (merge_wavg, merge_sum): at most 2^31 - 1 on every backend
+// (the CUDA and Triton kernels index rows with 32-bit integers), checked before anything is allocated.
+constexpr int64_t kMaxOutRows = (int64_t{1} << 31) - 1;
+inline void check_n_out(int64_t n_out) {
+  TORCH_CHECK(n_out >= 0 && n_out <= kMaxOutRows, "n_out must be in [0, ", kMaxOutRows, "], got ", n_out);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Tensors in float32

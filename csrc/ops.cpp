@@ -2,9 +2,12 @@
 // (csrc/cpu/*.cpp) and CUDA (csrc/cuda/*.cu) implementations of the public ops `torch.ops.fpet.*`
 // with TORCH_LIBRARY_IMPL. The schemas, fake kernels and autograd of those ops are defined in
 // Python next to their reference (fpet_kernels/ops/<family>.py), which imports this module only
-// after defining them. The module itself holds two introspection functions.
+// after defining them. The module itself holds two introspection functions and the switch of
+// trusted index tensors (csrc/trusted_maps.h).
 #include <Python.h>
 #include <torch/version.h>
+
+#include "trusted_maps.h"
 
 #ifdef FPET_WITH_CUDA
 namespace fpet {
@@ -25,9 +28,20 @@ PyObject* py_cuda_image_version(PyObject*, PyObject* arg) {
 #endif
 }
 
+// _C._trust_maps(on: bool) -> bool: set this thread's trusted-maps state, return the previous one.
+PyObject* py_trust_maps(PyObject*, PyObject* arg) {
+  const int on = PyObject_IsTrue(arg);
+  if (on < 0) return nullptr;
+  const bool prev = fpet::trusted_maps();
+  fpet::trusted_maps() = on != 0;
+  return PyBool_FromLong(prev);
+}
+
 PyMethodDef methods[] = {
     {"cuda_image_version", py_cuda_image_version, METH_O,
      "Binary version of this extension's CUDA code for a device (-1: none can run there)."},
+    {"_trust_maps", py_trust_maps, METH_O,
+     "Internal: skip the CUDA launchers' data checks of index tensors in this thread (the backward of an op)."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -1,6 +1,10 @@
 """Argument validation shared by every op: clear errors naming the argument (spec section 5)."""
 from __future__ import annotations
 
+import contextlib
+import math
+import threading
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -79,6 +83,9 @@ def token_map(name: str, m, y: torch.Tensor | None = None, tokens_name: str = "t
 # arguments with these before it launches: nothing a caller passes may make a kernel read or write
 # out of bounds. Messages start with the op's name and name the argument.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The output rows of a map-driven merge (merge_wavg, merge_sum): the same bound on every backend (the
+# CUDA and Triton kernels index rows with 32-bit integers), checked before anything is allocated.
+MAX_OUT_ROWS = 2 ** 31 - 1
 BACKEND_NAMES = ("reference", "cpu", "cuda", "triton", "auto")
 
 
@@ -140,7 +147,7 @@ def reference_map_args(op: str, x, token_map, n_out: int, size=None, x_name: str
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.is_floating_point():
         raise ValueError(f"{op}: {x_name} must be a floating [B, N, C] tensor, got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    kernel_int(op, "n_out", n_out, 0)
+    kernel_int(op, "n_out", n_out, 0, MAX_OUT_ROWS)
     kernel_tensor(op, "token_map", token_map, x.device, shape=(x.shape[0], None), dtypes=(torch.int64,))
     map_range(op, "token_map", token_map, n_out)
     if size is not None:
@@ -149,15 +156,46 @@ def reference_map_args(op: str, x, token_map, n_out: int, size=None, x_name: str
 
 def map_range(op: str, name: str, t: torch.Tensor, n_out: int) -> None:
     """Entries of the token map ``t`` must be in ``[-1, n_out)``. A data check: one host sync, and
-    skipped while tracing (fake tensors), on meta tensors (no data) or capturing a CUDA graph (the
+    skipped while tracing (fake tensors), on meta tensors (no data), capturing a CUDA graph (the
     kernels that read maps skip out-of-range entries, so even then nothing is read or written out
-    of bounds)."""
-    if t.numel() == 0 or _no_data(t):
+    of bounds) or inside :func:`trusted_maps` (a backward, whose maps its forward produced or
+    checked). ``n_out`` itself must be in ``[0, MAX_OUT_ROWS]`` (checked first: no data needed)."""
+    kernel_int(op, "n_out", n_out, 0, MAX_OUT_ROWS)
+    if t.numel() == 0 or maps_trusted() or _no_data(t):
         return
-    lo, hi = torch.aminmax(t)
-    lo, hi = int(lo), int(hi)
+    if bool(((t >= -1) & (t < n_out)).all()):  # the one sync
+        return
+    lo, hi = (int(v) for v in torch.aminmax(t))  # an error: its message
     if lo < -1 or hi >= n_out:
         raise ValueError(f"{op}: {name} entries must be in [-1, {n_out}), got entries in [{lo}, {hi}]")
+
+
+# Index tensors (token maps, PYRA's src/dst/unm indices) that an op's forward produced, or checked
+# when the user gave them, are trusted by its backward: the autograd formulas of the registered ops
+# run inside ``trusted_maps()`` (``ops/library.py``), and the data checks above (a host sync each)
+# are skipped there. An internal state of the calling thread, never an argument a user passes: a call
+# of a public function or of ``torch.ops.fpet.*`` outside a backward is checked as always.
+_TRUST = threading.local()
+
+
+def maps_trusted() -> bool:
+    """Whether this thread is inside :func:`trusted_maps` (the backward of a registered op)."""
+    return getattr(_TRUST, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def trusted_maps(native=None):
+    """Skip the data checks of index tensors in this thread while inside (see ``maps_trusted``).
+    ``native``: the extension's switch of the same state for its CUDA launchers
+    (``fpet_kernels._C._trust_maps(bool) -> previous``), or None."""
+    _TRUST.depth = getattr(_TRUST, "depth", 0) + 1
+    prev = native(True) if native is not None else None
+    try:
+        yield
+    finally:
+        if native is not None:
+            native(prev)
+        _TRUST.depth -= 1
 
 
 def _no_data(t: torch.Tensor) -> bool:
@@ -181,7 +219,6 @@ def r_cap(n: int, class_token: bool, distill_token: bool) -> int:
 
 def finite_positive(op: str, name: str, v) -> float:
     """A finite float > 0 (PYRA's LayerNorm eps)."""
-    import math
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
         raise ValueError(f"{op}: {name} must be a finite number > 0, got {v!r}")
     return float(v)

@@ -10,6 +10,8 @@ launchers) for the argument checks: they must hold whoever calls the kernel.
 from __future__ import annotations
 
 import math
+import re
+import warnings
 
 import pytest
 import torch
@@ -472,3 +474,193 @@ def test_reference_checks_its_arguments():
         tome_ops.merge_sum_reference(x, tmap, -1)
     with pytest.raises(ValueError, match="out_size"):
         tome_ops.merge_wavg_backward_reference(torch.randn(2, 3, 8), None, torch.ones(2, 4, 1), tmap)
+
+
+# ----------------------------------------------------------------------------- issue 18 (op level)
+def _pyra_grads(be, x, metric, r, a, bb, lnw, lnb, size, seed=0):
+    """(out, out_size, grad_x, grad_a, grad_b, grad_ln_weight, grad_ln_bias, grad_size) of
+    sum(out * g) + sum(out_size * gs), class token on."""
+    g = torch.Generator().manual_seed(seed)
+    if be == "cuda":
+        out, osz, src, dst, unm, _ = torch.ops.fpet_simt.pyra_merge(x, metric, r, a, bb, lnw, lnb, size, True, False,
+                                                                    1e-5)
+        go, gs = torch.randn(out.shape, generator=g), torch.randn(osz.shape, generator=g)
+        grads = torch.ops.fpet_simt.pyra_merge_backward(go, gs, x, size, out, osz, src, dst, unm, a, bb, lnw, lnb,
+                                                        1e-5, False)
+        return (out, osz) + tuple(grads)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, a, bb, lnw, lnb, size)]
+    xs, as_, bs, ws, bis, ss = leaves
+    out, osz = fk.pyra_merge(xs, metric, r, as_, bs, ws, bis, ss, True, backend=be)
+    go, gs = torch.randn(out.shape, generator=g), torch.randn(osz.shape, generator=g)
+    ((out * go).sum() + (osz * gs).sum()).backward()
+    return (out.detach(), osz.detach()) + tuple(t.grad for t in leaves)
+
+
+def test_pyra_rows_whose_sizes_sum_to_zero_are_zero_with_finite_gradients(be):
+    """PYRA at merged rows whose sizes sum to 0: the row is 0 (as merge_wavg / tome_merge) in the forward,
+    and every gradient is finite and the same on every backend (the backward used to divide by 0)."""
+    torch.manual_seed(11)
+    b, n, c, r = 2, 13, 6, 4
+    x, metric = torch.randn(b, n, c), torch.randn(b, n, 5)
+    a, bb, lnw, lnb = torch.randn(r, 1), torch.randn(1, c), 1 + 0.1 * torch.randn(c), 0.1 * torch.randn(c)
+    size = torch.rand(b, n, 1) + 0.5
+    size[0] = 0.0  # image 0: every row's sizes sum to 0
+    size[1, 1::2] = 0.0  # image 1: B rows of size 0 (zero unless a source of nonzero size joins them)
+    got = _pyra_grads(be, x, metric, r, a, bb, lnw, lnb, size)
+    out, osz = got[:2]
+    zero = osz[..., 0] == 0
+    assert zero[0].all() and zero[1].any()
+    assert torch.equal(out[zero], torch.zeros_like(out[zero]))
+    for t, what in zip(got, ("out", "out_size", "grad_x", "grad_a", "grad_b", "grad_ln_weight", "grad_ln_bias",
+                             "grad_size")):
+        assert torch.isfinite(t).all(), what
+    if be != "reference":
+        ref = _pyra_grads("reference", x, metric, r, a, bb, lnw, lnb, size)
+        for t, e, what in zip(got, ref, ("out", "out_size", "grad_x", "grad_a", "grad_b", "grad_ln_weight",
+                                         "grad_ln_bias", "grad_size")):
+            torch.testing.assert_close(t.float(), e.float(), atol=1e-4, rtol=1e-4, msg=what)
+
+
+@pytest.mark.parametrize("n_out", [2 ** 40, 2 ** 31, -(2 ** 40)])
+def test_n_out_is_bounded_before_allocating(be, n_out):
+    """merge_wavg / merge_sum with an absurd n_out: a clear error naming n_out on every kernel entry,
+    not an allocation of B * n_out * C elements."""
+    x, size = torch.randn(2, 9, 4), torch.ones(2, 9, 1)
+    tmap = torch.arange(9).repeat(2, 1) // 2
+    with pytest.raises(BAD, match="n_out"):
+        merge_wavg(be, x, size, tmap, n_out)
+    with pytest.raises(BAD, match="n_out"):
+        merge_sum(be, x, tmap, n_out)
+
+
+@pytest.mark.parametrize("case", ["rows0-size", "cols-size", "batch-size", "heads0", "heads-neg", "heads-float",
+                                  "qkv-dim", "qkv-rank", "qkv-int", "size-int", "size-device", "scale-nan",
+                                  "scale-inf", "scale-zero", "pad-int", "qkv-empty-channels"])
+def test_attention_inputs_triton_checks_its_arguments(case):
+    """The Triton kernel entry of attention_inputs: every bad argument a clear error naming it (it used to
+    launch on any of these: out-of-bounds reads of size, a 0-row qkv with a size, division by 0)."""
+    _need("triton")
+    from fpet_kernels.ops import attention_triton
+    heads, hd, n = 2, 8, 9
+    qkv, size = torch.randn(2, n, 3 * heads * hd), torch.rand(2, n, 1) + 0.5
+    calls = {
+        "rows0-size": (lambda: (qkv[:, :0], size, heads, 0.5, False), "size"),
+        "cols-size": (lambda: (qkv, size[:, :3], heads, 0.5, True), "size"),
+        "batch-size": (lambda: (qkv, size[:1], heads, 0.5, True), "size"),
+        "heads0": (lambda: (qkv, size, 0, 0.5, True), "num_heads"),
+        "heads-neg": (lambda: (qkv, size, -2, 0.5, True), "num_heads"),
+        "heads-float": (lambda: (qkv, size, 2.0, 0.5, True), "num_heads"),
+        "qkv-dim": (lambda: (qkv[..., :-1], size, heads, 0.5, True), "qkv"),
+        "qkv-rank": (lambda: (qkv[0], size, heads, 0.5, True), "qkv"),
+        "qkv-int": (lambda: (qkv.long(), size, heads, 0.5, True), "qkv"),
+        "size-int": (lambda: (qkv, size.long(), heads, 0.5, True), "size"),
+        "size-device": (lambda: (qkv, size.to("meta"), heads, 0.5, True), "size"),
+        "scale-nan": (lambda: (qkv, size, heads, NAN, True), "scale"),
+        "scale-inf": (lambda: (qkv, size, heads, INF, True), "scale"),
+        "scale-zero": (lambda: (qkv, size, heads, 0.0, True), "scale"),
+        "pad-int": (lambda: (qkv, size, heads, 0.5, 1), "pad_v"),
+        "qkv-empty-channels": (lambda: (qkv[..., :0], None, heads, 0.5, False), "qkv"),
+    }
+    args, what = calls[case]
+    with pytest.raises(BAD, match=what):
+        attention_triton.attention_inputs(*args())
+    with pytest.raises(BAD, match=what):  # the public function: the same rules
+        fk.attention_inputs(*args(), backend="triton")
+
+
+def test_attention_inputs_triton_zero_rows_and_batch():
+    _need("triton")
+    from fpet_kernels.ops import attention_triton
+    for qkv, size in ((torch.randn(0, 5, 12), torch.ones(0, 5, 1)), (torch.randn(2, 0, 12), torch.ones(2, 0, 1))):
+        q, k, v, m = attention_triton.attention_inputs(qkv, size, 2, 0.5, True)
+        assert q.shape == (qkv.shape[0], 2, qkv.shape[1], 8) and m.shape == (qkv.shape[0], qkv.shape[1], 2)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("scale", [NAN, INF, -INF, 10 ** 400])
+def test_xpeft_scale_must_be_finite(backend, scale):
+    if backend != "reference":
+        _need(backend)
+    x, profile = torch.randn(2, 3, 4), torch.tensor([0, 1])
+    down, db, up, ub = torch.randn(2, 4, 3), torch.randn(2, 3), torch.randn(2, 3, 4), torch.randn(2, 4)
+    from fpet_kernels.ops.xpeft import xpeft_adapter
+    with pytest.raises(ValueError, match="scale"):
+        xpeft_adapter(x, profile, down, db, up, ub, scale=scale, backend=backend)
+    if backend == "cpu" and scale != 10 ** 400:  # the C++ kernel itself
+        with pytest.raises(RuntimeError, match="scale must be a finite number"):
+            torch.ops.fpet.xpeft_adapter(x, None, profile, down, db, up, ub, scale)
+
+
+def test_cpp_messages_name_the_public_argument():
+    """The C++ CPU kernels name the op's arguments, never their own locals (``b_``, ``out_size_``, ``*t``)."""
+    _need("cpu")
+    b, n, c, r = 2, 9, 8, 2
+    x, metric = torch.randn(b, n, c), torch.randn(b, n, 4)
+    a, bb, lnw, lnb = torch.randn(r, 1), torch.randn(1, c), torch.ones(c), torch.zeros(c)
+    tmap = torch.arange(n).repeat(b, 1) // 2
+    profile = torch.tensor([0, 0])
+    down, db, up, ub = torch.randn(1, c, 3), torch.randn(1, 3), torch.randn(1, 3, c), torch.randn(1, c)
+    out, osz, tm = torch.ops.fpet.fpet_merge(x, metric, None, 1, 2, 4)
+    calls = [
+        (lambda: torch.ops.fpet.pyra_merge(x, metric, r, a, bb.long(), lnw, lnb, None, False, False, 1e-5), "b"),
+        (lambda: torch.ops.fpet.pyra_merge(x, metric, r, a.long(), bb, lnw, lnb, None, False, False, 1e-5), "a"),
+        (lambda: torch.ops.fpet.pyra_merge(x, metric, r, a, bb, lnw.long(), lnb, None, False, False, 1e-5),
+         "ln_weight"),
+        (lambda: torch.ops.fpet.pyra_merge(x, metric, r, a, bb, lnw, lnb.long(), None, False, False, 1e-5),
+         "ln_bias"),
+        (lambda: torch.ops.fpet.pyra_merge(x, metric, r, a[:1], bb, lnw, lnb, None, False, False, 1e-5), "a"),
+        (lambda: torch.ops.fpet.pyra_merge(x, metric, r, a, bb[:, :3], lnw, lnb, None, False, False, 1e-5), "b"),
+        (lambda: torch.ops.fpet.xpeft_adapter(x, None, profile, down.long(), db, up, ub, 1.0), "down"),
+        (lambda: torch.ops.fpet.xpeft_adapter(x, None, profile, down, db.int(), up, ub, 1.0), "down_bias"),
+        (lambda: torch.ops.fpet.xpeft_adapter(x, None, profile, down, db, up.long(), ub, 1.0), "up"),
+        (lambda: torch.ops.fpet.xpeft_adapter(x, None, profile, down, db, up, ub.long(), 1.0), "up_bias"),
+        (lambda: torch.ops.fpet.merge_wavg_backward(x[:, :5], None, torch.ones(b, 4, 1), tmap), "out_size"),
+        (lambda: torch.ops.fpet.merge_wavg_backward(x[:, :5].long(), None, torch.ones(b, 5, 1), tmap), "grad_out"),
+        (lambda: torch.ops.fpet.merge_sum(x.long(), tmap, 5), "x"),
+        (lambda: torch.ops.fpet.unmerge(x.long(), tmap), "y"),
+        (lambda: torch.ops.fpet.fpet_merge_backward(out[:, :2], None, x, metric, None, out, osz, tm, 1, 2, 4),
+         "grad_out"),
+        (lambda: torch.ops.fpet.fpet_merge_backward(out, None, x, metric, None, out, osz[:, :2], tm, 1, 2, 4),
+         "out_size"),
+        (lambda: torch.ops.fpet.fpet_merge_backward(out, None, x, metric, None, out.long(), osz, tm, 1, 2, 4), "out"),
+    ]
+    for call, what in calls:
+        with pytest.raises(RuntimeError) as info:
+            call()
+        msg = str(info.value).splitlines()[0]
+        assert re.search(rf"(?<![A-Za-z_*]){re.escape(what)}(?![A-Za-z_])", msg), msg
+        assert not re.search(r"\*t\b|\b[a-z_]+_ must\b", msg), msg
+
+
+@pytest.mark.parametrize("backend,key", [("cpu", "attention_inputs-cpu"), ("cuda", "attention_inputs-cuda")])
+def test_attention_inputs_says_once_when_it_runs_pytorch_for_a_backend(backend, key):
+    """A backend attention_inputs has no kernel for runs the PyTorch formulation and says so once."""
+    from fpet_kernels import _backend
+    _backend._warned.discard(key)
+    qkv = torch.randn(2, 5, 12)
+    with pytest.warns(RuntimeWarning, match=f"attention_inputs has no {backend} kernel"):
+        got = fk.attention_inputs(qkv, None, 2, 0.5, backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = fk.attention_inputs(qkv, None, 2, 0.5, backend=backend)
+        fk.attention_inputs(qkv, None, 2, 0.5)  # CPU tensors, automatic: PyTorch is the implementation
+        fk.attention_inputs(qkv, None, 2, 0.5, backend="reference")
+    exp = fk.ops.attention.attention_inputs_reference(qkv, None, 2, 0.5, False)
+    for g, h, e in zip(got, again, exp):
+        assert torch.equal(g, e) and torch.equal(h, e)
+
+
+def test_attention_inputs_says_once_that_triton_has_no_backward():
+    _need("triton")
+    from fpet_kernels import _backend
+    _backend._warned.discard("attention_inputs-triton-grad")
+    qkv = torch.randn(2, 5, 12, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="Triton kernel of attention_inputs has no backward"):
+        q, k, v, m = fk.attention_inputs(qkv, torch.ones(2, 5, 1), 2, 0.5, backend="triton")
+    (q.sum() + k.sum() + v.sum() + m.sum()).backward()
+    assert qkv.grad is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fk.attention_inputs(qkv, torch.ones(2, 5, 1), 2, 0.5, backend="triton")
+        with torch.no_grad():  # no gradient: the kernel, silently
+            fk.attention_inputs(qkv, torch.ones(2, 5, 1), 2, 0.5, backend="triton")

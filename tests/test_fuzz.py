@@ -256,3 +256,106 @@ def test_fuzz_grid_layouts_raise_on_every_kernel(backend):
     def run(args):
         check(backend, args)
     run()
+
+
+# ----------------------------------------------------------------------------- misuse (issue 18)
+@st.composite
+def attention_cases(draw):
+    """attention_inputs arguments, each possibly wrong: qkv channels, heads, size's shape, scale, pad_v."""
+    return dict(b=draw(st.integers(0, 2)), n=draw(st.integers(0, 5)), heads=draw(st.integers(-1, 3)),
+                hd=draw(st.integers(0, 5)), extra=draw(st.sampled_from([0, 0, 1])),
+                size=draw(st.sampled_from(["ok", "none", "rows", "batch", "last", "int"])),
+                scale=draw(st.sampled_from([0.5, 2, 0.0, float("nan"), float("inf")])),
+                pad_v=draw(st.sampled_from([True, False, 1])), seed=draw(st.integers(0, 2 ** 16)))
+
+
+def _check_attention(backend, case):
+    """A valid call equals the reference; an invalid one raises a ValueError / TypeError naming a wrong
+    argument, on the public function and on the Triton kernel entry."""
+    import warnings
+
+    from fpet_kernels.ops import attention as attention_ops
+    from fpet_kernels.ops import attention_triton
+    g = torch.Generator().manual_seed(case["seed"])
+    b, n, heads, hd = case["b"], case["n"], case["heads"], case["hd"]
+    qkv = torch.randn(b, n, 3 * max(heads, 1) * hd + case["extra"], generator=g)
+    size = {"ok": lambda: torch.rand(b, n, 1, generator=g) + 0.5, "none": lambda: None,
+            "rows": lambda: torch.ones(b, n + 1, 1), "batch": lambda: torch.ones(b + 1, n, 1),
+            "last": lambda: torch.ones(b, n, 2), "int": lambda: torch.ones(b, n, 1, dtype=torch.long)}[case["size"]]()
+    scale, pad_v = case["scale"], case["pad_v"]
+    wrong = []
+    if heads < 1:
+        wrong.append("num_heads")
+    if heads >= 1 and (hd == 0 or case["extra"]):
+        wrong.append("qkv")
+    if case["size"] not in ("ok", "none"):
+        wrong.append("size")
+    if not (scale == scale and abs(scale) != float("inf") and scale != 0):
+        wrong.append("scale")
+    if not isinstance(pad_v, bool):
+        wrong.append("pad_v")
+    entries = [lambda: fk.attention_inputs(qkv, size, heads, scale, pad_v, backend=backend)]
+    if backend == "triton":
+        entries.append(lambda: attention_triton.attention_inputs(qkv, size, heads, scale, pad_v))
+    for call in entries:
+        if wrong:
+            with pytest.raises((ValueError, TypeError)) as info:
+                call()
+            assert any(w in str(info.value) for w in wrong), (case, wrong, str(info.value))
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # backend="cpu": PyTorch, said once
+            with torch.no_grad():
+                got = call()
+        exp = attention_ops.attention_inputs_reference(qkv, size, heads, scale, pad_v and size is not None)
+        for a, e in zip(got, exp):
+            assert a.shape == e.shape
+            torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["reference", "cpu", "triton"])
+def test_fuzz_attention_inputs_misuse(name):
+    be = name if name == "reference" else _backend(name)
+    examples = {"reference": 40, "cpu": 20, "triton": 8}[name]
+
+    @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(attention_cases())
+    def run(case):
+        _check_attention(be, case)
+    run()
+
+
+@pytest.mark.parametrize("name", ["reference", "cpu", "triton"])
+def test_fuzz_map_merges_misuse(name):
+    """merge_wavg / merge_sum / unmerge entries with random n_out (absurd ones included) and maps with
+    entries anywhere: a valid call equals the reference, an invalid one raises naming n_out or token_map."""
+    be = name if name == "reference" else _backend(name)
+    from helpers import map_ops
+
+    def check(args):
+        n_out, lo, hi, seed = args
+        g = torch.Generator().manual_seed(seed)
+        x, size = torch.randn(2, 7, 3, generator=g), torch.rand(2, 7, 1, generator=g) + 0.5
+        tmap = torch.randint(lo, hi + 1, (2, 7), generator=g)
+        bad_n = not 0 <= n_out < 2 ** 31
+        ok = not bad_n and bool(((tmap >= -1) & (tmap < n_out)).all())
+        ops = map_ops(be)
+        for call in (lambda: ops.merge_wavg(x, size, tmap, n_out), lambda: ops.merge_sum(x, tmap, n_out)):
+            if ok:
+                got = call()
+                got = got if isinstance(got, tuple) else (got,)
+                assert got[0].shape == (2, n_out, 3)
+            else:
+                with pytest.raises((ValueError, TypeError, RuntimeError), match="n_out" if bad_n else "token_map"):
+                    call()
+
+    @settings(max_examples=30 if name != "triton" else 8, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.tuples(st.sampled_from([-1, 0, 3, 9, 2 ** 31 - 1, 2 ** 31, 2 ** 40, -(2 ** 40)]), st.integers(-3, 0),
+                     st.integers(0, 10), st.integers(0, 2 ** 16)))
+    def run(args):
+        if args[0] == 2 ** 31 - 1 and args[2] < 2 ** 31 - 1:
+            args = (9,) + args[1:]  # a valid huge n_out would allocate 2^31 rows: not a misuse
+        check(args)
+    run()

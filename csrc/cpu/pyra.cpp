@@ -103,9 +103,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               N, ", got ", metric.sizes());
   checked_r(r, N, class_token, distill_token);
   TORCH_CHECK(std::isfinite(eps) && eps > 0, "eps must be a finite number > 0, got ", eps);
-  for (const at::Tensor* t : {&a_, &b_, &ln_weight_, &ln_bias_}) {
-    CHECK_CPU(*t);
-    CHECK_FLOATING(*t);
+  const std::pair<const at::Tensor*, const char*> params[] = {
+      {&a_, "a"}, {&b_, "b"}, {&ln_weight_, "ln_weight"}, {&ln_bias_, "ln_bias"}};
+  for (const auto& [t, name] : params) {
+    CHECK_CPU_AS(*t, name);
+    CHECK_FLOATING_AS(*t, name);
   }
   CHECK_SHAPE(a_, r, 1);
   CHECK_SHAPE(b_, 1, C);

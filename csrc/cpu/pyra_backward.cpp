@@ -58,10 +58,14 @@ void pyra_backward_image(const AnyRows& go, const float* gos, const T* x, const 
   float* ga = part;
   float *gb = part + r, *glw = part + r + C, *glb = part + r + 2 * C;
   std::fill(part, part + r + 3 * C, 0.f);
-  // g_num[m] = grad_out[m] / out_size[m]
+  // g_num[m] = grad_out[m] / out_size[m], 0 where out_size[m] == 0 (the output row is the constant 0)
   auto gnum = [&](int64_t m, float* dst) {
-    go.load(m, dst, C);
     const float den = os[m];
+    if (den == 0.f) {
+      std::fill(dst, dst + C, 0.f);
+      return;
+    }
+    go.load(m, dst, C);
     for (int64_t c = 0; c < C; ++c) dst[c] = dst[c] / den;
   };
 

@@ -156,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor> merge_wavg_cpu(const at::Tensor& x_, const st
   CHECK_BND(x_);
   const int64_t B = x_.size(0), N = x_.size(1), C = x_.size(2);
   check_token_map(token_map_, B, N);
-  TORCH_CHECK(n_out >= 0, "n_out must be >= 0, got ", n_out);
+  check_n_out(n_out);
   const at::Tensor x = x_.contiguous(), token_map = token_map_.contiguous();
   const at::Tensor s = sizes_f32(size, B, N);
   at::Tensor out = empty_output({B, n_out, C}, x.options());
@@ -273,7 +273,7 @@ at::Tensor merge_sum_cpu(const at::Tensor& x_, const at::Tensor& token_map_, int
   CHECK_BND(x_);
   const int64_t B = x_.size(0), N = x_.size(1), C = x_.size(2);
   check_token_map(token_map_, B, N);
-  TORCH_CHECK(n_out >= 0, "n_out must be >= 0, got ", n_out);
+  check_n_out(n_out);
   const at::Tensor x = x_.contiguous(), token_map = token_map_.contiguous();
   at::Tensor out = empty_output({B, n_out, C}, x.options());
   const int64_t* mp = token_map.data_ptr<int64_t>();

@@ -46,6 +46,7 @@ at::Tensor xpeft_adapter_cpu(const at::Tensor& x_, const std::optional<at::Tenso
                              const at::Tensor& profile_, const at::Tensor& down_, const at::Tensor& down_bias_,
                              const at::Tensor& up_, const at::Tensor& up_bias_, double scale_) {
   CHECK_BND(x_);
+  TORCH_CHECK(std::isfinite(scale_), "xpeft_adapter: scale must be a finite number, got ", scale_);
   const int64_t B = x_.size(0), N = x_.size(1), d = x_.size(2);
   const bool has_res = residual_.has_value() && residual_->defined();
   if (has_res) {
@@ -62,9 +63,11 @@ at::Tensor xpeft_adapter_cpu(const at::Tensor& x_, const std::optional<at::Tenso
   CHECK_DIM(profile, 1);
   TORCH_CHECK(profile.size(0) == B, "profile must have shape [B] = [", B, "], got ", profile.sizes());
   const at::Tensor &down = down_, &down_bias = down_bias_, &up = up_, &up_bias = up_bias_;
-  for (const at::Tensor* t : {&down, &down_bias, &up, &up_bias}) {
-    CHECK_CPU(*t);
-    CHECK_FLOATING(*t);
+  const std::pair<const at::Tensor*, const char*> weights[] = {
+      {&down, "down"}, {&down_bias, "down_bias"}, {&up, "up"}, {&up_bias, "up_bias"}};
+  for (const auto& [t, name] : weights) {
+    CHECK_CPU_AS(*t, name);
+    CHECK_FLOATING_AS(*t, name);
   }
   CHECK_DIM(down, 3);
   const int64_t P = down.size(0), r = down.size(2);

@@ -33,6 +33,14 @@ std::vector<int64_t> phase_count() {
   return {c.max_per_block, c.blocks};
 }
 
+// The trusted-maps state of this thread (csrc/trusted_maps.h; the package sets it with
+// fpet_kernels._C._trust_maps inside a backward): set it, return the previous one.
+bool trust_maps(bool on) {
+  const bool prev = trusted_maps();
+  trusted_maps() = on;
+  return prev;
+}
+
 }  // namespace
 }  // namespace kernels
 }  // namespace fpet
@@ -41,6 +49,7 @@ TORCH_LIBRARY(fpet_simt, m) {
   fpet::define_kernel_schemas(m);
   m.def("configure(int order, int threads, int sms, int smem=232448) -> ()", &fpet::kernels::configure);
   m.def("phase_count() -> int[]", &fpet::kernels::phase_count);
+  m.def("trust_maps(bool on) -> bool", &fpet::kernels::trust_maps);
 }
 
 TORCH_LIBRARY_IMPL(fpet_simt, CPU, m) {

@@ -10,8 +10,11 @@ path (several launches per block) by one pass over qkv.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
+from .. import _checks
 from .triton_common import HAS_TRITON, cdiv, pow2, tl, triton
 
 if HAS_TRITON:
@@ -45,8 +48,28 @@ if HAS_TRITON:
         store_rounded(metric_ptr + (b * N + nn)[:, None] * HD + e[None, :], ksum / H, in_hd)
 
 
+def _check_args(qkv, size, num_heads, scale, pad_value) -> None:
+    """Every argument, before anything is allocated or launched: the kernel indexes qkv, size and the
+    outputs with them (``_checks``' kernel entry rules; messages name the argument)."""
+    op = "attention_inputs_triton"
+    _checks.kernel_tokens(op, "qkv", qkv)
+    heads = _checks.kernel_int(op, "num_heads", num_heads, 1)
+    if qkv.shape[2] == 0 or qkv.shape[2] % (3 * heads):
+        raise ValueError(f"{op}: qkv must have shape [B, N, 3 * num_heads * head_dim] with head_dim >= 1, got "
+                         f"{tuple(qkv.shape)} for num_heads = {heads}")
+    if size is not None:
+        _checks.kernel_tensor(op, "size", size, qkv.device, shape=(qkv.shape[0], qkv.shape[1], 1))
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale == 0:
+        raise ValueError(f"{op}: scale must be a finite nonzero number, got {scale!r}")
+    _checks.flag(f"{op}: pad_v", pad_value)
+    # the grid is (B, ceil(N / 16)); per-row offsets 3 * H * hd are 32-bit
+    _checks.kernel_int(op, "N (qkv.shape[1])", qkv.shape[1], 0, 65535 * 16)
+    _checks.kernel_int(op, "3 * num_heads * head_dim (qkv.shape[2])", qkv.shape[2], 1, 2 ** 31 - 1)
+
+
 def attention_inputs(qkv, size, num_heads: int, scale: float, pad_value: bool):
     """One launch; see the module docstring. ``size`` None: no extra channel (E = hd)."""
+    _check_args(qkv, size, num_heads, scale, pad_value)
     qkv = qkv.contiguous()
     bsz, n, three_c = qkv.shape
     hd = three_c // (3 * num_heads)

@@ -20,7 +20,7 @@ from torch import Tensor
 from .. import _backend, _checks
 from . import _export, library
 from .shapes import NORM_EPS, compute_dtype, grid_sizes, size_dtype
-from .tome import merge_wavg_reference, normalize, safe_div
+from .tome import normalize, safe_div, wavg_by_map
 
 
 # ----------------------------------------------------------------------------- 1. reference
@@ -139,7 +139,7 @@ def fpet_merge_reference(x: Tensor, metric: Tensor, size: Optional[Tensor], num_
     tmap = fpet_token_map(metric, num_prefix, h, w)
     nb = grid_sizes(num_prefix, h, w)[1]
     cdt = compute_dtype(x, metric, size)
-    out, den = merge_wavg_reference(x.to(cdt), None if size is None else size.to(cdt), tmap, nb)
+    out, den = wavg_by_map(x.to(cdt), None if size is None else size.to(cdt), tmap, nb)  # its own map: no check
     return out.to(x.dtype), den.to(size_dtype(x, size)), tmap
 
 

@@ -7,7 +7,8 @@
                                     its first call, launched under the inputs' CUDA device).
 
 Both share one fake kernel and one autograd formula, whose backward calls the ops of its own
-family (``ctx.kernels.<op>``). The pure-PyTorch reference of each op needs neither: it is plain
+family (``ctx.kernels.<op>``) and trusts the index tensors its forward produced or checked
+(``_checks.trusted_maps``: no host sync for a data check in a backward). The pure-PyTorch reference of each op needs neither: it is plain
 differentiable PyTorch that the public functions call directly.
 
 The schemas are defined here, in Python, so that the ops exist (with the Triton kernels, fake
@@ -21,6 +22,8 @@ import importlib
 
 import torch
 from torch import Tensor
+
+from .. import _backend, _checks
 
 NAMESPACE = "fpet"
 FAMILIES = {"": "C++ (CPU, CUDA)", "_triton": "Triton"}
@@ -81,8 +84,26 @@ def define(name: str, schema: str, fake, triton_module: str | None, cpp: bool = 
         torch.library.register_fake(f"{NAMESPACE}::{name}_triton", fake)
 
 
+def trusted_maps():
+    """The context of a backward: index tensors (token maps, PYRA's matching) are not checked again,
+    in Python and in the extension's CUDA launchers (``csrc/trusted_maps.h``)."""
+    return _checks.trusted_maps(getattr(_backend._EXT, "_trust_maps", None))
+
+
+def _trusting(backward):
+    """``backward`` run inside :func:`trusted_maps`: the maps it passes on are its forward's (produced by
+    the forward's kernel, or given by the user and range-checked in the forward)."""
+    def run(ctx, *grads):
+        with trusted_maps():
+            return backward(ctx, *grads)
+    run.__name__ = getattr(backward, "__name__", "backward")
+    return run
+
+
 def register_autograd(name: str, backward, setup_context) -> None:
-    """One autograd formula for both families of ``name``; ``ctx.kernels`` is the family's :class:`Kernels`."""
+    """One autograd formula for both families of ``name``; ``ctx.kernels`` is the family's :class:`Kernels`.
+    The backward runs inside :func:`trusted_maps`."""
+    backward = _trusting(backward)
     for suffix in FAMILIES:
         qualname = f"{NAMESPACE}::{name}{suffix}"
         if not _has_schema(qualname):  # an op without a Triton kernel

@@ -20,7 +20,7 @@ from torch import Tensor
 from .. import _backend, _checks
 from . import _export, library
 from .shapes import cap_r, compute_dtype, size_dtype
-from .tome import Matching, assemble, merge_by_indices, output_rows, tome_match_reference
+from .tome import Matching, assemble, merge_by_indices, output_rows, safe_div, tome_match_reference
 
 
 # ----------------------------------------------------------------------------- 1. reference
@@ -56,7 +56,7 @@ def pyra_merge_reference(x: Tensor, metric: Tensor, r: int, a: Tensor, b: Tensor
     b_rows = zb.scatter_add(1, dst[..., None].expand(bsz, r, c), s_mod)
     num = assemble(unm_rows, b_rows, distill_token)
     den = merge_by_indices(s, src, dst, unm, "sum", distill_token)
-    return (num / den).to(x.dtype), den.to(size_dtype(x, size)), Matching(src, dst, unm, tmap)
+    return safe_div(num, den).to(x.dtype), den.to(size_dtype(x, size)), Matching(src, dst, unm, tmap)
 
 
 def pyra_merge_backward_reference(grad_out, grad_out_size, x, size, out, out_size, src, dst, unm, a, b,
@@ -75,7 +75,7 @@ def pyra_merge_backward_reference(grad_out, grad_out_size, x, size, out, out_siz
     yh = (y - mu) * rstd
 
     den = out_size.to(cdt)
-    g_num = grad_out.to(cdt) / den
+    g_num = safe_div(grad_out.to(cdt), den)  # 0 at a row whose sizes sum to 0 (the constant 0)
     pos_unm, pos_b = output_rows(na, nb, r, distill_token, x.device)
     g_unm, g_b = g_num[:, pos_unm], g_num[:, pos_b]
     g_smod = g_b.gather(1, dst[..., None].expand(bsz, r, c))

@@ -139,6 +139,12 @@ def merge_wavg_reference(x: Tensor, size: Optional[Tensor], token_map: Tensor, n
     if token_map.shape[1] != x.shape[1]:
         raise ValueError(f"merge_wavg: token_map has {token_map.shape[1]} entries per image but x has "
                          f"{x.shape[1]} tokens")
+    return wavg_by_map(x, size, token_map, n_out)
+
+
+def wavg_by_map(x: Tensor, size: Optional[Tensor], token_map: Tensor, n_out: int):
+    """``merge_wavg_reference`` without the argument checks, for a map the caller produced (FPET's
+    forward): no data check, so no host sync."""
     bsz, n, c = x.shape
     cdt = compute_dtype(x, size)
     s = torch.ones(bsz, n, 1, dtype=cdt, device=x.device) if size is None else size.to(cdt)
@@ -154,6 +160,11 @@ def unmerge_reference(y: Tensor, token_map: Tensor) -> Tensor:
     """Spec 1.8: every input token gets the row that holds it (zeros for dropped tokens)."""
     _checks.reference_map_args("unmerge", y, token_map, y.shape[1] if isinstance(y, Tensor) and y.dim() == 3 else 0,
                                x_name="y")
+    return gather_by_map(y, token_map)
+
+
+def gather_by_map(y: Tensor, token_map: Tensor) -> Tensor:
+    """``unmerge_reference`` without the argument checks, for a map the caller produced or checked."""
     bsz, n = token_map.shape
     out = y.gather(1, token_map.clamp_min(0).unsqueeze(-1).expand(bsz, n, y.shape[-1]))
     return torch.where((token_map >= 0).unsqueeze(-1), out, torch.zeros_like(out))
@@ -181,7 +192,7 @@ def merge_wavg_backward_reference(grad_out: Tensor, size: Optional[Tensor], out_
     _checks.kernel_tensor("merge_wavg_backward", "out_size", out_size, grad_out.device,
                           shape=(grad_out.shape[0], grad_out.shape[1], 1), dtypes=_checks.FLOAT_DTYPES)
     cdt = compute_dtype(grad_out, out_size)
-    g = unmerge_reference(safe_div(grad_out.to(cdt), out_size.to(cdt)), token_map)
+    g = gather_by_map(safe_div(grad_out.to(cdt), out_size.to(cdt)), token_map)  # the map checked above
     if size is not None:
         g = g * size.to(cdt)
     return g.to(grad_out.dtype)
@@ -191,11 +202,11 @@ def merge_wavg_size_grad(grad_out: Tensor, grad_out_size: Optional[Tensor], x: T
                          out_size: Tensor, token_map: Tensor) -> Tensor:
     """d merge_wavg / d size (rarely needed: sizes are usually constants):
     ``grad_s[n] = <grad_out[m], x[n] - out[m]> / out_size[m] + grad_out_size[m]`` with ``m = map[n]``."""
-    cdt = compute_dtype(x, out_size)
-    g = (unmerge_reference(grad_out.to(cdt), token_map) * (x.to(cdt) - unmerge_reference(out.to(cdt), token_map)))
-    g = safe_div(g.sum(-1, keepdim=True), unmerge_reference(out_size.to(cdt), token_map))
+    cdt = compute_dtype(x, out_size)  # a backward: the forward's map (gathers without checks)
+    g = (gather_by_map(grad_out.to(cdt), token_map) * (x.to(cdt) - gather_by_map(out.to(cdt), token_map)))
+    g = safe_div(g.sum(-1, keepdim=True), gather_by_map(out_size.to(cdt), token_map))
     if grad_out_size is not None:
-        g = g + unmerge_reference(grad_out_size.to(cdt), token_map)
+        g = g + gather_by_map(grad_out_size.to(cdt), token_map)
     return g * (token_map >= 0).unsqueeze(-1)
 
 
@@ -329,8 +340,7 @@ def merge_wavg_map(x: Tensor, size: Optional[Tensor], token_map: Tensor, n_out: 
     """Size-weighted merge along a token map on a resolved backend: ``(x' [B, n_out, C], size')``."""
     if _export.exporting():  # torch.onnx.export: the export-friendly formulation
         return _export.formulation("merge_wavg")(x, size, token_map, n_out)
-    if backend == "reference":
-        check_map_range(token_map, n_out)
+    if backend == "reference":  # checks the map (one host sync: a user-given map)
         return merge_wavg_reference(x, size, token_map, n_out)
     return library.call(library.family(backend).merge_wavg, x, size, token_map, n_out)
 
@@ -393,8 +403,7 @@ def unmerge(y: Tensor, matching, backend: Optional[str] = None) -> Tensor:
     be = _backend.resolve(backend, y.device, {"y": y.dtype}, op="unmerge")
     if _export.exporting():  # torch.onnx.export: the export-friendly formulation
         return _export.formulation("unmerge")(y, tmap)
-    if be == "reference":
-        check_map_range(tmap, y.shape[1])
+    if be == "reference":  # checks the map (one host sync: a user-given map)
         return unmerge_reference(y, tmap)
     return library.call(library.family(be).unmerge, y, tmap)
 
@@ -444,7 +453,7 @@ class ToMeUnmerge:
         _checks.closure_input("y", y, self.matching.token_map, n_out)
         if self.matching.src_idx.shape[1] == 0:
             return y
-        return unmerge_reference(y, self.matching.token_map)
+        return gather_by_map(y, self.matching.token_map)  # the matching's own map: no check
 
 
 def bipartite_soft_matching(metric: Tensor, r: int, class_token: bool = False, distill_token: bool = False,

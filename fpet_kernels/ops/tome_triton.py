@@ -432,7 +432,7 @@ def _scatter(x, token_map, n_out, size=None, wavg=False):
 
 def _check_reduce(op, x, size, token_map, n_out):
     _checks.kernel_tokens(op, "x", x)
-    _checks.kernel_int(op, "n_out", n_out, 0)
+    _checks.kernel_int(op, "n_out", n_out, 0, _checks.MAX_OUT_ROWS)
     _checks.kernel_map(op, token_map, x.device, tuple(x.shape[:2]), n_out)
     if size is not None:
         _checks.kernel_tensor(op, "size", size, x.device, shape=(x.shape[0], x.shape[1], 1))

@@ -20,6 +20,7 @@ the mask logits: ``dL/dw_i = <dL/d down[p], A_i>``).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -146,6 +147,12 @@ def xpeft_adapter(x: Tensor, profile: Tensor, down: Tensor, down_bias: Tensor, u
     _check(x, profile, down, down_bias, up, up_bias, residual)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+    try:
+        finite = math.isfinite(scale)
+    except OverflowError:  # an int beyond float range
+        finite = False
+    if not finite:
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
     be = _backend.resolve(backend, x.device, _checks.dtypes(x=x, residual=residual, down=down, down_bias=down_bias,
                                                             up=up, up_bias=up_bias), op="xpeft_adapter")
     if be == "reference":
