@@ -182,6 +182,12 @@ def run_method(spec, base_model, data, args, progress):
     # peak memory of one more step on a fixed batch (same batch for every method)
     ids, mask, y = next(batches(train_enc, train_y, args.batch_size, seed=12345))
     peak = peak_step_memory(lambda: step(ids, mask, y)) if args.memory else float("nan")
+    if method == "hiwi":  # a collapsed HiWi (no active unit, zero deltas) would look like head-only
+        units = [(k, getattr(m, f"hiwi_{w}").rank) for _, m in pet.hiwi.hiwi_modules(model)
+                 for w, k in m.active_units().items()]
+        deltas = [d for _, m in pet.hiwi.hiwi_modules(model) for d in m.deltas().values()]
+        progress.write(f"{spec}: after {n} steps {sum(k for k, _ in units)}/{sum(r for _, r in units)} adapter "
+                       f"units active, {sum(bool(d.any()) for d in deltas)}/{len(deltas)} deltas non-zero")
     acc = evaluate(model, test_enc, test_y, args.eval_batch_size)
     path = os.path.join(args.out, f"task_{spec.replace('=', '_')}.safetensors")
     stored = full_bytes(model, path) if method == "full" else pet.save(model, path)["bytes"]

@@ -61,7 +61,7 @@ def test_targets_resolve_on_both_model_kinds():
 @pytest.mark.parametrize("kind", list(MODELS))
 @pytest.mark.parametrize("targets", ["ffn_bias", "ffn_weight", "ffn"])
 def test_forward_is_P_plus_f_P_and_fold_is_exact(kind, targets):
-    m, ref = MODELS[kind](), MODELS[kind]()
+    m, ref = pretrained_like(MODELS[kind]()), pretrained_like(MODELS[kind]())
     pet.apply(m, "hiwi", rank=4, targets=targets)
     x = Wrap.inputs(m)
     assert torch.equal(Wrap.out(m, x), Wrap.out(ref, x))  # W_up = 0: starts as the backbone
@@ -118,7 +118,7 @@ def test_bad_input():
 
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_save_load_folded_deltas_and_switch(kind, tmp_path):
-    backbone = MODELS[kind]()
+    backbone = pretrained_like(MODELS[kind]())
     x = Wrap.inputs(backbone)
     files = []
     for seed in (1, 2):
