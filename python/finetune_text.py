@@ -16,6 +16,8 @@ mean training-step time (after warm-up steps); peak training memory of one step 
 seen by ``torch.profiler``'s memory timeline, parameters included); inference latency per batch after
 ``pet.fold`` (LoRA merged). Everything goes to ``--out`` (default ``results/finetune_text``, untracked):
 ``table.csv``, ``table.md``, ``finetune_text.png``, the task files.
+For HiWi rows it also prints how many adapter units are active and deltas non-zero after training
+(a HiWi whose units all died would otherwise look like head-only; see docs/pafi_hiwi.md).
 """
 from __future__ import annotations
 
