@@ -295,7 +295,8 @@ def main(argv=None):
     ap.add_argument("--full-lr", type=float, default=5e-5)
     ap.add_argument("--lora-lr", type=float, default=1e-3)
     ap.add_argument("--pafi-lr", type=float, default=1e-3)
-    ap.add_argument("--hiwi-lr", type=float, default=1e-2)
+    ap.add_argument("--hiwi-lr", type=float, default=1e-3,
+                    help="HiWi adapters' lr (one step moves each delta entry by about lr, as PaFi's)")
     args = ap.parse_args(argv)
     if args.quick:
         args.train, args.test, args.max_steps, args.warmup, args.latency_repeats = 8, 8, 1, 0, 1
