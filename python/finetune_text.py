@@ -16,6 +16,8 @@ mean training-step time (after warm-up steps); peak training memory of one step 
 seen by ``torch.profiler``'s memory timeline, parameters included); inference latency per batch after
 ``pet.fold`` (LoRA merged). Everything goes to ``--out`` (default ``results/finetune_text``, untracked):
 ``table.csv``, ``table.md``, ``finetune_text.png``, the task files.
+For HiWi rows it also prints how many adapter units are active and deltas non-zero after training
+(a HiWi whose units all died would otherwise look like head-only; see docs/pafi_hiwi.md).
 """
 from __future__ import annotations
 
@@ -182,6 +184,12 @@ def run_method(spec, base_model, data, args, progress):
     # peak memory of one more step on a fixed batch (same batch for every method)
     ids, mask, y = next(batches(train_enc, train_y, args.batch_size, seed=12345))
     peak = peak_step_memory(lambda: step(ids, mask, y)) if args.memory else float("nan")
+    if method == "hiwi":  # a collapsed HiWi (no active unit, zero deltas) would look like head-only
+        units = [(k, getattr(m, f"hiwi_{w}").rank) for _, m in pet.hiwi.hiwi_modules(model)
+                 for w, k in m.active_units().items()]
+        deltas = [d for _, m in pet.hiwi.hiwi_modules(model) for d in m.deltas().values()]
+        progress.write(f"{spec}: after {n} steps {sum(k for k, _ in units)}/{sum(r for _, r in units)} adapter "
+                       f"units active, {sum(bool(d.any()) for d in deltas)}/{len(deltas)} deltas non-zero")
     acc = evaluate(model, test_enc, test_y, args.eval_batch_size)
     path = os.path.join(args.out, f"task_{spec.replace('=', '_')}.safetensors")
     stored = full_bytes(model, path) if method == "full" else pet.save(model, path)["bytes"]
@@ -292,7 +300,8 @@ def main(argv=None):
     ap.add_argument("--full-lr", type=float, default=5e-5)
     ap.add_argument("--lora-lr", type=float, default=1e-3)
     ap.add_argument("--pafi-lr", type=float, default=1e-3)
-    ap.add_argument("--hiwi-lr", type=float, default=1e-2)
+    ap.add_argument("--hiwi-lr", type=float, default=1e-3,
+                    help="HiWi adapters' lr (one step moves each delta entry by about lr, as PaFi's)")
     args = ap.parse_args(argv)
     if args.quick:
         args.train, args.test, args.max_steps, args.warmup, args.latency_repeats = 8, 8, 1, 0, 1

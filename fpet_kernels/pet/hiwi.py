@@ -6,20 +6,39 @@ hidden states, folded away after training, so inference is the backbone's.
     ...train...
     pet.fold(model)                                       # P <- P + f(P); plain nn.Linear layers again
 
-For a target tensor ``P``: ``P' = P + f(P)``, ``f(v) = ReLU(v W_down) W_up`` with ``W_down`` [n, rank]
-(kaiming-uniform) and ``W_up`` [rank, n] (zeros: the model starts unchanged). A bias vector is one
+For a target tensor ``P``: ``P' = P + f(P)``, a bottleneck adapter (down-projection with bias, ReLU,
+up-projection) on the last dimension (n entries)::
+
+    x    = v / rms(v)                                  (unit root-mean-square; a zero v stays 0)
+    f(v) = ReLU(x @ W_down / n + b_down) @ W_up / rank
+
+``W_down`` [n, rank] (uniform, so that ``x @ W_down / n`` has standard deviation 1/4), ``b_down`` = 1
+(every unit starts active), ``W_up`` [rank, n] zeros (the model starts unchanged). A bias vector is one
 vector (n = out_features); a weight matrix [out, in] is adapted row-wise (n = in_features). ``P'`` is
 computed once per forward per target, never per token.
+
+Why normalised and scaled (docs/pafi_hiwi.md, "Why HiWi's units stayed alive"): a bias target is *one*
+input vector, so every gradient step of an element-wise optimiser (Adam) moves all n weights of a
+down-projection column in the same direction, and the unit's pre-activation by ``lr * sum|x|``. With the
+plain ``ReLU(v @ W_down) @ W_up`` that step was about 20x the pre-activation's size on MiniLM at lr 1e-2:
+every unit was thrown below zero within two steps and, ReLU being flat there, never came back. With the
+input at unit RMS and the ``1/n``, one Adam step moves a pre-activation by at most about ``2 * lr``
+(``lr * mean|x| <= lr`` through ``W_down``, ``lr`` through ``b_down``) from its start at 1; the ``1/rank``
+keeps one step of the delta itself at about ``lr`` per entry, as if the entries were tuned directly.
 
 Targets: ``"ffn_bias"`` (default: the biases of the feed-forward nn.Linear layers of every block, see
 ``_targets.FFN_PATTERN``), ``"ffn1_bias"`` (the bias of the first feed-forward layer of every block only:
 timm ``mlp.fc1``, BERT ``intermediate.dense``), ``"ffn_weight"``, ``"ffn"`` (both), or regex patterns matched against the
-qualified *parameter* names (e.g. ``r"mlp\\.fc1\\.bias$"``) of the block nn.Linear layers.
+qualified *parameter* names (e.g. ``r"mlp\\.fc1\\.bias$"``) of the block nn.Linear layers. A target that is all
+zero (the feed-forward biases of a randomly initialised timm ViT or BERT) gives the adapter no input: its
+delta is then a trained constant, ``ReLU(b_down) @ W_up / rank``, which still learns; ``apply`` warns once
+naming such targets. A target holding NaN or inf is refused.
 """
 from __future__ import annotations
 
 import math
 import re
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -35,21 +54,38 @@ __all__ = ["HiWiAdapter", "HiWiLinear", "apply_hiwi", "fold_hiwi", "hiwi_modules
 TARGETS = ("ffn_bias", "ffn1_bias", "ffn_weight", "ffn")
 
 
+#: Standard deviation of the input's share of a pre-activation at initialisation (``x @ W_down / n``);
+#: with ``b_down`` = 1 a unit starts inactive only 4 standard deviations out (about 3e-5 of them).
+INIT_INPUT_STD = 0.25
+
+
+def _unit_rms(v: Tensor) -> Tensor:
+    """``v / rms(v)`` over the last dimension (sums in float32 for half inputs); a zero row stays zero."""
+    ms = v.float().pow(2).mean(-1, keepdim=True)
+    return v * torch.rsqrt(ms.clamp_min(torch.finfo(torch.float32).tiny)).to(v.dtype)
+
+
 @register_pet_module
 class HiWiAdapter(nn.Module):
-    """``f(v) = ReLU(v @ down) @ up`` on the last dimension (``dim``): ``down`` [dim, rank], ``up`` [rank, dim]."""
+    """``f(v) = ReLU(x @ down / dim + down_bias) @ up / rank`` with ``x = v / rms(v)`` on the last dimension
+    (``dim``): ``down`` [dim, rank], ``down_bias`` [rank] (ones), ``up`` [rank, dim] (zeros). See the module doc."""
 
     def __init__(self, dim: int, rank: int, device=None, dtype=None):
         super().__init__()
         self.dim, self.rank = dim, rank
         self.down = nn.Parameter(torch.empty(dim, rank, device=device, dtype=dtype))
+        self.down_bias = nn.Parameter(torch.ones(rank, device=device, dtype=dtype))
         self.up = nn.Parameter(torch.zeros(rank, dim, device=device, dtype=dtype))
-        # kaiming-uniform over fan-in dim, as nn.Linear(dim, rank) would initialise its weight
-        bound = 1.0 / math.sqrt(dim)
+        # x @ down / dim over a unit-RMS x has standard deviation bound * sqrt(dim / 3) / dim = INIT_INPUT_STD
+        bound = INIT_INPUT_STD * math.sqrt(3.0 * dim)
         nn.init.uniform_(self.down, -bound, bound)
 
+    def hidden(self, v: Tensor) -> Tensor:
+        """The units' pre-activations ``x @ down / dim + down_bias`` (``[..., rank]``; > 0: active)."""
+        return _unit_rms(v) @ self.down * (1.0 / self.dim) + self.down_bias
+
     def forward(self, v: Tensor) -> Tensor:
-        return F.relu(v @ self.down) @ self.up
+        return F.relu(self.hidden(v)) @ self.up * (1.0 / self.rank)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, rank={self.rank}"
@@ -92,6 +128,17 @@ class HiWiLinear(nn.Linear):
                 out["weight"] = self.hiwi_weight(self.weight)
             if self.hiwi_bias is not None:
                 out["bias"] = self.hiwi_bias(self.bias.unsqueeze(0)).squeeze(0)
+            return out
+
+    def active_units(self) -> Dict[str, int]:
+        """``{"weight": k, "bias": k}`` for the targets: how many of the ``rank`` units have a positive
+        pre-activation (for at least one row of a weight). An inactive ReLU unit gets no gradient."""
+        with torch.no_grad():
+            out = {}
+            if self.hiwi_weight is not None:
+                out["weight"] = int((self.hiwi_weight.hidden(self.weight) > 0).any(0).sum())
+            if self.hiwi_bias is not None:
+                out["bias"] = int((self.hiwi_bias.hidden(self.bias) > 0).sum())
             return out
 
     def forward(self, x: Tensor) -> Tensor:
@@ -148,8 +195,31 @@ def apply_hiwi(model: nn.Module, rank: int = 8, targets: Union[str, Sequence[str
         raise ValueError(f"rank must be a positive int, got {rank!r}")
     if hiwi_modules(model):
         raise ValueError("model already has HiWi layers; method='hiwi' was applied twice")
-    new = [(n, HiWiLinear(lin, rank, w, b)) for n, lin, w, b in _resolve(model, targets)]
+    found = _resolve(model, targets)
+    _check_targets(found)
+    new = [(n, HiWiLinear(lin, rank, w, b)) for n, lin, w, b in found]
     return _targets.replace_modules(model, new)
+
+
+def _check_targets(found) -> None:
+    """Refuse non-finite targets; warn once about all-zero ones (the adapter then has no input)."""
+    zero = []
+    for n, lin, w, b in found:
+        for which, p in (("weight", lin.weight if w else None), ("bias", lin.bias if b else None)):
+            if p is None or p.device.type == "meta":
+                continue
+            if not bool(torch.isfinite(p).all()):
+                raise ValueError(f"targets: {n}.{which} holds NaN or inf values; HiWi feeds the target to its "
+                                 "adapter and would make every delta NaN")
+            if not bool(p.any()):
+                zero.append(f"{n}.{which}")
+    if zero:
+        n_targets = sum(bool(w) + bool(b) for _, _, w, b in found)
+        names = ", ".join(zero[:3]) + (", ..." if len(zero) > 3 else "")
+        warnings.warn(f"HiWi: {len(zero)} of {n_targets} targets are all zero ({names}), so their adapters get "
+                      "no input: each of those deltas is a trained constant (ReLU(b_down) @ W_up / rank), i.e. the "
+                      "target tuned directly. Expected on a randomly initialised model (zero biases); on a "
+                      "pre-trained one, choose other targets (e.g. targets=\"ffn_weight\").", stacklevel=4)
 
 
 def fold_hiwi(model: nn.Module) -> nn.Module:
