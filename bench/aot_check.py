@@ -205,7 +205,7 @@ def pyra_backward(dt=F16, n=197, c=768, r=16, size=True, sdt=F32, gsize=True, di
 
 def attention(dt=F16, n=197, heads=12, hd=64, size=True, sdt=F32, pad_value=True):
     from fpet_kernels.ops import attention_triton
-    attention_triton.attention_inputs(_rand(2, n, 3 * heads * hd, dtype=dt), _size(2, n, sdt)[..., 0] if size
+    attention_triton.attention_inputs(_rand(2, n, 3 * heads * hd, dtype=dt), _size(2, n, sdt) if size
                                       else None, heads, hd ** -0.5, pad_value)
 
 
