@@ -13,7 +13,7 @@ saying how to build it (``FPET_NO_EXTENSION=1``: pure Python on purpose, no warn
 """
 import warnings
 
-from ._backend import backends
+from .ops._backend import backends
 from .merging import merge_source, merge_wavg
 from .ops.attention import attention_inputs, proportional_sdpa
 from .ops.fpet import FPETMerge, bipartite_diff_matching, fpet_merge
@@ -23,7 +23,8 @@ from .ops.tome import (Matching, ToMeMerge, ToMeUnmerge, bipartite_soft_matching
 from . import patch, reference  # noqa: E402
 
 from ._version import __version__  # noqa: E402  (the one version string: fpet_kernels/_version.py)
-from . import _backend, _version  # noqa: E402
+from . import _version  # noqa: E402
+from .ops import _backend  # noqa: E402
 
 # The one word at import about a missing extension (FPET_NO_EXTENSION=1 silences it).
 _missing = _version.missing_extension_message(_backend.extension_loaded(), _backend._EXT_ERROR)

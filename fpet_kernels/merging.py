@@ -9,7 +9,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _backend, _checks
+from . import _checks
+from .ops import _backend
 from .ops.fpet import FPETMerge
 from .ops.tome import ToMeMerge, compute_dtype, merge_wavg_map, safe_div
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fpet_kernels as fk
-from fpet_kernels import _backend
+from fpet_kernels.ops import _backend
 
 from helpers import gen
 

@@ -635,7 +635,7 @@ def test_cpp_messages_name_the_public_argument():
 @pytest.mark.parametrize("backend,key", [("cpu", "attention_inputs-cpu"), ("cuda", "attention_inputs-cuda")])
 def test_attention_inputs_says_once_when_it_runs_pytorch_for_a_backend(backend, key):
     """A backend attention_inputs has no kernel for runs the PyTorch formulation and says so once."""
-    from fpet_kernels import _backend
+    from fpet_kernels.ops import _backend
     _backend._warned.discard(key)
     qkv = torch.randn(2, 5, 12)
     with pytest.warns(RuntimeWarning, match=f"attention_inputs has no {backend} kernel"):
@@ -652,7 +652,7 @@ def test_attention_inputs_says_once_when_it_runs_pytorch_for_a_backend(backend, 
 
 def test_attention_inputs_says_once_that_triton_has_no_backward():
     _need("triton")
-    from fpet_kernels import _backend
+    from fpet_kernels.ops import _backend
     _backend._warned.discard("attention_inputs-triton-grad")
     qkv = torch.randn(2, 5, 12, requires_grad=True)
     with pytest.warns(RuntimeWarning, match="Triton kernel of attention_inputs has no backward"):

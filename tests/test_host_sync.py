@@ -25,7 +25,8 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fpet_kernels as fk
-from fpet_kernels import _backend, _checks
+from fpet_kernels import _checks
+from fpet_kernels.ops import _backend
 from fpet_kernels.ops import library
 
 from helpers import REQUIRE_EXTENSION, is_live, missing_message, tiny_timm_vit

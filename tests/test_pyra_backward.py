@@ -12,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fpet_kernels as fk
-from fpet_kernels import _backend
+from fpet_kernels.ops import _backend
 from fpet_kernels.ops import library
 from fpet_kernels.ops import pyra as pyra_ops
 from helpers import HALF_DTYPES, assert_thread_invariant, gen, gen_size, leaf

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _backend, _checks
+from .. import _checks
+from . import _backend
 from . import _export, library
 
 PAD = 8  # the padded head dim is a multiple of 8 (what SDPA's fused kernels want)

@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _backend, _checks
+from .. import _checks
+from . import _backend
 from . import _export, library
 from .shapes import NORM_EPS, compute_dtype, grid_sizes, size_dtype
 from .tome import normalize, safe_div, wavg_by_map

@@ -13,17 +13,26 @@ differentiable PyTorch that the public functions call directly.
 
 The schemas are defined here, in Python, so that the ops exist (with the Triton kernels, fake
 kernels and autograd) whether or not the C++ extension is installed; ``load_extension`` loads it
-after every family has defined its schemas (``fpet_kernels/_backend.py``).
+after every family has defined its schemas (``ops/_backend.py``).
+
+**One record per op.** Each family module declares its ops as :class:`Op` records and passes each to
+:func:`register`; :data:`OPS` is the one list of ops, from which registration, the backend tables,
+the ONNX decompositions, the benchmarks' op list and the emulator's schemas derive. **One
+dispatcher.** :func:`dispatch` decides, once per public call, between the export formulation, the
+reference, the C++ kernels and the Triton kernel.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from .. import _backend, _checks
+from .. import _checks
+from . import _backend, _export
 
 NAMESPACE = "fpet"
 FAMILIES = {"": "C++ (CPU, CUDA)", "_triton": "Triton"}
@@ -133,3 +142,72 @@ def call(op, *args):
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
+
+
+# ----------------------------------------------------------------------------- one record per op
+@dataclasses.dataclass(frozen=True, eq=False)
+class Op:
+    """Everything about one registered op ``torch.ops.fpet.<name>``, declared once in its family module.
+
+    ``schema``      the op's schema (without the name), shared by both kernel families;
+    ``fake``        its fake (meta) kernel, for torch.compile / export;
+    ``reference``   plain differentiable PyTorch taking the schema's arguments and returning what the
+                    op returns (the fallback backend and the test oracle);
+    ``export``      the export-friendly formulation (standard aten ops, functional) that
+                    ``torch.onnx.export`` traces in place of the op; None: ``reference`` serves;
+    ``setup_context``, ``backward``  its autograd formula (both families; ``ctx.kernels`` is the family);
+    ``calls``       the registered ops its backward calls, of its own family;
+    ``triton``      the module under ``fpet_kernels/ops`` whose function ``<name>`` is the Triton
+                    kernel (None: no Triton kernel);
+    ``cpp``         the C++ extension registers CPU kernels for it (csrc/cpu/);
+    ``cuda``        and CUDA kernels (csrc/cuda/);
+    ``public``      a public function dispatches it (a backward-only op is not public).
+    """
+    name: str
+    schema: str
+    fake: Callable
+    reference: Optional[Callable] = None
+    export: Optional[Callable] = None
+    setup_context: Optional[Callable] = None
+    backward: Optional[Callable] = None
+    calls: tuple = ()
+    triton: Optional[str] = None
+    cpp: bool = True
+    cuda: bool = True
+    public: bool = True
+
+    @property
+    def kernels(self) -> tuple:
+        """The registered ops a call of this op needs with one kernel family: itself, then its backward's."""
+        return (self.name,) + tuple(self.calls)
+
+    def formulation(self) -> Callable:
+        """What ``torch.onnx.export`` traces in place of the op."""
+        return self.export if self.export is not None else self.reference
+
+
+OPS: dict = {}  # name -> Op, in registration order: the one list of ops
+
+
+def register(op: Op) -> Op:
+    """Define ``op`` (schemas, fake kernels, autograd) and add it to :data:`OPS`."""
+    if op.name in OPS:
+        raise RuntimeError(f"fpet::{op.name} is registered twice")
+    define(op.name, op.schema, op.fake, op.triton, cpp=op.cpp)
+    if op.backward is not None:
+        register_autograd(op.name, op.backward, op.setup_context)
+    OPS[op.name] = op
+    return op
+
+
+# ----------------------------------------------------------------------------- one dispatcher
+def dispatch(op: Op, backend, device, dtypes, *args):
+    """Run one public call of ``op`` on ``args`` (the schema's arguments): while ``torch.onnx.export``
+    traces, the export formulation; else the backend resolved once from ``backend``, ``$FPET_BACKEND``
+    and the automatic choice (``ops/_backend.resolve``): the reference, the C++ kernels or Triton."""
+    if _export.exporting():
+        return op.formulation()(*args)
+    be = _backend.resolve(backend, device, dtypes, op=op.name)
+    if be == "reference":
+        return op.reference(*args)
+    return call(getattr(family(be), op.name), *args)

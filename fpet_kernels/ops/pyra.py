@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _backend, _checks
+from .. import _checks
+from . import _backend
 from . import _export, library
 from .shapes import cap_r, compute_dtype, size_dtype
 from .tome import Matching, assemble, merge_by_indices, output_rows, safe_div, tome_match_reference

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _backend
+from . import _backend
 from .._checks import FLOAT_DTYPES
 from . import library
 

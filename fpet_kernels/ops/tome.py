@@ -18,7 +18,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .. import _backend, _checks
+from .. import _checks
+from . import _backend
 from . import _export, library
 from .shapes import NORM_EPS, cap_r, check_map_range, compute_dtype, size_dtype  # noqa: F401 (re-exported)
 

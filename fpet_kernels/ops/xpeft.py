@@ -26,7 +26,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _backend, _checks
+from .. import _checks
+from . import _backend
 from . import library
 
 

@@ -60,7 +60,7 @@ RAW_KERNELS = ("tome_match", "tome_merge", "merge_wavg", "merge_wavg_backward", 
                "fpet_merge", "fpet_merge_backward", "pyra_merge", "pyra_merge_backward", "xpeft_adapter",
                "masked_weight_grad")
 # Recorded benchmark results (see the module docstring and fpet_kernels/tuning/README.md).
-TUNING_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuning")
+TUNING_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tuning")
 RESULTS_FORMAT = 1
 
 
@@ -76,7 +76,7 @@ def load_extension() -> None:
     global _EXT, _EXT_ERROR
     if _EXT is not None:
         return
-    from ._version import check_extension_torch
+    from .._version import check_extension_torch
     try:
         _EXT = importlib.import_module("fpet_kernels._C")
         _EXT_ERROR = None
