@@ -179,12 +179,6 @@ def test_adaptformer_with_real_patch():
             torch.testing.assert_close(blk(x), _reference_block_forward(blk, x), rtol=1e-5, atol=1e-6)
 
 
-def test_apply_adaptformer_needs_patch(monkeypatch):
-    monkeypatch.setitem(sys.modules, "fpet_kernels.patch", None)  # import fails
-    with pytest.raises(RuntimeError, match="ensure_block"):
-        pet.apply(tiny_vit(), "adaptformer")
-
-
 # ----------------------------------------------------------------------------- LoRA
 def test_lora_wraps_qkv():
     model = tiny_vit()

@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from .._checks import r_cap
 from ..ops.attention import attention_inputs, proportional_sdpa
 from ..ops.fpet import fpet_merge
-from ..ops.pyra import pyra_merge
 from ..ops.tome import compose_token_map, parse_r, tome_merge
 
 METHODS = ("tome", "fpet", "pyra")
@@ -206,7 +205,7 @@ def merge_step(x: Tensor, metric: Tensor, state: MergeState, r: int, refine: Opt
                pyra: Optional[nn.Module] = None) -> Tuple[Tensor, MergeState]:
     """One merge after a block's attention: ``(x', state')``. ToMe merges ``r`` tokens; FPET the
     whole checkerboard of ``state.grid`` (metric refined by ``refine`` when given); PYRA ``r`` tokens
-    modulated by ``pyra`` (a :class:`~fpet_kernels.pet.PyraModulation`)."""
+    modulated by ``pyra`` (a :class:`~fpet_kernels.patch.modules.PyraModulation`, whose forward merges)."""
     cfg, size = state.config, state.size
     cls, dist, p, backend = cfg.class_token, cfg.distill_token, cfg.num_prefix, cfg.backend
     if cfg.method == "fpet":
@@ -224,9 +223,8 @@ def merge_step(x: Tensor, metric: Tensor, state: MergeState, r: int, refine: Opt
                 out_, out_size_, m = tome_merge(x_, m_, r, s_, c, d, backend=backend)
                 return out_, out_size_, m.token_map
         else:
-            def fn(x_, m_, s_, c=cls, d=dist):
-                out_, out_size_, m = pyra_merge(x_, m_, r, pyra.a, pyra.b, pyra.norm.weight, pyra.norm.bias, s_, c,
-                                                d, eps=pyra.norm.eps, backend=backend, return_matching=True)
+            def fn(x_, m_, s_, c=cls, d=dist):  # the PyraModulation's forward is PYRA's merge (its r rows)
+                out_, out_size_, m = pyra(x_, m_, s_, c, d, backend=backend, return_matching=True)
                 return out_, out_size_, m.token_map
         if p == int(cls) + int(dist):  # the flags describe every prefix token
             out, out_size, step = fn(x, metric, size)

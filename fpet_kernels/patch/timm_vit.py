@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from ..ops.tome import parse_r, unmerge
 from .core import (MergeConfig, MergeState, already_patched, attention_with_metric, check_grid, merge_step,
                    method_arguments, schedule, warn_capped)
+from .modules import PyraModulation, RefinementAdapter
 
 
 # ----------------------------------------------------------------------------- block
@@ -261,12 +262,10 @@ def patch(model: nn.Module, method: str = "tome", r=None, prop_attn: bool = True
     if method == "fpet":
         cfg.merge_layer = merge_layer
         if args["refine"]:
-            from ..pet import RefinementAdapter
             head_dim = model.blocks[merge_layer].attn.head_dim
             new[(merge_layer, "fk_refine")] = RefinementAdapter(head_dim, head_dim // 2,
                                                                 binary=args["binary_refine"])
     elif method == "pyra":
-        from ..pet import PyraModulation
         dim = model.blocks[0].attn.qkv.in_features
         for i, rl in enumerate(rs):
             if rl > 0:
