@@ -28,8 +28,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..ops.tome import parse_r, unmerge
-from .core import (MergeConfig, MergeState, already_patched, attention_with_metric, check_grid, merge_step,
-                   method_arguments, schedule, warn_capped)
+from .core import (MergeConfig, MergeState, Patcher, already_patched, attention_with_metric, check_grid, merge_step,
+                   method_arguments, register_patcher, schedule, warn_capped)
 from .modules import PyraModulation, RefinementAdapter
 
 
@@ -299,3 +299,11 @@ def remove(model: nn.Module) -> nn.Module:
         if type(blk) is FKBlock and getattr(blk, "fk_adapter", None) is None:
             blk.__class__ = Block
     return model
+
+
+def owns(model: nn.Module) -> bool:
+    """Whether ``model`` is a timm ``VisionTransformer`` (patched or not): what :func:`remove` undoes."""
+    return isinstance(model, VisionTransformer)
+
+
+register_patcher(Patcher("timm", owns, remove))

@@ -1,5 +1,8 @@
 """``pet.save`` / ``pet.load``: the state one task needs, in one safetensors file.
 
+Method-blind: what a method stores in its own form (PaFi, HiWi) is its ``registry.MethodState``
+(``save`` / ``check`` / ``write`` hooks in ``pafi.py`` / ``hiwi.py``); this module asks the registry.
+
 What a file holds (tensor key prefixes; settings and fingerprints in the safetensors metadata):
   ``pet/<module>.<param>``  parameters of the PET modules (LoRA, AdaptFormer, the refinement adapter,
                            PYRA's modulation, ...); a 1-bit ``BinaryLinear`` weight is stored as
@@ -8,7 +11,7 @@ What a file holds (tensor key prefixes; settings and fingerprints in the safeten
   ``pafi/<module>``        PaFi: the k delta values of each target only (the indices are recomputed from
                            the pre-trained weights and checked against the stored fingerprint);
   ``hiwi/<param>``         HiWi: the folded deltas ``f(P)`` of the target tensors;
-  ``head/<name>.<key>``    the heads (``modules.HEAD_NAMES``): their full state dicts.
+  ``head/<name>.<key>``    the heads (``pet.HEAD_NAMES``): their full state dicts.
 
 The metadata also holds ``checksum``: sha256 over every tensor (name, dtype, shape, bytes) and the other
 metadata entries. ``load`` recomputes it and refuses a damaged file; a file written before the checksum
