@@ -16,8 +16,8 @@ Modules (imports run one way: ``fpet_kernels.layers`` and ``fpet_kernels.patch``
                  save form) that ``apply``, ``fold``, ``save`` and ``load`` read; PET module types.
   lora.py        LoRA on the fused qkv (``LoRAQKV``, ``merge_lora``).
   adaptformer.py AdaptFormer's parallel bottleneck adapter.
-  merging.py     FPET's and PYRA's entries: their merge modules (``RefinementAdapter``, ``PyraModulation``,
-                 from ``fpet_kernels.patch.modules``) are PET modules.
+  fpet.py        FPET's entry: its merge module (``RefinementAdapter``, from ``fpet_kernels.patch.modules``).
+  pyra.py        PYRA's entry: its merge module (``PyraModulation``, from ``fpet_kernels.patch.modules``).
   pafi.py        PaFi: task-agnostic magnitude-sparse tuning (``pafi_mask``), masked weight-gradient backward.
   hiwi.py        HiWi: adapters fed the pre-trained weights / biases, folded away after training.
   xpeft.py       X-PEFT: one shared adapter bank, a profile (mask) per task.
@@ -30,7 +30,8 @@ from ..layers import BINARY_LEVEL, BinaryLinear, binarize, pack_binary, unpack_b
 from .registry import is_pet_module, methods, register_folder, register_method, register_pet_module
 from .lora import LoRAQKV, merge_lora
 from .adaptformer import AdaptFormerAdapter
-from .merging import PyraModulation, RefinementAdapter
+from .fpet import RefinementAdapter
+from .pyra import PyraModulation
 from .model import (HEAD_NAMES, METHODS, PET_MODULES, apply, fold, format_report, heads, mark_trainable,
                     parameter_report, pet_parameters)
 from .pafi import PaFiLinear, pafi_fingerprint, pafi_indices, pafi_mask

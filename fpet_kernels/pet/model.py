@@ -11,7 +11,8 @@ from ..integrations import peft as _peft
 from ..layers import BinaryLinear, check_bool
 from .adaptformer import AdaptFormerAdapter
 from .lora import LoRAQKV
-from .merging import PyraModulation, RefinementAdapter
+from .fpet import RefinementAdapter
+from .pyra import PyraModulation
 from .registry import folders, get, methods, own_parameters, pet_modules
 
 __all__ = ["PET_MODULES", "METHODS", "apply", "fold", "mark_trainable", "pet_parameters", "parameter_report",

@@ -1,6 +1,6 @@
 """The one registry of PET methods and PET module types, which ``apply``, ``fold``, ``save`` and ``load`` read.
 
-Each method module (``lora.py``, ``adaptformer.py``, ``merging.py``, ``pafi.py``, ``hiwi.py``,
+Each method module (``lora.py``, ``adaptformer.py``, ``fpet.py``, ``pyra.py``, ``pafi.py``, ``hiwi.py``,
 ``xpeft.py``) declares itself once, when imported, with a :class:`Method` record:
 
 - ``apply`` and ``accepted``: what ``pet.apply(model, name, **kw)`` calls and the keywords it accepts
