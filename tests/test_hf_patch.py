@@ -1,4 +1,4 @@
-"""fk.patch.hf (fpet_kernels/patch_hf.py): transformers ViT / DeiT patched for token merging equal
+"""fk.patch.hf (fpet_kernels/patch/hf_vit.py): transformers ViT / DeiT patched for token merging equal
 the timm patch on the same weights (r = 0: identical to the unpatched model), remove() restores,
 the merge modules train, no tensor state is left on modules."""
 import copy
@@ -16,7 +16,7 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 from transformers import (DeiTConfig, DeiTForImageClassificationWithTeacher, DeiTModel, ViTConfig,  # noqa: E402
                           ViTForImageClassification, ViTModel)
 
-from fpet_kernels import patch_hf  # noqa: E402
+from fpet_kernels.patch import hf_vit as patch_hf  # noqa: E402
 
 METHODS = ["tome", "fpet", "pyra"]
 DIM, DEPTH, HEADS, CLASSES, IMG, PATCH = 48, 3, 3, 5, 32, 8
@@ -195,9 +195,9 @@ def test_remove_restores(kind, method):
     before = before.logits if hasattr(before, "logits") else before.last_hidden_state
     names = set(h.state_dict())
     fk.patch.hf(h, method, **KW[method])
-    assert fk.patch_hf.is_patched_hf(h)
+    assert patch_hf.is_patched_hf(h)
     fk.patch.remove(h)
-    assert not fk.patch_hf.is_patched_hf(h)
+    assert not patch_hf.is_patched_hf(h)
     assert set(h.state_dict()) == names
     base = h if kind.endswith("base") else getattr(h, kind.split("-")[0])
     assert type(base) in (ViTModel, DeiTModel)
@@ -288,13 +288,13 @@ def test_repatching_refuses_and_keeps_trained_merge_modules(first, second):
     expected = logits(h, images())
     with pytest.raises(ValueError, match=r"already patched.*fk\.patch\.remove\(model\) first"):
         fk.patch.hf(h, second, **KW[second])
-    assert h.vit._fk_config["method"] == first and merge_modules(h.vit) == mods
+    assert h.vit.fk_config.method == first and merge_modules(h.vit) == mods
     for m, sd in zip(mods, before):
         assert all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
     assert torch.equal(logits(h, images()), expected)
     fk.patch.remove(h)
     fk.patch.hf(h, second, **KW[second])
-    assert h.vit._fk_config["method"] == second
+    assert h.vit.fk_config.method == second
 
 
 # which method uses which argument (docs/model_layer.md); prop_attn, trace_source, backend: all
@@ -311,7 +311,7 @@ def test_arguments_the_method_does_not_use_raise(method, arg):
             fk.patch.hf(h, method, grid=(4, 4), **KW[method])
     elif arg in USES[method]:
         fk.patch.hf(h, method, **{**KW[method], arg: VALUES[arg]})
-        assert h.vit._fk_config["method"] == method
+        assert h.vit.fk_config.method == method
         if arg == "refine":
             assert not merge_modules(h.vit)
         if arg == "binary_refine":

@@ -32,7 +32,7 @@ def is_peft_model(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def _unwrap_peft(model):
+def unwrap_peft(model):
     """The model a ``PeftModel`` wraps (its LoRA layers stay in place), else ``model`` itself."""
     if not is_peft_model(model):
         return model
@@ -40,6 +40,9 @@ def _unwrap_peft(model):
         raise TypeError("fpet_kernels patches do not support PEFT prompt-learning methods "
                         f"({model.active_peft_config.peft_type}); use LoRA-style adapters")
     return model.get_base_model()
+
+
+_unwrap_peft = unwrap_peft  # the name the patches used before it was public
 
 
 def merge_module_names(model: nn.Module) -> List[str]:

@@ -13,20 +13,26 @@ forward and passed from block to block as an input and an output; no module keep
 or after forwards. Gradient checkpointing, ``torch.export``, ``forward_intermediates``, deepcopy /
 EMA, pickling and DistributedDataParallel work on a patched model (docs/model_layer.md).
 
-Layout: ``core.py`` holds what any model library's patch shares (the state, attention returning the
-merge metric, one merge step on the public ops); ``timm_vit.py`` the timm classes. timm is imported
-only when a timm model is patched.
+Layout: ``core.py`` holds what any model library's patch shares (the configuration, the state,
+attention returning the merge metric, one merge step on the public ops, the patcher registry that
+:func:`remove` asks); ``modules.py`` the learned merge modules FPET and PYRA own (``RefinementAdapter``,
+``PyraModulation``); ``timm_vit.py`` the timm classes, ``hf_vit.py`` the Hugging Face transformers ones.
+timm (transformers) is imported only when a timm (transformers) model is patched, which is why those
+two modules are imported inside :func:`timm` / :func:`hf`. Imports run one way: ``ops`` <-
+``integrations`` <- ``fpet_kernels.layers`` <- this package <- ``fpet_kernels.pet``.
 """
 from __future__ import annotations
 
-import sys
 from typing import Optional
 
 import torch
 from torch import nn
 
+from ..integrations import peft as _peft
+from ..integrations import support
 from ..ops.attention import attention_inputs, proportional_sdpa  # noqa: F401 (re-exported)
-from .core import METHODS, MergeConfig, MergeState  # noqa: F401
+from .core import METHODS, MergeConfig, MergeState, patcher_of  # noqa: F401
+from .modules import PyraModulation, RefinementAdapter  # noqa: F401
 
 __all__ = ["timm", "hf", "remove", "merge_state", "ensure_block", "MergeConfig", "MergeState", "METHODS"]
 
@@ -46,7 +52,7 @@ def timm(model: nn.Module, method: str = "tome", r=None, prop_attn: bool = True,
       where the patch embedding cannot (an error if both are known and differ). ``model.r`` raises:
       FPET has no r.
     - ``method="pyra"``: ToMe matching with PYRA's learned modulation; ``r`` per layer (a list or an
-      int, default 16), a :class:`~fpet_kernels.pet.PyraModulation` per merging block
+      int, default 16), a :class:`~fpet_kernels.patch.modules.PyraModulation` per merging block
       (``block.fk_pyra``); setting ``model.r`` raises (the modulation's size fixes r).
 
     An argument the chosen method does not use (``r`` with "fpet"; ``merge_layer``, ``refine``,
@@ -67,8 +73,7 @@ def timm(model: nn.Module, method: str = "tome", r=None, prop_attn: bool = True,
         from . import timm_vit
     except ImportError as exc:  # pragma: no cover - timm is an optional dependency
         raise ImportError("fpet_kernels.patch.timm needs timm (pip install timm)") from exc
-    from ..integrations import peft as _peft, support
-    outer, model = model, _peft._unwrap_peft(model)  # a peft.PeftModel: patch the model inside
+    outer, model = model, _peft.unwrap_peft(model)  # a peft.PeftModel: patch the model inside
     support.check_timm(model)
     timm_vit.patch(model, method=method, r=r, prop_attn=prop_attn, merge_layer=merge_layer, refine=refine,
                    binary_refine=binary_refine, backend=backend, grid=grid)
@@ -83,34 +88,23 @@ def timm(model: nn.Module, method: str = "tome", r=None, prop_attn: bool = True,
 
 
 def hf(model: nn.Module, method: str = "tome", **kw) -> nn.Module:
-    """Patch a Hugging Face transformers ViT / DeiT for token merging (``fpet_kernels/patch_hf.py``,
+    """Patch a Hugging Face transformers ViT / DeiT for token merging (``fpet_kernels/patch/hf_vit.py``,
     docs/integrations.md)."""
-    from .. import patch_hf
-    return patch_hf.hf(model, method, **kw)
-
-
-def _timm_vit_module(model):
-    """``timm_vit`` when ``model`` is a timm VisionTransformer (timm is then imported already)."""
-    vt = sys.modules.get("timm.models.vision_transformer")
-    if vt is not None and isinstance(model, vt.VisionTransformer):
-        from . import timm_vit
-        return timm_vit
-    return None
+    from . import hf_vit  # transformers is an optional dependency: imported when a model is patched
+    return hf_vit.hf(model, method, **kw)
 
 
 def remove(model: nn.Module) -> nn.Module:
     """Undo :func:`timm`: the original classes, no merge modules (PET adapters stay). Same outputs as
     before patching. A model that is not patched is returned unchanged. Also undoes :func:`hf`, and
-    unpatches the model inside a ``peft.PeftModel``."""
-    from ..integrations.peft import _unwrap_peft
-    if _unwrap_peft(model) is not model:
-        remove(_unwrap_peft(model))
+    unpatches the model inside a ``peft.PeftModel``. Each patcher (``core.Patcher``: the timm and the
+    Hugging Face one) says which models it owns and removes its own patch."""
+    inner = _peft.unwrap_peft(model)
+    if inner is not model:
+        remove(inner)
         return model
-    if type(model).__module__.startswith(("transformers.", "fpet_kernels.patch_hf")):
-        from .. import patch_hf
-        return patch_hf.remove_hf(model)
-    mod = _timm_vit_module(model)
-    return mod.remove(model) if mod is not None else model
+    patcher = patcher_of(model)
+    return patcher.remove(model) if patcher is not None else model
 
 
 def merge_state(model: nn.Module, x: Optional[torch.Tensor] = None) -> dict:

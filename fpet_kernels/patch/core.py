@@ -1,6 +1,7 @@
 """What every model patch shares, independent of the model library: the merge configuration, the
-merge state that flows through the blocks, attention returning the merge metric, and one merge step
-(ToMe, FPET or PYRA) on the public ops.
+merge state that flows through the blocks, attention returning the merge metric, one merge step
+(ToMe, FPET or PYRA) on the public ops, and the registry of patchers (:class:`Patcher`: which models
+each owns and how it removes itself, what ``fk.patch.remove`` asks).
 
 Nothing here keeps state: a merging block is a function ``(x, state) -> (x, state)``, where
 ``state`` is a :class:`MergeState` (token sizes, the optional token map, the FPET grid and the
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,6 @@ from torch import Tensor, nn
 from .._checks import r_cap
 from ..ops.attention import attention_inputs, proportional_sdpa
 from ..ops.fpet import fpet_merge
-from ..ops.pyra import pyra_merge
 from ..ops.tome import compose_token_map, parse_r, tome_merge
 
 METHODS = ("tome", "fpet", "pyra")
@@ -38,7 +38,9 @@ class MergeConfig:
 
     ``r``: ToMe's schedule as the user gave it (int, list or ``(r, inflection)``; ``model.r``);
     ``merge_layer``: FPET's merging block; ``grid``: FPET's explicit ``(H, W)`` patch grid (None:
-    from the patch embedding); ``num_prefix``: class, distillation and register tokens (never merged)."""
+    from the patch embedding); ``num_prefix``: class, distillation and register tokens (never merged);
+    ``trace_source``: the Hugging Face patch's output carries the merge state (timm: no effect, the state
+    is asked for with ``forward_features_with_state``)."""
     method: str
     prop_attn: bool = True
     backend: Optional[str] = None
@@ -48,6 +50,7 @@ class MergeConfig:
     r: object = 0
     merge_layer: Optional[int] = None
     grid: Optional[Tuple[int, int]] = None
+    trace_source: bool = False
 
 
 class MergeState(NamedTuple):
@@ -55,7 +58,8 @@ class MergeState(NamedTuple):
 
     ``size`` [B, N, 1] float32 (None until the first merge: every token has size 1);
     ``token_map`` [B, N0] int64, the row now holding each of the N0 input tokens (-1: dropped),
-    or None when not tracked; ``grid`` the ``(H, W)`` patch grid of this input (FPET);
+    or None when not tracked; ``grid`` the ``(H, W)`` patch grid of this input (FPET; None: square,
+    from the token count);
     ``config`` the model's :class:`MergeConfig`."""
     size: Optional[Tensor]
     token_map: Optional[Tensor]
@@ -205,13 +209,13 @@ def _split_prefix(fn, x, metric, size, p):
 def merge_step(x: Tensor, metric: Tensor, state: MergeState, r: int, refine: Optional[nn.Module] = None,
                pyra: Optional[nn.Module] = None) -> Tuple[Tensor, MergeState]:
     """One merge after a block's attention: ``(x', state')``. ToMe merges ``r`` tokens; FPET the
-    whole checkerboard of ``state.grid`` (metric refined by ``refine`` when given); PYRA ``r`` tokens
-    modulated by ``pyra`` (a :class:`~fpet_kernels.pet.PyraModulation`)."""
+    whole checkerboard of ``state.grid`` (square when None; metric refined by ``refine`` when given); PYRA ``r`` tokens
+    modulated by ``pyra`` (a :class:`~fpet_kernels.patch.modules.PyraModulation`, whose forward merges)."""
     cfg, size = state.config, state.size
     cls, dist, p, backend = cfg.class_token, cfg.distill_token, cfg.num_prefix, cfg.backend
     if cfg.method == "fpet":
-        n_grid = state.grid[0] * state.grid[1]
-        if x.shape[1] != p + n_grid:
+        n_grid = None if state.grid is None else state.grid[0] * state.grid[1]
+        if n_grid is not None and x.shape[1] != p + n_grid:
             raise ValueError(f"FPET merges the {state.grid[0]} x {state.grid[1]} patch grid but block input has "
                              f"{x.shape[1]} tokens for {p} prefix tokens (patch dropout or a second merge "
                              "changed the tokens before the FPET layer?)")
@@ -224,9 +228,8 @@ def merge_step(x: Tensor, metric: Tensor, state: MergeState, r: int, refine: Opt
                 out_, out_size_, m = tome_merge(x_, m_, r, s_, c, d, backend=backend)
                 return out_, out_size_, m.token_map
         else:
-            def fn(x_, m_, s_, c=cls, d=dist):
-                out_, out_size_, m = pyra_merge(x_, m_, r, pyra.a, pyra.b, pyra.norm.weight, pyra.norm.bias, s_, c,
-                                                d, eps=pyra.norm.eps, backend=backend, return_matching=True)
+            def fn(x_, m_, s_, c=cls, d=dist):  # the PyraModulation's forward is PYRA's merge (its r rows)
+                out_, out_size_, m = pyra(x_, m_, s_, c, d, backend=backend, return_matching=True)
                 return out_, out_size_, m.token_map
         if p == int(cls) + int(dist):  # the flags describe every prefix token
             out, out_size, step = fn(x, metric, size)
@@ -234,3 +237,29 @@ def merge_step(x: Tensor, metric: Tensor, state: MergeState, r: int, refine: Opt
             out, out_size, step = _split_prefix(lambda x_, m_, s_: fn(x_, m_, s_, False, False), x, metric, size, p)
     tmap = None if state.token_map is None else compose_token_map(state.token_map, step)
     return out, MergeState(out_size, tmap, state.grid, cfg)
+
+
+# ----------------------------------------------------------------------------- patchers
+class Patcher(NamedTuple):
+    """A model library's patch, as ``fk.patch.remove`` sees it: ``owns(model)`` says whether ``model`` is
+    one of the classes it patches (patched or not), ``remove(model)`` undoes its patch. Each patch module
+    (``timm_vit.py``, ``hf_vit.py``) registers one when imported; a patched model's class lives in that
+    module, so the module is imported whenever such a model exists (unpickled ones included)."""
+    name: str
+    owns: Callable[[nn.Module], bool]
+    remove: Callable[[nn.Module], nn.Module]
+
+
+PATCHERS: List[Patcher] = []
+
+
+def register_patcher(patcher: Patcher) -> Patcher:
+    """Add ``patcher`` (once per name)."""
+    if not any(p.name == patcher.name for p in PATCHERS):
+        PATCHERS.append(patcher)
+    return patcher
+
+
+def patcher_of(model: nn.Module) -> Optional[Patcher]:
+    """The registered patcher owning ``model``, or None."""
+    return next((p for p in PATCHERS if p.owns(model)), None)

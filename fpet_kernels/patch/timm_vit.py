@@ -28,8 +28,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..ops.tome import parse_r, unmerge
-from .core import (MergeConfig, MergeState, already_patched, attention_with_metric, check_grid, merge_step,
-                   method_arguments, schedule, warn_capped)
+from .core import (MergeConfig, MergeState, Patcher, already_patched, attention_with_metric, check_grid, merge_step,
+                   method_arguments, register_patcher, schedule, warn_capped)
+from .modules import PyraModulation, RefinementAdapter
 
 
 # ----------------------------------------------------------------------------- block
@@ -261,12 +262,10 @@ def patch(model: nn.Module, method: str = "tome", r=None, prop_attn: bool = True
     if method == "fpet":
         cfg.merge_layer = merge_layer
         if args["refine"]:
-            from ..pet import RefinementAdapter
             head_dim = model.blocks[merge_layer].attn.head_dim
             new[(merge_layer, "fk_refine")] = RefinementAdapter(head_dim, head_dim // 2,
                                                                 binary=args["binary_refine"])
     elif method == "pyra":
-        from ..pet import PyraModulation
         dim = model.blocks[0].attn.qkv.in_features
         for i, rl in enumerate(rs):
             if rl > 0:
@@ -300,3 +299,11 @@ def remove(model: nn.Module) -> nn.Module:
         if type(blk) is FKBlock and getattr(blk, "fk_adapter", None) is None:
             blk.__class__ = Block
     return model
+
+
+def owns(model: nn.Module) -> bool:
+    """Whether ``model`` is a timm ``VisionTransformer`` (patched or not): what :func:`remove` undoes."""
+    return isinstance(model, VisionTransformer)
+
+
+register_patcher(Patcher("timm", owns, remove))

@@ -11,7 +11,7 @@ One layer, one method: :func:`replace_modules` refuses to replace a layer anothe
 holds (a ``PaFiLinear``, a ``HiWiLinear``, a ``LoRAQKV``: its trained state would be dropped without a
 word), and the selection functions return such a wrapped layer under its own name (LoRA's ``attn.qkv``)
 so that asking for it gets that error rather than a silent skip. ``pet.fold`` first makes them plain
-layers again. :func:`fold_modules` records on the model what was folded (:data:`FOLDED_ATTR`), which
+layers again. :func:`fold_modules` records on the model what was folded (``registry.FOLDED_ATTR``), which
 ``pet.save`` reads."""
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from typing import List, Sequence, Tuple, Union
 
 import torch.nn as nn
 
-from .modules import LoRAQKV, is_pet_module
+from .lora import LoRAQKV
+from .registry import FOLDED_ATTR, is_pet_module, mark_folded  # noqa: F401 (FOLDED_ATTR: re-exported)
 
 FFN_PATTERN = re.compile(r"(^|\.)(mlp|ffn|feed_forward)\.|^intermediate\.dense$|^output\.dense$")
 # the attention input projections (their input is the block's normed input): timm ``attn.qkv``, BERT/RoBERTa
@@ -29,10 +30,6 @@ QKV_PATTERN = re.compile(r"(^|\.)(qkv|query|key|value|[qkv]_proj|[qkv]_lin|[qkv]
 
 # named subsets of the block linears (``block_linears(model, preset)``)
 PRESETS = ("blocks", "ffn", "attention", "qkv", "qkv_ffn")
-
-#: Attribute ``pet.fold`` leaves on a model whose PET layers it folded: the sorted names of the folded
-#: methods (a plain list on the model object, not a buffer). ``pet.save`` refuses such a model.
-FOLDED_ATTR = "_fk_folded"
 
 #: Method names of the layer types a PET method puts in place of an nn.Linear (for error messages).
 _METHOD_OF_TYPE = {"PaFiLinear": "pafi", "HiWiLinear": "hiwi", "LoRAQKV": "lora"}
@@ -193,11 +190,3 @@ def fold_modules(model: nn.Module, found) -> nn.Module:
         replace_module(model, name, mod.to_linear())
     mark_folded(model, {held_by(mod) for _, mod in found})
     return model
-
-
-def mark_folded(model: nn.Module, methods) -> None:
-    """Add ``methods`` (names) to the folded methods recorded on ``model`` (:data:`FOLDED_ATTR`)."""
-    methods = {m for m in methods if m}
-    if methods:
-        done = set(getattr(model, FOLDED_ATTR, None) or ())
-        object.__setattr__(model, FOLDED_ATTR, sorted(done | methods))

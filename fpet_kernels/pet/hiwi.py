@@ -36,6 +36,7 @@ naming such targets. A target holding NaN or inf is refused.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import warnings
@@ -47,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _targets
-from .modules import register_folder, register_method, register_pet_module
+from .registry import Method, MethodState, register, register_pet_module
 
 __all__ = ["HiWiAdapter", "HiWiLinear", "apply_hiwi", "fold_hiwi", "hiwi_modules", "TARGETS"]
 
@@ -227,5 +228,90 @@ def fold_hiwi(model: nn.Module) -> nn.Module:
     return _targets.fold_modules(model, hiwi_modules(model))
 
 
-register_method("hiwi", apply_hiwi, {"rank", "targets"})
-register_folder(fold_hiwi)
+# ----------------------------------------------------------------------------- pet.save / pet.load
+#: Attribute set on a model by ``pet.load`` of a HiWi task: the pre-trained target tensors (so the next
+#: task is ``P0 + delta``). A plain dict on the model object, not a buffer: the module tree is unchanged.
+HIWI_BASE_ATTR = "_fk_hiwi_base"
+
+
+def _tensor_fingerprint(t: Tensor) -> str:
+    return hashlib.sha256(t.detach().double().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _state_targets(model: nn.Module) -> Dict[str, Tensor]:
+    """``{qualified param name: parameter}`` of the HiWi targets: of the HiWi layers, or of a previous load."""
+    out = {}
+    for n, m in hiwi_modules(model):
+        if m.hiwi_weight is not None:
+            out[f"{n}.weight"] = m.weight
+        if m.hiwi_bias is not None:
+            out[f"{n}.bias"] = m.bias
+    base = getattr(model, HIWI_BASE_ATTR, None)
+    if base:
+        params = dict(model.named_parameters())
+        out.update({k: params[k] for k in base if k in params})
+    return out
+
+
+def _save_state(model: nn.Module, tensors: Dict[str, Tensor]) -> Dict[str, str]:
+    """``hiwi/<param>``: the folded deltas ``f(P)`` of the targets; the metadata: each target's fingerprint."""
+    entry = {}
+    for n, m in hiwi_modules(model):
+        for which, delta in m.deltas().items():
+            key = f"{n}.{which}"
+            tensors[f"hiwi/{key}"] = delta.contiguous()
+            entry[key] = _tensor_fingerprint(getattr(m, which))
+    base = getattr(model, HIWI_BASE_ATTR, None) or {}
+    params = dict(model.named_parameters())
+    for key, p0 in base.items():
+        if key not in entry:
+            tensors[f"hiwi/{key}"] = (params[key].detach() - p0).contiguous()
+            entry[key] = _tensor_fingerprint(p0)
+    return entry
+
+
+def _refuse_adapters(model: nn.Module, entry) -> None:
+    if hiwi_modules(model) and entry:
+        raise ValueError("model has unfolded HiWi adapters; a task file holds folded deltas: load it into the "
+                         "plain pre-trained backbone")
+
+
+def _check_state(model: nn.Module, tensors: Dict[str, Tensor], entry, path) -> None:
+    if not entry:
+        return
+    params_all = dict(model.named_parameters())
+    base = getattr(model, HIWI_BASE_ATTR, None) or {}
+    for key, fph in entry.items():
+        if key not in params_all:
+            raise ValueError(f"HiWi target {key} of {path} is not a parameter of {type(model).__name__}")
+        p0 = base.get(key, params_all[key])
+        if tuple(tensors[f"hiwi/{key}"].shape) != tuple(p0.shape) or _tensor_fingerprint(p0) != fph:
+            raise ValueError(f"HiWi target {key}: the model's pre-trained tensor differs from the one the task "
+                             "was trained on (another backbone)")
+    other = set(base) - set(entry)
+    if other:
+        raise ValueError(f"model holds another HiWi task's targets {sorted(other)[:5]} that {path} does not set")
+
+
+def _write_state(model: nn.Module, tensors: Dict[str, Tensor], entry) -> None:
+    if not entry:
+        return
+    params = dict(model.named_parameters())
+    base = getattr(model, HIWI_BASE_ATTR, None)
+    if base is None:
+        base = {}
+        object.__setattr__(model, HIWI_BASE_ATTR, base)
+    for key in entry:
+        p = params[key]
+        if key not in base:
+            base[key] = p.detach().clone()
+        p.copy_(base[key] + tensors[f"hiwi/{key}"].to(p.device, p.dtype))
+
+
+register(Method("hiwi", apply_hiwi, frozenset({"rank", "targets"}), fold=fold_hiwi,
+                state=MethodState(modules=hiwi_modules, save=_save_state, check=_check_state, write=_write_state,
+                                  own_types=(HiWiAdapter,), precheck=_refuse_adapters,
+                                  present=lambda model: bool(hiwi_modules(model) or getattr(model, HIWI_BASE_ATTR,
+                                                                                                None)),
+                                  changed=lambda model: {id(p) for p in _state_targets(model).values()},
+                                  skip_names=lambda entry: set(entry or ()))))

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..ops import sparse
 from . import _targets
-from .modules import register_folder, register_method, register_pet_module
+from .registry import Method, MethodState, register, register_pet_module
 
 __all__ = ["pafi_mask", "pafi_indices", "PaFiLinear", "apply_pafi", "fold_pafi", "pafi_modules", "pafi_fingerprint",
            "SCOPES"]
@@ -384,5 +384,46 @@ def pafi_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-register_method("pafi", apply_pafi, {"ratio", "targets", "scope", "backend"})
-register_folder(fold_pafi)
+# ----------------------------------------------------------------------------- pet.save / pet.load
+def _save_state(model: nn.Module, tensors: Dict[str, Tensor]):
+    """``pafi/<module>``: the k delta values of each target; the metadata: settings, mask fingerprint."""
+    pafi = pafi_modules(model)
+    if not pafi:
+        return None
+    entry = {"settings": pafi[0][1].pafi_settings, "fingerprint": pafi_fingerprint(model),
+             "modules": [n for n, _ in pafi]}
+    for n, m in pafi:
+        tensors[f"pafi/{n}"] = m.pafi_delta.detach().contiguous()
+    return entry
+
+
+def _prepare_state(model: nn.Module, entry):
+    """A model without PaFi layers gets them from the file's settings (undone by folding the zero deltas)."""
+    if not entry or pafi_modules(model):
+        return None
+    s = entry["settings"]
+    apply_pafi(model, ratio=s["ratio"], targets=s["targets"], scope=s["scope"])
+    return fold_pafi
+
+
+def _check_state(model: nn.Module, tensors: Dict[str, Tensor], entry, path) -> None:
+    pafi = pafi_modules(model)
+    if entry:
+        fp = pafi_fingerprint(model)
+        if fp != entry["fingerprint"]:
+            raise ValueError("PaFi mask fingerprint differs: the file was saved from another backbone or with other "
+                             f"mask settings (file: {entry['settings']}, model: {pafi[0][1].pafi_settings})")
+    elif pafi:
+        raise ValueError(f"model has PaFi layers but {path} holds no PaFi deltas")
+
+
+def _write_state(model: nn.Module, tensors: Dict[str, Tensor], entry) -> None:
+    for n, m in pafi_modules(model):
+        m.pafi_delta.copy_(tensors[f"pafi/{n}"].to(m.pafi_delta.device, m.pafi_delta.dtype))
+        m.sync()
+
+
+register(Method("pafi", apply_pafi, frozenset({"ratio", "targets", "scope", "backend"}), fold=fold_pafi,
+                state=MethodState(modules=pafi_modules, save=_save_state, check=_check_state, write=_write_state,
+                                  own_types=(PaFiLinear,), prepare=_prepare_state,
+                                  changed=lambda model: {id(m.weight) for _, m in pafi_modules(model)})))

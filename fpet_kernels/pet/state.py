@@ -1,5 +1,8 @@
 """``pet.save`` / ``pet.load``: the state one task needs, in one safetensors file.
 
+Method-blind: what a method stores in its own form (PaFi, HiWi) is its ``registry.MethodState``
+(``save`` / ``check`` / ``write`` hooks in ``pafi.py`` / ``hiwi.py``); this module asks the registry.
+
 What a file holds (tensor key prefixes; settings and fingerprints in the safetensors metadata):
   ``pet/<module>.<param>``  parameters of the PET modules (LoRA, AdaptFormer, the refinement adapter,
                            PYRA's modulation, ...); a 1-bit ``BinaryLinear`` weight is stored as
@@ -8,7 +11,7 @@ What a file holds (tensor key prefixes; settings and fingerprints in the safeten
   ``pafi/<module>``        PaFi: the k delta values of each target only (the indices are recomputed from
                            the pre-trained weights and checked against the stored fingerprint);
   ``hiwi/<param>``         HiWi: the folded deltas ``f(P)`` of the target tensors;
-  ``head/<name>.<key>``    the heads (``modules.HEAD_NAMES``): their full state dicts.
+  ``head/<name>.<key>``    the heads (``pet.HEAD_NAMES``): their full state dicts.
 
 The metadata also holds ``checksum``: sha256 over every tensor (name, dtype, shape, bytes) and the other
 metadata entries. ``load`` recomputes it and refuses a damaged file; a file written before the checksum
@@ -37,22 +40,15 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from . import _targets
-from . import hiwi as _hiwi
-from . import pafi as _pafi
-from .modules import (BinaryLinear, LoRAQKV, _own_parameters, _pet_modules, heads, pack_binary, register_folder,
-                      unpack_binary)
+from ..layers import BinaryLinear, pack_binary, unpack_binary
+from .lora import LoRAQKV
+from .model import heads
+from .registry import FOLDED_ATTR, entries, own_parameters, pet_modules
 
 __all__ = ["save", "load", "FORMAT"]
 
 FORMAT = "fpet_kernels.pet/1"
-#: Attribute set on a model by ``load`` of a HiWi task: the pre-trained target tensors (so the next
-#: task is ``P0 + delta``). A plain dict on the model object, not a buffer: the module tree is unchanged.
-HIWI_BASE_ATTR = "_fk_hiwi_base"
 _SAMPLE = 16
-#: Method names of the PET module types (the file's ``pet`` metadata holds type names), for messages.
-_METHOD_OF_TYPE = {"LoRAQKV": "lora", "AdaptFormerAdapter": "adaptformer", "RefinementAdapter": "fpet (refinement)",
-                   "PyraModulation": "pyra"}
 
 
 def _safetensors():
@@ -64,25 +60,23 @@ def _safetensors():
 
 
 # ----------------------------------------------------------------------------- what belongs to a task
+def _stateful():
+    """The registered methods that store their task in their own form (``registry.MethodState``)."""
+    return [m for m in entries() if m.state is not None]
+
+
+def _method_of_type(name: str) -> str:
+    """The method name of a PET module type (the file's ``pet`` metadata holds type names), for messages."""
+    for m in entries():
+        if any(t.__name__ == name for t in m.module_types):
+            return m.label or m.name
+    return name
+
+
 def _generic_pet(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """PET modules saved parameter by parameter (not PaFi / HiWi, which have their own forms)."""
-    return [(n, m) for n, m in _pet_modules(model)
-            if not isinstance(m, (_pafi.PaFiLinear, _hiwi.HiWiAdapter))]
-
-
-def _hiwi_targets(model: nn.Module) -> Dict[str, Tensor]:
-    """``{qualified param name: parameter}`` of the HiWi targets: of the HiWi layers, or of a previous load."""
-    out = {}
-    for n, m in _hiwi.hiwi_modules(model):
-        if m.hiwi_weight is not None:
-            out[f"{n}.weight"] = m.weight
-        if m.hiwi_bias is not None:
-            out[f"{n}.bias"] = m.bias
-    base = getattr(model, HIWI_BASE_ATTR, None)
-    if base:
-        params = dict(model.named_parameters())
-        out.update({k: params[k] for k in base if k in params})
-    return out
+    """PET modules saved parameter by parameter (not those of a method with its own form: PaFi, HiWi)."""
+    own = tuple(t for m in _stateful() for t in m.state.own_types)
+    return [(n, m) for n, m in pet_modules(model) if not isinstance(m, own)]
 
 
 def _norm_names(model: nn.Module) -> Dict[str, str]:
@@ -100,12 +94,13 @@ def _norm_names(model: nn.Module) -> Dict[str, str]:
 
 def _backbone_fingerprint(model: nn.Module, skip_names=()) -> str:
     """sha256 over the frozen backbone tensors: names, shapes, dtypes and the first/last 16 values of each
-    (O(number of tensors), not O(parameters)). PET parameters, heads, PaFi-target weights and HiWi
-    targets (which a task changes) are left out."""
-    skip = {id(p) for _, m in _pet_modules(model) for _, p in _own_parameters(m)}
+    (O(number of tensors), not O(parameters)). PET parameters, heads and what a method's task changes in
+    the backbone (PaFi-target weights, HiWi targets: ``MethodState.changed``) are left out."""
+    skip = {id(p) for _, m in pet_modules(model) for _, p in own_parameters(m)}
     skip |= {id(p) for mod in heads(model).values() for p in mod.parameters()}
-    skip |= {id(m.weight) for _, m in _pafi.pafi_modules(model)}
-    skip |= {id(p) for p in _hiwi_targets(model).values()}
+    for m in _stateful():
+        if m.state.changed is not None:
+            skip |= m.state.changed(model)
     names = _norm_names(model)
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters(), key=lambda t: names[t[0]]):
@@ -116,10 +111,6 @@ def _backbone_fingerprint(model: nn.Module, skip_names=()) -> str:
         h.update(f"{names[name]}|{tuple(p.shape)}|{p.dtype}".encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()
-
-
-def _tensor_fingerprint(t: Tensor) -> str:
-    return hashlib.sha256(t.detach().double().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def _checksum(tensors: Dict[str, Tensor], meta: Dict[str, str]) -> str:
@@ -138,28 +129,16 @@ def _checksum(tensors: Dict[str, Tensor], meta: Dict[str, str]) -> str:
 
 def _file_methods(meta: Dict[str, object]) -> List[str]:
     """The PET methods a file's task uses (from its metadata)."""
-    out = {_METHOD_OF_TYPE.get(t[0], t[0]) for t in (meta.get("pet") or {}).values()}
-    out |= {"pafi"} if meta.get("pafi") else set()
-    out |= {"hiwi"} if meta.get("hiwi") else set()
+    out = {_method_of_type(t[0]) for t in (meta.get("pet") or {}).values()}
+    out |= {m.name for m in _stateful() if meta.get(m.name)}
     return sorted(out)
 
 
 def _model_methods(model: nn.Module) -> List[str]:
     """The PET methods ``model`` holds: its PET module types, PaFi layers, HiWi layers or a loaded HiWi task."""
-    out = {_METHOD_OF_TYPE.get(type(m).__name__, type(m).__name__) for _, m in _generic_pet(model)}
-    out |= {"pafi"} if _pafi.pafi_modules(model) else set()
-    out |= {"hiwi"} if _hiwi.hiwi_modules(model) or getattr(model, HIWI_BASE_ATTR, None) else set()
+    out = {_method_of_type(type(m).__name__) for _, m in _generic_pet(model)}
+    out |= {m.name for m in _stateful() if m.state.holds(model)}
     return sorted(out)
-
-
-def _mark_lora_fold(model: nn.Module) -> None:
-    """``pet.fold`` runs the registered folders, then merges LoRA: record that LoRA is being folded
-    (PaFi and HiWi record theirs in ``_targets.fold_modules``)."""
-    if any(isinstance(m, LoRAQKV) for m in model.modules()):
-        _targets.mark_folded(model, {"lora"})
-
-
-register_folder(_mark_lora_fold)
 
 
 # ----------------------------------------------------------------------------- save
@@ -177,7 +156,7 @@ def save(model: nn.Module, path: str, allow_folded: bool = False) -> Dict[str, i
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     if not isinstance(allow_folded, bool):
         raise TypeError(f"allow_folded must be a bool, got {type(allow_folded).__name__} {allow_folded!r}")
-    folded = getattr(model, _targets.FOLDED_ATTR, None)
+    folded = getattr(model, FOLDED_ATTR, None)
     if folded and not allow_folded:
         raise ValueError(f"model was folded by pet.fold ({', '.join(folded)}): its trained deltas are in the backbone "
                          "weights now and a file saved from it would load into no model but this folded one. "
@@ -192,7 +171,7 @@ def save(model: nn.Module, path: str, allow_folded: bool = False) -> Dict[str, i
     for name, mod in _generic_pet(model):
         pet_meta[name] = [type(mod).__name__, mod.extra_repr()]
         bin_w = {id(m.weight): m for m in mod.modules() if isinstance(m, BinaryLinear)}
-        for pname, p in _own_parameters(mod):
+        for pname, p in own_parameters(mod):
             key = f"{name}.{pname}" if name else pname
             if id(p) in bin_w:
                 d = pack_binary(bin_w[id(p)])
@@ -201,27 +180,11 @@ def save(model: nn.Module, path: str, allow_folded: bool = False) -> Dict[str, i
             else:
                 tensors[f"pet/{key}"] = p.detach().contiguous()
     meta["pet"], meta["binary"] = pet_meta, binary
-    # PaFi
-    pafi = _pafi.pafi_modules(model)
-    if pafi:
-        meta["pafi"] = {"settings": pafi[0][1].pafi_settings, "fingerprint": _pafi.pafi_fingerprint(model),
-                        "modules": [n for n, _ in pafi]}
-        for n, m in pafi:
-            tensors[f"pafi/{n}"] = m.pafi_delta.detach().contiguous()
-    # HiWi: folded deltas
-    hiwi_meta = {}
-    for n, m in _hiwi.hiwi_modules(model):
-        for which, delta in m.deltas().items():
-            key = f"{n}.{which}"
-            tensors[f"hiwi/{key}"] = delta.contiguous()
-            hiwi_meta[key] = _tensor_fingerprint(getattr(m, which))
-    base = getattr(model, HIWI_BASE_ATTR, None) or {}
-    params = dict(model.named_parameters())
-    for key, p0 in base.items():
-        if key not in hiwi_meta:
-            tensors[f"hiwi/{key}"] = (params[key].detach() - p0).contiguous()
-            hiwi_meta[key] = _tensor_fingerprint(p0)
-    meta["hiwi"] = hiwi_meta
+    # methods with their own form (PaFi: k deltas; HiWi: folded deltas)
+    for m in _stateful():
+        entry = m.state.save(model, tensors)
+        if entry is not None:
+            meta[m.name] = entry
     # heads
     head_meta = {}
     for hname, mod in heads(model).items():
@@ -301,30 +264,31 @@ def load(model: nn.Module, path: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     tensors, meta = _read(path)
-    folded = getattr(model, _targets.FOLDED_ATTR, None)
-    created_pafi = False
+    folded = getattr(model, FOLDED_ATTR, None)
+    undo = []  # what preparing the model added (PaFi layers from the file's settings), undone on an error
     try:
         _check_methods(model, meta, path)
-        if _hiwi.hiwi_modules(model) and meta.get("hiwi"):
-            raise ValueError("model has unfolded HiWi adapters; a task file holds folded deltas: load it into the "
-                             "plain pre-trained backbone")
+        for m in _stateful():
+            if m.state.precheck is not None:
+                m.state.precheck(model, meta.get(m.name))
         want_folded = meta.get("folded") or []
         if want_folded and sorted(want_folded) != sorted(folded or []):
             raise ValueError(f"{path} was saved (allow_folded=True) from a model folded by pet.fold "
                              f"({', '.join(want_folded)}), the model "
                              + (f"was folded ({', '.join(folded)})" if folded else "is not folded")
                              + ": it loads only into that folded model (or a copy of it)")
-        if meta.get("pafi") and not _pafi.pafi_modules(model):
-            s = meta["pafi"]["settings"]
-            _pafi.apply_pafi(model, ratio=s["ratio"], targets=s["targets"], scope=s["scope"])
-            created_pafi = True
+        for m in _stateful():
+            fn = m.state.prepare(model, meta.get(m.name)) if m.state.prepare is not None else None
+            if fn is not None:
+                undo.append(fn)
         _check(model, tensors, meta, path)
     except Exception as e:
-        if created_pafi:  # deltas are zero: the backbone is unchanged; it was not folded by the user
-            _pafi.fold_pafi(model)
-            model.__dict__.pop(_targets.FOLDED_ATTR, None)  # that fold_pafi is not the user's pet.fold
+        if undo:  # deltas are zero: the backbone is unchanged; it was not folded by the user
+            for fn in undo:
+                fn(model)
+            model.__dict__.pop(FOLDED_ATTR, None)  # that fold is not the user's pet.fold
             if folded is not None:
-                object.__setattr__(model, _targets.FOLDED_ATTR, folded)
+                object.__setattr__(model, FOLDED_ATTR, folded)
         if folded and isinstance(e, ValueError) and not meta.get("folded"):
             raise ValueError(f"{e} (the model was folded by pet.fold ({', '.join(folded)}): its weights are no "
                              "longer the pre-trained ones, load tasks into an unfolded backbone)") from e
@@ -335,9 +299,10 @@ def load(model: nn.Module, path: str) -> nn.Module:
 
 def _check_methods(model: nn.Module, meta: Dict[str, object], path) -> None:
     """The file's PET methods against the model's (before the backbone: another method changes what the
-    backbone fingerprint covers). PaFi and HiWi may be missing from the model (``load`` adds them)."""
+    backbone fingerprint covers). A method with its own form (PaFi, HiWi) may be missing from the model
+    (``load`` adds PaFi's layers; HiWi loads into the plain backbone)."""
     want, have = _file_methods(meta), _model_methods(model)
-    missing = set(want) - set(have) - {"pafi", "hiwi"}
+    missing = set(want) - set(have) - {m.name for m in _stateful()}
     extra = set(have) - set(want)
     if missing or extra:
         parts = []
@@ -352,7 +317,11 @@ def _check_methods(model: nn.Module, meta: Dict[str, object], path) -> None:
 
 
 def _check(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, object], path) -> None:
-    if _backbone_fingerprint(model, skip_names=set(meta.get("hiwi") or ())) != meta["backbone"]:
+    skip = set()
+    for m in _stateful():
+        if m.state.skip_names is not None:
+            skip |= m.state.skip_names(meta.get(m.name))
+    if _backbone_fingerprint(model, skip_names=skip) != meta["backbone"]:
         raise ValueError(f"{path} was saved from another backbone (or other backbone weights) than "
                          f"{type(model).__name__}: backbone fingerprints differ")
     # generic PET modules: same names, types, settings, shapes
@@ -363,7 +332,7 @@ def _check(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, object]
     for n in want:
         if have[n] != want[n]:
             raise ValueError(f"PET module {n!r} has other settings: file {want[n]}, model {have[n]}")
-    params = {f"{n}.{p}" if n else p: t for n, m in _generic_pet(model) for p, t in _own_parameters(m)}
+    params = {f"{n}.{p}" if n else p: t for n, m in _generic_pet(model) for p, t in own_parameters(m)}
     stored = {k[4:] for k in tensors if k.startswith("pet/")} | {k[5:] for k in tensors if k.startswith("bits/")}
     if set(params) != stored:
         raise ValueError(_diff("PET parameters", stored, params))
@@ -373,31 +342,9 @@ def _check(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, object]
                              f"model shape {tuple(p.shape)}")
         if k in meta.get("binary", {}) and tuple(meta["binary"][k][2]) != tuple(p.shape):
             raise ValueError(f"1-bit weight {k}: file shape {tuple(meta['binary'][k][2])}, model {tuple(p.shape)}")
-    # PaFi
-    pafi_meta = meta.get("pafi")
-    pafi = _pafi.pafi_modules(model)
-    if pafi_meta:
-        fp = _pafi.pafi_fingerprint(model)
-        if fp != pafi_meta["fingerprint"]:
-            raise ValueError("PaFi mask fingerprint differs: the file was saved from another backbone or with other "
-                             f"mask settings (file: {pafi_meta['settings']}, model: {pafi[0][1].pafi_settings})")
-    elif pafi:
-        raise ValueError(f"model has PaFi layers but {path} holds no PaFi deltas")
-    # HiWi
-    hiwi_meta = meta.get("hiwi") or {}
-    if hiwi_meta:
-        params_all = dict(model.named_parameters())
-        base = getattr(model, HIWI_BASE_ATTR, None) or {}
-        for key, fph in hiwi_meta.items():
-            if key not in params_all:
-                raise ValueError(f"HiWi target {key} of {path} is not a parameter of {type(model).__name__}")
-            p0 = base.get(key, params_all[key])
-            if tuple(tensors[f"hiwi/{key}"].shape) != tuple(p0.shape) or _tensor_fingerprint(p0) != fph:
-                raise ValueError(f"HiWi target {key}: the model's pre-trained tensor differs from the one the task "
-                                 "was trained on (another backbone)")
-        other = set(base) - set(hiwi_meta)
-        if other:
-            raise ValueError(f"model holds another HiWi task's targets {sorted(other)[:5]} that {path} does not set")
+    # methods with their own form (PaFi, HiWi)
+    for m in _stateful():
+        m.state.check(model, tensors, meta.get(m.name), path)
     # heads
     have_heads = heads(model)
     if set(have_heads) != set(meta.get("heads", {})):
@@ -417,7 +364,7 @@ def _check(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, object]
 def _write(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, object]) -> None:
     for n, m in _generic_pet(model):
         bin_mods = {id(b.weight): b for b in m.modules() if isinstance(b, BinaryLinear)}
-        for pname, p in _own_parameters(m):
+        for pname, p in own_parameters(m):
             key = f"{n}.{pname}" if n else pname
             if f"pet/{key}" in tensors:
                 p.copy_(tensors[f"pet/{key}"].to(p.device, p.dtype))
@@ -429,21 +376,8 @@ def _write(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, object]
                                        dtype=getattr(torch, dtype)))
                 p.copy_(w.to(p.device, p.dtype))
                 bin_mods[id(p)].binary_stats = (mu, sigma)
-    for n, m in _pafi.pafi_modules(model):
-        m.pafi_delta.copy_(tensors[f"pafi/{n}"].to(m.pafi_delta.device, m.pafi_delta.dtype))
-        m.sync()
-    hiwi_meta = meta.get("hiwi") or {}
-    if hiwi_meta:
-        params = dict(model.named_parameters())
-        base = getattr(model, HIWI_BASE_ATTR, None)
-        if base is None:
-            base = {}
-            object.__setattr__(model, HIWI_BASE_ATTR, base)
-        for key in hiwi_meta:
-            p = params[key]
-            if key not in base:
-                base[key] = p.detach().clone()
-            p.copy_(base[key] + tensors[f"hiwi/{key}"].to(p.device, p.dtype))
+    for m in _stateful():
+        m.state.write(model, tensors, meta.get(m.name))
     for hname, mod in heads(model).items():
         sd = {k[len(hname) + 6:]: v for k, v in tensors.items() if k.startswith(f"head/{hname}.")}
         mod.load_state_dict(sd)

@@ -58,7 +58,10 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..ops.xpeft import xpeft_adapter
-from .modules import AdaptFormerAdapter, _bool, _pos_int, _real, register_method
+from ..layers import check_bool, check_pos_int, check_real
+from ..patch import ensure_block
+from .adaptformer import AdaptFormerAdapter
+from .registry import Method, register
 
 __all__ = ["XPeft", "XPeftSite", "apply_xpeft", "add_profile", "remove_profile", "profile_names", "set_profiles",
            "train_profile", "mask_weights", "save_profile", "load_profile", "profile_bytes"]
@@ -179,18 +182,18 @@ class XPeft(nn.Module):
     def __init__(self, layers: int, dim: int, adapters: Optional[int] = None, rank: int = 16, seed: Optional[int] = 0,
                  mask: str = "hard", k: int = 4, tau: float = 1.0, scale: Optional[float] = None, bank=None):
         super().__init__()
-        self.layers, self.dim = _pos_int("layers", layers), _pos_int("dim", dim)
+        self.layers, self.dim = check_pos_int("layers", layers), check_pos_int("dim", dim)
         if mask not in MASKS:
             raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
-        self.mask, self.tau = mask, _real("tau", tau)
+        self.mask, self.tau = mask, check_real("tau", tau)
         if self.tau <= 0:
             raise ValueError(f"tau must be > 0, got {tau}")
         if bank is None:
             if isinstance(seed, bool) or not isinstance(seed, int):
                 raise TypeError(f"seed must be an int (the random bank's seed), got {type(seed).__name__}")
             adapters = 64 if adapters is None else adapters
-            self.adapters, self.rank, self.seed = _pos_int("adapters", adapters), _pos_int("rank", rank), seed
-            self.scale = 0.1 if scale is None else _real("scale", scale)
+            self.adapters, self.rank, self.seed = check_pos_int("adapters", adapters), check_pos_int("rank", rank), seed
+            self.scale = 0.1 if scale is None else check_real("scale", scale)
             t = _random_bank(layers, self.adapters, dim, self.rank, seed)
             persistent = False  # regenerated from the seed: stores nothing
             self.bank_id = "random-" + _fingerprint(["random-v1", seed, layers, self.adapters, dim, self.rank,
@@ -200,10 +203,10 @@ class XPeft(nn.Module):
             self.adapters, self.rank, self.seed = t["down"].shape[1], t["down"].shape[3], None
             if adapters is not None and adapters != self.adapters:
                 raise ValueError(f"adapters={adapters} but the bank holds {self.adapters} adapters per layer")
-            self.scale = 1.0 if scale is None else _real("scale", scale)
+            self.scale = 1.0 if scale is None else check_real("scale", scale)
             persistent = True
             self.bank_id = "trained-" + _fingerprint([t["down"], t["down_bias"], t["up"], t["up_bias"], self.scale])
-        self.k = _pos_int("k", k)
+        self.k = check_pos_int("k", k)
         if mask == "hard" and self.k > self.adapters:
             raise ValueError(f"k must be <= adapters = {self.adapters}, got {k}")
         for name, v in t.items():
@@ -336,7 +339,6 @@ def apply_xpeft(model: nn.Module, adapters: Optional[int] = None, rank: int = 16
     if blocks is not None:
         if any(getattr(b, "fk_adapter", None) is not None for b in blocks):
             raise ValueError("model already has adapters (blk.fk_adapter); X-PEFT uses that place")
-        from ..patch import ensure_block
         dim = blocks[0].mlp.fc1.in_features if hasattr(blocks[0].mlp, "fc1") else blocks[0].norm2.weight.shape[0]
         ctrl = XPeft(len(blocks), dim, adapters, rank, seed, mask, k, tau, scale, bank)
         model.fk_xpeft = ctrl
@@ -359,7 +361,8 @@ def apply_xpeft(model: nn.Module, adapters: Optional[int] = None, rank: int = 16
     return model
 
 
-register_method("xpeft", apply_xpeft, {"adapters", "rank", "seed", "mask", "k", "tau", "scale", "bank", "backend"})
+register(Method("xpeft", apply_xpeft, frozenset({"adapters", "rank", "seed", "mask", "k", "tau", "scale", "bank",
+                                                 "backend"})))
 
 
 def _ctrl(model: nn.Module) -> XPeft:
@@ -389,7 +392,7 @@ def add_profile(model: nn.Module, name: str, init_std: float = 1e-3, seed: int =
     if name in c.profiles:
         raise ValueError(f"profile {name!r} already exists (pet.remove_profile first)")
     g = torch.Generator(device="cpu").manual_seed(int(seed))
-    init = torch.randn(2, c.layers, c.adapters, generator=g) * _real("init_std", init_std)
+    init = torch.randn(2, c.layers, c.adapters, generator=g) * check_real("init_std", init_std)
     p = nn.Parameter(init.to(device=c.down.device, dtype=c.down.dtype))
     c.profiles[name] = p
     return p
@@ -487,7 +490,7 @@ def load_profile(model: nn.Module, name: str, path: str, head: Optional[nn.Modul
     from safetensors import safe_open
     c = _ctrl(model)
     _check_name(name)
-    _bool("replace", replace)
+    check_bool("replace", replace)
     if name in c.profiles and not replace:
         raise ValueError(f"profile {name!r} already exists (pass replace=True)")
     if head is not None and not isinstance(head, nn.Module):

@@ -15,8 +15,9 @@ How (stateless): the base model's class (``ViTModel`` / ``DeiTModel``) and each 
 swapped for the real subclasses below; nothing is copied. The patched model forward runs the
 embeddings, then the layer loop with the merge state (``size``, the token map) passed *through the
 layer calls* as inputs and outputs; no tensor is kept on a module between forwards. Only static
-settings (method, per-layer ``r``, backend) live on the base model (``_fk_config``; ``base.r`` reads
-ToMe's r and sets it between forwards, like timm's ``model.r``). Layers that neither merge nor see merged sizes call
+settings live on the base model: ``base.fk_config``, the same :class:`~fpet_kernels.patch.core.MergeConfig`
+as the timm patch's (``base.r`` reads ToMe's r and sets it between forwards, like timm's ``model.r``), and
+the merge itself is the shared ``patch/core.merge_step`` (PYRA through ``PyraModulation.forward``). Layers that neither merge nor see merged sizes call
 transformers' own attention unchanged (eager / sdpa / flash as configured); the others compute the
 attention with SDPA (``log(size)`` folded into an extra key channel: ``fk.proportional_sdpa``).
 
@@ -29,17 +30,18 @@ the output row holding it: ``fk.unmerge(y, token_map)`` scatters back to the gri
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops.attention import proportional_sdpa
-from .patch.core import METHODS, MergeConfig, already_patched, method_arguments, warn_capped  # noqa: F401
-from .ops.fpet import fpet_merge
-from .ops.pyra import pyra_merge
-from .ops.tome import compose_token_map, parse_r, tome_merge
+from ..integrations.peft import register_merge_modules, unwrap_peft
+from ..ops.attention import proportional_sdpa
+from ..ops.tome import parse_r
+from .core import (MergeConfig, MergeState, Patcher, already_patched, merge_step, method_arguments, register_patcher,
+                   schedule, warn_capped)
+from .modules import PyraModulation, RefinementAdapter
 
 try:
     from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -58,17 +60,6 @@ SUPPORTED = ("transformers ViTModel, ViTForImageClassification, DeiTModel, DeiTF
              "DeiTForImageClassificationWithTeacher")
 
 
-class Step(NamedTuple):
-    """Static settings of one layer call (no tensors): how, and how much, it merges."""
-    method: str
-    r: int
-    backend: Optional[str]
-    prop_attn: bool
-    class_token: bool
-    distill_token: bool
-    num_prefix: int
-
-
 @dataclass
 class MergedOutputWithPooling(BaseModelOutputWithPooling):
     """``BaseModelOutputWithPooling`` plus the merge state (with ``trace_source=True``)."""
@@ -76,7 +67,7 @@ class MergedOutputWithPooling(BaseModelOutputWithPooling):
     token_map: Optional[torch.Tensor] = None
 
 
-# ----------------------------------------------------------------------------- attention and merge
+# ----------------------------------------------------------------------------- attention
 def attention_with_metric(attn: nn.Module, x, size, backend: Optional[str] = None):
     """transformers ``ViTAttention`` on ``x`` with its own projections, returning ``(out, metric)``:
     ``metric`` [B, N, head_dim] is the keys averaged over heads; with ``size`` the logits get
@@ -95,68 +86,61 @@ def attention_with_metric(attn: nn.Module, x, size, backend: Optional[str] = Non
     return attn.o_proj(out.transpose(1, 2).reshape(bsz, n, -1)), metric
 
 
-def merge(layer: nn.Module, step: Step, x, metric, size):
-    """One merge of ``step.method`` after the attention of ``layer``: ``(x', size', token_map step)``."""
-    if step.method == "fpet":
-        refine = getattr(layer, "fk_refine", None)
-        metric = refine(metric) if refine is not None else metric
-        return fpet_merge(x, metric, size, backend=step.backend, return_token_map=True, num_prefix=step.num_prefix)
-    if step.method == "tome":
-        out, out_size, m = tome_merge(x, metric, step.r, size, step.class_token, step.distill_token,
-                                      backend=step.backend)
-        return out, out_size, m.token_map
-    mod = layer.fk_pyra
-    out, out_size, m = pyra_merge(x, metric, step.r, mod.a, mod.b, mod.norm.weight, mod.norm.bias, size,
-                                  step.class_token, step.distill_token, eps=mod.norm.eps, backend=step.backend,
-                                  return_matching=True)
-    return out, out_size, m.token_map
-
-
 # ----------------------------------------------------------------------------- patched classes
 class _FKLayer:
     """Mixin before transformers' ``ViTLayer`` / ``DeiTLayer``. Called as transformers calls it
-    (``layer(x, attention_mask)``) it is the original layer; called with ``(x, None, size, step)``
-    it merges after the attention when ``step.r > 0`` and returns ``(x, size, token_map step)``."""
+    (``layer(x, attention_mask)``) it is the original layer; called with ``(x, None, state, r)`` (a
+    :class:`~fpet_kernels.patch.core.MergeState`) it merges ``r`` tokens after the attention (the shared
+    ``merge_step``) when ``r > 0`` and returns ``(x, state)``."""
 
-    def forward(self, hidden_states, attention_mask=None, size=None, step: Optional[Step] = None, **kwargs):
-        if step is None:
+    def forward(self, hidden_states, attention_mask=None, state: Optional[MergeState] = None, r: int = 0, **kwargs):
+        if state is None:
             return super().forward(hidden_states, attention_mask, **kwargs)
         if attention_mask is not None:
             raise ValueError("token merging does not support attention_mask")
-        prop_size = size if step.prop_attn else None
+        cfg = state.config
+        prop_size = state.size if cfg.prop_attn else None
         h = self.layernorm_before(hidden_states)
-        if step.r > 0 or prop_size is not None:
-            h, metric = attention_with_metric(self.attention, h, prop_size, step.backend)
+        if r > 0 or prop_size is not None:
+            h, metric = attention_with_metric(self.attention, h, prop_size, cfg.backend)
         else:  # transformers' own attention, unchanged
             h, metric = self.attention(h, None, **kwargs)[0], None
         x = self.dropout(h) + hidden_states
-        tmap = None
-        if step.r > 0:
-            x, size, tmap = merge(self, step, x, metric, size)
-        return self.dropout(self.mlp(self.layernorm_after(x))) + x, size, tmap
+        if r > 0:
+            x, state = merge_step(x, metric, state, r, getattr(self, "fk_refine", None), getattr(self, "fk_pyra", None))
+        return self.dropout(self.mlp(self.layernorm_after(x))) + x, state
 
 
 class _FKModel:
     """Mixin before transformers' ``ViTModel`` / ``DeiTModel``: the layer loop carries the merge state."""
+
+    fk_config: MergeConfig
 
     @property
     def r(self):
         """ToMe: the schedule as set (int, per-layer list or ``(r, inflection)``), settable between
         forwards (validated; an r above a layer's cap is said). PYRA: the per-layer r of the learned
         modulation (read-only). FPET: None (no r; setting it raises)."""
-        cfg = self._fk_config
-        return cfg["r"] if cfg["method"] == "tome" else cfg["pyra_r"]
+        cfg = self.fk_config
+        if cfg.method == "tome":
+            return cfg.r
+        return self.fk_schedule() if cfg.method == "pyra" else None
 
     @r.setter
     def r(self, value):
-        cfg = self._fk_config
-        if cfg["method"] != "tome":
-            why = ("FPET has no r (it merges every checkerboard A token at merge_layer)" if cfg["method"] == "fpet"
+        cfg = self.fk_config
+        if cfg.method != "tome":
+            why = ("FPET has no r (it merges every checkerboard A token at merge_layer)" if cfg.method == "fpet"
                    else "PYRA's per-layer r is fixed by its learned modulation (layers[i].fk_pyra.a has r rows)")
             raise ValueError(f"model.r: {why}; fk.patch.remove(model), then patch again with the new setting")
         rs = parse_r(len(self.layers), value)  # validates
-        warn_capped(rs, configured_tokens(self, cfg), _merge_config(cfg), value, "layer", stacklevel=4)
-        cfg["r"] = value
+        warn_capped(rs, configured_tokens(self), cfg, value, "layer", stacklevel=4)
+        cfg.r = value
+
+    def fk_schedule(self) -> list:
+        """Tokens merged by each layer in the next forward (FPET: 1 marks the merging layer)."""
+        pyra = [getattr(layer, "fk_pyra", None) for layer in self.layers]
+        return schedule(self.fk_config, len(self.layers), [0 if m is None else m.r for m in pyra])
 
     def _fk_forward(self, pixel_values=None, bool_masked_pos=None, interpolate_pos_encoding=None,
                     attention_mask=None, **kwargs):
@@ -172,20 +156,19 @@ class _FKModel:
             pixel_values = pixel_values.to(expected_dtype)
         x = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos,
                             interpolate_pos_encoding=interpolate_pos_encoding)
-        cfg = self._fk_config
-        size = token_map = None
-        for layer, step in zip(self.layers, layer_steps(self)):
-            if step.r == 0 and size is None:  # nothing merged yet: transformers' layer
+        cfg = self.fk_config
+        state = MergeState.start(x, cfg, track_tokens=cfg.trace_source)
+        for layer, r in zip(self.layers, self.fk_schedule()):
+            if r == 0 and state.size is None:  # nothing merged yet: transformers' layer
                 x = layer(x, None, **kwargs)
                 continue
-            x, size, tmap = layer(x, None, size, step, **kwargs)
-            if tmap is not None and cfg["trace_source"]:
-                token_map = compose_token_map(token_map, tmap)
+            x, state = layer(x, None, state, r, **kwargs)
         seq = self.layernorm(x)
         pooled = self.pooler(seq) if self.pooler is not None else None
-        if cfg["trace_source"]:
-            return MergedOutputWithPooling(last_hidden_state=seq, pooler_output=pooled, size=size,
-                                           token_map=token_map)
+        if cfg.trace_source:  # nothing merged: no size, no map (as before any merge)
+            merged = state.size is not None
+            return MergedOutputWithPooling(last_hidden_state=seq, pooler_output=pooled, size=state.size,
+                                           token_map=state.token_map if merged else None)
         return BaseModelOutputWithPooling(last_hidden_state=seq, pooler_output=pooled)
 
     if capture_outputs is not None:
@@ -247,20 +230,6 @@ def _base_model(model: nn.Module) -> nn.Module:
     return base
 
 
-def layer_steps(base: nn.Module) -> list:
-    """The per-layer :class:`Step` of a patched base model, from its settings (ToMe: ``base.r``)."""
-    cfg = base._fk_config
-    n = len(base.layers)
-    if cfg["method"] == "fpet":
-        rs = [1 if i == cfg["merge_layer"] else 0 for i in range(n)]
-    elif cfg["method"] == "pyra":
-        rs = cfg["pyra_r"]
-    else:
-        rs = parse_r(n, cfg["r"])
-    return [Step(cfg["method"], r, cfg["backend"], cfg["prop_attn"], cfg["class_token"], cfg["distill_token"],
-                 cfg["num_prefix"]) for r in rs]
-
-
 def merge_modules(base: nn.Module) -> list:
     """Names of the learned merge modules a patch added (``layers.1.fk_refine``, ...)."""
     return [f"layers.{i}.{name}" for i, layer in enumerate(base.layers)
@@ -277,8 +246,7 @@ def hf(model: nn.Module, method: str = "tome", r=None, prop_attn: bool = True, t
     the merge modules take the mode of their layer, and a patched model raises (call
     ``fk.patch.remove(model)`` first). The merge modules live on the layers
     (``layers[i].fk_refine``, ``layers[i].fk_pyra``). A ``peft.PeftModel`` wrapping one is accepted."""
-    from .integrations.peft import _unwrap_peft, register_merge_modules
-    outer, model = model, _unwrap_peft(model)
+    outer, model = model, unwrap_peft(model)
     base = _base_model(model)
     args = method_arguments(method, dict(r=r, merge_layer=merge_layer, refine=refine, binary_refine=binary_refine),
                             "fk.patch.hf")
@@ -288,33 +256,30 @@ def hf(model: nn.Module, method: str = "tome", r=None, prop_attn: bool = True, t
     n = len(layers)
     emb = base.embeddings
     dist = getattr(emb, "distillation_token", None) is not None
-    cfg = dict(method=method, prop_attn=bool(prop_attn), trace_source=trace_source, backend=backend,
-               class_token=True, distill_token=dist, num_prefix=1 + int(dist), merge_layer=None, pyra_r=None, r=None)
+    cfg = MergeConfig(method=method, prop_attn=bool(prop_attn), backend=backend, class_token=True, distill_token=dist,
+                      num_prefix=1 + int(dist), r=None, trace_source=trace_source)
     if method == "fpet":
         merge_layer = args["merge_layer"]
         if isinstance(merge_layer, bool) or not isinstance(merge_layer, int) or not 0 <= merge_layer < n:
             raise ValueError(f"merge_layer must be an int in [0, {n}), got {merge_layer!r}")
-        cfg["merge_layer"] = merge_layer
+        cfg.merge_layer = merge_layer
     else:
         r = args["r"]
         rs = parse_r(n, r)  # validates
-    if hasattr(base, "_fk_config"):  # checked after the arguments: a bad argument is named first
-        raise already_patched("fk.patch.hf", base._fk_config["method"], merge_modules(base))
+    if is_patched_hf(base):  # checked after the arguments: a bad argument is named first
+        raise already_patched("fk.patch.hf", base.fk_config.method, merge_modules(base))
     new = {}
     if method == "fpet":
         if args["refine"]:
-            from .pet import RefinementAdapter
             head_dim = layers[merge_layer].attention.head_dim
             new[(merge_layer, "fk_refine")] = RefinementAdapter(head_dim, head_dim // 2,
                                                                 binary=args["binary_refine"])
     else:
         if method == "pyra":
-            cfg["pyra_r"] = rs
-            from .pet import PyraModulation
             for i, rl in enumerate(rs):
                 if rl > 0:
                     new[(i, "fk_pyra")] = PyraModulation(rl, base.config.hidden_size)
-        warn_capped(rs, configured_tokens(base, cfg), _merge_config(cfg), r, "layer", stacklevel=4)
+        warn_capped(rs, configured_tokens(base, cfg), cfg, r, "layer", stacklevel=4)
     ref = next(base.parameters(), None)
     for (i, name), mod in new.items():  # new learned modules follow the model's device, dtype and mode
         if ref is not None:
@@ -322,8 +287,8 @@ def hf(model: nn.Module, method: str = "tome", r=None, prop_attn: bool = True, t
         mod.train(layers[i].training)
         setattr(layers[i], name, mod)
     if method == "tome":
-        cfg["r"] = r
-    base._fk_config = cfg
+        cfg.r = r
+    base.fk_config = cfg
     fk_model, _, fk_layer = _PATCHED[type(base)]
     for layer in layers:
         layer.__class__ = fk_layer
@@ -338,29 +303,23 @@ def hf(model: nn.Module, method: str = "tome", r=None, prop_attn: bool = True, t
     return outer
 
 
-def configured_tokens(base: nn.Module, cfg: dict) -> Optional[int]:
+def configured_tokens(base: nn.Module, cfg: Optional[MergeConfig] = None) -> Optional[int]:
     """Tokens into the first layer for the model's configured image size (None: not fixed)."""
+    cfg = base.fk_config if cfg is None else cfg
     n = getattr(base.embeddings.patch_embeddings, "num_patches", None)
-    return None if not isinstance(n, int) else n + cfg["num_prefix"]
-
-
-def _merge_config(cfg: dict) -> MergeConfig:
-    """The settings as the shared :class:`~fpet_kernels.patch.core.MergeConfig` (for the cap check)."""
-    return MergeConfig(cfg["method"], class_token=cfg["class_token"], distill_token=cfg["distill_token"],
-                       num_prefix=cfg["num_prefix"])
+    return None if not isinstance(n, int) else n + cfg.num_prefix
 
 
 def remove_hf(model: nn.Module) -> nn.Module:
     """Undo :func:`hf`: the original classes, no merge modules, no settings. Same outputs as before."""
-    from .integrations.peft import _unwrap_peft
-    model = _unwrap_peft(model)
+    model = unwrap_peft(model)
     base = _base_model(model)
     for layer in base.layers:
         for name in ("fk_refine", "fk_pyra"):
             if hasattr(layer, name):
                 delattr(layer, name)
         layer.__class__ = getattr(layer, "_fk_base_class", type(layer))
-    for name in ("_fk_config", "r"):
+    for name in ("fk_config", "r"):
         base.__dict__.pop(name, None)
     base.__class__ = getattr(base, "_fk_base_class", type(base))
     return model
@@ -369,7 +328,14 @@ def remove_hf(model: nn.Module) -> nn.Module:
 def is_patched_hf(model: nn.Module) -> bool:
     """Whether :func:`hf` patched ``model`` (or the base model it wraps)."""
     try:
-        from .integrations.peft import _unwrap_peft
-        return hasattr(_base_model(_unwrap_peft(model)), "_fk_config")
+        return getattr(_base_model(unwrap_peft(model)), "fk_config", None) is not None
     except TypeError:
         return False
+
+
+def owns(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers ViT / DeiT this patcher patches (patched or not)."""
+    return is_hf_model(model)
+
+
+register_patcher(Patcher("hf", owns, remove_hf))
