@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fpet_kernels")
+PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "fpet_kernels")
 
 
 def _module_name(path: str) -> str:
