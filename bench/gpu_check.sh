@@ -27,10 +27,10 @@
 # |   |             |       |       |            | merge.cu 66 s, tome.cu 70 s, fpet.cu 75 s (after the staged matching  |
 # |   |             |       |       |            | 105 s and 104 s on a loaded machine); C++ files <= 85 s wall          |
 # |   |             |       |       |            | on 2 shared cores. One arch (TORCH_CUDA_ARCH_LIST from the device).   |
-# | 2 | correctness |   150 |    40 |      20-50 | tests/test_gpu.py: the "triton" part (~85 Triton variants x 0.5-6 s   |
-# |   |             |       |       |            | CPU of JIT, pytest-xdist -n 6) runs in the BACKGROUND from the start  |
-# |   |             |       |       |            | of the build (it needs no _C): 60-120 s hidden behind nvcc; after the |
-# |   |             |       |       |            | build the "cuda" part (no JIT; one torch.compile test)                |
+# | 2 | correctness |   150 |    40 |      20-50 | tests/kernels/test_gpu.py: the "triton" part (~85 Triton variants x   |
+# |   |             |       |       |            | 0.5-6 s CPU of JIT, pytest-xdist -n 6) runs in the BACKGROUND from    |
+# |   |             |       |       |            | the start of the build (it needs no _C): 60-120 s hidden behind nvcc; |
+# |   |             |       |       |            | after the build the "cuda" part (no JIT; one torch.compile test)      |
 # | 3 | vit         |    60 |    20 |      15-35 | patched tiny ViT on GPU vs the CPU reference, 3 methods x 2 backends  |
 # | 4 | ops_table   |    90 |    30 |      40-65 | 8 cases x B{1,256} x f16 x {reference, triton, cuda, floor}: 64 rows  |
 # |   |             |       |       |            | (the 2 PET ops' 6 "cuda" rows are notes) of ~0.1 s do_bench + new    |
@@ -189,7 +189,7 @@ run_phase() {
 }
 skip_phase() { STATUS[$1]=SKIP; note "SKIP  $1: $2"; }
 
-# gpu_pytest ARGS...: tests/test_gpu.py on both GPU backends, the Triton JIT spread over cores:
+# gpu_pytest ARGS...: tests/kernels/test_gpu.py on both GPU backends, the Triton JIT spread over cores:
 # pytest-xdist (XDIST_WORKERS processes) when installed, else one pytest per backend in parallel.
 XDIST=0
 XDIST_WORKERS="${XDIST_WORKERS:-12}"
@@ -198,14 +198,14 @@ XDIST_WORKERS="${XDIST_WORKERS:-12}"
 gpu_pytest() {
   local backends="${GPU_TEST_BACKENDS:-triton cuda}"
   if (( XDIST )); then
-    FPET_TEST_BACKENDS="${backends// /,}" "$PY" -m pytest tests/test_gpu.py -q -ra -p no:cacheprovider \
+    FPET_TEST_BACKENDS="${backends// /,}" "$PY" -m pytest tests/kernels/test_gpu.py -q -ra -p no:cacheprovider \
       -n "$XDIST_WORKERS" "$@"
     return
   fi
   local tmp rc=0 pids=() b
   tmp=$(mktemp -d)
   for b in $backends; do
-    FPET_TEST_BACKENDS=$b "$PY" -m pytest tests/test_gpu.py -q -ra -p no:cacheprovider "$@" > "$tmp/$b.log" 2>&1 &
+    FPET_TEST_BACKENDS=$b "$PY" -m pytest tests/kernels/test_gpu.py -q -ra -p no:cacheprovider "$@" > "$tmp/$b.log" 2>&1 &
     pids+=($!)
   done
   for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
@@ -264,7 +264,7 @@ if wanted correctness && wanted build && (( DRY || GPU )); then
   BG_DIR=$(mktemp -d)
   BG_T1=$(now)
   if (( DRY )); then
-    bg_cmd=("$PY" -m pytest tests/test_gpu.py -q --collect-only -p no:cacheprovider -k "$CORR_K")
+    bg_cmd=("$PY" -m pytest tests/kernels/test_gpu.py -q --collect-only -p no:cacheprovider -k "$CORR_K")
   else
     bg_cmd=(env GPU_TEST_BACKENDS=triton XDIST_WORKERS=$(( (XDIST_WORKERS + 1) / 2 )) bash -c 'gpu_pytest -k "$1"' _ "$CORR_K")
   fi
@@ -308,8 +308,8 @@ fi
 # ---------------------------------------------------------------- 2: correctness of every op and gradient
 if ! wanted correctness; then skip_phase correctness "not selected"
 elif (( DRY )); then
-  skip_phase correctness "dry run (needs a GPU); collecting tests/test_gpu.py instead"
-  run_phase correctness "$TESTS_LOG" "$PY" -m pytest tests/test_gpu.py -q --collect-only -p no:cacheprovider \
+  skip_phase correctness "dry run (needs a GPU); collecting tests/kernels/test_gpu.py instead"
+  run_phase correctness "$TESTS_LOG" "$PY" -m pytest tests/kernels/test_gpu.py -q --collect-only -p no:cacheprovider \
     -k "$CORR_K"
 else
   if [[ -n "$BG_PID" ]]; then
@@ -341,7 +341,7 @@ fi
 if ! wanted vit; then skip_phase vit "not selected"
 elif (( DRY )); then
   skip_phase vit "dry run (needs a GPU); collecting the ViT tests instead"
-  run_phase vit "$TESTS_LOG" "$PY" -m pytest tests/test_gpu.py -q --collect-only -k test_vit_patched -p no:cacheprovider
+  run_phase vit "$TESTS_LOG" "$PY" -m pytest tests/kernels/test_gpu.py -q --collect-only -k test_vit_patched -p no:cacheprovider
 else
   run_phase vit "$TESTS_LOG" bash -c 'gpu_pytest -k test_vit_patched'
   grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$TESTS_LOG" | tail -n 5
@@ -399,7 +399,7 @@ fi
 if ! wanted sanitizer; then skip_phase sanitizer "not selected"
 elif (( DRY )); then
   note "DRY   sanitizer: the memcheck needs a GPU; collecting its tests instead (optional: a timeout warns)"
-  run_phase sanitizer "$TESTS_LOG" "$PY" -m pytest tests/test_gpu.py -q --collect-only -p no:cacheprovider \
+  run_phase sanitizer "$TESTS_LOG" "$PY" -m pytest tests/kernels/test_gpu.py -q --collect-only -p no:cacheprovider \
     -k test_sanitizer
 else
   SAN="${SANITIZER:-}"
@@ -416,7 +416,7 @@ else
     # of Triton's JIT kernels adds minutes); the small shapes of test_sanitizer_every_op_small
     run_phase sanitizer "$TESTS_LOG" env FPET_TEST_BACKENDS=cuda PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
       "$SAN" --tool memcheck --error-exitcode 1 --print-limit 20 \
-      "$PY" -m pytest tests/test_gpu.py -q -x -p no:cacheprovider -k test_sanitizer
+      "$PY" -m pytest tests/kernels/test_gpu.py -q -x -p no:cacheprovider -k test_sanitizer
     grep -E "ERROR SUMMARY|[0-9]+ (passed|failed)" "$TESTS_LOG" | tail -n 4
   fi
 fi

@@ -5,11 +5,22 @@ C++ "cpu" kernels) or the ``kernel_backend`` fixture (compiled backends only, fo
 against the reference). A backend that is not live in this install is skipped, unless
 ``FPET_REQUIRE_EXTENSION=1`` (CI): then every test that needs it FAILS, saying the extension did
 not build.
+
+The tests live in folders by layer (tests/README.md); this file, at the root of tests/, puts tests/ on
+sys.path, so the shared modules beside it (helpers.py, spec_oracle.py, simt_ext.py) import as
+``import helpers`` from every folder. The folders have no ``__init__.py``: pytest's default import mode
+(prepend) imports each test file by its basename, with its own folder on sys.path (a test imports a
+sibling of its folder as ``from test_patch import ...``), so basenames must stay unique across folders.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import sys
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)
 
 import torch
 
@@ -27,7 +38,7 @@ from helpers import REQUIRE_EXTENSION, is_live, missing_message  # noqa: E402
 
 # The backends that run on CPU tensors, from the package's own list of backends: "reference", the
 # C++ "cpu" kernels, and "triton" in Triton's interpreter (TRITON_INTERPRET=1, set above when there
-# is no GPU). GPU tensors are tested in test_gpu.py. FPET_TEST_BACKENDS=a,b restricts the list.
+# is no GPU). GPU tensors are tested in kernels/test_gpu.py. FPET_TEST_BACKENDS=a,b restricts the list.
 _ON_CPU = ("reference", "cpu") + (("triton",) if importlib.util.find_spec("triton") is not None
                                    and os.environ.get("TRITON_INTERPRET") == "1" else ())
 _ONLY = [b.strip() for b in os.environ.get("FPET_TEST_BACKENDS", "").split(",") if b.strip()]

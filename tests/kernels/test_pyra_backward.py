@@ -4,7 +4,7 @@ size), r = 0 / 1 / capped / at the cap, class and distillation tokens, sizes and
 not, b = 0, B = 0, half precision (flash-attention's criterion), determinism, argument checks; and the
 autograd of ``fk.pyra_merge`` running the kernel of its forward's backend.
 
-The CUDA kernel's source is compared with the CPU kernel in tests/test_simt_pyra_backward.py."""
+The CUDA kernel's source is compared with the CPU kernel in tests/kernels/test_simt_pyra_backward.py."""
 from __future__ import annotations
 
 import pytest

@@ -23,7 +23,7 @@ from fpet_kernels import _version
 
 from helpers import REQUIRE_EXTENSION
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _git_files() -> list:
@@ -114,10 +114,11 @@ WITH_TORCH = {"torch", "torchvision", "triton"}
 
 
 def _third_party_imports() -> dict:
-    """{import name: [files]} of every module that tests/*.py import (or importorskip), and the scripts they
+    """{import name: [files]} of every module that tests/**/*.py import (or importorskip), and the scripts they
     run (python/*.py, bench/*.py), beyond the standard library, the package and each other."""
-    files = sorted(glob.glob(os.path.join(ROOT, d, "*.py")) for d in ("tests", "python", "bench"))
-    files = [f for group in files for f in group]
+    files = sorted(glob.glob(os.path.join(ROOT, "tests", "**", "*.py"), recursive=True))
+    files += [f for d in ("python", "bench") for f in sorted(glob.glob(os.path.join(ROOT, d, "*.py")))]
+    assert sum(os.path.relpath(f, ROOT).startswith("tests" + os.sep) for f in files) > 40, "the scan misses tests/"
     local = {os.path.basename(f)[:-3] for f in files} | {"fpet_kernels", "__future__"}
     found = {}
     for path in files:

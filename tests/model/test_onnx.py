@@ -18,7 +18,7 @@ timm = pytest.importorskip("timm")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/ (helpers.py)
 KW = dict(tome=dict(r=3), fpet=dict(merge_layer=1), pyra=dict(r=[3, 2, 2]))
 
 

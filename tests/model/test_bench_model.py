@@ -9,7 +9,7 @@ import torch
 
 timm = pytest.importorskip("timm")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BENCH = os.path.join(ROOT, "bench")
 TINY = "vit_tiny_patch16_224"  # 12 blocks, 197 tokens, as ViT-B/16: the same schedules apply
 

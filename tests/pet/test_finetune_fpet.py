@@ -20,7 +20,7 @@ import torch
 
 pytest.importorskip("timm")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "python", "finetune_fpet.py")
 
 

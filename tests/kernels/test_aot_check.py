@@ -15,7 +15,7 @@ import pytest
 
 from fpet_kernels.ops import triton_common
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "bench", "aot_check.py")
 OTHER = os.environ.get("FPET_OTHER_TRITON_DIR", os.path.join(ROOT, "build", "triton-3.6"))
 

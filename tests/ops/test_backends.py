@@ -16,7 +16,7 @@ from fpet_kernels.ops import _backend
 
 from helpers import gen
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bench")
 H100 = ("NVIDIA H100 80GB HBM3", "9.0")
 
 

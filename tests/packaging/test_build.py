@@ -156,7 +156,7 @@ def test_build_record_matches_the_extension():
 
 def _setup_function(name: str):
     """A function of setup.py, compiled on its own (importing setup.py would run setup())."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "setup.py")
     with open(path) as f:
         tree = ast.parse(f.read())
     ns = {"os": os, "shutil": shutil}
