@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 
 import pytest
 import torch
 
 import fpet_kernels as fk
-from fpet_kernels.ops import _backend, _tuning
+from fpet_kernels.ops import _backend, _tuning, library
 
 from helpers import gen
 
@@ -93,6 +94,36 @@ def test_backends_with_a_gpu_without_results(fake_gpu, monkeypatch):
         assert why.startswith("default order cuda/triton: no recorded results for NVIDIA H100"), (op, why)
 
 
+# The tables as they were written by hand before the op records (issue 20): the records must give them
+# back, in this order (``fk.backends()`` lists its ops in it).
+OP_KERNELS_BEFORE = {
+    "tome_match": ("tome_match",), "tome_merge": ("tome_merge", "merge_wavg_backward"),
+    "merge_wavg": ("merge_wavg", "merge_wavg_backward"), "unmerge": ("unmerge", "merge_sum"),
+    "fpet_merge": ("fpet_merge", "fpet_merge_backward"), "pyra_merge": ("pyra_merge", "pyra_merge_backward"),
+    "xpeft_adapter": ("xpeft_adapter",), "masked_weight_grad": ("masked_weight_grad",)}
+RAW_KERNELS_BEFORE = ("tome_match", "tome_merge", "merge_wavg", "merge_wavg_backward", "unmerge", "merge_sum",
+                      "fpet_merge", "fpet_merge_backward", "pyra_merge", "pyra_merge_backward", "xpeft_adapter",
+                      "masked_weight_grad")
+
+
+def test_backend_tables_derive_from_the_op_records():
+    assert _backend.OPS is library.OPS
+    assert list(_backend.op_kernels().items()) == list(OP_KERNELS_BEFORE.items())
+    assert _backend.raw_kernels() == RAW_KERNELS_BEFORE
+    assert list(fk.backends()["auto_per_op"]["cpu"]) == list(OP_KERNELS_BEFORE)
+    # every registered op is in the one list, and what is not a C++ op (attention) is no table's
+    assert "attention_inputs" in library.OPS and "attention_inputs" not in _backend.raw_kernels()
+
+
+def test_state_reset_forgets_what_was_learnt(fake_gpu):
+    assert _backend.live()["cuda"] is True  # pretended
+    with pytest.warns(RuntimeWarning, match="once"):
+        _backend.warn_once("test-key", "once")
+    _backend.STATE.reset()
+    assert _backend.live()["cuda"] is torch.cuda.is_available() and _backend.STATE.tuning_dir == _tuning.TUNING_DIR
+    assert "test-key" not in _backend.STATE.warned and _backend.STATE.results is None
+
+
 # ----------------------------------------------------------------------------- explicit requests
 def test_explicit_cuda_without_gpu_raises_naming_the_argument():
     if torch.cuda.is_available():
@@ -149,6 +180,31 @@ def test_cuda_without_code_for_the_gpu_falls_back_to_triton(fake_gpu):
     assert _backend.resolve(None, CUDA0, (torch.float16,), op="fpet_merge") == "triton"  # no second warning
     with pytest.raises(RuntimeError, match=r"backend='cuda' was requested, but .*TORCH_CUDA_ARCH_LIST=8.0"):
         _backend.resolve("cuda", CUDA0, (torch.float16,), op="tome_merge")
+
+
+# ----------------------------------------------------------------------------- an op without C++ kernels
+def test_attention_inputs_rule_reads_its_record(fake_gpu):
+    """attention_inputs (no C++ kernel, no autograd): Triton on CUDA tensors, PyTorch on CPU tensors
+    (silently: it is the implementation there), PyTorch for an explicit cpu/cuda (said once)."""
+    op = "attention_inputs"
+    assert not _backend.op_live(op, "cpu") and not _backend.op_live(op, "cuda") and _backend.op_live(op, "triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _backend.resolve(None, CUDA0, {"qkv": torch.float16}, op=op) == "triton"
+        assert _backend.resolve("auto", CUDA0, {"qkv": torch.float16}, op=op) == "triton"
+        assert _backend.resolve(None, CUDA0, {"qkv": torch.float64}, op=op) == "reference"
+        assert _backend.resolve(None, torch.device("cpu"), {"qkv": torch.float32}, op=op) == "reference"
+        assert _backend.resolve("triton", CUDA0, {"qkv": torch.float16}, op=op) == "triton"
+    for name in ("cpu", "cuda"):
+        with pytest.warns(RuntimeWarning, match=rf"attention_inputs has no {name} kernel \(backend='{name}'\): it "
+                                                r"runs the PyTorch formulation \(permute, mean, concatenations\)"):
+            assert _backend.resolve(name, CUDA0, {"qkv": torch.float16}, op=op) == "reference"
+    with pytest.raises(TypeError, match="qkv is torch.float64"):
+        _backend.resolve("triton", CUDA0, {"qkv": torch.float64}, op=op)
+    _backend.STATE.live.update(triton=False)
+    _backend.STATE.reset_choices()
+    with pytest.warns(RuntimeWarning, match="the Triton kernel of attention_inputs is not live"):
+        assert _backend.resolve(None, CUDA0, {"qkv": torch.float16}, op=op) == "reference"
 
 
 # ----------------------------------------------------------------------------- automatic choice on CUDA tensors
