@@ -73,9 +73,11 @@ def raw_kernels() -> tuple:
 
 class BackendState:
     """What the backend choice learns once per process, in one place. ``reset()`` forgets all of it,
-    ``reset_choices()`` the recorded results and the automatic choices only.
+    ``reset_choices()`` the recorded results and the automatic choices only (after a test changed
+    ``live``, ``kernels`` or ``tuning_dir``).
 
     ``live``          backend -> probed liveness;
+    ``cpu_takes``     op -> the C++ CPU kernels take its automatic calls (live, and the op has them);
     ``kernels``       dispatch key ("CPU", "CUDA") -> {registered op: the extension holds its kernel};
     ``cuda_image``    CUDA device index -> binary version of the extension's code it runs (-1: none);
     ``gpu_identity``  CUDA device index (-1: current) -> (name, "major.minor");
@@ -100,6 +102,7 @@ class BackendState:
     def reset_choices(self) -> None:
         self.results = None
         self.auto_cuda: dict = {}
+        self.cpu_takes: dict = {}
 
 
 STATE = BackendState()
@@ -196,11 +199,20 @@ def _is_live(name: str) -> bool:
     return got
 
 
-@_constant_result
 def _has_cpp(op: str | None) -> bool:
     """Whether op ``op`` has C++ kernels (its record's ``cpp``; an unknown or unnamed op: yes)."""
     rec = OPS.get(op)
     return rec is None or rec.cpp
+
+
+# The automatic choice on CPU tensors, per op: one cached lookup, as cheap as ``_is_live("cpu")``.
+@_constant_result
+def _cpu_takes(op: str | None) -> bool:
+    """Whether the C++ CPU kernels take the automatic calls of ``op``: "cpu" is live and the op has them."""
+    got = STATE.cpu_takes.get(op)
+    if got is None:
+        got = STATE.cpu_takes[op] = _is_live("cpu") and _has_cpp(op)
+    return got
 
 
 def live() -> dict:
@@ -382,7 +394,7 @@ def resolve(backend: str | None, device: torch.device, dtypes=(), op: str | None
             for d in (dtypes.values() if isinstance(dtypes, dict) else dtypes):
                 if d not in KERNEL_DTYPES:  # float64 and friends: only the reference computes them
                     return "reference"
-            if device.type == "cpu" and _is_live("cpu") and _has_cpp(op):
+            if device.type == "cpu" and _cpu_takes(op):
                 return "cpu"
             return _resolve_auto(device, op)
         src = ENV_VAR
@@ -398,7 +410,7 @@ def resolve(backend: str | None, device: torch.device, dtypes=(), op: str | None
     if name == "auto":
         if not kernel_ok:
             return "reference"
-        if device.type == "cpu" and _is_live("cpu") and _has_cpp(op):
+        if device.type == "cpu" and _cpu_takes(op):
             return "cpu"
         return _resolve_auto(device, op)
     if name == "reference":
