@@ -184,7 +184,7 @@ def test_cuda_without_code_for_the_gpu_falls_back_to_triton(fake_gpu):
 
 # ----------------------------------------------------------------------------- an op without C++ kernels
 def test_attention_inputs_rule_reads_its_record(fake_gpu):
-    """attention_inputs (no C++ kernel, no autograd): Triton on CUDA tensors, PyTorch on CPU tensors
+    """attention_inputs (no C++ kernel, no backward): Triton on CUDA tensors, PyTorch on CPU tensors
     (silently: it is the implementation there), PyTorch for an explicit cpu/cuda (said once)."""
     op = "attention_inputs"
     assert not _backend.op_live(op, "cpu") and not _backend.op_live(op, "cuda") and _backend.op_live(op, "triton")
@@ -205,6 +205,20 @@ def test_attention_inputs_rule_reads_its_record(fake_gpu):
     _backend.STATE.reset_choices()
     with pytest.warns(RuntimeWarning, match="the Triton kernel of attention_inputs is not live"):
         assert _backend.resolve(None, CUDA0, {"qkv": torch.float16}, op=op) == "reference"
+
+
+def test_only_an_inference_only_op_leaves_its_kernel_for_a_gradient():
+    """A kernel without a backward is left for the reference only where the op is differentiable
+    (``inference_only``: attention_inputs); a matching (no gradient) keeps its kernel, silently."""
+    assert [n for n, op in library.OPS.items() if op.inference_only] == ["attention_inputs"]
+    if not _backend.live()["cpu"]:
+        pytest.skip("the C++ extension is not live")
+    metric = gen(2, 17, 4).requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = fk.tome_match(metric, 4, backend="cpu")
+    exp = fk.tome_match(metric.detach(), 4, backend="reference")
+    assert all(torch.equal(g, e) for g, e in zip(got, exp))
 
 
 # ----------------------------------------------------------------------------- automatic choice on CUDA tensors

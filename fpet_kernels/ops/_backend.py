@@ -28,8 +28,8 @@ back to Triton, saying so once, and an explicit ``backend="cuda"`` raise.
 The op records (``library.Op``, in :data:`OPS`) drive the rest of the rule: an op without C++
 kernels (``cpp=False``: ``attention_inputs``, a permute and a copy on CPU) runs PyTorch on CPU
 tensors, automatically and silently, and where ``backend="cpu"`` / ``"cuda"`` is asked for, saying
-so once; ``library.dispatch`` runs the reference where a gradient is needed from a kernel without
-a backward (an op without autograd), saying so once.
+so once; ``library.dispatch`` runs the reference where a gradient is needed from an op whose
+kernels have no backward (``inference_only``), saying so once.
 
 Nothing here runs at import: the extension is loaded by ``fpet_kernels.ops`` once the schemas exist,
 and CUDA and Triton are probed at their first use. What is learnt once per process (liveness, the
@@ -417,7 +417,7 @@ def resolve(backend: str | None, device: torch.device, dtypes=(), op: str | None
         return name
     if name in ("cpu", "cuda") and not _has_cpp(op):
         rec = OPS[op]
-        grad = " where no gradient is needed" if rec.backward is None else ""
+        grad = " where no gradient is needed" if rec.inference_only else ""
         warn_once(f"{op}-{name}",
                   f"fpet_kernels: {op} has no {name} kernel (backend={name!r}): it runs {rec.fallback}; the "
                   f"merge ops still run {name}. On GPU, backend='triton' or None runs its Triton kernel{grad}.")

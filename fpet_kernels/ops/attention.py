@@ -84,7 +84,7 @@ ATTENTION_INPUTS = library.register(library.Op(
     "attention_inputs", "(Tensor qkv, Tensor? size, int num_heads, float scale, bool pad_v) "
                         "-> (Tensor, Tensor, Tensor, Tensor)",
     _fake_attention_inputs, reference=_attention_inputs_op_reference, triton="attention_triton", cpp=False,
-    cuda=False, fallback="the PyTorch formulation (permute, mean, concatenations)"))
+    cuda=False, inference_only=True, fallback="the PyTorch formulation (permute, mean, concatenations)"))
 
 
 # ----------------------------------------------------------------------------- 3. public API

@@ -162,11 +162,13 @@ class Op:
     ``cpp``         the C++ extension registers CPU kernels for it (csrc/cpu/);
     ``cuda``        and CUDA kernels (csrc/cuda/);
     ``public``      a public function dispatches it (a backward-only op is not public);
+    ``inference_only``  a differentiable op whose kernels have no backward: where a gradient is needed
+                    the reference runs (:func:`run`; an op without gradients, such as a matching, is not);
     ``fallback``    what runs in place of a kernel the op lacks, in words (the warnings say it).
 
     The backend rule reads the record (``ops/_backend.py``): without C++ kernels (``cpp=False``) the
-    reference is the op's CPU implementation; without autograd (``backward`` None) a kernel runs only
-    where no gradient is needed (:func:`run`).
+    reference is the op's CPU implementation; ``inference_only``: a kernel runs only where no gradient
+    is needed.
     """
     name: str
     schema: str
@@ -180,6 +182,7 @@ class Op:
     cpp: bool = True
     cuda: bool = True
     public: bool = True
+    inference_only: bool = False
     fallback: str = "the pure-PyTorch reference"
 
     @property
@@ -217,18 +220,18 @@ def dispatch(op: Op, backend, device, dtypes, *args):
     # :func:`run`, inlined: this runs on every public op call
     if be == "reference":
         return op.reference(*args)
-    if op.backward is None:
+    if op.inference_only:
         return run(op, be, *args)
     return call(getattr(family(be), op.name), *args)
 
 
 def run(op: Op, backend: str, *args):
     """Run a resolved ``backend`` of ``op`` on checked arguments: the reference, or the op of the
-    backend's kernel family (:func:`call`). An op without autograd runs the reference where a gradient
+    backend's kernel family (:func:`call`). An ``inference_only`` op runs the reference where a gradient
     is needed, saying so once."""
     if backend == "reference":
         return op.reference(*args)
-    if op.backward is None and torch.is_grad_enabled() and any(
+    if op.inference_only and torch.is_grad_enabled() and any(
             isinstance(a, Tensor) and a.requires_grad for a in args):
         _backend.warn_once(f"{op.name}-{backend}-grad",
                            f"fpet_kernels: the {_backend.FAMILY_NAMES[backend]} kernel of {op.name} has no backward; "
