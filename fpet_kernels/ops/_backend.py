@@ -46,7 +46,7 @@ import warnings
 import torch
 
 from . import _tuning
-from ._tuning import DEFAULT_GPU_ORDER, RESULTS_FORMAT, TUNING_DIR, check_results, load_results, rank_backends  # noqa: F401
+from ._tuning import DEFAULT_GPU_ORDER, TUNING_DIR, load_results
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 ENV_VAR = "FPET_BACKEND"
