@@ -31,8 +31,9 @@ XPEFT_RANK, XPEFT_PROFILES, XPEFT_SCALE = 16, 8, 0.1
 PAFI_OUT, PAFI_IN, PAFI_DENSITY = 3072, 768, 0.005
 PAFI_K = round(PAFI_DENSITY * PAFI_OUT * PAFI_IN)
 OPS = ("tome_merge", "fpet_merge")  # the CPU table and the CPU microbenchmarks
-ALL_OPS = ("tome_merge", "fpet_merge", "pyra_merge", "unmerge", "tome_match", "merge_wavg", "xpeft_adapter",
-           "masked_weight_grad")
+# Every public op with compiled kernels, from the op records (``fpet_kernels.ops.library.OPS``), in
+# registration order.
+ALL_OPS = tuple(fk.ops._backend.op_kernels())
 MODES = ("forward", "forward+backward")
 # Ops without a forward+backward case: the matching has no gradient; the masked weight gradient is
 # itself a backward (PaFi's), its own gradient is never taken in training.
@@ -128,7 +129,7 @@ def is_live(provider: str, device: str, op: str = None) -> bool:
     kernels arrive op by op)."""
     if provider in ("reference",) + EXTRA_PROVIDERS:
         return True
-    return provider in fused_providers(device) and (op is None or fk._backend.op_live(op, provider))
+    return provider in fused_providers(device) and (op is None or fk.ops._backend.op_live(op, provider))
 
 
 # ----------------------------------------------------------------------------- op inputs and calls

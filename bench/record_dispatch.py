@@ -9,7 +9,7 @@ Times every live GPU backend ("cuda", "triton") that has kernels for the op on t
 one, forward+backward) at ViT-B/16 shapes, with run_table.py's timer (triton.testing.do_bench
 median, L2 flushed), and writes the medians with the GPU's name and compute capability, the
 torch / triton / CUDA / driver versions, the commit and the date. The file is rewritten after every
-cell (atomically), so a run cut short keeps what it measured. ``fpet_kernels._backend`` reads the
+cell (atomically), so a run cut short keeps what it measured. ``fpet_kernels.ops._backend`` reads the
 file (format in fpet_kernels/tuning/README.md) and, per op, picks the backend with the lowest
 geometric mean of the medians over the cells both backends have (an op with one live GPU backend,
 such as ``xpeft_adapter`` and ``masked_weight_grad`` without a CUDA C++ kernel, is recorded anyway).
@@ -30,7 +30,7 @@ from common import DISPATCH_CASES, DTYPES, GPU_BACKENDS, GPU_BATCHES, fk, make_c
 from run_table import git_rev, median_ms, triton_version
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TUNING_DIR = fk._backend.TUNING_DIR
+TUNING_DIR = fk.ops._tuning.TUNING_DIR
 
 
 def slug(gpu_name: str) -> str:
@@ -39,10 +39,10 @@ def slug(gpu_name: str) -> str:
 
 
 def build_record(results: list, failed: list, gpu: str, capability: str, **meta) -> dict:
-    """The results document (format fpet_kernels._backend.RESULTS_FORMAT); ``results`` rows are dicts
+    """The results document (format fpet_kernels.ops._tuning.RESULTS_FORMAT); ``results`` rows are dicts
     with op, mode, dtype, batch, backend, median_ms. Checked with the package's own validator."""
     doc = {
-        "format": fk._backend.RESULTS_FORMAT,
+        "format": fk.ops._tuning.RESULTS_FORMAT,
         "gpu": gpu,
         "capability": capability,
         "torch": meta.pop("torch", torch.__version__),
@@ -57,7 +57,7 @@ def build_record(results: list, failed: list, gpu: str, capability: str, **meta)
         "results": results,
         "failed": failed,
     }
-    fk._backend.check_results(doc)
+    fk.ops._tuning.check_results(doc)
     return doc
 
 
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
           f"{info['cuda_kernels']}", file=sys.stderr)
 
     rec = Recorder(args.out, gpu, cap, driver=versions("cuda")["driver"])
-    measure_cells(cases, dtypes, batches, lambda op: [b for b in GPU_BACKENDS if fk._backend.op_live(op, b)],
+    measure_cells(cases, dtypes, batches, lambda op: [b for b in GPU_BACKENDS if fk.ops._backend.op_live(op, b)],
                   _measure_gpu(warmup, rep), rec, args.max_seconds, log=lambda m: print(m, file=sys.stderr))
     if not rec.results:
         print("nothing measured: no file written", file=sys.stderr)
@@ -178,8 +178,8 @@ def main(argv=None) -> int:
     with open(path) as f:
         data = dict(json.load(f), _file=os.path.basename(path))
     print(vline)
-    for op in fk._backend.OP_KERNELS:
-        be, why = fk._backend.choose_gpu_backend(op, gpu, cap, [data])
+    for op in fk.ops._backend.op_kernels():
+        be, why = fk.ops._backend.choose_gpu_backend(op, gpu, cap, [data])
         print(f"  {op}: {be} ({why})")
     return 0
 

@@ -7,8 +7,8 @@
 No import of this module is needed. Mechanism: while ``torch.onnx.export`` traces the model (its
 flag ``torch.onnx.is_in_onnx_export()`` is set), the public op functions (``tome_match``,
 ``tome_merge``, ``merge_wavg``, ``unmerge``, ``fpet_merge``, ``pyra_merge``, ``attention_inputs``)
-run their export-friendly formulation (``fpet_kernels/ops/export_reference.py``) instead of the
-registered custom ops: the references without in-place writes, with ToMe's ranking through
+run their export-friendly formulation (each op record's ``formulation()``: ``library.Op.export``, else
+its reference) instead of the registered custom ops: the references without in-place writes, with ToMe's ranking through
 ``topk`` (ONNX ``TopK`` puts the lower index first among equal values: the spec's tie rule), so the
 graph holds standard aten ops that onnxscript's torchlib translates. The check is in
 ``fpet_kernels/ops/_export.py`` (it reads the exporter's flags without importing ``torch.onnx``).
@@ -27,14 +27,18 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.export_reference import FORMULATIONS
+from ..ops import library
 
 
 def decompositions() -> dict:
-    """``{op overload: formulation}`` for every forward op of the package and its ``*_triton`` twin
+    """``{op overload: formulation}`` for every registered op of the package that has one (its record's
+    ``formulation()``, ``library.OPS``) and its ``*_triton`` twin
     (``ExportedProgram.run_decompositions(decompositions())``); torch's global table is not touched."""
     table = {}
-    for name, fn in FORMULATIONS.items():
+    for name, op in library.OPS.items():
+        fn = op.formulation()
+        if fn is None:
+            continue
         for op_name in (name, f"{name}_triton"):
             packet = getattr(torch.ops.fpet, op_name, None)
             if packet is not None:

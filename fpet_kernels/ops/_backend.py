@@ -6,62 +6,106 @@ Backends:
   "cuda"       the CUDA C++ kernels of the extension on CUDA tensors;
   "triton"     the Triton kernels on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1).
 
-The choice per call: the op's ``backend=`` argument, else the environment variable
-``FPET_BACKEND``, else "auto". An explicitly requested backend that cannot run the call raises;
-the automatic choice takes the fastest live backend for the tensors' device and falls back to
-the reference (saying so once) when no kernel is live.
+The choice per call (:func:`resolve`, called by ``library.dispatch`` once per public call): the
+op's ``backend=`` argument, else the environment variable ``FPET_BACKEND``, else "auto". An
+explicitly requested backend that cannot run the call raises; the automatic choice takes the
+fastest live backend for the tensors' device and falls back to the reference (saying so once)
+when no kernel is live.
 
 The automatic choice per op:
   CPU tensors   "cpu" (the only compiled CPU backend; Triton on CPU is the interpreter, for tests);
   CUDA tensors  the fastest of the live GPU backends ("cuda", "triton") *for that op*, from the
                 benchmark results recorded in the package (``fpet_kernels/tuning/*.json``, written
-                by ``bench/record_dispatch.py`` on a GPU): the file recorded on a GPU of the same
-                name, else of the same compute capability; the ranking is the geometric mean of
-                the medians over the (mode, dtype, batch) cells every live candidate has. Without
-                recorded results for this GPU: the default order ``DEFAULT_GPU_ORDER`` (cuda, then
-                triton). ``backends()["auto_source"]`` says which of the two decided.
+                by ``bench/record_dispatch.py`` on a GPU; the ranking is ``ops/_tuning.py``'s).
+                Without recorded results for this GPU: the default order
+                ``_tuning.DEFAULT_GPU_ORDER`` (cuda, then triton). ``backends()["auto_source"]``
+                says which of the two decided.
 "cuda" is live for an op on a device when the extension registers CUDA kernels for the op's forward
-and backward (``OP_KERNELS``) and holds code that device can run (``cuda_image``): a build without
-code for the GPU's architecture makes the automatic choice fall back to Triton, saying so once, and
-an explicit ``backend="cuda"`` raise. Nothing here runs at import: the extension is loaded by
-``fpet_kernels.ops`` once the schemas exist, and CUDA and Triton are probed at their first use.
+and backward (the record's ``kernels``, :func:`op_kernels`) and holds code that device can run
+(``cuda_image``): a build without code for the GPU's architecture makes the automatic choice fall
+back to Triton, saying so once, and an explicit ``backend="cuda"`` raise.
+
+The op records (``library.Op``, in :data:`OPS`) drive the rest of the rule: an op without C++
+kernels (``cpp=False``: ``attention_inputs``, a permute and a copy on CPU) runs PyTorch on CPU
+tensors, automatically and silently, and where ``backend="cpu"`` / ``"cuda"`` is asked for, saying
+so once; ``library.dispatch`` runs the reference where a gradient is needed from an op whose
+kernels have no backward (``inference_only``), saying so once.
+
+Nothing here runs at import: the extension is loaded by ``fpet_kernels.ops`` once the schemas exist,
+and CUDA and Triton are probed at their first use. What is learnt once per process (liveness, the
+kernels the extension registers, the recorded results, the choices, the warnings given) is kept in
+one object, :data:`STATE`; ``STATE.reset()`` forgets it (tests pretend a GPU through its fields).
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
-import math
 import os
 import warnings
 
 import torch
 
+from . import _tuning
+from ._tuning import DEFAULT_GPU_ORDER, TUNING_DIR, load_results
+
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 ENV_VAR = "FPET_BACKEND"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GPU_BACKENDS = ("cuda", "triton")
-# The automatic choice on CUDA tensors when no results were recorded on this GPU: the CUDA C++
-# kernels first (no JIT compilation, smallest launch overhead), then Triton.
-DEFAULT_GPU_ORDER = ("cuda", "triton")
-# The public ops that resolve a backend, and the registered ops (``torch.ops.fpet.*``) each needs:
-# its forward first, then those its autograd calls with the same kernel family.
-OP_KERNELS = {
-    "tome_match": ("tome_match",),
-    "tome_merge": ("tome_merge", "merge_wavg_backward"),
-    "merge_wavg": ("merge_wavg", "merge_wavg_backward"),
-    "unmerge": ("unmerge", "merge_sum"),
-    "fpet_merge": ("fpet_merge", "fpet_merge_backward"),
-    "pyra_merge": ("pyra_merge", "pyra_merge_backward"),
-    "xpeft_adapter": ("xpeft_adapter",),  # its backward is PyTorch on every backend; no CUDA C++ kernel
-    "masked_weight_grad": ("masked_weight_grad",),  # PaFi's sparse weight gradient; no CUDA C++ kernel
-}
-RAW_KERNELS = ("tome_match", "tome_merge", "merge_wavg", "merge_wavg_backward", "unmerge", "merge_sum",
-               "fpet_merge", "fpet_merge_backward", "pyra_merge", "pyra_merge_backward", "xpeft_adapter",
-               "masked_weight_grad")
-# Recorded benchmark results (see the module docstring and fpet_kernels/tuning/README.md).
-TUNING_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tuning")
-RESULTS_FORMAT = 1
+FAMILY_NAMES = {"cpu": "C++", "cuda": "CUDA", "triton": "Triton"}
+
+# name -> ``library.Op``, in registration order: the one list of ops (``library.OPS`` is this dict;
+# ``library.register`` adds to it). Read here only at calls, after every family has registered.
+OPS: dict = {}
+
+
+def op_kernels() -> dict:
+    """The public ops whose automatic choice ranks compiled kernels (those with C++ kernels), and the
+    registered ops (``torch.ops.fpet.*``) each needs: its forward first, then those its autograd calls
+    with the same kernel family (``Op.kernels``)."""
+    return {name: op.kernels for name, op in OPS.items() if op.public and op.cpp}
+
+
+def raw_kernels() -> tuple:
+    """The registered ops the extension may hold C++ kernels for (``torch.ops.fpet.<name>``)."""
+    return tuple(name for name, op in OPS.items() if op.cpp)
+
+
+class BackendState:
+    """What the backend choice learns once per process, in one place. ``reset()`` forgets all of it,
+    ``reset_choices()`` the recorded results and the automatic choices only (after a test changed
+    ``live``, ``kernels`` or ``tuning_dir``).
+
+    ``live``          backend -> probed liveness;
+    ``cpu_takes``     op -> the C++ CPU kernels take its automatic calls (live, and the op has them);
+    ``kernels``       dispatch key ("CPU", "CUDA") -> {registered op: the extension holds its kernel};
+    ``cuda_image``    CUDA device index -> binary version of the extension's code it runs (-1: none);
+    ``gpu_identity``  CUDA device index (-1: current) -> (name, "major.minor");
+    ``tuning_dir``    where the recorded results are read (default ``_tuning.TUNING_DIR``);
+    ``results``       the recorded results loaded from it (None: not read yet);
+    ``auto_cuda``     (op, device index) -> (the automatic backend on CUDA tensors, where it came from);
+    ``warned``        the keys of the warnings given once.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self, tuning_dir: str | None = None) -> None:
+        self.live: dict = {}
+        self.kernels: dict = {}
+        self.cuda_image: dict = {}
+        self.gpu_identity: dict = {}
+        self.warned: set = set()
+        self.tuning_dir = TUNING_DIR if tuning_dir is None else tuning_dir
+        self.reset_choices()
+
+    def reset_choices(self) -> None:
+        self.results = None
+        self.auto_cuda: dict = {}
+        self.cpu_takes: dict = {}
+
+
+STATE = BackendState()
 
 
 # ----------------------------------------------------------------------------- the extension
@@ -112,15 +156,13 @@ def _has_kernel(op: str, key: str) -> bool:
         return False
 
 
-_CUDA_KERNELS: dict | None = None
-
-
-def _cuda_kernels() -> dict:
-    """Registered ops with a CUDA kernel compiled into the extension (whether or not a GPU is present)."""
-    global _CUDA_KERNELS
-    if _CUDA_KERNELS is None:
-        _CUDA_KERNELS = {k: _has_kernel(k, "CUDA") for k in RAW_KERNELS}
-    return _CUDA_KERNELS
+def _kernels(key: str) -> dict:
+    """{registered op: the extension holds its kernel for dispatch key ``key``} ("CPU", "CUDA"; the
+    CUDA kernels are known whether or not a GPU is present)."""
+    got = STATE.kernels.get(key)
+    if got is None:
+        got = STATE.kernels[key] = {k: _has_kernel(k, key) for k in raw_kernels()}
+    return got
 
 
 def _constant_result(fn):
@@ -128,9 +170,6 @@ def _constant_result(fn):
     when the package is imported: the mark it sets, read by dynamo when it traces a call of ``fn``."""
     fn._dynamo_marked_constant = True
     return fn
-
-
-_LIVE: dict = {}
 
 
 def _probe(name: str) -> bool:
@@ -154,9 +193,25 @@ def _probe(name: str) -> bool:
 # nor Triton) and evaluated eagerly, never traced, by torch.compile.
 @_constant_result
 def _is_live(name: str) -> bool:
-    got = _LIVE.get(name)
+    got = STATE.live.get(name)
     if got is None:
-        got = _LIVE[name] = _probe(name)
+        got = STATE.live[name] = _probe(name)
+    return got
+
+
+def _has_cpp(op: str | None) -> bool:
+    """Whether op ``op`` has C++ kernels (its record's ``cpp``; an unknown or unnamed op: yes)."""
+    rec = OPS.get(op)
+    return rec is None or rec.cpp
+
+
+# The automatic choice on CPU tensors, per op: one cached lookup, as cheap as ``_is_live("cpu")``.
+@_constant_result
+def _cpu_takes(op: str | None) -> bool:
+    """Whether the C++ CPU kernels take the automatic calls of ``op``: "cpu" is live and the op has them."""
+    got = STATE.cpu_takes.get(op)
+    if got is None:
+        got = STATE.cpu_takes[op] = _is_live("cpu") and _has_cpp(op)
     return got
 
 
@@ -165,172 +220,71 @@ def live() -> dict:
     return {name: _is_live(name) for name in BACKENDS}
 
 
-_CUDA_IMAGE: dict = {}
-
-
 def cuda_image(index: int) -> int:
     """The binary version of the extension's CUDA code that CUDA device ``index`` runs (e.g. 90), or
     -1 when the build holds no code for that device's architecture (then ``cuda`` is not live there)."""
-    got = _CUDA_IMAGE.get(index)
+    got = STATE.cuda_image.get(index)
     if got is None:
         fn = getattr(_EXT, "cuda_image_version", None)
-        got = _CUDA_IMAGE[index] = int(fn(index)) if fn is not None and _is_live("cuda") else -1
+        got = STATE.cuda_image[index] = int(fn(index)) if fn is not None and _is_live("cuda") else -1
     return got
 
 
 def op_live(op: str | None, name: str, index: int | None = None) -> bool:
     """Whether backend ``name`` can run public op ``op`` with its backward (``op=None``: any op), on
-    CUDA device ``index`` for ``cuda`` when given."""
+    CUDA device ``index`` for ``cuda`` when given: the backend is live and, for a compiled family,
+    the op's record has its kernels (``cpu``, ``cuda``: every registered op of ``Op.kernels`` holds a
+    kernel of the extension; ``triton``: the record names a Triton module)."""
     if not _is_live(name):
         return False
-    if name != "cuda":
-        return True
-    if index is not None and cuda_image(index) < 0:
+    if name == "cuda" and index is not None and cuda_image(index) < 0:
         return False
-    if op is None:
+    rec = OPS.get(op)
+    if name == "reference" or rec is None:
         return True
-    return all(_cuda_kernels().get(k, False) for k in OP_KERNELS.get(op, ()))
+    if name == "triton":
+        return rec.triton is not None
+    have = _kernels("CPU" if name == "cpu" else "CUDA")
+    return all(have.get(k, False) for k in rec.kernels)
 
 
-# ----------------------------------------------------------------------------- recorded results
-def load_results(directory: str | None = None) -> list[dict]:
-    """The recorded results files of ``directory`` (default ``TUNING_DIR``) that are well formed;
-    a malformed file is skipped with a warning (it must never break an op call)."""
-    directory = TUNING_DIR if directory is None else directory
-    out = []
-    try:
-        names = sorted(n for n in os.listdir(directory) if n.endswith(".json"))
-    except OSError:
-        return out
-    for name in names:
-        path = os.path.join(directory, name)
-        try:
-            with open(path) as f:
-                data = json.load(f)
-            check_results(data)
-        except (OSError, ValueError, TypeError, KeyError) as exc:
-            warnings.warn(f"fpet_kernels: ignoring recorded results {path}: {exc}", RuntimeWarning, stacklevel=2)
-            continue
-        data["_file"] = name
-        out.append(data)
-    return out
-
-
-def check_results(data) -> None:
-    """Raise ValueError unless ``data`` is a recorded-results document of format ``RESULTS_FORMAT``."""
-    if not isinstance(data, dict) or data.get("format") != RESULTS_FORMAT:
-        raise ValueError(f"not a format-{RESULTS_FORMAT} results file")
-    for key in ("gpu", "capability", "torch", "date", "results"):
-        if key not in data:
-            raise ValueError(f"missing key {key!r}")
-    if not isinstance(data["results"], list) or not data["results"]:
-        raise ValueError("no results")
-    for row in data["results"]:
-        for key in ("op", "mode", "dtype", "batch", "backend", "median_ms"):
-            if key not in row:
-                raise ValueError(f"a result row lacks {key!r}: {row}")
-        ms = row["median_ms"]
-        if not isinstance(ms, (int, float)) or isinstance(ms, bool) or not math.isfinite(ms) or ms <= 0:
-            raise ValueError(f"median_ms must be a positive number: {row}")
-
-
-def rank_backends(data: dict, op: str, candidates) -> tuple[list, str] | None:
-    """Rank ``candidates`` for ``op`` by the recorded medians: (fastest first, how), or None when
-    the file has no cell where every candidate was measured. Score: the geometric mean of the
-    medians over the (mode, dtype, batch) cells that all candidates have; ties keep the order of
-    ``candidates``."""
-    cells: dict = {}
-    for row in data["results"]:
-        if row["op"] == op and row["backend"] in candidates:
-            cells.setdefault((row["mode"], row["dtype"], row["batch"]), {})[row["backend"]] = float(row["median_ms"])
-    common = [c for c in cells.values() if all(b in c for b in candidates)]
-    if not common:
-        return None
-    score = {b: sum(math.log(c[b]) for c in common) / len(common) for b in candidates}
-    order = sorted(candidates, key=lambda b: (score[b], list(candidates).index(b)))
-    if len(order) > 1:
-        ratio = math.exp(score[order[0]] - score[order[1]])
-        how = f"{order[0]} {ratio:.2f}x the time of {order[1]} (geometric mean of {len(common)} cells)"
-    else:
-        how = f"{order[0]} ({len(common)} cells)"
-    return order, how
-
-
-def _find_results(gpu: str, capability: str, results: list) -> tuple[dict | None, str]:
-    for data in results:
-        if data["gpu"] == gpu:
-            return data, "same GPU"
-    for data in results:
-        if str(data["capability"]) == capability:
-            return data, f"same compute capability {capability}"
-    return None, ""
-
-
+# ----------------------------------------------------------------------------- the automatic choice on GPU
 def choose_gpu_backend(op: str | None, gpu: str, capability: str, results: list,
                        index: int | None = None) -> tuple[str | None, str]:
     """(the automatic backend of ``op`` on CUDA tensors of GPU ``gpu`` (device ``index``), where the
-    choice came from). None when no GPU backend can run the op (the caller falls back to the reference)."""
+    choice came from): the live GPU backends of the op ranked by ``_tuning.choose``. None when no
+    GPU backend can run the op (the caller falls back to the reference)."""
     cands = [b for b in DEFAULT_GPU_ORDER if op_live(op, b, index)]
     if "cuda" not in cands and "cuda" in DEFAULT_GPU_ORDER and index is not None and op_live(op, "cuda"):
-        _warn_once(f"cuda-image-{index}",
-                   f"fpet_kernels: the extension's CUDA kernels hold no code for {gpu} (sm {capability}); "
-                   f"using {cands[0] if cands else 'the reference'} instead. Rebuild with "
-                   f"TORCH_CUDA_ARCH_LIST={capability} to use them.")
-    if not cands:
-        return None, f"no GPU backend is live for {op or 'this op'}"
-    if op is None:
-        return cands[0], f"default order {'/'.join(DEFAULT_GPU_ORDER)} (no op named)"
-    data, match = _find_results(gpu, capability, results)
-    if data is None:
-        return cands[0], f"default order {'/'.join(DEFAULT_GPU_ORDER)}: no recorded results for {gpu} (sm {capability})"
-    if len(cands) == 1:
-        return cands[0], f"only live GPU backend for {op}"
-    ranked = rank_backends(data, op, cands)
-    where = (f"{data['_file']} ({data['gpu']}, {match}; torch {data['torch']}, triton "
-             f"{data.get('triton') or '-'}, {data['date']})")
-    if ranked is None:
-        return cands[0], (f"default order {'/'.join(DEFAULT_GPU_ORDER)}: {where} has no results of "
-                          f"{op} for {' and '.join(cands)}")
-    order, how = ranked
-    return order[0], f"recorded: {where}: {how}"
-
-
-_RESULTS: list | None = None
-_GPU_IDENTITY: dict = {}
-_AUTO_CUDA: dict = {}
+        warn_once(f"cuda-image-{index}",
+                  f"fpet_kernels: the extension's CUDA kernels hold no code for {gpu} (sm {capability}); "
+                  f"using {cands[0] if cands else 'the reference'} instead. Rebuild with "
+                  f"TORCH_CUDA_ARCH_LIST={capability} to use them.")
+    return _tuning.choose(op, cands, gpu, capability, results)
 
 
 def _results() -> list:
-    global _RESULTS
-    if _RESULTS is None:
-        _RESULTS = load_results()
-    return _RESULTS
+    if STATE.results is None:
+        STATE.results = load_results(STATE.tuning_dir)
+    return STATE.results
 
 
 def _gpu_identity(index: int) -> tuple[str, str]:
     """(name, "major.minor") of CUDA device ``index`` (-1: the current device)."""
-    got = _GPU_IDENTITY.get(index)
+    got = STATE.gpu_identity.get(index)
     if got is None:
         props = torch.cuda.get_device_properties(torch.cuda.current_device() if index < 0 else index)
-        got = _GPU_IDENTITY[index] = (props.name, f"{props.major}.{props.minor}")
+        got = STATE.gpu_identity[index] = (props.name, f"{props.major}.{props.minor}")
     return got
-
-
-def _reset_auto() -> None:
-    """Forget the loaded results and the choices made (tests point ``TUNING_DIR`` elsewhere)."""
-    global _RESULTS
-    _RESULTS = None
-    _GPU_IDENTITY.clear()
-    _AUTO_CUDA.clear()
 
 
 def _auto_cuda_choice(op: str | None, index: int) -> tuple[str | None, str]:
     key = (op, index)
-    got = _AUTO_CUDA.get(key)
+    got = STATE.auto_cuda.get(key)
     if got is None:
         gpu, cap = _gpu_identity(index)
         dev = torch.cuda.current_device() if index < 0 else index
-        got = _AUTO_CUDA[key] = choose_gpu_backend(op, gpu, cap, _results(), dev)
+        got = STATE.auto_cuda[key] = choose_gpu_backend(op, gpu, cap, _results(), dev)
     return got
 
 
@@ -364,16 +318,17 @@ def backends() -> dict:
     True
     """
     lv = live()
-    cuda_k = _cuda_kernels()
-    per_op = {"cpu": {op: ("cpu" if op_live(op, "cpu") else "reference") for op in OP_KERNELS}}
+    cuda_k = _kernels("CUDA")
+    ops = op_kernels()
+    per_op = {"cpu": {op: ("cpu" if op_live(op, "cpu") else "reference") for op in ops}}
     source = {"cpu": {op: ("the C++ kernels (the only compiled CPU backend)" if per_op["cpu"][op] == "cpu"
-                           else "no compiled CPU kernel is live") for op in OP_KERNELS}}
+                           else "no compiled CPU kernel is live") for op in ops}}
     info_cuda = None
     if torch.cuda.is_available():
         gpu, cap = _gpu_identity(-1)
         info_cuda = {"name": gpu, "capability": cap, "extension_image": cuda_image(torch.cuda.current_device())}
         per_op["cuda"], source["cuda"] = {}, {}
-        for op in OP_KERNELS:
+        for op in ops:
             be, why = _auto_cuda_choice(op, -1)
             per_op["cuda"][op] = be or "reference"
             source["cuda"][op] = why
@@ -388,7 +343,7 @@ def backends() -> dict:
         "cuda_kernels": [k for k, v in cuda_k.items() if v],
         "env": env_backend(),
         "env_var": ENV_VAR,
-        "tuning_dir": TUNING_DIR,
+        "tuning_dir": STATE.tuning_dir,
         "results_files": [f"{d['_file']} ({d['gpu']}, {d['date']})" for d in _results()],
     }
     if _EXT_ERROR:
@@ -396,12 +351,10 @@ def backends() -> dict:
     return info
 
 
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, msg: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
+def warn_once(key: str, msg: str) -> None:
+    """A RuntimeWarning, the first time ``key`` is given in this process (``STATE.warned``)."""
+    if key not in STATE.warned:
+        STATE.warned.add(key)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
@@ -432,14 +385,16 @@ def resolve(backend: str | None, device: torch.device, dtypes=(), op: str | None
     (a sequence of dtypes, or a dict ``{argument name: dtype}`` so that errors name the tensor).
 
     A compiled backend asked for explicitly (``backend=`` or ``FPET_BACKEND``) computes float32,
-    float16 and bfloat16 only: another dtype raises a TypeError naming the tensor."""
+    float16 and bfloat16 only: another dtype raises a TypeError naming the tensor. An op without C++
+    kernels (its record's ``cpp``) runs the reference where "cpu" or "cuda" is asked for (saying so
+    once) and, automatically, on every device but CUDA."""
     if backend is None:
         name = env_backend()
         if name is None or name == "auto":  # the common case, kept short: it runs on every op call
             for d in (dtypes.values() if isinstance(dtypes, dict) else dtypes):
                 if d not in KERNEL_DTYPES:  # float64 and friends: only the reference computes them
                     return "reference"
-            if device.type == "cpu" and _is_live("cpu"):
+            if device.type == "cpu" and _cpu_takes(op):
                 return "cpu"
             return _resolve_auto(device, op)
         src = ENV_VAR
@@ -455,18 +410,25 @@ def resolve(backend: str | None, device: torch.device, dtypes=(), op: str | None
     if name == "auto":
         if not kernel_ok:
             return "reference"
-        if device.type == "cpu" and _is_live("cpu"):
+        if device.type == "cpu" and _cpu_takes(op):
             return "cpu"
         return _resolve_auto(device, op)
     if name == "reference":
         return name
+    if name in ("cpu", "cuda") and not _has_cpp(op):
+        rec = OPS[op]
+        grad = " where no gradient is needed" if rec.inference_only else ""
+        warn_once(f"{op}-{name}",
+                  f"fpet_kernels: {op} has no {name} kernel (backend={name!r}): it runs {rec.fallback}; the "
+                  f"merge ops still run {name}. On GPU, backend='triton' or None runs its Triton kernel{grad}.")
+        return "reference"
     if not kernel_ok:
         bad = ", ".join(f"{k} is {d}" for k, d in named.items() if d not in KERNEL_DTYPES)
         raise TypeError(f"{src}={name!r} computes float32, float16 and bfloat16; {bad} "
                         "(use backend='reference' for other dtypes)")
     lv = live()
     if not lv[name]:
-        cuda_k = _cuda_kernels()
+        cuda_k = _kernels("CUDA")
         if name == "cuda" and any(cuda_k.values()) and not torch.cuda.is_available():
             why = ": the extension holds CUDA kernels but no CUDA device is present"
         elif _EXT_ERROR and name in ("cpu", "cuda"):
@@ -477,10 +439,10 @@ def resolve(backend: str | None, device: torch.device, dtypes=(), op: str | None
             why = ""
         raise RuntimeError(f"{src}={name!r} was requested but is not live in this install{why}; "
                            f"live backends: {[k for k, v in lv.items() if v]}")
-    if name == "cuda" and op is not None and not _cuda_kernels().get(OP_KERNELS[op][0], False):
+    if name == "cuda" and op is not None and not _kernels("CUDA").get(op, False):
         raise RuntimeError(f"{src}='cuda' was requested for {op}, but the extension has no CUDA kernel "
-                           f"for fpet::{OP_KERNELS[op][0]} (CUDA kernels in this build: "
-                           f"{[k for k, v in _cuda_kernels().items() if v]}); use backend='triton'")
+                           f"for fpet::{op} (CUDA kernels in this build: "
+                           f"{[k for k, v in _kernels('CUDA').items() if v]}); use backend='triton'")
     if name == "cuda" and device.type == "cuda":
         index = torch.cuda.current_device() if device.index is None else device.index
         if cuda_image(index) < 0:
@@ -496,13 +458,23 @@ def resolve(backend: str | None, device: torch.device, dtypes=(), op: str | None
 
 
 def _resolve_auto(device: torch.device, op: str | None) -> str:
-    """The automatic choice on kernel dtypes when the C++ CPU kernels do not take the call."""
+    """The automatic choice on kernel dtypes when the C++ CPU kernels do not take the call. An op
+    without C++ kernels runs the reference on every device but CUDA, silently (it is the op's
+    implementation there: ``attention_inputs`` is a permute and a copy)."""
+    has_cpp = _has_cpp(op)
     if device.type == "cuda":
         chosen = _auto_cuda(op or "", -1 if device.index is None else device.index)
         if chosen:
             return chosen
+        if not has_cpp:
+            warn_once(f"{op}-no-triton",
+                      f"fpet_kernels: the Triton kernel of {op} is not live (Triton is not installed); it runs "
+                      f"{OPS[op].fallback}")
+            return "reference"
+    elif not has_cpp:
+        return "reference"
     why = f" ({_EXT_ERROR})" if _EXT_ERROR else ""
-    _warn_once(
+    warn_once(
         f"fallback-{device.type}-{op}",
         f"fpet_kernels: no compiled kernel is live for {op or 'this op'} on {device.type} tensors{why}; "
         "using the pure-PyTorch reference (fpet_kernels.backends() tells what is live).",

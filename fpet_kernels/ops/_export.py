@@ -1,8 +1,8 @@
 """Is ``torch.onnx.export(..., dynamo=True)`` tracing the model right now? A leaf: it imports only ``sys``.
 
-While it is, the public op functions run the export-friendly formulation of their op
-(``ops/export_reference.py``: standard aten ops, no stable sort) instead of the registered custom
-ops, so the ONNX export of a patched model needs nothing extra. Plain ``torch.export`` and
+While it is, the public op functions run the export-friendly formulation of their op (its record's
+``formulation()``: standard aten ops, no stable sort; ``library.dispatch`` makes the switch) instead of
+the registered custom ops, so the ONNX export of a patched model needs nothing extra. Plain ``torch.export`` and
 ``torch.compile`` are unaffected: they keep the fused custom ops.
 
 The check runs on every eager call of those functions, so it is a couple of attribute reads and never
@@ -29,6 +29,9 @@ def exporting() -> bool:
 
 
 def formulation(name: str):
-    """The export-friendly function of op ``name`` (``ops/export_reference.py``, loaded at the first export)."""
+    """The export-friendly function of op ``name`` (``ops/export_reference.py``, loaded at the first export).
+
+    Transitional: the string lookup of the families that do not dispatch through their records yet;
+    it goes (with ``export_reference.py``) once no caller is left (issue 20)."""
     from . import export_reference
     return getattr(export_reference, name)

@@ -4,15 +4,17 @@ Read top to bottom:
   1. reference: qkv split, the merge metric (keys averaged over heads) and the exact fold of
      ``log(size)`` into one extra key channel (head dim padded to a multiple of 8), so that
      ``SDPA(q', k', v', scale) = softmax(q k^T * scale + log(size)^T) v`` runs without a mask;
-  2. the registered op ``torch.ops.fpet.attention_inputs_triton`` (inference: no autograd; the training
-     path stays in differentiable PyTorch) and its fake kernel; the Triton kernel (one launch) is
-     in ``attention_triton.py``;
-  3. the public API: ``attention_inputs`` and ``proportional_sdpa``.
+  2. the op record ``ATTENTION_INPUTS`` (``library.Op``): the registered op
+     ``torch.ops.fpet.attention_inputs_triton`` (inference: no autograd; the training path stays in
+     differentiable PyTorch) and its fake kernel; the Triton kernel (one launch) is in
+     ``attention_triton.py``;
+  3. the public API: ``attention_inputs`` (checks, ``library.dispatch``) and ``proportional_sdpa``.
 
-There is no C++ kernel: the PyTorch formulation is this op's CPU implementation (a permute and a
-copy) and its training path. Where a call asks for a kernel this op does not have (``backend="cpu"``
-or ``"cuda"``, or ``"triton"`` with a gradient needed), it runs PyTorch and says so once, as the
-automatic choice's other fallbacks do (``_backend``).
+There is no C++ kernel (``cpp=False``): the PyTorch formulation is this op's CPU implementation (a
+permute and a copy) and its training path. Where a call asks for a kernel this op does not have
+(``backend="cpu"`` or ``"cuda"``, or ``"triton"`` with a gradient needed), it runs PyTorch and says
+so once, as the automatic choice's other fallbacks do: the one backend rule (``ops/_backend.py``,
+``library.run``) reads this from the record.
 """
 import math
 from typing import Optional
@@ -22,8 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _checks
-from . import _backend
-from . import _export, library
+from . import library
 
 PAD = 8  # the padded head dim is a multiple of 8 (what SDPA's fused kernels want)
 
@@ -72,9 +73,18 @@ def _fake_attention_inputs(qkv, size, num_heads, scale, pad_v):
             qkv.new_empty(bsz, num_heads, n, ev), qkv.new_empty(bsz, n, hd))
 
 
-# Triton only (no C++ kernel: on CPU this is a permute and a copy), inference only (no autograd).
-library.define("attention_inputs", "(Tensor qkv, Tensor? size, int num_heads, float scale, bool pad_v) "
-               "-> (Tensor, Tensor, Tensor, Tensor)", _fake_attention_inputs, "attention_triton", cpp=False)
+def _attention_inputs_op_reference(qkv, size, num_heads, scale, pad_v):
+    """The reference with the schema's arguments and the op's return (a tuple)."""
+    return tuple(attention_inputs_reference(qkv, size, num_heads, scale, pad_v))
+
+
+# Triton only (no C++ kernel: on CPU this is a permute and a copy), inference only (no autograd); the
+# reference is also the export formulation (standard aten ops, functional).
+ATTENTION_INPUTS = library.register(library.Op(
+    "attention_inputs", "(Tensor qkv, Tensor? size, int num_heads, float scale, bool pad_v) "
+                        "-> (Tensor, Tensor, Tensor, Tensor)",
+    _fake_attention_inputs, reference=_attention_inputs_op_reference, triton="attention_triton", cpp=False,
+    cuda=False, inference_only=True, fallback="the PyTorch formulation (permute, mean, concatenations)"))
 
 
 # ----------------------------------------------------------------------------- 3. public API
@@ -90,12 +100,8 @@ def attention_inputs(qkv: Tensor, size: Optional[Tensor], num_heads: int, scale:
     runs the PyTorch formulation, with a warning the first time."""
     check_inputs("attention_inputs", qkv, size, num_heads, scale, pad_v)
     _checks.backend_name(backend)
-    needs_grad = torch.is_grad_enabled() and (qkv.requires_grad or (size is not None and size.requires_grad))
-    be = _attention_backend(backend, qkv, needs_grad)
-    if be == "reference" or _export.exporting():  # ONNX export: the PyTorch formulation
-        return attention_inputs_reference(qkv, size, num_heads, scale, pad_v and size is not None)
-    return library.call(library.TRITON.attention_inputs, qkv, size, num_heads, float(scale),
-                        bool(pad_v and size is not None))
+    return library.dispatch(ATTENTION_INPUTS, backend, qkv.device, {"qkv": qkv.dtype}, qkv, size, num_heads,
+                            float(scale), bool(pad_v and size is not None))
 
 
 def check_inputs(op: str, qkv, size, num_heads, scale, pad_v) -> None:
@@ -121,46 +127,6 @@ def check_inputs(op: str, qkv, size, num_heads, scale, pad_v) -> None:
             or scale == 0):
         raise ValueError(f"{op}: scale must be a finite nonzero number, got {scale!r}")
     _checks.flag(f"{op}: pad_v", pad_v)
-
-
-def _attention_backend(backend: Optional[str], qkv: Tensor, needs_grad: bool) -> str:
-    """"triton" or "reference" (PyTorch). The Triton kernel when asked for (checked as for any op) or,
-    automatically (``backend`` None or "auto", ``FPET_BACKEND`` likewise), on CUDA tensors where it is
-    live and no gradient is needed; PyTorch otherwise. There is no C++ kernel: on CPU tensors PyTorch is
-    the implementation (a permute and a copy); an explicit "cpu" / "cuda", or "triton" with a gradient
-    needed, runs PyTorch and says so once."""
-    name = backend if backend is not None else _backend.env_backend()
-    name = "auto" if name is None else name.lower()
-    if name == "reference":
-        return "reference"
-    if name == "triton":
-        _backend.resolve("triton", qkv.device, {"qkv": qkv.dtype}, op=None)
-        return _triton_unless_grad(needs_grad)
-    if name in ("cpu", "cuda"):
-        _backend._warn_once(f"attention_inputs-{name}",
-                            f"fpet_kernels: attention_inputs has no {name} kernel (backend={name!r}): it runs the "
-                            "PyTorch formulation (permute, mean, concatenations); the merge ops still run "
-                            f"{name}. On GPU, backend='triton' or None runs its Triton kernel where no gradient "
-                            "is needed.")
-        return "reference"
-    if not qkv.is_cuda or qkv.dtype not in _backend.KERNEL_DTYPES:
-        return "reference"  # the implementation on CPU; other dtypes: only PyTorch computes them
-    if not _backend.live()["triton"]:
-        _backend._warn_once("attention_inputs-no-triton",
-                            "fpet_kernels: the Triton kernel of attention_inputs is not live (Triton is not "
-                            "installed); it runs the PyTorch formulation (permute, mean, concatenations)")
-        return "reference"
-    return _triton_unless_grad(needs_grad)
-
-
-def _triton_unless_grad(needs_grad: bool) -> str:
-    if not needs_grad:
-        return "triton"
-    _backend._warn_once("attention_inputs-triton-grad",
-                        "fpet_kernels: the Triton kernel of attention_inputs has no backward; where a gradient is "
-                        "needed (training) attention_inputs runs the PyTorch formulation (permute, mean, "
-                        "concatenations)")
-    return "reference"
 
 
 def proportional_sdpa(q: Tensor, k: Tensor, v: Tensor, size: Tensor, scale: float, dropout_p: float = 0.0) -> Tensor:

@@ -5,7 +5,8 @@ exported graph holds standard aten ops (matmul, max, topk, gather, scatter ...) 
 torchlib translates, and onnxruntime computes the same matchings and merges as eager.
 
 They are the references of the op modules with two changes: no in-place writes (the graph stays
-functional, so a table of decompositions can use them too: ``fpet_kernels.integrations.onnx``), and
+functional, so a table of decompositions can use them too: ``fpet_kernels.integrations.onnx``, which
+reads each op record's ``formulation()``), and
 ToMe's ranking through ``topk`` instead of PyTorch's stable ``sort`` (which the exporter does not
 translate): ONNX ``TopK`` puts the lower index first among equal values, the spec's tie rule
 (a stable descending sort). The merge arithmetic is the references' own.
@@ -16,7 +17,7 @@ the op returns (tuples of tensors, no ``Matching``).
 import torch
 from torch import Tensor
 
-from . import attention, fpet, pyra, tome
+from . import fpet, pyra, tome
 from .shapes import cap_r, compute_dtype, grid_sizes, size_dtype
 
 
@@ -122,13 +123,3 @@ def pyra_merge(x: Tensor, metric: Tensor, r: int, a: Tensor, b: Tensor, ln_weigh
     num = tome.assemble(unm_rows, b_rows, distill_token)
     den = tome.merge_by_indices(s, src, dst, unm, "sum", distill_token)
     return (num / den).to(x.dtype), den.to(size_dtype(x, size)), src, dst, unm, tmap
-
-
-def attention_inputs(qkv: Tensor, size, num_heads: int, scale: float, pad_v: bool):
-    return tuple(attention.attention_inputs_reference(qkv, size, num_heads, scale, pad_v))
-
-
-# op name -> formulation, for a decomposition table (``fpet_kernels.integrations.onnx.decompositions``)
-FORMULATIONS = {"tome_match": tome_match, "tome_merge": tome_merge, "merge_wavg": merge_wavg, "unmerge": unmerge,
-                "merge_sum": merge_sum, "fpet_merge": fpet_merge, "pyra_merge": pyra_merge,
-                "attention_inputs": attention_inputs}

@@ -161,7 +161,14 @@ class Op:
                     kernel (None: no Triton kernel);
     ``cpp``         the C++ extension registers CPU kernels for it (csrc/cpu/);
     ``cuda``        and CUDA kernels (csrc/cuda/);
-    ``public``      a public function dispatches it (a backward-only op is not public).
+    ``public``      a public function dispatches it (a backward-only op is not public);
+    ``inference_only``  a differentiable op whose kernels have no backward: where a gradient is needed
+                    the reference runs (:func:`run`; an op without gradients, such as a matching, is not);
+    ``fallback``    what runs in place of a kernel the op lacks, in words (the warnings say it).
+
+    The backend rule reads the record (``ops/_backend.py``): without C++ kernels (``cpp=False``) the
+    reference is the op's CPU implementation; ``inference_only``: a kernel runs only where no gradient
+    is needed.
     """
     name: str
     schema: str
@@ -175,6 +182,8 @@ class Op:
     cpp: bool = True
     cuda: bool = True
     public: bool = True
+    inference_only: bool = False
+    fallback: str = "the pure-PyTorch reference"
 
     @property
     def kernels(self) -> tuple:
@@ -186,7 +195,7 @@ class Op:
         return self.export if self.export is not None else self.reference
 
 
-OPS: dict = {}  # name -> Op, in registration order: the one list of ops
+OPS = _backend.OPS  # name -> Op, in registration order: the one list of ops (the backend rule reads it)
 
 
 def register(op: Op) -> Op:
@@ -204,10 +213,28 @@ def register(op: Op) -> Op:
 def dispatch(op: Op, backend, device, dtypes, *args):
     """Run one public call of ``op`` on ``args`` (the schema's arguments): while ``torch.onnx.export``
     traces, the export formulation; else the backend resolved once from ``backend``, ``$FPET_BACKEND``
-    and the automatic choice (``ops/_backend.resolve``): the reference, the C++ kernels or Triton."""
+    and the automatic choice (``ops/_backend.resolve``; ``dtypes`` as it takes them), run by :func:`run`."""
     if _export.exporting():
         return op.formulation()(*args)
     be = _backend.resolve(backend, device, dtypes, op=op.name)
+    # :func:`run`, inlined: this runs on every public op call
     if be == "reference":
         return op.reference(*args)
+    if op.inference_only:
+        return run(op, be, *args)
     return call(getattr(family(be), op.name), *args)
+
+
+def run(op: Op, backend: str, *args):
+    """Run a resolved ``backend`` of ``op`` on checked arguments: the reference, or the op of the
+    backend's kernel family (:func:`call`). An ``inference_only`` op runs the reference where a gradient
+    is needed, saying so once."""
+    if backend == "reference":
+        return op.reference(*args)
+    if op.inference_only and torch.is_grad_enabled() and any(
+            isinstance(a, Tensor) and a.requires_grad for a in args):
+        _backend.warn_once(f"{op.name}-{backend}-grad",
+                           f"fpet_kernels: the {_backend.FAMILY_NAMES[backend]} kernel of {op.name} has no backward; "
+                           f"where a gradient is needed (training) {op.name} runs {op.fallback}")
+        return op.reference(*args)
+    return call(getattr(family(backend), op.name), *args)

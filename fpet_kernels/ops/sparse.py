@@ -9,10 +9,13 @@ computed without the dense ``[out, in]`` gradient (K * M multiply-adds instead o
 
 Read top to bottom:
   1. reference: plain PyTorch (fallback and oracle);
-  2. the registered op ``torch.ops.fpet.masked_weight_grad`` (schema here, CPU kernel in
-     csrc/cpu/sparse.cpp, the reference on CUDA tensors), its fake kernel and autograd;
-  3. ``torch.ops.fpet.masked_weight_grad_triton`` (Triton kernel in ``sparse_triton.py``);
-  4. the public function ``masked_weight_grad``.
+  2. the op record ``MASKED_WEIGHT_GRAD`` (``library.Op``): the registered op
+     ``torch.ops.fpet.masked_weight_grad`` (schema here, CPU kernel in csrc/cpu/sparse.cpp, no CUDA
+     C++ kernel) and ``masked_weight_grad_triton`` (Triton kernel in ``sparse_triton.py``), its fake
+     kernel and autograd;
+  3. the public function ``masked_weight_grad`` (checks, ``library.dispatch``), and
+     ``resolve_backend`` / ``call`` for PaFi's backward, which resolves once per forward and runs
+     the resolved backend in its backward.
 
 Sums run in float32 (float64 for float64 inputs); the result has ``grad_out``'s dtype.
 """
@@ -23,9 +26,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _backend
 from .._checks import FLOAT_DTYPES
-from . import library
+from . import _backend, library
 
 OP = "fpet::masked_weight_grad"
 BACKENDS = _backend.BACKENDS
@@ -51,10 +53,6 @@ def _fake(grad_out, input, rows, cols):
     return grad_out.new_empty(rows.shape[0])
 
 
-library.define("masked_weight_grad", "(Tensor grad_out, Tensor input, Tensor rows, Tensor cols) -> Tensor", _fake,
-               "sparse_triton")
-
-
 def _setup(ctx, inputs, output):
     grad_out, input, rows, cols = inputs
     ctx.save_for_backward(grad_out, input, rows, cols)
@@ -73,20 +71,23 @@ def _backward(ctx, g):
     return g_dy, g_x, None, None
 
 
-library.register_autograd("masked_weight_grad", _backward, _setup)
+MASKED_WEIGHT_GRAD = library.register(library.Op(
+    "masked_weight_grad", "(Tensor grad_out, Tensor input, Tensor rows, Tensor cols) -> Tensor", _fake,
+    reference=masked_weight_grad_reference, setup_context=_setup, backward=_backward, triton="sparse_triton",
+    cuda=False))
 
 
 # ----------------------------------------------------------------------------- 3. public API
 def cpu_kernel_live() -> bool:
     """True when the extension registered the C++ kernel of ``fpet::masked_weight_grad`` for CPU."""
-    return _backend._has_kernel("masked_weight_grad", "CPU")
+    return _backend.op_live(MASKED_WEIGHT_GRAD.name, "cpu")
 
 
 def resolve_backend(backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
     """The backend of one call, chosen as for every op (``fpet_kernels/_backend.py``): None = the C++
     kernel on CPU tensors, Triton on CUDA tensors, else the reference. There is no CUDA C++ kernel:
     an explicit ``backend="cuda"`` raises, as does any backend that cannot run the call."""
-    return _backend.resolve(backend, device, {"grad_out": dtype}, op="masked_weight_grad")
+    return _backend.resolve(backend, device, {"grad_out": dtype}, op=MASKED_WEIGHT_GRAD.name)
 
 
 def check_indices(rows: Tensor, cols: Tensor, n_out: int, n_in: int, device: torch.device) -> None:
@@ -126,13 +127,11 @@ def masked_weight_grad(grad_out: Tensor, input: Tensor, rows: Tensor, cols: Tens
     if input.device != grad_out.device:
         raise ValueError(f"input is on {input.device} but grad_out is on {grad_out.device}")
     check_indices(rows, cols, grad_out.shape[-1], input.shape[-1], grad_out.device)
-    be = resolve_backend(backend, grad_out.device, grad_out.dtype)
-    g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), input.reshape(-1, input.shape[-1])
-    return call(be, g2, x2, rows, cols)
+    return library.dispatch(MASKED_WEIGHT_GRAD, backend, grad_out.device, {"grad_out": grad_out.dtype},
+                            grad_out.reshape(-1, grad_out.shape[-1]), input.reshape(-1, input.shape[-1]), rows, cols)
 
 
 def call(backend: str, grad_out: Tensor, input: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """Run a resolved backend on checked 2-D inputs (no argument checks: see :func:`masked_weight_grad`)."""
-    if backend == "reference":
-        return masked_weight_grad_reference(grad_out, input, rows, cols)
-    return library.call(library.family(backend).masked_weight_grad, grad_out, input, rows, cols)
+    """Run a resolved backend (:func:`resolve_backend`) on checked 2-D inputs (no argument checks: see
+    :func:`masked_weight_grad`)."""
+    return library.run(MASKED_WEIGHT_GRAD, backend, grad_out, input, rows, cols)

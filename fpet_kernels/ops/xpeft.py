@@ -3,9 +3,11 @@
 Read top to bottom:
   1. reference: each row alone with its profile (the test oracle and the fallback) and the
      closed-form backward;
-  2. registered ops ``torch.ops.fpet.xpeft_adapter`` (CPU kernel in ``csrc/cpu/xpeft.cpp``) and
-     ``xpeft_adapter_triton`` (``xpeft_triton.py``), fake kernel, autograd (one PyTorch backward);
-  3. the public API ``xpeft_adapter`` (backend chosen as for every op, ``fpet_kernels/_backend.py``).
+  2. the op record ``XPEFT_ADAPTER`` (``library.Op``): registered ops ``torch.ops.fpet.xpeft_adapter``
+     (CPU kernel in ``csrc/cpu/xpeft.cpp``, no CUDA C++ kernel) and ``xpeft_adapter_triton``
+     (``xpeft_triton.py``), fake kernel, autograd (one PyTorch backward);
+  3. the public API ``xpeft_adapter``: checks, ``library.dispatch`` (the backend chosen as for every
+     op, ``ops/_backend.py``).
 
 For row ``b`` of ``x`` [B, N, d] with profile ``p = profile[b]`` (``down`` [P, d, r], ``up``
 [P, r, d], biases [P, r] and [P, d], the combined adapters of P profiles)::
@@ -27,8 +29,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks
-from . import _backend
-from . import library
+from . import _backend, library
 
 
 # ----------------------------------------------------------------------------- 1. reference
@@ -78,10 +79,6 @@ def _fake(x, residual, profile, down, down_bias, up, up_bias, scale):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-library.define("xpeft_adapter", "(Tensor x, Tensor? residual, Tensor profile, Tensor down, Tensor down_bias, "
-                                "Tensor up, Tensor up_bias, float scale) -> Tensor", _fake, "xpeft_triton")
-
-
 def _setup(ctx, inputs, output):
     x, residual, profile, down, down_bias, up, up_bias, scale = inputs
     ctx.scale = scale
@@ -103,12 +100,20 @@ def _backward(ctx, grad_out):
             gub.to(up_bias.dtype) if need[6] else None, None)
 
 
-library.register_autograd("xpeft_adapter", _backward, _setup)
+def _op_reference(x, residual, profile, down, down_bias, up, up_bias, scale):
+    """The reference with the schema's arguments."""
+    return xpeft_adapter_reference(x, profile, down, down_bias, up, up_bias, scale, residual)
+
+
+XPEFT_ADAPTER = library.register(library.Op(
+    "xpeft_adapter", "(Tensor x, Tensor? residual, Tensor profile, Tensor down, Tensor down_bias, Tensor up, "
+                     "Tensor up_bias, float scale) -> Tensor",
+    _fake, reference=_op_reference, setup_context=_setup, backward=_backward, triton="xpeft_triton", cuda=False))
 
 
 def cpu_kernel_live() -> bool:
-    """Whether the C++ CPU kernel of ``fpet::xpeft_adapter`` is registered in this install."""
-    return _backend._has_kernel("xpeft_adapter", "CPU")
+    """Whether the C++ CPU kernel of ``fpet::xpeft_adapter`` is live in this install."""
+    return _backend.op_live(XPEFT_ADAPTER.name, "cpu")
 
 
 # ----------------------------------------------------------------------------- 3. public API
@@ -154,9 +159,7 @@ def xpeft_adapter(x: Tensor, profile: Tensor, down: Tensor, down_bias: Tensor, u
         finite = False
     if not finite:
         raise ValueError(f"scale must be a finite number, got {scale!r}")
-    be = _backend.resolve(backend, x.device, _checks.dtypes(x=x, residual=residual, down=down, down_bias=down_bias,
-                                                            up=up, up_bias=up_bias), op="xpeft_adapter")
-    if be == "reference":
-        return xpeft_adapter_reference(x, profile, down, down_bias, up, up_bias, float(scale), residual)
-    return library.call(library.family(be).xpeft_adapter, x, residual, profile, down, down_bias, up, up_bias,
-                        float(scale))
+    return library.dispatch(XPEFT_ADAPTER, backend, x.device,
+                            _checks.dtypes(x=x, residual=residual, down=down, down_bias=down_bias, up=up,
+                                           up_bias=up_bias),
+                            x, residual, profile, down, down_bias, up, up_bias, float(scale))

@@ -394,12 +394,12 @@ def _pet_backend(gpu_backend, op, call):
     (``cuda``: xpeft_adapter and masked_weight_grad have no CUDA C++ kernel) ``call(gpu_backend)``
     must raise naming the op, and the automatic choice on these tensors is compared instead: it must
     be a live kernel, never a silent reference."""
-    if fk._backend.op_live(op, gpu_backend):
+    if fk.ops._backend.op_live(op, gpu_backend):
         return gpu_backend
     with pytest.raises(RuntimeError, match=f"fpet::{op}"):
         call(gpu_backend)
     auto = fk.backends()["auto_per_op"]["cuda" if ON_GPU else "cpu"][op]
-    assert auto != "reference" and fk._backend.op_live(op, auto), \
+    assert auto != "reference" and fk.ops._backend.op_live(op, auto), \
         f"the automatic choice of {op} is {auto!r}, not a live kernel"
     return None
 

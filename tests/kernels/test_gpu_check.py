@@ -140,7 +140,7 @@ def test_every_op_in_the_op_table_and_dispatch_cases(monkeypatch):
     common = _bench_module("common", monkeypatch)
     import fpet_kernels as fk
 
-    ops = set(fk._backend.OP_KERNELS)
+    ops = set(fk.ops._backend.op_kernels())
     assert {op for op, _ in common.DISPATCH_CASES} == ops
     assert ops <= set(common.ALL_OPS)
     assert {"xpeft_adapter", "masked_weight_grad"} <= {op for op, _ in common.GPU_CASES}
@@ -196,7 +196,7 @@ def test_dispatch_file_written_after_every_cell(tmp_path, monkeypatch):
     assert seen[0] == [] and seen[1] == ["fake_gpu_80gb.json"], seen  # written after the first cell
     files = os.listdir(out)
     assert files == ["fake_gpu_80gb.json"], files  # no temporary file left
-    data = fk._backend.load_results(str(out))
+    data = fk.ops._tuning.load_results(str(out))
     assert len(data) == 1
     doc = data[0]
     assert [(r["backend"], r["batch"], r["median_ms"]) for r in doc["results"]] == [("triton", 1, 0.01),

@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 
 import pytest
 import torch
 
 import fpet_kernels as fk
-from fpet_kernels.ops import _backend
+from fpet_kernels.ops import _backend, _tuning, library
 
 from helpers import gen
 
@@ -32,18 +33,23 @@ def _rows(op, ms: dict, modes=("forward",), dtypes=("float16",), batches=(1, 256
             for m in modes for d in dtypes for b in batches for be, v in ms.items()]
 
 
+def _pretend_gpu(gpu=H100, image=90):
+    """``_backend.STATE`` on a pretend GPU ``gpu`` (devices 0 and current) whose extension image is ``image``."""
+    _backend.STATE.gpu_identity.update({0: gpu, -1: gpu})
+    _backend.STATE.cuda_image[0] = image
+
+
 @pytest.fixture
 def fake_gpu(monkeypatch, tmp_path):
-    """A pretend H100 with both GPU backends live for every op, results read from ``tmp_path``."""
-    monkeypatch.setattr(_backend, "TUNING_DIR", str(tmp_path))
-    monkeypatch.setattr(_backend, "_LIVE", dict(_backend._LIVE, cuda=True, triton=True))
-    monkeypatch.setattr(_backend, "_CUDA_KERNELS", {k: True for k in _backend.RAW_KERNELS})
-    monkeypatch.setattr(_backend, "_gpu_identity", lambda index: H100)
-    monkeypatch.setattr(_backend, "_CUDA_IMAGE", {0: 90})  # the extension holds sm_90 code
+    """A pretend H100 with both GPU backends live for every op, results read from ``tmp_path``: fields
+    of ``_backend.STATE``, forgotten (``reset()``) after the test."""
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    _backend._reset_auto()
+    _backend.STATE.reset(tuning_dir=str(tmp_path))
+    _backend.STATE.live.update(cuda=True, triton=True)
+    _backend.STATE.kernels["CUDA"] = dict.fromkeys(_backend.raw_kernels(), True)
+    _pretend_gpu()  # the extension holds sm_90 code
     yield tmp_path
-    _backend._reset_auto()
+    _backend.STATE.reset()
 
 
 def _write(tmp_path, doc, name="gpu.json"):
@@ -61,7 +67,7 @@ def test_backends_reports_live_choice_and_extension():
         assert key in info, key
     assert info["live"]["reference"] is True
     assert set(info["live"]) == set(_backend.BACKENDS)
-    assert set(info["auto_per_op"]["cpu"]) == set(_backend.OP_KERNELS)
+    assert set(info["auto_per_op"]["cpu"]) == set(_backend.op_kernels())
     expect = "cpu" if info["live"]["cpu"] else "reference"
     assert info["auto"]["cpu"] == expect and set(info["auto_per_op"]["cpu"].values()) == {expect}
     assert info["env_var"] == "FPET_BACKEND"
@@ -86,6 +92,36 @@ def test_backends_with_a_gpu_without_results(fake_gpu, monkeypatch):
     assert info["auto"]["cuda"] == "cuda"
     for op, why in info["auto_source"]["cuda"].items():
         assert why.startswith("default order cuda/triton: no recorded results for NVIDIA H100"), (op, why)
+
+
+# The tables as they were written by hand before the op records (issue 20): the records must give them
+# back, in this order (``fk.backends()`` lists its ops in it).
+OP_KERNELS_BEFORE = {
+    "tome_match": ("tome_match",), "tome_merge": ("tome_merge", "merge_wavg_backward"),
+    "merge_wavg": ("merge_wavg", "merge_wavg_backward"), "unmerge": ("unmerge", "merge_sum"),
+    "fpet_merge": ("fpet_merge", "fpet_merge_backward"), "pyra_merge": ("pyra_merge", "pyra_merge_backward"),
+    "xpeft_adapter": ("xpeft_adapter",), "masked_weight_grad": ("masked_weight_grad",)}
+RAW_KERNELS_BEFORE = ("tome_match", "tome_merge", "merge_wavg", "merge_wavg_backward", "unmerge", "merge_sum",
+                      "fpet_merge", "fpet_merge_backward", "pyra_merge", "pyra_merge_backward", "xpeft_adapter",
+                      "masked_weight_grad")
+
+
+def test_backend_tables_derive_from_the_op_records():
+    assert _backend.OPS is library.OPS
+    assert list(_backend.op_kernels().items()) == list(OP_KERNELS_BEFORE.items())
+    assert _backend.raw_kernels() == RAW_KERNELS_BEFORE
+    assert list(fk.backends()["auto_per_op"]["cpu"]) == list(OP_KERNELS_BEFORE)
+    # every registered op is in the one list, and what is not a C++ op (attention) is no table's
+    assert "attention_inputs" in library.OPS and "attention_inputs" not in _backend.raw_kernels()
+
+
+def test_state_reset_forgets_what_was_learnt(fake_gpu):
+    assert _backend.live()["cuda"] is True  # pretended
+    with pytest.warns(RuntimeWarning, match="once"):
+        _backend.warn_once("test-key", "once")
+    _backend.STATE.reset()
+    assert _backend.live()["cuda"] is torch.cuda.is_available() and _backend.STATE.tuning_dir == _tuning.TUNING_DIR
+    assert "test-key" not in _backend.STATE.warned and _backend.STATE.results is None
 
 
 # ----------------------------------------------------------------------------- explicit requests
@@ -120,27 +156,25 @@ def test_unknown_backend_argument():
         fk.tome_merge(gen(2, 17, 8), gen(2, 17, 4), 4, backend="fast")
 
 
-def test_explicit_cuda_for_an_op_without_cuda_kernels(fake_gpu, monkeypatch):
-    monkeypatch.setattr(_backend, "_CUDA_KERNELS", dict.fromkeys(_backend.RAW_KERNELS, False)
-                        | {"tome_match": True, "tome_merge": True})
+def test_explicit_cuda_for_an_op_without_cuda_kernels(fake_gpu):
+    _backend.STATE.kernels["CUDA"] = dict.fromkeys(_backend.raw_kernels(), False) | {"tome_match": True,
+                                                                                     "tome_merge": True}
     assert _backend.resolve("cuda", CUDA0, (torch.float16,), op="tome_merge") == "cuda"
     with pytest.raises(RuntimeError, match=r"backend='cuda' was requested for fpet_merge, but the extension has no "
                                            r"CUDA kernel for fpet::fpet_merge"):
         _backend.resolve("cuda", CUDA0, (torch.float16,), op="fpet_merge")
     # the automatic choice needs the forward and backward kernels: tome_merge's backward is missing
-    _backend._reset_auto()
+    _backend.STATE.reset_choices()
     assert _backend.resolve(None, CUDA0, (torch.float16,), op="tome_match") == "cuda"
     assert _backend.resolve(None, CUDA0, (torch.float16,), op="tome_merge") == "triton"
     assert _backend.resolve(None, CUDA0, (torch.float16,), op="fpet_merge") == "triton"
 
 
-def test_cuda_without_code_for_the_gpu_falls_back_to_triton(fake_gpu, monkeypatch):
+def test_cuda_without_code_for_the_gpu_falls_back_to_triton(fake_gpu):
     """A build without code for this GPU's architecture (e.g. 9.0 only on an A100): the automatic
     choice takes Triton and says so once; an explicit backend='cuda' raises, naming the fix."""
-    monkeypatch.setattr(_backend, "_CUDA_IMAGE", {0: -1})
-    monkeypatch.setattr(_backend, "_gpu_identity", lambda index: ("NVIDIA A100-SXM4-80GB", "8.0"))
-    _backend._reset_auto()
-    _backend._warned.discard("cuda-image-0")
+    _pretend_gpu(("NVIDIA A100-SXM4-80GB", "8.0"), image=-1)
+    _backend.STATE.reset_choices()
     with pytest.warns(RuntimeWarning, match=r"hold no code for NVIDIA A100.*\(sm 8.0\); using triton"):
         assert _backend.resolve(None, CUDA0, (torch.float16,), op="tome_merge") == "triton"
     assert _backend.resolve(None, CUDA0, (torch.float16,), op="fpet_merge") == "triton"  # no second warning
@@ -148,11 +182,50 @@ def test_cuda_without_code_for_the_gpu_falls_back_to_triton(fake_gpu, monkeypatc
         _backend.resolve("cuda", CUDA0, (torch.float16,), op="tome_merge")
 
 
+# ----------------------------------------------------------------------------- an op without C++ kernels
+def test_attention_inputs_rule_reads_its_record(fake_gpu):
+    """attention_inputs (no C++ kernel, no backward): Triton on CUDA tensors, PyTorch on CPU tensors
+    (silently: it is the implementation there), PyTorch for an explicit cpu/cuda (said once)."""
+    op = "attention_inputs"
+    assert not _backend.op_live(op, "cpu") and not _backend.op_live(op, "cuda") and _backend.op_live(op, "triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _backend.resolve(None, CUDA0, {"qkv": torch.float16}, op=op) == "triton"
+        assert _backend.resolve("auto", CUDA0, {"qkv": torch.float16}, op=op) == "triton"
+        assert _backend.resolve(None, CUDA0, {"qkv": torch.float64}, op=op) == "reference"
+        assert _backend.resolve(None, torch.device("cpu"), {"qkv": torch.float32}, op=op) == "reference"
+        assert _backend.resolve("triton", CUDA0, {"qkv": torch.float16}, op=op) == "triton"
+    for name in ("cpu", "cuda"):
+        with pytest.warns(RuntimeWarning, match=rf"attention_inputs has no {name} kernel \(backend='{name}'\): it "
+                                                r"runs the PyTorch formulation \(permute, mean, concatenations\)"):
+            assert _backend.resolve(name, CUDA0, {"qkv": torch.float16}, op=op) == "reference"
+    with pytest.raises(TypeError, match="qkv is torch.float64"):
+        _backend.resolve("triton", CUDA0, {"qkv": torch.float64}, op=op)
+    _backend.STATE.live.update(triton=False)
+    _backend.STATE.reset_choices()
+    with pytest.warns(RuntimeWarning, match="the Triton kernel of attention_inputs is not live"):
+        assert _backend.resolve(None, CUDA0, {"qkv": torch.float16}, op=op) == "reference"
+
+
+def test_only_an_inference_only_op_leaves_its_kernel_for_a_gradient():
+    """A kernel without a backward is left for the reference only where the op is differentiable
+    (``inference_only``: attention_inputs); a matching (no gradient) keeps its kernel, silently."""
+    assert [n for n, op in library.OPS.items() if op.inference_only] == ["attention_inputs"]
+    if not _backend.live()["cpu"]:
+        pytest.skip("the C++ extension is not live")
+    metric = gen(2, 17, 4).requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = fk.tome_match(metric, 4, backend="cpu")
+    exp = fk.tome_match(metric.detach(), 4, backend="reference")
+    assert all(torch.equal(g, e) for g, e in zip(got, exp))
+
+
 # ----------------------------------------------------------------------------- automatic choice on CUDA tensors
 def test_auto_without_results_takes_the_default_order(fake_gpu):
-    for op in _backend.OP_KERNELS:
+    for op in _backend.op_kernels():
         assert _backend.resolve(None, CUDA0, (torch.float16,), op=op) == "cuda"
-    be, why = _backend.choose_gpu_backend("tome_merge", *H100, _backend.load_results())
+    be, why = _backend.choose_gpu_backend("tome_merge", *H100, _tuning.load_results(str(fake_gpu)))
     assert be == "cuda" and "no recorded results for NVIDIA H100 80GB HBM3" in why
     # float64 always takes the reference; so does a GPU with no live kernel backend
     assert _backend.resolve(None, CUDA0, (torch.float64,), op="tome_merge") == "reference"
@@ -163,7 +236,7 @@ def test_auto_follows_recorded_results(fake_gpu):
                                                                          modes=("forward", "forward+backward"))
             + _rows("unmerge", {"cuda": 0.02}))  # no triton row: no common cell
     _write(fake_gpu, _doc(rows))
-    _backend._reset_auto()
+    _backend.STATE.reset_choices()
     assert _backend.resolve(None, CUDA0, (torch.float16,), op="tome_merge") == "cuda"
     assert _backend.resolve(None, CUDA0, (torch.bfloat16,), op="fpet_merge") == "triton"
     assert _backend.resolve(None, CUDA0, (torch.float16,), op="unmerge") == "cuda"  # default order
@@ -181,25 +254,25 @@ def test_auto_uses_same_capability_when_the_name_differs(fake_gpu):
     _write(fake_gpu, _doc(_rows("tome_merge", {"cuda": 0.03, "triton": 0.02}), gpu="NVIDIA H100 PCIe"))
     _write(fake_gpu, _doc(_rows("tome_merge", {"cuda": 0.01, "triton": 0.02}), gpu="NVIDIA A100", cap="8.0"),
            "a100.json")
-    _backend._reset_auto()
+    _backend.STATE.reset_choices()
     be, why = _backend._auto_cuda_choice("tome_merge", 0)
     assert be == "triton" and "same compute capability 9.0" in why
 
 
-def test_auto_skips_a_recorded_winner_that_is_not_live(fake_gpu, monkeypatch):
+def test_auto_skips_a_recorded_winner_that_is_not_live(fake_gpu):
     _write(fake_gpu, _doc(_rows("tome_merge", {"cuda": 0.01, "triton": 0.02})))
-    monkeypatch.setattr(_backend, "_LIVE", dict(_backend._LIVE, cuda=False, triton=True))
-    _backend._reset_auto()
+    _backend.STATE.live.update(cuda=False, triton=True)
+    _backend.STATE.reset_choices()
     assert _backend.resolve(None, CUDA0, (torch.float16,), op="tome_merge") == "triton"
-    monkeypatch.setattr(_backend, "_LIVE", dict(_backend._LIVE, cuda=False, triton=False))
-    _backend._reset_auto()
+    _backend.STATE.live.update(cuda=False, triton=False)
+    _backend.STATE.reset_choices()
     with pytest.warns(RuntimeWarning, match="no compiled kernel is live for tome_merge on cuda tensors"):
         assert _backend.resolve(None, CUDA0, (torch.float16,), op="tome_merge") == "reference"
 
 
 def test_auto_choice_is_made_once(fake_gpu):
     _write(fake_gpu, _doc(_rows("tome_merge", {"cuda": 0.03, "triton": 0.02})))
-    _backend._reset_auto()
+    _backend.STATE.reset_choices()
     assert _backend.resolve(None, CUDA0, (torch.float16,), op="tome_merge") == "triton"
     (fake_gpu / "gpu.json").unlink()  # read once per process: later calls do not touch the file system
     assert _backend.resolve(None, CUDA0, (torch.float16,), op="tome_merge") == "triton"
@@ -213,8 +286,8 @@ def test_auto_choice_is_made_once(fake_gpu):
 def test_malformed_results_are_ignored_with_a_warning(fake_gpu, bad):
     (fake_gpu / "bad.json").write_text(bad)
     with pytest.warns(RuntimeWarning, match="ignoring recorded results"):
-        assert _backend.load_results() == []
-    _backend._reset_auto()
+        assert _tuning.load_results(str(fake_gpu)) == []
+    _backend.STATE.reset_choices()
     with pytest.warns(RuntimeWarning, match="ignoring recorded results"):
         assert _backend.resolve(None, CUDA0, (torch.float16,), op="tome_merge") == "cuda"
 
@@ -222,7 +295,7 @@ def test_malformed_results_are_ignored_with_a_warning(fake_gpu, bad):
 def test_auto_choice_under_torch_compile_fullgraph(fake_gpu):
     """resolve runs inside traces: the first (file-reading) choice must not break the graph."""
     _write(fake_gpu, _doc(_rows("tome_merge", {"cuda": 0.03, "triton": 0.02})))
-    _backend._reset_auto()
+    _backend.STATE.reset_choices()
     torch._dynamo.reset()
 
     def f(x):
@@ -243,9 +316,9 @@ def test_shipped_results_files_are_well_formed():
     for name in names:
         with open(os.path.join(tuning, name)) as f:
             doc = json.load(f)
-        _backend.check_results(doc)
+        _tuning.check_results(doc)
         assert doc.get("triton") is not None and doc.get("commit"), name
-        assert {r["op"] for r in doc["results"]} <= set(_backend.OP_KERNELS), name
+        assert {r["op"] for r in doc["results"]} <= set(_backend.op_kernels()), name
         assert {r["backend"] for r in doc["results"]} <= set(_backend.GPU_BACKENDS), name
 
 
@@ -261,8 +334,8 @@ def test_record_script_round_trip(fake_gpu):
                                        commit="abc1234", date="2026-01-01T00:00:00")
     path = record_dispatch.write_record(doc, str(fake_gpu))
     assert os.path.basename(path) == "nvidia_h100_80gb_hbm3.json"
-    _backend._reset_auto()
-    assert [d["gpu"] for d in _backend.load_results()] == ["NVIDIA H100 80GB HBM3"]
+    _backend.STATE.reset_choices()
+    assert [d["gpu"] for d in _tuning.load_results(str(fake_gpu))] == ["NVIDIA H100 80GB HBM3"]
     assert _backend.resolve(None, CUDA0, (torch.float16,), op="pyra_merge") == "triton"
     assert _backend.resolve(None, CUDA0, (torch.float16,), op="tome_merge") == "cuda"
     with pytest.raises(ValueError):
@@ -292,4 +365,4 @@ def test_every_resolving_op_names_itself(monkeypatch):
     w = (gen(2, 8, 3), gen(2, 3), gen(2, 3, 8), gen(2, 8))
     xpeft.xpeft_adapter(x, torch.tensor([0, 1]), *w)
     sparse.masked_weight_grad(gen(5, 6), gen(5, 7), torch.tensor([0, 2]), torch.tensor([1, 3]))
-    assert None not in seen and set(seen) == set(_backend.OP_KERNELS), seen
+    assert None not in seen and set(seen) == set(_backend.op_kernels()), seen

@@ -636,7 +636,7 @@ def test_cpp_messages_name_the_public_argument():
 def test_attention_inputs_says_once_when_it_runs_pytorch_for_a_backend(backend, key):
     """A backend attention_inputs has no kernel for runs the PyTorch formulation and says so once."""
     from fpet_kernels.ops import _backend
-    _backend._warned.discard(key)
+    _backend.STATE.warned.discard(key)
     qkv = torch.randn(2, 5, 12)
     with pytest.warns(RuntimeWarning, match=f"attention_inputs has no {backend} kernel"):
         got = fk.attention_inputs(qkv, None, 2, 0.5, backend=backend)
@@ -653,7 +653,7 @@ def test_attention_inputs_says_once_when_it_runs_pytorch_for_a_backend(backend, 
 def test_attention_inputs_says_once_that_triton_has_no_backward():
     _need("triton")
     from fpet_kernels.ops import _backend
-    _backend._warned.discard("attention_inputs-triton-grad")
+    _backend.STATE.warned.discard("attention_inputs-triton-grad")
     qkv = torch.randn(2, 5, 12, requires_grad=True)
     with pytest.warns(RuntimeWarning, match="Triton kernel of attention_inputs has no backward"):
         q, k, v, m = fk.attention_inputs(qkv, torch.ones(2, 5, 1), 2, 0.5, backend="triton")
