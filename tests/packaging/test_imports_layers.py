@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 import os
 
-PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fpet_kernels")
+PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "fpet_kernels")
 #: The layers in import order: a module may import its own layer and those before it, never a later one.
 LAYERS = ["fpet_kernels.ops", "fpet_kernels.integrations", "fpet_kernels.layers", "fpet_kernels.patch",
           "fpet_kernels.pet"]
