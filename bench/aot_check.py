@@ -147,14 +147,14 @@ def _size(b, n, dtype=F32):
 
 def tome(dt=F16, mdt=None, n=197, c=768, d=64, r=16, size=True, sdt=F32, cls=True, distill=False, pyra=False,
          pdt=F32, match=False):
-    from fpet_kernels.ops import tome_triton as tt
+    from fpet_kernels.ops import pyra_triton, tome_triton as tt
     x, m = _rand(2, n, c, dtype=dt), _rand(2, n, d, dtype=mdt or dt, seed=1)
     s = _size(2, n, sdt) if size else None
     if match:
         tt.tome_match(m, r, cls, distill)
     elif pyra:
-        tt.pyra_merge(x, m, r, _rand(r, 1, dtype=pdt), _rand(1, c, dtype=pdt), _rand(c, dtype=pdt),
-                      _rand(c, dtype=pdt), s, cls, distill, 1e-5)
+        pyra_triton.pyra_merge(x, m, r, _rand(r, 1, dtype=pdt), _rand(1, c, dtype=pdt), _rand(c, dtype=pdt),
+                               _rand(c, dtype=pdt), s, cls, distill, 1e-5)
     else:
         tt.tome_merge(x, m, r, s, cls, distill)
 
@@ -350,6 +350,9 @@ def describe(rec: dict) -> str:
     for path, val in sorted(rec["constexprs"].items()):
         name = names[path[0]]
         if rec["fn"].params[path[0]].is_constexpr:
+            if val is None:  # an absent constexpr function (ToMe's PYRA_WEIGHTS)
+                continue
+            val = getattr(val, "__name__", val)  # a constexpr function (PYRA's modulation phase) by its name
             parts.append((name if val else f"!{name}") if isinstance(val, bool) else f"{name}={val}")
         else:  # an int argument specialised to a constant (== 1)
             parts.append(f"{name}=={val}")

@@ -24,8 +24,8 @@
 # | 0 | env         |     - |     - |          3 | nvidia-smi, versions                                                  |
 # | 1 | build       |   240 |    40 |     60-150 | ninja, MAX_JOBS=16: all ~10 files at once, the slowest bounds it.     |
 # |   |             |       |       |            | Measured CPU time (user+sys) per file, nvcc 13.0 for sm_90 only:      |
-# |   |             |       |       |            | merge.cu 66 s, tome.cu 70 s, fpet.cu 75 s (after the staged matching  |
-# |   |             |       |       |            | 105 s and 104 s on a loaded machine); C++ files <= 85 s wall          |
+# |   |             |       |       |            | merge_wavg.cu 66 s, tome_merge.cu 70 s, fpet_merge.cu 75 s (staged    |
+# |   |             |       |       |            | matching: 105 s, 104 s on a loaded machine); C++ files <= 85 s wall   |
 # |   |             |       |       |            | on 2 shared cores. One arch (TORCH_CUDA_ARCH_LIST from the device).   |
 # | 2 | correctness |   150 |    40 |      20-50 | tests/kernels/test_gpu.py: the "triton" part (~85 Triton variants x   |
 # |   |             |       |       |            | 0.5-6 s CPU of JIT, pytest-xdist -n 6) runs in the BACKGROUND from    |

@@ -2,7 +2,7 @@
 // launcher is a template over an executor `Exec` that runs a kernel body on a grid:
 //   CudaExec (csrc/cuda/device_exec.cuh)  a __global__ launch on the current stream
 //   HostExec (csrc/emu/host_exec.h)       the same body on the host, one thread at a time
-// so the launchers in csrc/cuda/*_kernels.cuh are written once for both.
+// so the launchers in csrc/cuda/<op>.cuh are written once for both.
 //
 // Executor interface:
 //   static constexpr const char* kDevice;              "CUDA" or "CPU" (tensors it accepts)

@@ -1,14 +1,17 @@
 // The library `fpet_simt`: the CUDA kernels of csrc/cuda/ compiled for the host and run one
 // thread at a time (host_exec.h) on CPU tensors, with the schemas of `fpet`. Used by
 // tests/test_simt_*.py to check the CUDA kernels' source on machines without a GPU.
+//
+// This file registers implementations only (and the emulator's own three ops): the schemas of the
+// kernel ops are defined from Python before it is loaded (tests/simt_ext.py), from the op records
+// (`fpet_kernels.ops.library.OPS`) that define `torch.ops.fpet.*`.
 #include <torch/library.h>
 
-#include "../cuda/fpet_kernels.cuh"
-#include "../cuda/merge_kernels.cuh"
-#include "../cuda/pyra_backward_kernels.cuh"
-#include "../cuda/pyra_kernels.cuh"
-#include "../cuda/tome_kernels.cuh"
-#include "schemas.h"
+#include "../cuda/fpet_merge.cuh"
+#include "../cuda/merge_wavg.cuh"
+#include "../cuda/pyra_merge.cuh"
+#include "../cuda/pyra_merge_backward.cuh"
+#include "../cuda/tome_merge.cuh"
 #include "host_exec.h"
 
 namespace fpet {
@@ -46,7 +49,6 @@ bool trust_maps(bool on) {
 }  // namespace fpet
 
 TORCH_LIBRARY(fpet_simt, m) {
-  fpet::define_kernel_schemas(m);
   m.def("configure(int order, int threads, int sms, int smem=232448) -> ()", &fpet::kernels::configure);
   m.def("phase_count() -> int[]", &fpet::kernels::phase_count);
   m.def("trust_maps(bool on) -> bool", &fpet::kernels::trust_maps);

@@ -1,4 +1,4 @@
-// HostExec: runs the CUDA kernel bodies of csrc/cuda/*_kernels.cuh on the host, one thread at a
+// HostExec: runs the CUDA kernel bodies of csrc/cuda/*.cuh on the host, one thread at a
 // time (simt.cuh), on CPU tensors. It exists to test the CUDA kernels' own source on machines
 // without a GPU (tests/test_cuda_emulated.py): indexing, phases, tiling, dtype handling and the
 // block-level algorithms. It does not test what only hardware shows (timing, real concurrency

@@ -103,23 +103,3 @@ def fpet_merge(x: Tensor, metric: Tensor, size, num_prefix: int, H: int, W: int)
     cdt = compute_dtype(x, metric, size)
     out, den = tome.merge_wavg_reference(x.to(cdt), None if size is None else size.to(cdt), tmap, nb)
     return out.to(x.dtype), den.to(size_dtype(x, size)), tmap
-
-
-def pyra_merge(x: Tensor, metric: Tensor, r: int, a: Tensor, b: Tensor, ln_weight: Tensor, ln_bias: Tensor, size,
-               class_token: bool, distill_token: bool, eps: float):
-    """``pyra.pyra_merge_reference``: (x', size', src_idx, dst_idx, unm_idx, token_map)."""
-    src, dst, unm, tmap = tome_match(metric, r, class_token, distill_token)
-    r = src.shape[1]
-    cdt = compute_dtype(x, size, a, b, ln_weight, ln_bias)
-    s = torch.ones(*x.shape[:2], 1, dtype=cdt, device=x.device) if size is None else size.to(cdt)
-    if r == 0:
-        return x, s.to(size_dtype(x, size)), src, dst, unm, tmap
-    bsz, _, c = x.shape
-    z = x.to(cdt) * s
-    s_rows, _, _, wc, wt = pyra._modulation(z, src, dst, a, b, ln_weight, ln_bias, eps)
-    s_mod = s_rows + s_rows * wc * wt
-    unm_rows = z[:, 0::2].gather(1, unm[..., None].expand(bsz, unm.shape[1], c))
-    b_rows = z[:, 1::2].scatter_add(1, dst[..., None].expand(bsz, r, c), s_mod)
-    num = tome.assemble(unm_rows, b_rows, distill_token)
-    den = tome.merge_by_indices(s, src, dst, unm, "sum", distill_token)
-    return (num / den).to(x.dtype), den.to(size_dtype(x, size)), src, dst, unm, tmap

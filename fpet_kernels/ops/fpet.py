@@ -201,7 +201,7 @@ def fpet_merge_backward_reference(grad_out, grad_size, x, metric, size, out, out
 
 
 # ----------------------------------------------------------------------------- 2. registered ops
-# ``torch.ops.fpet.fpet_merge[_backward]``: C++ kernels (csrc/cpu/fpet.cpp, csrc/cuda/fpet.cu);
+# ``torch.ops.fpet.fpet_merge[_backward]``: C++ kernels (csrc/cpu/fpet.cpp, csrc/cuda/fpet_merge.cu);
 # ``..._triton``: fpet_triton.py, fpet_triton_backward.py. See ops/library.py.
 def _fake_fpet(x, metric, size, num_prefix, H, W):
     bsz, n, c = x.shape

@@ -2,9 +2,15 @@
 
 Read top to bottom:
   1. reference: the spec in plain PyTorch (fallback and oracle) and the closed-form backward;
-  2. registered ops ``torch.ops.fpet.{pyra_merge, pyra_merge_backward}`` (C++ kernels) and their
-     ``_triton`` twins, fake kernels, autograd;
-  3. the public API ``pyra_merge``.
+  2. the op records (``library.Op``) of ``torch.ops.fpet.{pyra_merge, pyra_merge_backward}`` (C++
+     kernels) and their ``_triton`` twins: schemas, fake kernels, schema-shaped references, the export
+     formulation, autograd;
+  3. the public API ``pyra_merge``: checks, ``library.dispatch``, the ``Matching`` wrap.
+
+PYRA's files: this module, ``pyra_triton.py`` (forward, the ToMe kernel of ``tome_triton.py`` with
+this modulation phase), ``pyra_triton_backward.py``, ``csrc/cpu/pyra.cpp``, ``csrc/cpu/pyra_backward.cpp``,
+``csrc/cuda/pyra_merge.cuh`` + ``pyra_merge.cu`` (the ToMe body of ``tome_merge.cuh`` with this
+modulation) and ``csrc/cuda/pyra_merge_backward.cuh`` + ``pyra_merge_backward.cu``.
 
 Per merging layer PYRA learns ``a`` [r, 1], ``b`` [1, C] and a LayerNorm over C. On the sized
 tokens ``z = x * size``, with ``S`` the r source rows (rank order) and ``T`` their destinations:
@@ -18,8 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _checks
-from . import _backend
-from . import _export, library
+from . import library
 from .shapes import cap_r, compute_dtype, size_dtype
 from .tome import Matching, assemble, merge_by_indices, output_rows, safe_div, tome_match_reference
 
@@ -116,8 +121,9 @@ def pyra_merge_backward_reference(grad_out, grad_out_size, x, size, out, out_siz
 
 
 # ----------------------------------------------------------------------------- 2. registered ops
-# ``torch.ops.fpet.pyra_merge``: C++ kernels (csrc/cpu/pyra.cpp, csrc/cuda/tome.cu);
-# ``pyra_merge_triton``: tome_triton.py. See ops/library.py.
+# ``torch.ops.fpet.pyra_merge``: C++ kernels (csrc/cpu/pyra.cpp, csrc/cuda/pyra_merge.cu);
+# ``pyra_merge_triton``: pyra_triton.py. The fused backward ``pyra_merge_backward``:
+# csrc/cpu/pyra_backward.cpp, csrc/cuda/pyra_merge_backward.cu, pyra_triton_backward.py. See ops/library.py.
 def _fake_pyra(x, metric, r, a, b, ln_weight, ln_bias, size, class_token, distill_token, eps):
     bsz, n, c = x.shape
     na = (n + 1) // 2
@@ -133,15 +139,33 @@ def _fake_pyra_backward(grad_out, grad_out_size, x, size, out, out_size, src, ds
             torch.empty_like(ln_bias), x.new_empty(*x.shape[:2], 1, dtype=out_size.dtype))
 
 
-library.define("pyra_merge", "(Tensor x, Tensor metric, int r, Tensor a, Tensor b, Tensor ln_weight, "
-                             "Tensor ln_bias, Tensor? size, bool class_token, bool distill_token, float eps) "
-                             "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", _fake_pyra, "tome_triton")
-# The fused backward (csrc/cpu/pyra_backward.cpp, csrc/cuda/pyra_backward.cu, pyra_triton_backward.py).
-library.define("pyra_merge_backward", "(Tensor grad_out, Tensor? grad_out_size, Tensor x, Tensor? size, Tensor out, "
-                                      "Tensor out_size, Tensor src_idx, Tensor dst_idx, Tensor unm_idx, Tensor a, "
-                                      "Tensor b, Tensor ln_weight, Tensor ln_bias, float eps, bool distill_token) "
-                                      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", _fake_pyra_backward,
-               "pyra_triton_backward")
+def _pyra_merge_op_reference(x, metric, r, a, b, ln_weight, ln_bias, size, class_token, distill_token, eps):
+    """:func:`pyra_merge_reference` with the op's schema and outputs (x', size', src, dst, unm, token_map)."""
+    out, out_size, m = pyra_merge_reference(x, metric, r, a, b, ln_weight, ln_bias, size, class_token, distill_token,
+                                            eps)
+    return (out, out_size, *m)
+
+
+def _pyra_merge_export(x: Tensor, metric: Tensor, r: int, a: Tensor, b: Tensor, ln_weight: Tensor, ln_bias: Tensor,
+                       size, class_token: bool, distill_token: bool, eps: float):
+    """What ``torch.onnx.export`` traces in place of ``pyra_merge``: :func:`pyra_merge_reference` with
+    ToMe's export-friendly matching (the ``tome_match`` record's formulation: ``topk``, no stable sort)
+    and no in-place writes. Returns (x', size', src_idx, dst_idx, unm_idx, token_map)."""
+    src, dst, unm, tmap = library.OPS["tome_match"].formulation()(metric, r, class_token, distill_token)
+    r = src.shape[1]
+    cdt = compute_dtype(x, size, a, b, ln_weight, ln_bias)
+    s = torch.ones(*x.shape[:2], 1, dtype=cdt, device=x.device) if size is None else size.to(cdt)
+    if r == 0:
+        return x, s.to(size_dtype(x, size)), src, dst, unm, tmap
+    bsz, _, c = x.shape
+    z = x.to(cdt) * s
+    s_rows, _, _, wc, wt = _modulation(z, src, dst, a, b, ln_weight, ln_bias, eps)
+    s_mod = s_rows + s_rows * wc * wt
+    unm_rows = z[:, 0::2].gather(1, unm[..., None].expand(bsz, unm.shape[1], c))
+    b_rows = z[:, 1::2].scatter_add(1, dst[..., None].expand(bsz, r, c), s_mod)
+    num = assemble(unm_rows, b_rows, distill_token)
+    den = merge_by_indices(s, src, dst, unm, "sum", distill_token)
+    return (num / den).to(x.dtype), den.to(size_dtype(x, size)), src, dst, unm, tmap
 
 
 def _pyra_setup(ctx, inputs, output):
@@ -166,7 +190,19 @@ def _pyra_backward(ctx, grad_out, grad_out_size, *_):
             None, None, None)
 
 
-library.register_autograd("pyra_merge", _pyra_backward, _pyra_setup)
+PYRA_MERGE = library.register(library.Op(
+    name="pyra_merge",
+    schema="(Tensor x, Tensor metric, int r, Tensor a, Tensor b, Tensor ln_weight, Tensor ln_bias, Tensor? size, "
+           "bool class_token, bool distill_token, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    fake=_fake_pyra, reference=_pyra_merge_op_reference, export=_pyra_merge_export,
+    setup_context=_pyra_setup, backward=_pyra_backward, calls=("pyra_merge_backward",), triton="pyra_triton"))
+PYRA_MERGE_BACKWARD = library.register(library.Op(
+    name="pyra_merge_backward",
+    schema="(Tensor grad_out, Tensor? grad_out_size, Tensor x, Tensor? size, Tensor out, Tensor out_size, "
+           "Tensor src_idx, Tensor dst_idx, Tensor unm_idx, Tensor a, Tensor b, Tensor ln_weight, Tensor ln_bias, "
+           "float eps, bool distill_token) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    fake=_fake_pyra_backward, reference=pyra_merge_backward_reference, triton="pyra_triton_backward",
+    public=False))
 
 
 # ----------------------------------------------------------------------------- 3. public API
@@ -188,14 +224,6 @@ def pyra_merge(x: Tensor, metric: Tensor, r: int, a: Tensor, b: Tensor, ln_weigh
     _checks.param("ln_bias", ln_bias, (c,), x)
     eps = _checks.finite_positive("pyra_merge", "eps", eps)
     dtypes = _checks.dtypes(x=x, metric=metric, a=a, b=b, ln_weight=ln_weight, ln_bias=ln_bias, size=size)
-    be = _backend.resolve(backend, x.device, dtypes, op="pyra_merge")
-    if _export.exporting():  # torch.onnx.export: the export-friendly formulation
-        out, out_size, *m = _export.formulation("pyra_merge")(x, metric, r, a[:r], b, ln_weight, ln_bias, size,
-                                                              class_token, distill_token, eps)
-    elif be == "reference":
-        out, out_size, m = pyra_merge_reference(x, metric, r, a[:r], b, ln_weight, ln_bias, size, class_token,
-                                                distill_token, eps)
-    else:
-        out, out_size, *m = library.call(library.family(be).pyra_merge, x, metric, r, a[:r], b, ln_weight, ln_bias,
-                                         size, class_token, distill_token, eps)
+    out, out_size, *m = library.dispatch(PYRA_MERGE, backend, x.device, dtypes, x, metric, r, a[:r], b, ln_weight,
+                                         ln_bias, size, class_token, distill_token, eps)
     return (out, out_size, Matching(*m)) if return_matching else (out, out_size)

@@ -1,6 +1,7 @@
-"""Triton kernels of the ToMe ops (``ops/tome.py``) and of PYRA's forward (``ops/pyra.py``).
+"""Triton kernels of the ToMe ops (``ops/tome.py``); PYRA's forward (``pyra_triton.py``) launches this
+module's merge kernel with its modulation phase (a ``tl.constexpr`` function) switched on.
 
-``tome_merge``/``pyra_merge``: ONE launch, grid (B, channel splits); each program does the whole
+``tome_merge`` (and ``pyra_merge``): ONE launch, grid (B, channel splits); each program does the whole
 step for its image (see ``triton_common``): similarity tiles (chunked over the metric dim D,
 so any D runs) and per-row max/argmax, the rank of
 every A row (a counting comparison, ties by lower index), top-r selection, the index outputs, the
@@ -39,8 +40,8 @@ if HAS_TRITON:
                            wsf_ptr, wsi_ptr, a_ptr, b_ptr, lnw_ptr, lnb_ptr,
                            N, C, D, r, c_per, WSF, WSI, eps,
                            HAS_SIZE: tl.constexpr, CLS: tl.constexpr, DISTILL: tl.constexpr, PYRA: tl.constexpr,
-                           BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_J: tl.constexpr,
-                           BLOCK_C: tl.constexpr, PREC: tl.constexpr):
+                           PYRA_WEIGHTS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
+                           BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         pc = tl.program_id(1)
         first = pc == 0  # the first channel program also writes indices and sizes
@@ -140,9 +141,9 @@ if HAS_TRITON:
         group_by_destination(dstk_ws, r, sorted_ws, BLOCK)
         wt_ws = best_ws + na   # PYRA: [r] token weights
         wc_ws = wt_ws + r      # PYRA: [C] channel weights
-        if PYRA:
-            _pyra_weights(x_b, s_b, srck_ws, dstk_ws, wt_ws, wc_ws, a_ptr, b_ptr, lnw_ptr, lnb_ptr, r, C,
-                          c_lo, c_hi, eps, HAS_SIZE, BLOCK, BLOCK_C)
+        if PYRA:  # PYRA's modulation phase (PYRA_WEIGHTS: pyra_triton._pyra_weights)
+            PYRA_WEIGHTS(x_b, s_b, srck_ws, dstk_ws, wt_ws, wc_ws, a_ptr, b_ptr, lnw_ptr, lnb_ptr, r, C,
+                         c_lo, c_hi, eps, HAS_SIZE, BLOCK, BLOCK_C)
         tl.debug_barrier()
 
         # 4. merge: every B row gathers its sources (rank order), size-weighted
@@ -151,83 +152,6 @@ if HAS_TRITON:
             merge_destinations(x_b, s_b, o_b, os_b, jj, jj < nb, 2 * jj + 1, _out_row_b(jj, na, r, DISTILL),
                                sorted_ws, dstk_ws, r, srck_ws, wt_ws, wc_ws, 0, 1, 1, C, c_lo, c_hi, first,
                                HAS_SIZE, False, PYRA, BLOCK, BLOCK_C)
-
-    @triton.jit
-    def _pyra_sum(x_b, s_b, si, dj, ss, sd, vk, C, c0, mean, rstd, lnw_ptr, lnb_ptr, w_ptr, MODE: tl.constexpr,
-                  BLOCK_C: tl.constexpr):
-        """One channel block of PYRA's W = LN(S + T) rows: MODE 0 sum(y), 1 sum((y-mean)^2), 2 sum(W * w)."""
-        cc = c0 + tl.arange(0, BLOCK_C)
-        vc = cc < C
-        msk = vk[:, None] & vc[None, :]
-        y = (tl.load(x_b + (2 * si)[:, None] * C + cc[None, :], mask=msk, other=0.0).to(tl.float32) * ss[:, None]
-             + tl.load(x_b + (2 * dj + 1)[:, None] * C + cc[None, :], mask=msk, other=0.0).to(tl.float32)
-             * sd[:, None])
-        if MODE == 0:
-            v = y
-        else:
-            v = tl.where(msk, y - mean[:, None], 0.0)
-            if MODE == 1:
-                v = v * v
-            else:
-                lw = tl.load(lnw_ptr + cc, mask=vc, other=0.0).to(tl.float32)
-                lb = tl.load(lnb_ptr + cc, mask=vc, other=0.0).to(tl.float32)
-                wv = tl.load(w_ptr + cc, mask=vc, other=0.0).to(tl.float32)
-                v = tl.where(msk, (v * rstd[:, None] * lw[None, :] + lb[None, :]) * wv[None, :], 0.0)
-        return v
-
-    @triton.jit
-    def _pyra_weights(x_b, s_b, srck_ws, dstk_ws, wt_ws, wc_ws, a_ptr, b_ptr, lnw_ptr, lnb_ptr, r, C, c_lo, c_hi,
-                      eps, HAS_SIZE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
-        """PYRA (spec 3): W = LayerNorm(S + T) over C for the r source rows; wt[k] = 2 sigmoid(W_k . b) - 1
-        (needs all of C), wc[c] = 2 sigmoid(sum_k a_k W[k, c]) (for this program's channels)."""
-        for k0 in range(0, r, BLOCK):
-            kk = k0 + tl.arange(0, BLOCK)
-            vk = kk < r
-            si = tl.load(srck_ws + kk, mask=vk, other=0)
-            dj = tl.load(dstk_ws + kk, mask=vk, other=0)
-            ss = load_sizes(s_b, 2 * si, vk, HAS_SIZE)
-            sd = load_sizes(s_b, 2 * dj + 1, vk, HAS_SIZE)
-            zero = tl.zeros([BLOCK], tl.float32)
-            acc = zero
-            for c0 in range(0, C, BLOCK_C):
-                acc += tl.sum(_pyra_sum(x_b, s_b, si, dj, ss, sd, vk, C, c0, zero, zero, lnw_ptr, lnb_ptr, b_ptr, 0,
-                                        BLOCK_C), 1)
-            mean = acc / C
-            acc = zero
-            for c0 in range(0, C, BLOCK_C):
-                acc += tl.sum(_pyra_sum(x_b, s_b, si, dj, ss, sd, vk, C, c0, mean, zero, lnw_ptr, lnb_ptr, b_ptr, 1,
-                                        BLOCK_C), 1)
-            rstd = 1.0 / tl.sqrt(acc / C + eps)
-            acc = zero
-            for c0 in range(0, C, BLOCK_C):
-                acc += tl.sum(_pyra_sum(x_b, s_b, si, dj, ss, sd, vk, C, c0, mean, rstd, lnw_ptr, lnb_ptr, b_ptr, 2,
-                                        BLOCK_C), 1)
-            tl.store(wt_ws + kk, 2.0 * tl.sigmoid(acc) - 1.0, mask=vk)
-            tl.store(wt_ws + r + C + kk, mean, mask=vk)       # statistics for the channel pass below
-            tl.store(wt_ws + 2 * r + C + kk, rstd, mask=vk)
-        tl.debug_barrier()
-        for c0 in range(c_lo, c_hi, BLOCK_C):
-            cc = c0 + tl.arange(0, BLOCK_C)
-            vc = cc < c_hi
-            lw = tl.load(lnw_ptr + cc, mask=vc, other=0.0).to(tl.float32)
-            lb = tl.load(lnb_ptr + cc, mask=vc, other=0.0).to(tl.float32)
-            acc = tl.zeros([BLOCK_C], tl.float32)
-            for k0 in range(0, r, BLOCK):
-                kk = k0 + tl.arange(0, BLOCK)
-                vk = kk < r
-                si = tl.load(srck_ws + kk, mask=vk, other=0)
-                dj = tl.load(dstk_ws + kk, mask=vk, other=0)
-                msk = vk[:, None] & vc[None, :]
-                y = (tl.load(x_b + (2 * si)[:, None] * C + cc[None, :], mask=msk, other=0.0).to(tl.float32)
-                     * load_sizes(s_b, 2 * si, vk, HAS_SIZE)[:, None]
-                     + tl.load(x_b + (2 * dj + 1)[:, None] * C + cc[None, :], mask=msk, other=0.0).to(tl.float32)
-                     * load_sizes(s_b, 2 * dj + 1, vk, HAS_SIZE)[:, None])
-                mean = tl.load(wt_ws + r + C + kk, mask=vk, other=0.0)
-                rstd = tl.load(wt_ws + 2 * r + C + kk, mask=vk, other=0.0)
-                w = (y - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]
-                ak = tl.load(a_ptr + kk, mask=vk, other=0.0).to(tl.float32)
-                acc += tl.sum(tl.where(msk, w * ak[:, None], 0.0), 0)
-            tl.store(wc_ws + cc, 2.0 * tl.sigmoid(acc), mask=vc)
 
     @triton.jit
     def _gather_kernel(y_ptr, map_ptr, out_ptr, s_ptr, osize_ptr, N, M, C,
@@ -316,7 +240,8 @@ def _size_arg(size, x):
 
 
 def tome_merge(x, metric, r, size, class_token, distill_token, pyra=None):
-    """One launch: ToMe matching and size-weighted merge (PYRA-modulated with ``pyra=(a, b, lnw, lnb, eps)``).
+    """One launch: ToMe matching and size-weighted merge (PYRA-modulated with
+    ``pyra=(weights, a, b, lnw, lnb, eps)``, ``weights`` the modulation phase: ``pyra_triton.pyra_merge``).
     0 <= r <= cap. Returns (out, out_size, src_idx, dst_idx, unm_idx, token_map)."""
     op = "pyra_merge (triton)" if pyra is not None else "tome_merge (triton)"
     check_merge_inputs(op, x, metric, size)
@@ -346,12 +271,13 @@ def tome_merge(x, metric, r, size, class_token, distill_token, pyra=None):
     ws_f = torch.empty(bsz * splits, wsf, dtype=torch.float32, device=dev)
     ws_i = torch.empty(bsz * splits, wsi, dtype=torch.int32, device=dev)
     s, has_size = _size_arg(size, x)
-    a, b, lnw, lnb, eps = pyra if pyra is not None else (x, x, x, x, 1e-5)
+    weights, a, b, lnw, lnb, eps = pyra if pyra is not None else (None, x, x, x, x, 1e-5)
     _tome_merge_kernel[(bsz, splits)](
         x, metric, s, out, out_size, src, dst, unm, tmap, ws_f, ws_i, a, b, lnw, lnb,
         n, c, d, r, c_per, wsf, wsi, float(eps),
         HAS_SIZE=has_size, CLS=bool(class_token), DISTILL=bool(distill_token), PYRA=pyra is not None,
-        BLOCK_D=block_d(d), BLOCK=BLOCK, BLOCK_J=BLOCK_J, BLOCK_C=BLOCK_C, PREC=_prec(), num_warps=NUM_WARPS)
+        PYRA_WEIGHTS=weights, BLOCK_D=block_d(d), BLOCK=BLOCK, BLOCK_J=BLOCK_J, BLOCK_C=BLOCK_C, PREC=_prec(),
+        num_warps=NUM_WARPS)
     return out, out_size, src, dst, unm, tmap
 
 
@@ -359,21 +285,6 @@ def tome_match(metric, r, class_token, distill_token):
     """The matching alone: the fused kernel run on the metric itself (its merged rows are discarded)."""
     _checks.kernel_tokens("tome_match (triton)", "metric", metric)
     return tome_merge(metric, metric, r, None, class_token, distill_token)[2:]
-
-
-def pyra_merge(x, metric, r, a, b, ln_weight, ln_bias, size, class_token, distill_token, eps):
-    """PYRA forward: the ToMe kernel with the modulation phase on (one launch)."""
-    op = "pyra_merge (triton)"
-    bsz, n, c, _ = check_merge_inputs(op, x, metric, size)
-    check_r(op, r, n, class_token, distill_token)
-    for name, t, shape in (("a", a, (r, 1)), ("b", b, (1, c)), ("ln_weight", ln_weight, (c,)),
-                           ("ln_bias", ln_bias, (c,))):
-        _checks.kernel_tensor(op, name, t, x.device, shape=shape)
-    eps = _checks.finite_positive(op, "eps", eps)
-    if r == 0:
-        return tome_merge(x, metric, 0, size, class_token, distill_token)
-    pyra = (a.contiguous().view(-1), b.contiguous().view(-1), ln_weight.contiguous(), ln_bias.contiguous(), eps)
-    return tome_merge(x, metric, r, size, class_token, distill_token, pyra=pyra)
 
 
 def _gather(y, token_map, size=None, out_size=None, scale=False):

@@ -1,4 +1,4 @@
-"""The FPET CUDA kernels (csrc/cuda/fpet_kernels.cuh) run on the host by the SIMT emulator
+"""The FPET CUDA kernels (csrc/cuda/fpet_merge.cuh) run on the host by the SIMT emulator
 (``torch.ops.fpet_simt``, csrc/emu/), compared with the CPU kernels (``torch.ops.fpet``, checked
 against the spec elsewhere): forward and straight-through backward, every dtype, prefix tokens,
 odd grids, tied rows, both thread orders (a race shows as a differing result), fewer threads per

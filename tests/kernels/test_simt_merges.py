@@ -1,4 +1,4 @@
-"""The CUDA kernels of the token-map merges (csrc/cuda/merge_kernels.cuh: unmerge, merge_sum,
+"""The CUDA kernels of the token-map merges (csrc/cuda/merge_wavg.cuh: unmerge, merge_sum,
 merge_wavg, merge_wavg_backward), run on the host by the SIMT emulator (``torch.ops.fpet_simt``),
 against the CPU kernels (``torch.ops.fpet``).
 

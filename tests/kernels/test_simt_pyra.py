@@ -1,5 +1,5 @@
-"""The CUDA kernel of the PYRA merge (the ToMe body of csrc/cuda/tome_kernels.cuh with its PYRA
-modulation, launcher csrc/cuda/pyra_kernels.cuh), run on the host by the SIMT emulator
+"""The CUDA kernel of the PYRA merge (the ToMe body of csrc/cuda/tome_merge.cuh with PYRA's
+modulation and launcher, csrc/cuda/pyra_merge.cuh), run on the host by the SIMT emulator
 (``torch.ops.fpet_simt.pyra_merge``), against the CPU kernel (``torch.ops.fpet.pyra_merge``).
 
 Indices must be equal; merged rows and sizes close (the LayerNorm statistics and the two weights

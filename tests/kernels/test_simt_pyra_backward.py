@@ -1,4 +1,4 @@
-"""The CUDA kernels of PYRA's backward (csrc/cuda/pyra_backward_kernels.cuh), run on the host by the
+"""The CUDA kernels of PYRA's backward (csrc/cuda/pyra_merge_backward.cuh), run on the host by the
 SIMT emulator (``torch.ops.fpet_simt.pyra_merge_backward``), against the CPU kernel
 (``torch.ops.fpet.pyra_merge_backward``) in every emulator configuration.
 

@@ -1,4 +1,4 @@
-"""The CUDA ToMe kernels (csrc/cuda/tome_kernels.cuh) run on the host through torch.ops.fpet_simt,
+"""The CUDA ToMe kernels (csrc/cuda/tome_merge.cuh) run on the host through torch.ops.fpet_simt,
 against the C++ CPU kernels (torch.ops.fpet on CPU tensors, themselves checked against the spec).
 
 The host runner executes the kernels' own source one thread at a time, in forward and reverse order

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fpet_kernels as fk
-from fpet_kernels.ops import fpet_triton, tome_triton
+from fpet_kernels.ops import fpet_triton, pyra_triton, tome_triton
 from fpet_kernels.ops.fpet import fpet_merge_reference, resolve_grid
 from fpet_kernels.ops.pyra import pyra_merge_reference
 from fpet_kernels.ops.tome import tome_merge_reference
@@ -61,7 +61,7 @@ def test_tome_and_pyra_gpu_tiles_and_channel_split(gpu_tiles, monkeypatch, split
     _check(got, (out, osz) + tuple(m), what="tome_merge")
     a, b = gen(r, 1, seed=3).to(DEVICE), gen(1, c, seed=4).to(DEVICE)
     lw, lb = (1 + 0.1 * gen(c, seed=5)).to(DEVICE), (0.1 * gen(c, seed=6)).to(DEVICE)
-    got = tome_triton.pyra_merge(x, metric, r, a, b, lw, lb, size, cls, dist, 1e-5)
+    got = pyra_triton.pyra_merge(x, metric, r, a, b, lw, lb, size, cls, dist, 1e-5)
     out, osz, m = pyra_merge_reference(x, metric, r, a, b, lw, lb, size, cls, dist, 1e-5)
     _check(got, (out, osz) + tuple(m), atol=1e-4, rtol=1e-4, what="pyra_merge")
 
@@ -92,7 +92,7 @@ def test_merges_at_large_metric_dim(d):
     a, b = gen(r, 1, seed=3).to(DEVICE), gen(1, c, seed=4).to(DEVICE)
     lw, lb = (1 + 0.1 * gen(c, seed=5)).to(DEVICE), (0.1 * gen(c, seed=6)).to(DEVICE)
     out, osz, m = pyra_merge_reference(x, metric, r, a, b, lw, lb, size, True, False, 1e-5)
-    _check(tome_triton.pyra_merge(x, metric, r, a, b, lw, lb, size, True, False, 1e-5), (out, osz) + tuple(m),
+    _check(pyra_triton.pyra_merge(x, metric, r, a, b, lw, lb, size, True, False, 1e-5), (out, osz) + tuple(m),
            atol=1e-4, rtol=1e-4, what=f"pyra D={d}")
     _check(fpet_triton.fpet_merge(x, metric, size, 1, 6, 6), fpet_merge_reference(x, metric, size, 1, 6, 6),
            what=f"fpet D={d}")
@@ -154,7 +154,7 @@ class _Launches:
     def __init__(self, monkeypatch):
         self.names = []
         from fpet_kernels.ops import fpet_triton_backward
-        for mod in (tome_triton, fpet_triton, fpet_triton_backward):
+        for mod in (tome_triton, pyra_triton, fpet_triton, fpet_triton_backward):
             for name in dir(mod):
                 if name.startswith("_") and name.endswith("_kernel"):
                     monkeypatch.setattr(mod, name, self._wrap(name, getattr(mod, name)))

@@ -7,6 +7,8 @@ import torch
 from torch.library import opcheck
 
 import fpet_kernels as fk
+import simt_ext
+from fpet_kernels.ops import library
 from helpers import REQUIRE_EXTENSION, gen, gen_size, is_live, missing_message
 
 OPS = ("tome_match", "tome_merge", "merge_wavg", "merge_wavg_backward", "unmerge", "merge_sum", "fpet_merge",
@@ -213,9 +215,19 @@ def test_torch_export(backend):
     _compare(ep.module()(x2, metric, size), mod(x2, metric, size), atol=0, rtol=0)
 
 
-def test_emulator_schemas_equal_the_public_ops(simt_ops):
-    """csrc/emu/schemas.h (the test-only emulator) declares the schemas of torch.ops.fpet.*."""
-    for name in OPS:
+def test_every_emulated_op_has_a_record(simt_ops):
+    """The test-only emulator (csrc/emu/) holds implementations only: every op it implements has a
+    record (``library.OPS``, with CUDA kernels) and runs under that record's schema, the schema of
+    ``torch.ops.fpet.<name>`` (tests/simt_ext.py defines them before loading it); every op with CUDA
+    kernels is emulated."""
+    implemented = simt_ext.implemented_ops()
+    assert implemented, "the emulator registers no kernels"
+    without_record = [name for name in implemented if name not in library.OPS]
+    assert not without_record, f"emulated ops without a record in library.OPS: {without_record}"
+    no_cuda = [name for name in implemented if not library.OPS[name].cuda]
+    assert not no_cuda, f"emulated ops whose record says they have no CUDA kernels: {no_cuda}"
+    assert sorted(op.name for op in simt_ext.emulated_ops()) == implemented
+    for name in implemented:
         got = getattr(simt_ops, name).default._schema
         exp = getattr(torch.ops.fpet, name).default._schema
         assert [(a.name, str(a.type)) for a in got.arguments] == [(a.name, str(a.type)) for a in exp.arguments], name

@@ -184,7 +184,7 @@ def test_setup_cuda_choice(monkeypatch, env, gpu, toolkit, torch_cuda, want, why
     fake_torch = types.SimpleNamespace(version=types.SimpleNamespace(cuda=torch_cuda), cuda=types.SimpleNamespace(
         is_available=lambda: gpu, get_device_name=lambda i: "GPU 0"))
     fake_ce = types.SimpleNamespace(CUDA_HOME="/usr/local/cuda" if toolkit else None)
-    got, got_why = choice(fake_torch, fake_ce, ["csrc/cuda/tome.cu"])
+    got, got_why = choice(fake_torch, fake_ce, ["csrc/cuda/tome_merge.cu"])
     assert got is want and why in got_why, (got, got_why)
 
 

@@ -1,6 +1,6 @@
 // ToMe bipartite soft matching and the fused size-weighted merge, one thread block per image
 // (and channel slice). Contracts: csrc/README.md (`tome_match`, `tome_merge`); execution model:
-// simt.cuh. PYRA (pyra_kernels.cuh) reuses this body with its modulation switched on.
+// simt.cuh. PYRA (pyra_merge.cuh) reuses this body with its modulation (PyraModulation) plugged in.
 //
 // Phases of one block (9 at ViT-B/16, N = 197, D = 64; PYRA adds 7: tests/test_simt_phases.py):
 //   1. den[n] = max(||metric[n]||, eps), one thread per row
@@ -15,7 +15,7 @@
 //      sources with a lower destination: no scan) and each source's slot among them (rank order)
 //   7. sources grouped by destination; index outputs (src_idx, dst_idx, unm_idx, token_map),
 //      written by the block of slice 0
-//   8. merged sizes (PYRA: then its weights, tome_kernels' pyra_weights)
+//   8. merged sizes (PYRA: then its weights, PyraModulation::weights in pyra_merge.cuh)
 //   9. the output rows of this block's channel slice: unmerged rows are (x * s) / s; B row j's sum
 //      starts with the row itself and adds its sources in rank order
 // No atomics: every sum has one fixed order, so results are deterministic.
@@ -39,13 +39,6 @@ struct TomeRows {
   FPET_HD int b_row(int j) const { return distill && j == 0 ? 1 : Na - r + j; }
 };
 
-// PYRA's modulation of the merged sources (pyra_kernels.cuh fills it; `a` null = plain ToMe).
-struct PyraParams {
-  AnyPtr a, b, ln_weight, ln_bias;  // [r, 1], [1, C], [C], [C]
-  float eps = 1e-5f;
-  FPET_HD bool enabled() const { return a.defined(); }
-};
-
 // Shared memory of the ToMe block; the launcher calls make() with base == nullptr for the size.
 struct TomeSmem {
   float* den;    // [N]
@@ -58,15 +51,16 @@ struct TomeSmem {
   int* slot;     // [Na] a source's place among its destination's sources (by rank)
   int* list;     // [Na] A rows of the sources, grouped by destination, rank order within
   float* bden;   // [Nb] merged size of each B row
-  float* wc;     // PYRA [slice] channel weights
-  float* mu;     // PYRA [r] mean, then rstd, then token weight of each source
+  // the modulation's scratch (PYRA, pyra_merge.cuh; none without a modulation):
+  float* wc;     // [slice] channel weights
+  float* mu;     // [r] mean, then rstd, then token weight of each source
   float* rstd;
   float* wt;
-  float* red;    // PYRA [kRedFloats] row_sums_wide scratch (one float per thread)
+  float* red;    // [kRedFloats] row_sums_wide scratch (one float per thread)
   simt::StagedMatch staged;  // the matching's staged rows (tiles.cuh)
   size_t bytes;
   static constexpr int kRedFloats = 1024;  // the most threads per block any executor runs
-  FPET_HD static TomeSmem make(char* base, int N, int D, int r, int cw, bool pyra, MatchPlan plan) {
+  FPET_HD static TomeSmem make(char* base, int N, int D, int r, int cw, bool modulated, MatchPlan plan) {
     const int Na = (N + 1) / 2, Nb = N / 2;
     simt::Arena ar{base};
     TomeSmem s;
@@ -80,28 +74,40 @@ struct TomeSmem {
     s.slot = ar.take<int>(Na);
     s.list = ar.take<int>(Na);
     s.bden = ar.take<float>(Nb);
-    s.wc = ar.take<float>(pyra ? cw : 0);
-    s.mu = ar.take<float>(pyra ? r : 0);
-    s.rstd = ar.take<float>(pyra ? r : 0);
-    s.wt = ar.take<float>(pyra ? r : 0);
-    s.red = ar.take<float>(pyra ? kRedFloats : 0);
+    s.wc = ar.take<float>(modulated ? cw : 0);
+    s.mu = ar.take<float>(modulated ? r : 0);
+    s.rstd = ar.take<float>(modulated ? r : 0);
+    s.wt = ar.take<float>(modulated ? r : 0);
+    s.red = ar.take<float>(modulated ? kRedFloats : 0);
     s.staged = simt::StagedMatch::take(ar, D, plan);
     s.bytes = ar.used;
     return s;
   }
   // The staging panels for `limit` bytes of shared memory: as large as the rest leaves room for.
-  static MatchPlan plan(int N, int D, int r, int cw, bool pyra, size_t limit) {
-    const size_t rest = make(nullptr, N, D, r, cw, pyra, MatchPlan{}).bytes;
+  static MatchPlan plan(int N, int D, int r, int cw, bool modulated, size_t limit) {
+    const size_t rest = make(nullptr, N, D, r, cw, modulated, MatchPlan{}).bytes;
     return simt::plan_match((N + 1) / 2, N / 2, D, limit > rest ? limit - rest : 0);
   }
 };
 
-template <typename scalar_t>
+// The modulation of the merged sources: ToMe's is none. A modulation (PYRA's: PyraModulation,
+// pyra_merge.cuh) has the same three members: enabled() (its scratch in TomeSmem, its phase run),
+// weights(), run by the block after the merged sizes (phase 8) to fill its scratch, and
+// source(sm, v, cc, i), what A row i adds at channel c0 + cc to its destination's sum in place of
+// v = x * s.
+struct NoModulation {
+  FPET_HD bool enabled() const { return false; }
+  template <class Body, class Blk, typename scalar_t>
+  FPET_HD void weights(const Body&, Blk&, const TomeSmem&, const scalar_t*, const AnyPtr&, int, int) const {}
+  FPET_HD float source(const TomeSmem&, float v, int, int) const { return v; }
+};
+
+template <typename scalar_t, class Mod = NoModulation>
 struct TomeBody {
   // inputs (x null: tome_match only)
   const scalar_t* x;
   AnyPtr metric, size;
-  PyraParams pyra;
+  Mod mod;
   int N, C, D, r;
   bool class_token, distill_token;
   int slice;  // channels per block
@@ -128,7 +134,7 @@ struct TomeBody {
     int64_t* dst_b = dst_idx + b * r;
     int64_t* unm_b = unm_idx + b * (Na - r);
     int64_t* map_b = token_map + b * N;
-    const TomeSmem sm = TomeSmem::make(smem_base, N, D, r, cw, pyra.enabled(), plan);
+    const TomeSmem sm = TomeSmem::make(smem_base, N, D, r, cw, mod.enabled(), plan);
 
     if (r == 0) {  // the identity: out = x (bit for bit), out_size = s
       blk.each([&](int t) {
@@ -220,7 +226,7 @@ struct TomeBody {
       if (!lead || !osb) return;
       for (int k = t; k < Na - r; k += T) osb[rows.unm_row(k)] = s[2 * sm.unm[k]];
     });
-    if (pyra.enabled()) pyra_weights(blk, sm, xb, s, b, c0, cw);
+    if (mod.enabled()) mod.weights(*this, blk, sm, xb, s, c0, cw);
 
     // 9. the output rows of this slice: unmerged rows, then merged rows, in one phase
     blk.each([&](int t) {
@@ -235,7 +241,7 @@ struct TomeBody {
         for (int h = sm.head[j]; h < sm.head[j + 1]; ++h) {
           const int i = sm.list[h];
           const float v = static_cast<float>(xb[int64_t(2 * i) * C + c]) * s[2 * i];
-          acc += pyra.enabled() ? v + v * sm.wc[c - c0] * sm.wt[sm.rank[i]] : v;
+          acc += mod.source(sm, v, c - c0, i);
         }
         // a merged row whose sizes sum to 0 is 0 (docs/semantics.md)
         ob[int64_t(rows.b_row(j)) * C + c] = static_cast<scalar_t>(sm.bden[j] == 0.f ? 0.f : acc / sm.bden[j]);
@@ -268,42 +274,6 @@ struct TomeBody {
       }
     });
   }
-
-  // PYRA: per source k (rank order) with S = z_A[src_k], T = z_B[dst_k] (z = x * s), the
-  // LayerNorm statistics of S + T over all C channels, the token weight
-  // wt[k] = 2 sigmoid(<W[k], b>) - 1 and, for this slice, wc[c] = 2 sigmoid(sum_k a[k] W[k, c]).
-  template <class Blk>
-  FPET_HD void pyra_weights(Blk& blk, const TomeSmem& sm, const scalar_t* xb, const AnyPtr& s, int64_t b, int c0,
-                            int cw) const {
-    const int T = blk.size();
-    auto st = [&](int k, int c) {
-      const int i = sm.order[k];
-      const int64_t pa = 2 * i, pb = 2 * sm.dst[i] + 1;
-      return static_cast<float>(xb[pa * C + c]) * s[pa] + static_cast<float>(xb[pb * C + c]) * s[pb];
-    };
-    auto w = [&](int k, int c) {
-      return (st(k, c) - sm.mu[k]) * sm.rstd[k] * pyra.ln_weight[c] + pyra.ln_bias[c];
-    };
-    const float inv_c = 1.0f / static_cast<float>(C);
-    simt::row_sums_wide(blk, r, C, sm.red, st, [&](int k, float sum) { sm.mu[k] = sum * inv_c; });
-    simt::row_sums_wide(
-        blk, r, C, sm.red,
-        [&](int k, int c) {
-          const float d = st(k, c) - sm.mu[k];
-          return d * d;
-        },
-        [&](int k, float sum) { sm.rstd[k] = 1.0f / sqrtf(sum * inv_c + pyra.eps); });
-    simt::row_sums_wide(blk, r, C, sm.red, [&](int k, int c) { return w(k, c) * pyra.b[c]; },
-                   [&](int k, float sum) { sm.wt[k] = 2.0f * simt::sigmoid(sum) - 1.0f; });
-    blk.each([&](int t) {
-      for (int cc = t; cc < cw; cc += T) {
-        float acc = 0.f;
-        for (int k = 0; k < r; ++k) acc += pyra.a[k] * w(k, c0 + cc);
-        sm.wc[cc] = 2.0f * simt::sigmoid(acc);
-      }
-    });
-    (void)b;
-  }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -321,11 +291,11 @@ inline int64_t checked_tome_r(int64_t r, int64_t N, bool class_token, bool disti
   return r;
 }
 
-// tome_merge (x defined) / tome_match (x undefined) / pyra_merge (pyra.enabled()).
-template <class Exec>
+// tome_merge (x defined) / tome_match (x undefined) / pyra_merge (Mod = PyraModulation, pyra_merge.cuh).
+template <class Exec, class Mod = NoModulation>
 TomeOutputs tome_launch(const char* op, const at::Tensor& x_in, const at::Tensor& metric_in, int64_t r,
                         const std::optional<at::Tensor>& size_in, bool class_token, bool distill_token,
-                        const PyraParams& pyra = PyraParams()) {
+                        const Mod& mod = Mod()) {
   const bool merge = x_in.defined();
   const typename Exec::Guard guard(metric_in.device());
   const at::Tensor metric = checked_bnd<Exec>(metric_in, op, "metric");
@@ -354,11 +324,11 @@ TomeOutputs tome_launch(const char* op, const at::Tensor& x_in, const at::Tensor
   const ChannelSlices slices = merge ? channel_slices(B, C, Exec::num_sms(metric)) : ChannelSlices{0, 1};
   auto run = [&](auto* xp) {
     using scalar_t = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
-    TomeBody<scalar_t> body{};
+    TomeBody<scalar_t, Mod> body{};
     body.x = xp;
     body.metric = any_ptr(metric, op, "metric");
     body.size = any_ptr(size, op, "size");
-    body.pyra = pyra;
+    body.mod = mod;
     body.N = static_cast<int>(N);
     body.C = static_cast<int>(C);
     body.D = static_cast<int>(D);
@@ -366,7 +336,7 @@ TomeOutputs tome_launch(const char* op, const at::Tensor& x_in, const at::Tensor
     body.class_token = class_token;
     body.distill_token = distill_token;
     body.slice = static_cast<int>(slices.width);
-    body.plan = TomeSmem::plan(body.N, body.D, body.r, body.slice, pyra.enabled(), Exec::smem_limit(metric));
+    body.plan = TomeSmem::plan(body.N, body.D, body.r, body.slice, mod.enabled(), Exec::smem_limit(metric));
     TORCH_CHECK(body.plan.pa > 0, op, ": N = ", N, " tokens with a metric of D = ", D, " channels need more shared "
                 "memory than the device's ", Exec::smem_limit(metric), " bytes per block (a smaller N or D fits)");
     body.out = merge ? out.data_ptr<scalar_t>() : nullptr;
@@ -376,7 +346,7 @@ TomeOutputs tome_launch(const char* op, const at::Tensor& x_in, const at::Tensor
     body.unm_idx = unm.data_ptr<int64_t>();
     body.token_map = map.data_ptr<int64_t>();
     const size_t smem =
-        TomeSmem::make(nullptr, body.N, body.D, body.r, body.slice, pyra.enabled(), body.plan).bytes;
+        TomeSmem::make(nullptr, body.N, body.D, body.r, body.slice, mod.enabled(), body.plan).bytes;
     Exec::launch(body, static_cast<int>(B), slices.blocks, smem);
   };
   if (merge) {

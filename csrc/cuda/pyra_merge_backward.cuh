@@ -24,7 +24,7 @@
 
 #include <torch/library.h>
 
-#include "pyra_kernels.cuh"
+#include "pyra_merge.cuh"
 
 namespace fpet {
 namespace kernels {
