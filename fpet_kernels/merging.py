@@ -1,7 +1,8 @@
 """ToMe's generic helpers over any merge callable: ``merge_wavg`` and ``merge_source`` (spec 1.9, 1.10).
 
 They accept the merges of ``bipartite_soft_matching`` (ToMe) and ``bipartite_diff_matching`` (FPET)
-and run the fused op for them; any other ``merge(x, mode)`` callable goes through the generic
+and run the fused op for them (``merge_wavg`` / ``fpet_merge`` through ``ops.library.dispatch``, as
+the public op functions do); any other ``merge(x, mode)`` callable goes through the generic
 formula, so ToMe-style code keeps working unchanged.
 """
 from typing import Optional
@@ -10,9 +11,9 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from .ops import _backend
-from .ops.fpet import FPETMerge
-from .ops.tome import ToMeMerge, compute_dtype, merge_wavg_map, safe_div
+from .ops import library
+from .ops.fpet import FPET_MERGE, FPETMerge
+from .ops.tome import MERGE_WAVG, ToMeMerge, compute_dtype, safe_div
 
 
 def merge_wavg(merge, x: Tensor, size: Optional[Tensor] = None):
@@ -29,11 +30,15 @@ def merge_wavg(merge, x: Tensor, size: Optional[Tensor] = None):
             s = torch.ones(*x.shape[:2], 1, dtype=compute_dtype(x, size), device=x.device) if size is None \
                 else size.to(compute_dtype(x, size))
             return x, s
-        be = _backend.resolve(merge.backend, x.device, _checks.dtypes(x=x, size=size), op="merge_wavg")
-        return merge_wavg_map(x, size, merge.matching.token_map, merge.n_out, be)
-    if isinstance(merge, FPETMerge):
-        from .ops.fpet import fpet_merge_op_call
-        return fpet_merge_op_call(merge, x, size)
+        # the reference checks the map (one host sync: the closure may hold a user-given matching)
+        return library.dispatch(MERGE_WAVG, merge.backend, x.device, _checks.dtypes(x=x, size=size),
+                                x, size, merge.matching.token_map, merge.n_out)
+    if isinstance(merge, FPETMerge):  # the fused op on the closure's metric (same values, same gradients)
+        _checks.closure_input("x", x, merge.metric, merge.n_in)
+        out, out_size, _ = library.dispatch(FPET_MERGE, merge.backend, x.device,
+                                            _checks.dtypes(x=x, metric=merge.metric, size=size),
+                                            x, merge.metric, size, merge.num_prefix, merge.h, merge.w)
+        return out, out_size
     if not callable(merge):
         raise TypeError(f"merge must be a merge callable (e.g. from bipartite_soft_matching), got "
                         f"{type(merge).__name__}")

@@ -4,7 +4,7 @@ Every function here is plain autograd-differentiable PyTorch; the registered ops
 from .ops.fpet import (checkerboard, diff_matching_reference as diff_matching,  # noqa: F401
                        fpet_merge_backward_reference as fpet_merge_backward, fpet_merge_reference, resolve_grid)
 from .ops.pyra import pyra_merge_backward_reference as pyra_merge_backward, pyra_merge_reference  # noqa: F401
-from .ops.tome import (merge_by_indices, merge_sum_reference as merge_sum,  # noqa: F401
+from .ops.tome import (cap_r as _cap_r, merge_by_indices, merge_sum_reference as merge_sum,  # noqa: F401
                        merge_wavg_reference, tome_match_reference as tome_match, tome_merge_reference,
                        unmerge_reference as unmerge)
 
@@ -21,8 +21,7 @@ def fpet_merge(x, metric, size=None, class_token=False, distill_token=False, gri
 
 
 def pyra_merge(x, metric, r, a, b, ln_weight, ln_bias, size=None, class_token=False, distill_token=False, eps=1e-5):
-    from .ops.tome import cap_r
-    r = cap_r(r, x.shape[1], class_token, distill_token)
+    r = _cap_r(r, x.shape[1], class_token, distill_token)
     out, out_size, _ = pyra_merge_reference(x, metric, r, a[:r], b, ln_weight, ln_bias, size, class_token,
                                             distill_token, eps)
     return out, out_size

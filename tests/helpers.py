@@ -138,8 +138,8 @@ class _MapOps:
         self.backend = backend
 
     def merge_wavg(self, x, size, token_map, n_out):
-        from fpet_kernels.ops.tome import merge_wavg_map
-        return merge_wavg_map(x, size, token_map, n_out, self.backend)
+        from fpet_kernels.ops import library, tome
+        return library.dispatch(tome.MERGE_WAVG, self.backend, x.device, (), x, size, token_map, n_out)
 
     def merge_sum(self, x, token_map, n_out):
         from fpet_kernels.ops import library, tome

@@ -27,11 +27,3 @@ def exporting() -> bool:
             return False
     return _flags._is_onnx_exporting
 
-
-def formulation(name: str):
-    """The export-friendly function of op ``name`` (``ops/export_reference.py``, loaded at the first export).
-
-    Transitional: the string lookup of the families that do not dispatch through their records yet;
-    it goes (with ``export_reference.py``) once no caller is left (issue 20)."""
-    from . import export_reference
-    return getattr(export_reference, name)

@@ -3,9 +3,13 @@
 Read top to bottom:
   1. reference: the dense straight-through formulation in plain PyTorch (fallback and oracle),
      and the analytic backward that the kernels implement;
-  2. registered ops ``torch.ops.fpet.{fpet_merge, fpet_merge_backward}`` (C++ kernels) and their
-     ``_triton`` twins, fake kernels, autograd;
-  3. the public API: ``fpet_merge``, ``bipartite_diff_matching`` (closure API).
+  2. export: the formulation ``torch.onnx.export`` traces in place of the op (no in-place writes);
+  3. registered ops ``torch.ops.fpet.{fpet_merge, fpet_merge_backward}`` (C++ kernels) and their
+     ``_triton`` twins: one ``library.Op`` record each (schema, fake kernel, reference, export
+     formulation, autograd and the op its backward calls, Triton module);
+  4. the public API: ``fpet_merge``, ``bipartite_diff_matching`` (closure API; ``merge_wavg`` of its
+     merge runs the fused op, ``fpet_kernels/merging.py``). ``fpet_merge`` reads: checks,
+     ``library.dispatch`` (export / reference / C++ / Triton, the backend resolved once), wrap.
 
 The forward matching matrix ``M`` is one-hot per A row (or empty on a tie), so the forward merge
 is a gather; the backward needs the dense ``dL/dM`` (Na x Nb per image), passed through the
@@ -18,10 +22,9 @@ import torch
 from torch import Tensor
 
 from .. import _checks
-from . import _backend
-from . import _export, library
+from . import library
 from .shapes import NORM_EPS, compute_dtype, grid_sizes, size_dtype
-from .tome import normalize, safe_div, wavg_by_map
+from .tome import merge_wavg_reference, normalize, safe_div, wavg_by_map
 
 
 # ----------------------------------------------------------------------------- 1. reference
@@ -200,7 +203,25 @@ def fpet_merge_backward_reference(grad_out, grad_size, x, metric, size, out, out
     return (g_z * s).to(x.dtype), grad_metric.to(metric.dtype), g_s.to(out_size.dtype)
 
 
-# ----------------------------------------------------------------------------- 2. registered ops
+# ----------------------------------------------------------------------------- 2. export formulation
+def fpet_merge_export(x: Tensor, metric: Tensor, size, num_prefix: int, H: int, W: int):
+    """``fpet_merge_reference`` (forward) for ``torch.onnx.export``: the token map without in-place
+    writes (the graph stays functional); (x', size', token_map)."""
+    with torch.no_grad():
+        scores, a_idx, b_idx = _scores(metric, num_prefix, H, W)
+        match = hard_matching(scores)[0]
+    bsz, n = metric.shape[:2]
+    nb = grid_sizes(num_prefix, H, W)[1]
+    dev = metric.device
+    tmap = (torch.zeros(bsz, n, dtype=torch.int64, device=dev)
+            .scatter(1, a_idx.expand(bsz, -1), match)
+            .scatter(1, b_idx.expand(bsz, -1), torch.arange(nb, device=dev).expand(bsz, nb)))
+    cdt = compute_dtype(x, metric, size)
+    out, den = merge_wavg_reference(x.to(cdt), None if size is None else size.to(cdt), tmap, nb)
+    return out.to(x.dtype), den.to(size_dtype(x, size)), tmap
+
+
+# ----------------------------------------------------------------------------- 3. registered ops
 # ``torch.ops.fpet.fpet_merge[_backward]``: C++ kernels (csrc/cpu/fpet.cpp, csrc/cuda/fpet_merge.cu);
 # ``..._triton``: fpet_triton.py, fpet_triton_backward.py. See ops/library.py.
 def _fake_fpet(x, metric, size, num_prefix, H, W):
@@ -212,13 +233,6 @@ def _fake_fpet(x, metric, size, num_prefix, H, W):
 
 def _fake_fpet_backward(grad_out, grad_size, x, metric, size, out, out_size, token_map, num_prefix, H, W):
     return torch.empty_like(x), torch.empty_like(metric), x.new_empty(*x.shape[:2], 1, dtype=out_size.dtype)
-
-
-library.define("fpet_merge", "(Tensor x, Tensor metric, Tensor? size, int num_prefix, int H, int W) "
-                             "-> (Tensor, Tensor, Tensor)", _fake_fpet, "fpet_triton")
-library.define("fpet_merge_backward", "(Tensor grad_out, Tensor? grad_size, Tensor x, Tensor metric, Tensor? size, "
-                                      "Tensor out, Tensor out_size, Tensor token_map, int num_prefix, int H, int W) "
-                                      "-> (Tensor, Tensor, Tensor)", _fake_fpet_backward, "fpet_triton_backward")
 
 
 def _fpet_setup(ctx, inputs, output):
@@ -237,9 +251,6 @@ def _fpet_backward(ctx, grad_out, grad_out_size, _):
     need = ctx.needs_input_grad
     return (gx if need[0] else None, gm if need[1] else None,
             gs.to(size.dtype) if need[2] else None, None, None, None)
-
-
-library.register_autograd("fpet_merge", _fpet_backward, _fpet_setup)
 
 
 class _FPETReference(torch.autograd.Function):
@@ -265,18 +276,26 @@ class _FPETReference(torch.autograd.Function):
                 gs.to(size.dtype) if need[2] else None, None, None, None)
 
 
-def _fpet_merge_call(x, metric, size, num_prefix: int, h: int, w: int, backend: str):
-    """(x', size', token_map) on a resolved backend."""
-    if _export.exporting():  # torch.onnx.export: the export-friendly formulation
-        return _export.formulation("fpet_merge")(x, metric, size, num_prefix, h, w)
-    if backend == "reference":
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, metric, size)):
-            return _FPETReference.apply(x, metric, size, num_prefix, h, w)
-        return fpet_merge_reference(x, metric, size, num_prefix, h, w)
-    return library.call(library.family(backend).fpet_merge, x, metric, size, num_prefix, h, w)
+def _fpet_merge_op_reference(x, metric, size, num_prefix: int, H: int, W: int):
+    """The reference backend of the op: ``fpet_merge_reference``, with the straight-through backward
+    (``_FPETReference``) when an input needs a gradient."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, metric, size)):
+        return _FPETReference.apply(x, metric, size, num_prefix, H, W)
+    return fpet_merge_reference(x, metric, size, num_prefix, H, W)
 
 
-# ----------------------------------------------------------------------------- 3. public API
+FPET_MERGE = library.register(library.Op(
+    "fpet_merge", "(Tensor x, Tensor metric, Tensor? size, int num_prefix, int H, int W) -> (Tensor, Tensor, Tensor)",
+    _fake_fpet, reference=_fpet_merge_op_reference, export=fpet_merge_export, setup_context=_fpet_setup,
+    backward=_fpet_backward, calls=("fpet_merge_backward",), triton="fpet_triton"))
+FPET_MERGE_BACKWARD = library.register(library.Op(
+    "fpet_merge_backward", "(Tensor grad_out, Tensor? grad_size, Tensor x, Tensor metric, Tensor? size, "
+                           "Tensor out, Tensor out_size, Tensor token_map, int num_prefix, int H, int W) "
+                           "-> (Tensor, Tensor, Tensor)",
+    _fake_fpet_backward, reference=fpet_merge_backward_reference, triton="fpet_triton_backward", public=False))
+
+
+# ----------------------------------------------------------------------------- 4. public API
 def fpet_merge(x: Tensor, metric: Tensor, size: Optional[Tensor] = None, class_token: bool = False,
                distill_token: bool = False, grid=None, backend: Optional[str] = None,
                return_token_map: bool = False, num_prefix: Optional[int] = None):
@@ -290,8 +309,8 @@ def fpet_merge(x: Tensor, metric: Tensor, size: Optional[Tensor] = None, class_t
     if num_prefix is not None:
         p = _checks.count("num_prefix", num_prefix)
     h, w = resolve_grid(x.shape[1], p, grid)
-    be = _backend.resolve(backend, x.device, _checks.dtypes(x=x, metric=metric, size=size), op="fpet_merge")
-    out, out_size, tmap = _fpet_merge_call(x, metric, size, p, h, w, be)
+    out, out_size, tmap = library.dispatch(FPET_MERGE, backend, x.device, _checks.dtypes(x=x, metric=metric, size=size),
+                                           x, metric, size, p, h, w)
     return (out, out_size, tmap) if return_token_map else (out, out_size)
 
 
@@ -331,15 +350,6 @@ class FPETMerge:
         if mode == "mean":
             out = out / (1 + self.m.transpose(1, 2).to(x.dtype).sum(-1, keepdim=True))
         return out
-
-
-def fpet_merge_op_call(merge: FPETMerge, x: Tensor, size: Optional[Tensor]):
-    """``merge_wavg`` of an FPET closure: the fused op on the closure's metric (same values, same gradients)."""
-    _checks.closure_input("x", x, merge.metric, merge.n_in)
-    be = _backend.resolve(merge.backend, x.device, _checks.dtypes(x=x, metric=merge.metric, size=size),
-                          op="fpet_merge")
-    out, out_size, _ = _fpet_merge_call(x, merge.metric, size, merge.num_prefix, merge.h, merge.w, be)
-    return out, out_size
 
 
 def bipartite_diff_matching(metric: Tensor, class_token: bool = False, distill_token: bool = False, grid=None,

@@ -26,7 +26,8 @@ from torch import Tensor
 from .. import _checks
 from . import library
 from .shapes import cap_r, compute_dtype, size_dtype
-from .tome import Matching, assemble, merge_by_indices, output_rows, safe_div, tome_match_reference
+from .tome import (Matching, assemble, merge_by_indices, output_rows, safe_div, tome_match_export,
+                   tome_match_reference)
 
 
 # ----------------------------------------------------------------------------- 1. reference
@@ -149,9 +150,9 @@ def _pyra_merge_op_reference(x, metric, r, a, b, ln_weight, ln_bias, size, class
 def _pyra_merge_export(x: Tensor, metric: Tensor, r: int, a: Tensor, b: Tensor, ln_weight: Tensor, ln_bias: Tensor,
                        size, class_token: bool, distill_token: bool, eps: float):
     """What ``torch.onnx.export`` traces in place of ``pyra_merge``: :func:`pyra_merge_reference` with
-    ToMe's export-friendly matching (the ``tome_match`` record's formulation: ``topk``, no stable sort)
+    ToMe's export-friendly matching (``tome.tome_match_export``: ``topk``, no stable sort)
     and no in-place writes. Returns (x', size', src_idx, dst_idx, unm_idx, token_map)."""
-    src, dst, unm, tmap = library.OPS["tome_match"].formulation()(metric, r, class_token, distill_token)
+    src, dst, unm, tmap = tome_match_export(metric, r, class_token, distill_token)
     r = src.shape[1]
     cdt = compute_dtype(x, size, a, b, ln_weight, ln_bias)
     s = torch.ones(*x.shape[:2], 1, dtype=cdt, device=x.device) if size is None else size.to(cdt)

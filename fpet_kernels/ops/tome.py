@@ -2,11 +2,14 @@
 
 Read top to bottom:
   1. reference: the spec written in plain PyTorch (the fallback and the test oracle);
-  2. kernels:   which implementation each backend runs;
+  2. export:    the formulations ``torch.onnx.export`` traces in place of the ops (no in-place
+     writes, ranking through ``topk``);
   3. registered ops ``torch.ops.fpet.{tome_match, tome_merge, merge_wavg, merge_wavg_backward,
-     unmerge, merge_sum}``, their fake kernels and autograd;
-  4. the public API: ``tome_merge``, ``unmerge``, ``bipartite_soft_matching`` (ToMe's closure API),
-     ``compose_token_map``, ``parse_r``.
+     unmerge, merge_sum}``: one ``library.Op`` record each (schema, fake kernel, reference, export
+     formulation, autograd and the ops its backward calls, Triton module ``tome_triton``);
+  4. the public API: ``tome_match``, ``tome_merge``, ``unmerge``, ``bipartite_soft_matching`` (ToMe's
+     closure API), ``compose_token_map``, ``parse_r``. Each reads: checks, ``library.dispatch``
+     (export / reference / C++ / Triton, the backend resolved once), wrap.
 
 Index conventions. Set A = even positions (``Na = ceil(N/2)``), set B = odd positions
 (``Nb = N // 2``). ``src_idx``/``unm_idx`` index A, ``dst_idx`` indexes B. ``token_map[b, n]`` is the
@@ -19,8 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks
-from . import _backend
-from . import _export, library
+from . import _backend, library
 from .shapes import NORM_EPS, cap_r, check_map_range, compute_dtype, size_dtype  # noqa: F401 (re-exported)
 
 
@@ -211,7 +213,70 @@ def merge_wavg_size_grad(grad_out: Tensor, grad_out_size: Optional[Tensor], x: T
     return g * (token_map >= 0).unsqueeze(-1)
 
 
-# ----------------------------------------------------------------------------- 2. registered ops
+# ----------------------------------------------------------------------------- 2. export formulations
+# What ``torch.onnx.export`` traces in place of the ops (the records' ``export``): the references
+# without in-place writes (the graph stays functional, so a decomposition table can use them too:
+# ``fpet_kernels.integrations.onnx``), ToMe's ranking through ``topk`` instead of the stable ``sort``
+# that the exporter does not translate (ONNX ``TopK`` puts the lower index first among equal values,
+# the spec's tie rule). The merge arithmetic is the references' own; ``merge_wavg``, ``unmerge`` and
+# ``merge_sum`` export their references as they are.
+def token_map_export(n: int, src: Tensor, dst: Tensor, unm: Tensor, distill_token: bool) -> Tensor:
+    """``token_map_reference`` without in-place writes."""
+    bsz, r = src.shape
+    na, nb = (n + 1) // 2, n // 2
+    dev = src.device
+    pos_unm = torch.arange(na - r, device=dev)
+    pos_b = torch.arange(na - r, na - r + nb, device=dev)
+    if distill_token:  # spec 1.7 order [unm[0], B[0], unm[1:], B[1:]]
+        pos_unm = pos_unm + (pos_unm > 0).long()
+        pos_b = torch.where(torch.arange(nb, device=dev) == 0, torch.ones_like(pos_b), pos_b)
+    map_a = torch.zeros(bsz, na, dtype=torch.int64, device=dev).scatter(1, unm, pos_unm.expand(bsz, -1))
+    if r:
+        map_a = map_a.scatter(1, src, pos_b[dst])
+    map_b = pos_b.expand(bsz, nb)
+    if na > nb:
+        map_b = torch.cat([map_b, map_b.new_zeros(bsz, na - nb)], dim=1)
+    return torch.stack([map_a, map_b], dim=-1).reshape(bsz, 2 * na)[:, :n]
+
+
+def tome_match_export(metric: Tensor, r: int, class_token: bool, distill_token: bool):
+    """``tome_match_reference`` for the exporter: (src_idx, dst_idx, unm_idx, token_map)."""
+    bsz, n, _ = metric.shape
+    na, nb = (n + 1) // 2, n // 2
+    r = cap_r(r, n, class_token, distill_token)
+    dev = metric.device
+    if r == 0:
+        empty = torch.zeros(bsz, 0, dtype=torch.int64, device=dev)
+        unm = torch.arange(na, device=dev).expand(bsz, na)
+        return empty, empty, unm, token_map_export(n, empty, empty, unm, distill_token)
+    m = normalize(metric.detach().to(compute_dtype(metric)))
+    scores = m[:, 0::2] @ m[:, 1::2].transpose(-1, -2)
+    if class_token:
+        scores = scores.masked_fill((torch.arange(na, device=dev) == 0).view(1, na, 1), -torch.inf)
+    if distill_token:
+        scores = scores.masked_fill((torch.arange(nb, device=dev) == 0).view(1, 1, nb), -torch.inf)
+    best, dst = scores.max(dim=-1)  # ties: the first (lowest j) maximum, as ONNX ArgMax
+    rank = torch.topk(best, na, dim=-1, largest=True, sorted=True).indices  # ONNX TopK: ties lower i first
+    src, unm = rank[:, :r], rank[:, r:]
+    if class_token:
+        unm = torch.topk(unm, na - r, dim=-1, largest=False, sorted=True).values
+    dst_idx = dst.gather(1, src)
+    return src, dst_idx, unm, token_map_export(n, src, dst_idx, unm, distill_token)
+
+
+def tome_merge_export(x: Tensor, metric: Tensor, r: int, size, class_token: bool, distill_token: bool):
+    """``tome_merge_reference`` for the exporter: (x', size', src_idx, dst_idx, unm_idx, token_map)."""
+    src, dst, unm, tmap = tome_match_export(metric, r, class_token, distill_token)
+    cdt = compute_dtype(x, size)
+    s = torch.ones(*x.shape[:2], 1, dtype=cdt, device=x.device) if size is None else size.to(cdt)
+    if src.shape[1] == 0:
+        return x, s, src, dst, unm, tmap
+    num = merge_by_indices(x.to(cdt) * s, src, dst, unm, "sum", distill_token)
+    den = merge_by_indices(s, src, dst, unm, "sum", distill_token)
+    return safe_div(num, den).to(x.dtype), den, src, dst, unm, tmap
+
+
+# ----------------------------------------------------------------------------- 3. registered ops
 # ``torch.ops.fpet.<op>``: C++ kernels (csrc/cpu/tome.cpp, csrc/cuda/{tome,merge}.cu);
 # ``torch.ops.fpet.<op>_triton``: tome_triton.py. Contracts: csrc/README.md. See ops/library.py.
 class Matching(NamedTuple):
@@ -257,18 +322,10 @@ def _fake_merge_sum(x, token_map, n_out):
     return x.new_empty(x.shape[0], n_out, x.shape[-1])
 
 
-for _name, _schema, _fake in (
-    ("tome_match", "(Tensor metric, int r, bool class_token, bool distill_token) -> (Tensor, Tensor, Tensor, Tensor)",
-     _fake_match),
-    ("tome_merge", "(Tensor x, Tensor metric, int r, Tensor? size, bool class_token, bool distill_token) "
-                   "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", _fake_merge),
-    ("merge_wavg", "(Tensor x, Tensor? size, Tensor token_map, int n_out) -> (Tensor, Tensor)", _fake_wavg),
-    ("merge_wavg_backward", "(Tensor grad_out, Tensor? size, Tensor out_size, Tensor token_map) -> Tensor",
-     _fake_wavg_backward),
-    ("unmerge", "(Tensor y, Tensor token_map) -> Tensor", _fake_unmerge),
-    ("merge_sum", "(Tensor x, Tensor token_map, int n_out) -> Tensor", _fake_merge_sum),
-):
-    library.define(_name, _schema, _fake, "tome_triton")
+def _tome_merge_op_reference(x, metric, r, size, class_token, distill_token):
+    """``tome_merge_reference`` returning what the op returns: (x', size', src_idx, dst_idx, unm_idx, token_map)."""
+    out, out_size, m = tome_merge_reference(x, metric, r, size, class_token, distill_token)
+    return (out, out_size) + tuple(m)
 
 
 # autograd: the matching carries no gradient; the weighted merge is linear in x.
@@ -330,20 +387,31 @@ def _merge_sum_backward(ctx, grad):
     return ctx.kernels.unmerge(grad, token_map), None, None
 
 
-library.register_autograd("tome_merge", _tome_merge_backward, _tome_merge_setup)
-library.register_autograd("merge_wavg", _merge_wavg_backward, _merge_wavg_setup)
-library.register_autograd("unmerge", _unmerge_backward, _unmerge_setup)
-library.register_autograd("merge_sum", _merge_sum_backward, _merge_sum_setup)
-
-
-# ----------------------------------------------------------------------------- 3. calling a backend
-def merge_wavg_map(x: Tensor, size: Optional[Tensor], token_map: Tensor, n_out: int, backend: str):
-    """Size-weighted merge along a token map on a resolved backend: ``(x' [B, n_out, C], size')``."""
-    if _export.exporting():  # torch.onnx.export: the export-friendly formulation
-        return _export.formulation("merge_wavg")(x, size, token_map, n_out)
-    if backend == "reference":  # checks the map (one host sync: a user-given map)
-        return merge_wavg_reference(x, size, token_map, n_out)
-    return library.call(library.family(backend).merge_wavg, x, size, token_map, n_out)
+TOME_MATCH = library.register(library.Op(
+    "tome_match", "(Tensor metric, int r, bool class_token, bool distill_token) -> (Tensor, Tensor, Tensor, Tensor)",
+    _fake_match, reference=tome_match_reference, export=tome_match_export, triton="tome_triton"))
+TOME_MERGE = library.register(library.Op(
+    "tome_merge", "(Tensor x, Tensor metric, int r, Tensor? size, bool class_token, bool distill_token) "
+                  "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _fake_merge, reference=_tome_merge_op_reference, export=tome_merge_export,
+    setup_context=_tome_merge_setup, backward=_tome_merge_backward, calls=("merge_wavg_backward",),
+    triton="tome_triton"))
+# a user-given map: the reference checks it (one host sync), as the kernels do
+MERGE_WAVG = library.register(library.Op(
+    "merge_wavg", "(Tensor x, Tensor? size, Tensor token_map, int n_out) -> (Tensor, Tensor)",
+    _fake_wavg, reference=merge_wavg_reference, setup_context=_merge_wavg_setup, backward=_merge_wavg_backward,
+    calls=("merge_wavg_backward",), triton="tome_triton"))
+MERGE_WAVG_BACKWARD = library.register(library.Op(
+    "merge_wavg_backward", "(Tensor grad_out, Tensor? size, Tensor out_size, Tensor token_map) -> Tensor",
+    _fake_wavg_backward, reference=merge_wavg_backward_reference, triton="tome_triton", public=False))
+UNMERGE = library.register(library.Op(
+    "unmerge", "(Tensor y, Tensor token_map) -> Tensor",
+    _fake_unmerge, reference=unmerge_reference, setup_context=_unmerge_setup, backward=_unmerge_backward,
+    calls=("merge_sum",), triton="tome_triton"))
+MERGE_SUM = library.register(library.Op(
+    "merge_sum", "(Tensor x, Tensor token_map, int n_out) -> Tensor",
+    _fake_merge_sum, reference=merge_sum_reference, setup_context=_merge_sum_setup, backward=_merge_sum_backward,
+    calls=("unmerge",), triton="tome_triton", public=False))
 
 
 # ----------------------------------------------------------------------------- 4. public API
@@ -353,12 +421,8 @@ def tome_match(metric: Tensor, r: int, class_token: bool = False, distill_token:
     _checks.tokens("metric", metric)
     r = cap_r(_checks.count("r", r), metric.shape[1], _checks.flag("class_token", class_token),
               _checks.flag("distill_token", distill_token))
-    be = _backend.resolve(backend, metric.device, {"metric": metric.dtype}, op="tome_match")
-    if _export.exporting():  # torch.onnx.export: the export-friendly formulation
-        return Matching(*_export.formulation("tome_match")(metric, r, class_token, distill_token))
-    if be == "reference":
-        return Matching(*tome_match_reference(metric, r, class_token, distill_token))
-    return Matching(*library.call(library.family(be).tome_match, metric, r, class_token, distill_token))
+    return Matching(*library.dispatch(TOME_MATCH, backend, metric.device, {"metric": metric.dtype},
+                                      metric, r, class_token, distill_token))
 
 
 def tome_merge(x: Tensor, metric: Tensor, r: int, size: Optional[Tensor] = None, class_token: bool = False,
@@ -371,17 +435,14 @@ def tome_merge(x: Tensor, metric: Tensor, r: int, size: Optional[Tensor] = None,
     _checks.merge_inputs(x, metric, size)
     r = cap_r(_checks.count("r", r), x.shape[1], _checks.flag("class_token", class_token),
               _checks.flag("distill_token", distill_token))
-    be = _backend.resolve(backend, x.device, _checks.dtypes(x=x, metric=metric, size=size), op="tome_merge")
+    dtypes = _checks.dtypes(x=x, metric=metric, size=size)
     if r == 0:  # spec 5: the identity, x itself (bit-identical), sizes as given (float32) or ones
+        _backend.resolve(backend, x.device, dtypes, op="tome_merge")  # the backend's errors all the same
         return (x, size.to(size_dtype(x, size)) if size is not None
                 else torch.ones(*x.shape[:2], 1, dtype=size_dtype(x, size), device=x.device),
                 Matching(*tome_match_reference(metric, 0, class_token, distill_token)))
-    if _export.exporting():  # torch.onnx.export: the export-friendly formulation
-        out, out_size, *m = _export.formulation("tome_merge")(x, metric, r, size, class_token, distill_token)
-        return out, out_size, Matching(*m)
-    if be == "reference":
-        return tome_merge_reference(x, metric, r, size, class_token, distill_token)
-    out, out_size, *m = library.call(library.family(be).tome_merge, x, metric, r, size, class_token, distill_token)
+    out, out_size, *m = library.dispatch(TOME_MERGE, backend, x.device, dtypes, x, metric, r, size, class_token,
+                                         distill_token)
     return out, out_size, Matching(*m)
 
 
@@ -401,12 +462,7 @@ def unmerge(y: Tensor, matching, backend: Optional[str] = None) -> Tensor:
         n_out = tmap.shape[1] - matching.src_idx.shape[1]
         if y.shape[1] != n_out:
             raise ValueError(f"y has {y.shape[1]} tokens but the matching produced {n_out}")
-    be = _backend.resolve(backend, y.device, {"y": y.dtype}, op="unmerge")
-    if _export.exporting():  # torch.onnx.export: the export-friendly formulation
-        return _export.formulation("unmerge")(y, tmap)
-    if be == "reference":  # checks the map (one host sync: a user-given map)
-        return unmerge_reference(y, tmap)
-    return library.call(library.family(be).unmerge, y, tmap)
+    return library.dispatch(UNMERGE, backend, y.device, {"y": y.dtype}, y, tmap)
 
 
 def compose_token_map(token_map: Optional[Tensor], matching) -> Tensor:

@@ -1,6 +1,6 @@
 """ONNX export: torch.onnx.export(..., dynamo=True) of patched tiny ViTs for the three methods with no
 extra import or argument (the public ops trace their export-friendly formulation while the exporter
-runs: fpet_kernels/ops/export_reference.py), on the compiled CPU kernels and on the reference
+runs: the ``export`` of each op record in fpet_kernels/ops/<family>.py), on the compiled CPU kernels and on the reference
 backend; onnxruntime (CPU) computes eager's logits, and the ops' matchings (token maps, indices)
 equal eager's exactly. torch's global decomposition table holds no fpet op."""
 import os
