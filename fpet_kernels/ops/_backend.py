@@ -113,6 +113,9 @@ _EXT = None
 _EXT_ERROR: str | None = "fpet_kernels._C was not loaded yet"
 
 
+_EXT_NAME = __name__.rsplit(".", 2)[0] + "._C"  # fpet_kernels._C
+
+
 def load_extension() -> None:
     """Load ``fpet_kernels._C``: its C++ kernels register as the CPU/CUDA implementations of the ops
     ``torch.ops.fpet.*``. Called once by ``fpet_kernels.ops`` after every op family defined its
@@ -122,14 +125,15 @@ def load_extension() -> None:
         return
     from .._version import check_extension_torch
     try:
-        _EXT = importlib.import_module("fpet_kernels._C")
+        from .. import _C
+        _EXT = _C
         _EXT_ERROR = None
     except ImportError as exc:  # pragma: no cover - depends on the install
         other_torch = check_extension_torch()  # a build for another torch fails to load: say so
         if other_torch:
             _EXT_ERROR = other_torch
             warnings.warn(other_torch, RuntimeWarning, stacklevel=2)
-        elif isinstance(exc, ModuleNotFoundError):
+        elif isinstance(exc, ModuleNotFoundError) or exc.name != _EXT_NAME:  # no file: an ImportError of the package
             _EXT_ERROR = "fpet_kernels._C is not built (pip install --no-build-isolation -e .)"
         else:
             _EXT_ERROR = f"{type(exc).__name__}: {exc}"

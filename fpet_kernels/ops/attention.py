@@ -80,10 +80,16 @@ def _attention_inputs_op_reference(qkv, size, num_heads, scale, pad_v):
 
 # Triton only (no C++ kernel: on CPU this is a permute and a copy), inference only (no autograd); the
 # reference is also the export formulation (standard aten ops, functional).
+def _attention_triton():
+    """``attention_triton.py``, imported at the first Triton call (importing Triton is slow)."""
+    from . import attention_triton
+    return attention_triton
+
+
 ATTENTION_INPUTS = library.register(library.Op(
     "attention_inputs", "(Tensor qkv, Tensor? size, int num_heads, float scale, bool pad_v) "
                         "-> (Tensor, Tensor, Tensor, Tensor)",
-    _fake_attention_inputs, reference=_attention_inputs_op_reference, triton="attention_triton", cpp=False,
+    _fake_attention_inputs, reference=_attention_inputs_op_reference, triton=_attention_triton, cpp=False,
     cuda=False, inference_only=True, fallback="the PyTorch formulation (permute, mean, concatenations)"))
 
 

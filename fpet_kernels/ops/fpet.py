@@ -284,15 +284,27 @@ def _fpet_merge_op_reference(x, metric, size, num_prefix: int, H: int, W: int):
     return fpet_merge_reference(x, metric, size, num_prefix, H, W)
 
 
+def _fpet_triton():
+    """``fpet_triton.py``, imported at the first Triton call (importing Triton is slow)."""
+    from . import fpet_triton
+    return fpet_triton
+
+
+def _fpet_triton_backward():
+    """``fpet_triton_backward.py``, imported at the first Triton call (importing Triton is slow)."""
+    from . import fpet_triton_backward
+    return fpet_triton_backward
+
+
 FPET_MERGE = library.register(library.Op(
     "fpet_merge", "(Tensor x, Tensor metric, Tensor? size, int num_prefix, int H, int W) -> (Tensor, Tensor, Tensor)",
     _fake_fpet, reference=_fpet_merge_op_reference, export=fpet_merge_export, setup_context=_fpet_setup,
-    backward=_fpet_backward, calls=("fpet_merge_backward",), triton="fpet_triton"))
+    backward=_fpet_backward, calls=("fpet_merge_backward",), triton=_fpet_triton))
 FPET_MERGE_BACKWARD = library.register(library.Op(
     "fpet_merge_backward", "(Tensor grad_out, Tensor? grad_size, Tensor x, Tensor metric, Tensor? size, "
                            "Tensor out, Tensor out_size, Tensor token_map, int num_prefix, int H, int W) "
                            "-> (Tensor, Tensor, Tensor)",
-    _fake_fpet_backward, reference=fpet_merge_backward_reference, triton="fpet_triton_backward", public=False))
+    _fake_fpet_backward, reference=fpet_merge_backward_reference, triton=_fpet_triton_backward, public=False))
 
 
 # ----------------------------------------------------------------------------- 4. public API

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 from typing import Callable, Optional
 
 import torch
@@ -68,9 +67,9 @@ def _device_of(args):
     return None
 
 
-def _triton_impl(module: str, name: str):
+def _triton_impl(load, name: str):
     def impl(*args):
-        kernel = getattr(importlib.import_module(f"fpet_kernels.ops.{module}"), name)
+        kernel = getattr(load(), name)
         args = tuple(a.contiguous() if isinstance(a, Tensor) else a for a in args)
         dev = _device_of(args)
         guard = torch.cuda.device(dev) if dev is not None and dev.type == "cuda" else contextlib.nullcontext()
@@ -81,14 +80,15 @@ def _triton_impl(module: str, name: str):
     return impl
 
 
-def define(name: str, schema: str, fake, triton_module: str | None, cpp: bool = True) -> None:
-    """Define ``fpet::<name>`` (C++ kernels; ``cpp=False``: none) and, with ``triton_module``,
-    ``fpet::<name>_triton``, both with ``schema`` and the fake kernel ``fake``."""
+def define(name: str, schema: str, fake, triton: Callable | None, cpp: bool = True) -> None:
+    """Define ``fpet::<name>`` (C++ kernels; ``cpp=False``: none) and, with ``triton`` (a function
+    returning the module whose function ``<name>`` is the Triton kernel), ``fpet::<name>_triton``, both
+    with ``schema`` and the fake kernel ``fake``."""
     if cpp:
         torch.library.define(f"{NAMESPACE}::{name}", schema)
         torch.library.register_fake(f"{NAMESPACE}::{name}", fake)
-    if triton_module is not None:
-        torch.library.custom_op(f"{NAMESPACE}::{name}_triton", _triton_impl(triton_module, name), mutates_args=(),
+    if triton is not None:
+        torch.library.custom_op(f"{NAMESPACE}::{name}_triton", _triton_impl(triton, name), mutates_args=(),
                                 schema=schema)
         torch.library.register_fake(f"{NAMESPACE}::{name}_triton", fake)
 
@@ -157,8 +157,9 @@ class Op:
                     ``torch.onnx.export`` traces in place of the op; None: ``reference`` serves;
     ``setup_context``, ``backward``  its autograd formula (both families; ``ctx.kernels`` is the family);
     ``calls``       the registered ops its backward calls, of its own family;
-    ``triton``      the module under ``fpet_kernels/ops`` whose function ``<name>`` is the Triton
-                    kernel (None: no Triton kernel);
+    ``triton``      a function of no argument returning the module (``ops/<...>_triton*.py``) whose
+                    function ``<name>`` is the Triton kernel, imported at the first call (None: no
+                    Triton kernel);
     ``cpp``         the C++ extension registers CPU kernels for it (csrc/cpu/);
     ``cuda``        and CUDA kernels (csrc/cuda/);
     ``public``      a public function dispatches it (a backward-only op is not public);
@@ -178,7 +179,7 @@ class Op:
     setup_context: Optional[Callable] = None
     backward: Optional[Callable] = None
     calls: tuple = ()
-    triton: Optional[str] = None
+    triton: Optional[Callable] = None
     cpp: bool = True
     cuda: bool = True
     public: bool = True

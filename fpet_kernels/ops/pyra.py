@@ -191,18 +191,30 @@ def _pyra_backward(ctx, grad_out, grad_out_size, *_):
             None, None, None)
 
 
+def _pyra_triton():
+    """``pyra_triton.py``, imported at the first Triton call (importing Triton is slow)."""
+    from . import pyra_triton
+    return pyra_triton
+
+
+def _pyra_triton_backward():
+    """``pyra_triton_backward.py``, imported at the first Triton call (importing Triton is slow)."""
+    from . import pyra_triton_backward
+    return pyra_triton_backward
+
+
 PYRA_MERGE = library.register(library.Op(
     name="pyra_merge",
     schema="(Tensor x, Tensor metric, int r, Tensor a, Tensor b, Tensor ln_weight, Tensor ln_bias, Tensor? size, "
            "bool class_token, bool distill_token, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     fake=_fake_pyra, reference=_pyra_merge_op_reference, export=_pyra_merge_export,
-    setup_context=_pyra_setup, backward=_pyra_backward, calls=("pyra_merge_backward",), triton="pyra_triton"))
+    setup_context=_pyra_setup, backward=_pyra_backward, calls=("pyra_merge_backward",), triton=_pyra_triton))
 PYRA_MERGE_BACKWARD = library.register(library.Op(
     name="pyra_merge_backward",
     schema="(Tensor grad_out, Tensor? grad_out_size, Tensor x, Tensor? size, Tensor out, Tensor out_size, "
            "Tensor src_idx, Tensor dst_idx, Tensor unm_idx, Tensor a, Tensor b, Tensor ln_weight, Tensor ln_bias, "
            "float eps, bool distill_token) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-    fake=_fake_pyra_backward, reference=pyra_merge_backward_reference, triton="pyra_triton_backward",
+    fake=_fake_pyra_backward, reference=pyra_merge_backward_reference, triton=_pyra_triton_backward,
     public=False))
 
 

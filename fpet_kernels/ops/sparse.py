@@ -71,9 +71,15 @@ def _backward(ctx, g):
     return g_dy, g_x, None, None
 
 
+def _sparse_triton():
+    """``sparse_triton.py``, imported at the first Triton call (importing Triton is slow)."""
+    from . import sparse_triton
+    return sparse_triton
+
+
 MASKED_WEIGHT_GRAD = library.register(library.Op(
     "masked_weight_grad", "(Tensor grad_out, Tensor input, Tensor rows, Tensor cols) -> Tensor", _fake,
-    reference=masked_weight_grad_reference, setup_context=_setup, backward=_backward, triton="sparse_triton",
+    reference=masked_weight_grad_reference, setup_context=_setup, backward=_backward, triton=_sparse_triton,
     cuda=False))
 
 

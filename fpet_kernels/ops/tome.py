@@ -387,31 +387,37 @@ def _merge_sum_backward(ctx, grad):
     return ctx.kernels.unmerge(grad, token_map), None, None
 
 
+def _tome_triton():
+    """``tome_triton.py``, imported at the first Triton call (importing Triton is slow)."""
+    from . import tome_triton
+    return tome_triton
+
+
 TOME_MATCH = library.register(library.Op(
     "tome_match", "(Tensor metric, int r, bool class_token, bool distill_token) -> (Tensor, Tensor, Tensor, Tensor)",
-    _fake_match, reference=tome_match_reference, export=tome_match_export, triton="tome_triton"))
+    _fake_match, reference=tome_match_reference, export=tome_match_export, triton=_tome_triton))
 TOME_MERGE = library.register(library.Op(
     "tome_merge", "(Tensor x, Tensor metric, int r, Tensor? size, bool class_token, bool distill_token) "
                   "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     _fake_merge, reference=_tome_merge_op_reference, export=tome_merge_export,
     setup_context=_tome_merge_setup, backward=_tome_merge_backward, calls=("merge_wavg_backward",),
-    triton="tome_triton"))
+    triton=_tome_triton))
 # a user-given map: the reference checks it (one host sync), as the kernels do
 MERGE_WAVG = library.register(library.Op(
     "merge_wavg", "(Tensor x, Tensor? size, Tensor token_map, int n_out) -> (Tensor, Tensor)",
     _fake_wavg, reference=merge_wavg_reference, setup_context=_merge_wavg_setup, backward=_merge_wavg_backward,
-    calls=("merge_wavg_backward",), triton="tome_triton"))
+    calls=("merge_wavg_backward",), triton=_tome_triton))
 MERGE_WAVG_BACKWARD = library.register(library.Op(
     "merge_wavg_backward", "(Tensor grad_out, Tensor? size, Tensor out_size, Tensor token_map) -> Tensor",
-    _fake_wavg_backward, reference=merge_wavg_backward_reference, triton="tome_triton", public=False))
+    _fake_wavg_backward, reference=merge_wavg_backward_reference, triton=_tome_triton, public=False))
 UNMERGE = library.register(library.Op(
     "unmerge", "(Tensor y, Tensor token_map) -> Tensor",
     _fake_unmerge, reference=unmerge_reference, setup_context=_unmerge_setup, backward=_unmerge_backward,
-    calls=("merge_sum",), triton="tome_triton"))
+    calls=("merge_sum",), triton=_tome_triton))
 MERGE_SUM = library.register(library.Op(
     "merge_sum", "(Tensor x, Tensor token_map, int n_out) -> Tensor",
     _fake_merge_sum, reference=merge_sum_reference, setup_context=_merge_sum_setup, backward=_merge_sum_backward,
-    calls=("unmerge",), triton="tome_triton", public=False))
+    calls=("unmerge",), triton=_tome_triton, public=False))
 
 
 # ----------------------------------------------------------------------------- 4. public API

@@ -105,10 +105,16 @@ def _op_reference(x, residual, profile, down, down_bias, up, up_bias, scale):
     return xpeft_adapter_reference(x, profile, down, down_bias, up, up_bias, scale, residual)
 
 
+def _xpeft_triton():
+    """``xpeft_triton.py``, imported at the first Triton call (importing Triton is slow)."""
+    from . import xpeft_triton
+    return xpeft_triton
+
+
 XPEFT_ADAPTER = library.register(library.Op(
     "xpeft_adapter", "(Tensor x, Tensor? residual, Tensor profile, Tensor down, Tensor down_bias, Tensor up, "
                      "Tensor up_bias, float scale) -> Tensor",
-    _fake, reference=_op_reference, setup_context=_setup, backward=_backward, triton="xpeft_triton", cuda=False))
+    _fake, reference=_op_reference, setup_context=_setup, backward=_backward, triton=_xpeft_triton, cuda=False))
 
 
 def cpu_kernel_live() -> bool:
