@@ -215,9 +215,9 @@ def dispatch(op: Op, backend, device, dtypes, *args):
     """Run one public call of ``op`` on ``args`` (the schema's arguments): while ``torch.onnx.export``
     traces, the export formulation; else the backend resolved once from ``backend``, ``$FPET_BACKEND``
     and the automatic choice (``ops/_backend.resolve``; ``dtypes`` as it takes them), run by :func:`run`."""
+    be = _backend.resolve(backend, device, dtypes, op=op.name)  # first: a bad backend raises under export too
     if _export.exporting():
         return op.formulation()(*args)
-    be = _backend.resolve(backend, device, dtypes, op=op.name)
     # :func:`run`, inlined: this runs on every public op call
     if be == "reference":
         return op.reference(*args)
