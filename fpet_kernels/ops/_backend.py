@@ -398,8 +398,10 @@ def resolve(backend: str | None, device: torch.device, dtypes=(), op: str | None
             for d in (dtypes.values() if isinstance(dtypes, dict) else dtypes):
                 if d not in KERNEL_DTYPES:  # float64 and friends: only the reference computes them
                     return "reference"
-            if device.type == "cpu" and _cpu_takes(op):
-                return "cpu"
+            if device.type == "cpu":
+                takes = STATE.cpu_takes.get(op)  # _cpu_takes, inlined: this runs on every op call
+                if takes or (takes is None and _cpu_takes(op)):
+                    return "cpu"
             return _resolve_auto(device, op)
         src = ENV_VAR
     else:

@@ -215,7 +215,7 @@ def dispatch(op: Op, backend, device, dtypes, *args):
     """Run one public call of ``op`` on ``args`` (the schema's arguments): while ``torch.onnx.export``
     traces, the export formulation; else the backend resolved once from ``backend``, ``$FPET_BACKEND``
     and the automatic choice (``ops/_backend.resolve``; ``dtypes`` as it takes them), run by :func:`run`."""
-    be = _backend.resolve(backend, device, dtypes, op=op.name)  # first: a bad backend raises under export too
+    be = _backend.resolve(backend, device, dtypes, op.name)  # first: a bad backend raises under export too
     if _export.exporting():
         return op.formulation()(*args)
     # :func:`run`, inlined: this runs on every public op call
@@ -223,7 +223,13 @@ def dispatch(op: Op, backend, device, dtypes, *args):
         return op.reference(*args)
     if op.inference_only:
         return run(op, be, *args)
-    return call(getattr(family(be), op.name), *args)
+    kernel = getattr(TRITON if be == "triton" else CPP, op.name)
+    # :func:`call`, inlined
+    if (torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)) or (
+            torch.compiler.is_compiling()):
+        return kernel(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return kernel(*args)
 
 
 def run(op: Op, backend: str, *args):

@@ -277,7 +277,7 @@ def tome_merge_export(x: Tensor, metric: Tensor, r: int, size, class_token: bool
 
 
 # ----------------------------------------------------------------------------- 3. registered ops
-# ``torch.ops.fpet.<op>``: C++ kernels (csrc/cpu/tome.cpp, csrc/cuda/{tome,merge}.cu);
+# ``torch.ops.fpet.<op>``: C++ kernels (csrc/cpu/tome.cpp, csrc/cuda/{tome_merge,merge_wavg}.cu);
 # ``torch.ops.fpet.<op>_triton``: tome_triton.py. Contracts: csrc/README.md. See ops/library.py.
 class Matching(NamedTuple):
     """The result of a ToMe matching: tensors only, so it flows through torch.compile.
