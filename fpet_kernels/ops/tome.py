@@ -213,6 +213,159 @@ def merge_wavg_size_grad(grad_out: Tensor, grad_out_size: Optional[Tensor], x: T
     return g * (token_map >= 0).unsqueeze(-1)
 
 
+# Padded batches and threshold merging (issue 21; docs/semantics.md "Padded batches and threshold
+# merging"). One batched formulation for both: every row gets its own token count and its own r.
+def valid_tokens(size: Optional[Tensor], like: Tensor) -> Tensor:
+    """``[B, N]`` bool: the tokens that are not padding (``size != 0``; ``size=None``: all tokens)."""
+    if size is None:
+        return torch.ones(like.shape[:2], dtype=torch.bool, device=like.device)
+    return size[..., 0] != 0
+
+
+def check_threshold(op: str, threshold) -> Optional[float]:
+    """``threshold`` is None or a number in ``[-1, 1]`` (a cosine similarity; NaN is an error)."""
+    if threshold is None:
+        return None
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"{op}: threshold must be a float in [-1, 1] or None, got {type(threshold).__name__}")
+    if not -1.0 <= float(threshold) <= 1.0:  # False for NaN
+        raise ValueError(f"{op}: threshold must be a number in [-1, 1], got {threshold!r}")
+    return float(threshold)
+
+
+def static_r(r: Optional[int], n: int, class_token: bool, distill_token: bool) -> int:
+    """The width of ``src_idx`` / ``dst_idx`` of a per-row matching: the largest r any row of N tokens
+    can have (``min(r, cap(N))``; ``r=None``, threshold only: ``cap(N)``)."""
+    cap = r_cap(n, class_token, distill_token)
+    return cap if r is None else cap_r(r, n, class_token, distill_token)
+
+
+def static_rows(n: int, r: Optional[int], threshold: Optional[float], class_token: bool, distill_token: bool) -> int:
+    """Output rows of a per-row merge op: ``N - min(r, cap(N))`` with r only (every right-padded row
+    fits: ``n - min(r, cap(n))`` grows with n), ``N`` with a threshold (a row may merge nothing)."""
+    return n if threshold is not None else n - static_r(r, n, class_token, distill_token)
+
+
+def _rank_in_row(mask: Tensor) -> Tensor:
+    """Position of every True entry among the True entries of its row (0, 1, ...); garbage elsewhere."""
+    return mask.long().cumsum(-1) - 1
+
+
+def tome_match_rows_reference(metric: Tensor, r: Optional[int], class_token: bool = False,
+                              distill_token: bool = False, valid: Optional[Tensor] = None,
+                              threshold: Optional[float] = None):
+    """ToMe matching with a token count and an r per row (padding ``~valid``; a threshold).
+
+    Returns ``(src_idx [B, R], dst_idx [B, R], unm_idx [B, Na], token_map [B, N], kept [B])`` with
+    ``R = static_r(r)``: row b uses the first ``r_b`` entries of ``src_idx`` / ``dst_idx`` and the first
+    ``na_b - r_b`` of ``unm_idx`` (``na_b`` its valid A tokens), the rest are -1; padding tokens map to
+    -1; ``kept[b]`` is the number of valid output rows. A right-padded row gets exactly what the row
+    alone gets from ``tome_match_reference`` (with its own cap on r); rows with ``r_b == 0`` keep
+    their tokens in input order, as the unpadded op does at r = 0."""
+    bsz, n, _ = metric.shape
+    na, nb = (n + 1) // 2, n // 2
+    dev = metric.device
+    big = static_r(r, n, class_token, distill_token)
+    if valid is None:
+        valid = torch.ones(bsz, n, dtype=torch.bool, device=dev)
+    va, vb = valid[:, 0::2], valid[:, 1::2]
+    cand_a, cand_b = va.clone(), vb.clone()  # possible sources / destinations
+    if class_token and na:
+        cand_a[:, 0] = False
+    if distill_token and nb:
+        cand_b[:, 0] = False
+    n_valid = valid.sum(1)
+    prot = (valid[:, :1].sum(1) if class_token else 0) + (valid[:, 1:2].sum(1) if distill_token else 0)
+    cap = torch.minimum((n_valid - prot) // 2, cand_a.sum(1))  # right padding: r_cap(n_b)
+    cap = torch.where(cand_b.any(1), cap, 0)
+    if r is not None:
+        cap = cap.clamp_max(r)
+    with torch.no_grad():
+        m = normalize(metric.to(compute_dtype(metric)))
+        scores = m[:, 0::2] @ m[:, 1::2].transpose(-1, -2)
+        scores = torch.where(cand_a.unsqueeze(-1) & cand_b.unsqueeze(1), scores, -torch.inf)
+        if nb:
+            best, dst = scores.max(dim=-1)  # ties: the first (lowest j) maximum; NaN first
+        else:  # N = 1: no B token
+            best = torch.full((bsz, na), -torch.inf, dtype=scores.dtype, device=dev)
+            dst = torch.zeros(bsz, na, dtype=torch.int64, device=dev)
+        # the candidates in rank order (best descending, ties to the lower i), then the other valid A
+        # token (the class token), then padding, each in index order
+        order = torch.sort(best, dim=-1, descending=True, stable=True).indices
+        group = (~cand_a).to(torch.uint8) + (~va).to(torch.uint8)
+        order = order.gather(1, torch.sort(group.gather(1, order), dim=-1, stable=True).indices)
+        if threshold is None:
+            r_row = cap
+        else:  # the candidates reaching the threshold are a prefix of the ranking (NaN counts as reaching it)
+            reach = cand_a & ~(best < threshold)
+            r_row = torch.minimum(reach.sum(1), cap)
+        slot = torch.arange(na, device=dev).expand(bsz, na)
+        is_src = slot < r_row.unsqueeze(1)  # slot k of the ranking is a source
+        src_full = torch.where(is_src, order, -1)
+        src = src_full[:, :big].clone()
+        dst_idx = torch.where(src >= 0, dst.gather(1, src.clamp_min(0)), -1)
+        # unmerged valid A tokens: rank order, ascending with a class token or when the row merges nothing
+        na_valid = va.sum(1)
+        in_unm = ~is_src & (slot < na_valid.unsqueeze(1))
+        ascending = (r_row == 0).unsqueeze(1) | class_token
+        key = torch.where(ascending, order, slot)  # sort key among the unmerged slots
+        key = torch.where(in_unm, key, na + slot)  # sources and padding after them
+        unm_order = torch.sort(key, dim=-1, stable=True).indices
+        unm = torch.where(slot < (na_valid - r_row).unsqueeze(1), order.gather(1, unm_order), -1)
+        tmap = _row_token_map(valid, src, dst_idx, unm, r_row, distill_token)
+        kept = n_valid - r_row
+    return src, dst_idx, unm, tmap, kept
+
+
+def _row_token_map(valid: Tensor, src: Tensor, dst: Tensor, unm: Tensor, r_row: Tensor, distill_token: bool):
+    """The token map of a per-row matching (spec 1.7 order per row, padding -1)."""
+    bsz, n = valid.shape
+    na = (n + 1) // 2
+    dev = valid.device
+    vb = valid[:, 1::2]
+    n_unm = (unm >= 0).sum(1, keepdim=True)
+    k = torch.arange(na, device=dev).expand(bsz, na)
+    pos_unm = k + (k > 0).long() if distill_token else k  # [unm[0], B[0], unm[1:], B[1:]]
+    j = _rank_in_row(vb)  # the j-th valid B token
+    pos_b = n_unm + j
+    if distill_token:
+        pos_b = torch.where(j == 0, 1, pos_b)
+    map_a = torch.full((bsz, na + 1), -1, dtype=torch.int64, device=dev)  # column na: dump for -1 entries
+    unm_dump = torch.where(unm >= 0, unm, na)
+    map_a.scatter_(1, unm_dump, torch.where(unm >= 0, pos_unm, -1))
+    pos_b_v = torch.where(vb, pos_b, -1)
+    if src.shape[1]:
+        src_dump = torch.where(src >= 0, src, na)
+        map_a.scatter_(1, src_dump, torch.where(src >= 0, pos_b_v.gather(1, dst.clamp_min(0)), -1))
+    out = torch.empty(bsz, n, dtype=torch.int64, device=dev)
+    out[:, 0::2] = map_a[:, :na]
+    out[:, 1::2] = pos_b_v
+    # rows that merge nothing: every valid token in input order
+    ident = torch.where(valid, _rank_in_row(valid), -1)
+    return torch.where((r_row == 0).unsqueeze(1), ident, out)
+
+
+def tome_merge_rows_reference(x: Tensor, metric: Tensor, r: Optional[int], size: Optional[Tensor] = None,
+                              class_token: bool = False, distill_token: bool = False, padded: bool = False,
+                              threshold: Optional[float] = None):
+    """``tome_merge`` with a token count and an r per row: ``(x' [B, n_out, C], size', RowMatching)``,
+    ``n_out = static_rows(...)``; row b holds its ``kept[b]`` valid rows first, then rows of x = 0,
+    size = 0. ``padded``: tokens of size 0 are padding. Differentiable in x and size (plain autograd)."""
+    valid = valid_tokens(size if padded else None, x)
+    src, dst, unm, tmap, kept = tome_match_rows_reference(metric, r, class_token, distill_token, valid, threshold)
+    n_out = static_rows(x.shape[1], r, threshold, class_token, distill_token)
+    check_rows_fit(kept, n_out)
+    out, out_size = wavg_by_map(x, size, tmap, n_out)
+    return out, out_size, RowMatching(src, dst, unm, tmap, kept)
+
+
+def check_rows_fit(kept: Tensor, n_out: int) -> None:
+    """Right-padded rows always fit the static output; padding elsewhere may not (one host sync)."""
+    if kept.numel() and int(kept.max()) > n_out:
+        raise ValueError(f"size: a row keeps {int(kept.max())} valid tokens but the op returns {n_out} rows; "
+                         "padding must be at the right end of each row (right-pad the batch)")
+
+
 # ----------------------------------------------------------------------------- 2. export formulations
 # What ``torch.onnx.export`` traces in place of the ops (the records' ``export``): the references
 # without in-place writes (the graph stays functional, so a decomposition table can use them too:
@@ -288,6 +441,18 @@ class Matching(NamedTuple):
     dst_idx: Tensor
     unm_idx: Tensor
     token_map: Tensor
+
+
+class RowMatching(NamedTuple):
+    """A ToMe matching with a token count and an r per row (padded batches, threshold merging;
+    docs/semantics.md). As :class:`Matching`, with ``-1`` past each row's entries in ``src_idx``,
+    ``dst_idx`` (width: the largest r) and ``unm_idx`` (width ``Na``), padding tokens mapped to -1,
+    and ``kept`` [B]: the number of valid output rows of each row."""
+    src_idx: Tensor
+    dst_idx: Tensor
+    unm_idx: Tensor
+    token_map: Tensor
+    kept: Tensor
 
 
 def _fake_match(metric, r, class_token=False, distill_token=False):
