@@ -26,8 +26,9 @@ from torch import Tensor
 from .. import _checks
 from . import library
 from .shapes import cap_r, compute_dtype, size_dtype
-from .tome import (Matching, assemble, merge_by_indices, output_rows, safe_div, tome_match_export,
-                   tome_match_reference)
+from .tome import (Matching, RowMatching, assemble, check_rows_fit, merge_by_indices, output_rows, safe_div,
+                   static_rows, sum_by_map, tome_match_export, tome_match_reference, tome_match_rows_reference,
+                   valid_tokens)
 
 
 # ----------------------------------------------------------------------------- 1. reference
@@ -119,6 +120,43 @@ def pyra_merge_backward_reference(grad_out, grad_out_size, x, size, out, out_siz
     grad_size = (g_z * xs).sum(-1, keepdim=True) + g_den.gather(1, pos_of.unsqueeze(-1))
     return ((g_z * s).to(x.dtype), grad_a.to(a.dtype), grad_b.to(b.dtype), grad_lnw.to(ln_weight.dtype),
             grad_lnb.to(ln_bias.dtype), grad_size.to(out_size.dtype))
+
+
+def pyra_merge_rows_reference(x: Tensor, metric: Tensor, r: int, a: Tensor, b: Tensor, ln_weight: Tensor,
+                              ln_bias: Tensor, size: Optional[Tensor] = None, class_token: bool = False,
+                              distill_token: bool = False, eps: float = 1e-5, padded: bool = False,
+                              threshold: Optional[float] = None):
+    """Spec 3 with a token count and an r per row (docs/semantics.md "Padded batches and threshold
+    merging"): row b modulates its ``r_b`` sources with ``a[:r_b]`` (rank order), exactly as the row
+    alone would; ``a`` has the static r rows (``static_r``). Returns ``(x' [B, n_out, C], size',
+    RowMatching)`` as ``tome_merge_rows_reference``. Differentiable (plain autograd)."""
+    valid = valid_tokens(size if padded else None, x)
+    src, dst, unm, tmap, kept = tome_match_rows_reference(metric, r, class_token, distill_token, valid, threshold)
+    n_out = static_rows(x.shape[1], r, threshold, class_token, distill_token)
+    check_rows_fit(kept, n_out)
+    cdt = compute_dtype(x, size, a, b, ln_weight, ln_bias)
+    s = torch.ones(*x.shape[:2], 1, dtype=cdt, device=x.device) if size is None else size.to(cdt)
+    z = x.to(cdt) * s
+    bsz, n, c = x.shape
+    rr = src.shape[1]
+    if rr:
+        live = (src >= 0).unsqueeze(-1)  # [B, R, 1]: the row's first r_b ranks
+        s_rows, t_rows = (h.gather(1, i.clamp_min(0)[..., None].expand(bsz, rr, c))
+                          for h, i in ((z[:, 0::2], src), (z[:, 1::2], dst)))
+        y = torch.where(live, s_rows + t_rows, 0)  # ranks past r_b: a constant row (no NaN from them)
+        w = F.layer_norm(y, (c,), ln_weight.to(cdt), ln_bias.to(cdt), eps)
+        w = torch.where(live, w, 0)
+        wc = 2 * torch.sigmoid((a.to(cdt).view(1, rr, 1) * w).sum(1, keepdim=True))  # only ranks < r_b
+        wt = 2 * torch.sigmoid((w * b.to(cdt).view(1, 1, c)).sum(-1, keepdim=True)) - 1
+        s_mod = s_rows + s_rows * wc * wt
+        # the sources' sized values replaced by S' (ranks past r_b write into a dump row)
+        za = torch.cat([z[:, 0::2], z.new_zeros(bsz, 1, c)], dim=1)
+        na = za.shape[1] - 1
+        za = za.scatter(1, torch.where(live, src.unsqueeze(-1), na).expand(bsz, rr, c), s_mod)[:, :na]
+        z = z.clone()
+        z[:, 0::2] = za
+    num, den = sum_by_map(z, tmap, n_out), sum_by_map(s, tmap, n_out)
+    return safe_div(num, den).to(x.dtype), den.to(size_dtype(x, size)), RowMatching(src, dst, unm, tmap, kept)
 
 
 # ----------------------------------------------------------------------------- 2. registered ops

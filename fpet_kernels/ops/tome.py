@@ -159,6 +159,14 @@ def wavg_by_map(x: Tensor, size: Optional[Tensor], token_map: Tensor, n_out: int
     return safe_div(num, den).to(x.dtype), den
 
 
+def sum_by_map(x: Tensor, token_map: Tensor, n_out: int) -> Tensor:
+    """Each output row sums the tokens mapped to it (entries -1 dropped), in x's dtype; no checks
+    (a map the caller produced)."""
+    bsz, n, c = x.shape
+    idx = _dump_index(token_map, n_out).expand(bsz, n, c)
+    return x.new_zeros(bsz, n_out + 1, c).scatter_add(1, idx, x)[:, :n_out]
+
+
 def unmerge_reference(y: Tensor, token_map: Tensor) -> Tensor:
     """Spec 1.8: every input token gets the row that holds it (zeros for dropped tokens)."""
     _checks.reference_map_args("unmerge", y, token_map, y.shape[1] if isinstance(y, Tensor) and y.dim() == 3 else 0,
