@@ -224,6 +224,13 @@ def finite_positive(op: str, name: str, v) -> float:
     return float(v)
 
 
+def rows_backend(op: str, backend: str) -> None:
+    """Padded batches and threshold merging (issue 21) run on the reference backend only, for now."""
+    if backend != "reference":
+        raise NotImplementedError(f"{op}: padded / threshold merging has no {backend!r} kernel yet; "
+                                  "pass backend='reference' (issue 21)")
+
+
 def backend_name(backend) -> None:
     """``backend`` is None or one of the backend names (checked where a closure stores it)."""
     if backend is None:

@@ -24,7 +24,7 @@ from torch import Tensor
 from .. import _checks
 from . import library
 from .shapes import NORM_EPS, compute_dtype, grid_sizes, size_dtype
-from .tome import merge_wavg_reference, normalize, safe_div, wavg_by_map
+from .tome import merge_wavg_reference, normalize, safe_div, valid_tokens, wavg_by_map
 
 
 # ----------------------------------------------------------------------------- 1. reference
@@ -63,14 +63,32 @@ def checkerboard(num_prefix: int, h: int, w: int, device=None) -> tuple[Tensor, 
     return a, b
 
 
-def _scores(metric: Tensor, num_prefix: int, h: int, w: int):
+def _scores(metric: Tensor, num_prefix: int, h: int, w: int, valid: Optional[Tensor] = None):
     a_idx, b_idx = checkerboard(num_prefix, h, w, metric.device)
     m = normalize(metric.to(compute_dtype(metric)))
     scores = m[:, a_idx] @ m[:, b_idx].transpose(-1, -2)
     if num_prefix:
         col = torch.arange(scores.shape[-1], device=metric.device) < num_prefix
         scores = scores.masked_fill(col, -torch.inf)
+    if valid is not None:
+        scores = mask_padding(scores, valid, a_idx, b_idx)
     return scores, a_idx, b_idx
+
+
+def mask_padding(scores: Tensor, valid: Tensor, a_idx: Tensor, b_idx: Tensor) -> Tensor:
+    """Padded batches: a score with a padding token on either side is -inf (no match, no gradient)."""
+    return torch.where(valid[:, a_idx].unsqueeze(-1) & valid[:, b_idx].unsqueeze(1), scores, -torch.inf)
+
+
+def padded_token_map(tmap: Tensor, valid: Tensor, num_prefix: int, a_idx: Tensor, b_idx: Tensor) -> Tensor:
+    """The token map of a padded batch: padding tokens -1; in a row with no valid destination cell
+    (a sequence of at most one grid token) its valid A token keeps a row of its own, output row
+    ``num_prefix`` (the first grid B slot)."""
+    cell_b = valid[:, b_idx[num_prefix:]].any(1, keepdim=True)  # the row has a valid destination cell
+    map_a = torch.where(cell_b | ~valid[:, a_idx], tmap[:, a_idx], num_prefix)
+    out = tmap.clone()
+    out[:, a_idx] = map_a
+    return torch.where(valid, out, -1)
 
 
 def top2(scores: Tensor):
@@ -122,25 +140,30 @@ def token_map_from_matching(m: Tensor, a_idx: Tensor, b_idx: Tensor, n: int) -> 
     return tmap
 
 
-def fpet_token_map(metric: Tensor, num_prefix: int, h: int, w: int) -> Tensor:
+def fpet_token_map(metric: Tensor, num_prefix: int, h: int, w: int, valid: Optional[Tensor] = None) -> Tensor:
     """The forward matching as a token map [B, N]: B tokens -> their B index, A tokens -> the B index
-    they merge into, -1 when they match nothing (a tie, or no valid score)."""
+    they merge into, -1 when they match nothing (a tie, or no valid score). ``valid`` (padded
+    batches): padding tokens -1, and ``padded_token_map``'s rule for rows too short to merge."""
     with torch.no_grad():
-        scores, a_idx, b_idx = _scores(metric, num_prefix, h, w)
+        scores, a_idx, b_idx = _scores(metric, num_prefix, h, w, valid)
         match = hard_matching(scores)[0]
     bsz, n = metric.shape[:2]
     tmap = torch.empty(bsz, n, dtype=torch.int64, device=metric.device)
     tmap[:, a_idx] = match
     tmap[:, b_idx] = torch.arange(b_idx.numel(), device=metric.device)
+    if valid is not None:
+        tmap = padded_token_map(tmap, valid, num_prefix, a_idx, b_idx)
     return tmap
 
 
-def fpet_merge_reference(x: Tensor, metric: Tensor, size: Optional[Tensor], num_prefix: int, h: int, w: int):
+def fpet_merge_reference(x: Tensor, metric: Tensor, size: Optional[Tensor], num_prefix: int, h: int, w: int,
+                         padded: bool = False):
     """Spec 2.5: ``x' = (z_B + M^T z_A) / (s_B + M^T s_A)``, ``z = x * s``, with the forward (one-hot)
     ``M`` applied as a gather: a token's values reach only the row it merges into. Returns
-    (x', size', token_map); differentiable in x and size (the matching is a constant)."""
+    (x', size', token_map); differentiable in x and size (the matching is a constant). ``padded``:
+    tokens of size 0 are padding (docs/semantics.md "Padded batches and threshold merging")."""
     _checks.fpet_layout("fpet_merge", x.shape[1], num_prefix, h, w)
-    tmap = fpet_token_map(metric, num_prefix, h, w)
+    tmap = fpet_token_map(metric, num_prefix, h, w, valid_tokens(size, x) if padded else None)
     nb = grid_sizes(num_prefix, h, w)[1]
     cdt = compute_dtype(x, metric, size)
     out, den = wavg_by_map(x.to(cdt), None if size is None else size.to(cdt), tmap, nb)  # its own map: no check
@@ -148,8 +171,9 @@ def fpet_merge_reference(x: Tensor, metric: Tensor, size: Optional[Tensor], num_
 
 
 def fpet_merge_backward_reference(grad_out, grad_size, x, metric, size, out, out_size, token_map,
-                                  num_prefix: int, h: int, w: int):
-    """The straight-through backward in closed form (what the kernels compute; see csrc/README.md)."""
+                                  num_prefix: int, h: int, w: int, padded: bool = False):
+    """The straight-through backward in closed form (what the kernels compute; see csrc/README.md).
+    ``padded``: scores with a padding token are -inf, and padding tokens get zero gradients."""
     _checks.fpet_layout("fpet_merge_backward", x.shape[1], num_prefix, h, w)
     nb = grid_sizes(num_prefix, h, w)[1]
     for name, t in (("grad_out", grad_out), ("out", out)):
@@ -166,6 +190,9 @@ def fpet_merge_backward_reference(grad_out, grad_size, x, metric, size, out, out
     scores = a @ b.transpose(-1, -2)
     if num_prefix:
         scores[..., :num_prefix] = -torch.inf
+    valid_tok = valid_tokens(size, x) if padded else None
+    if padded:
+        scores = mask_padding(scores, valid_tok, a_idx, b_idx)
     v1, i1, v2, i2 = top2(scores)
     valid = valid_scores(scores)
     soft = torch.sigmoid(torch.where(valid, scores, 0) - ((v1 + v2) / 2).unsqueeze(-1))
@@ -200,6 +227,8 @@ def fpet_merge_backward_reference(grad_out, grad_size, x, metric, size, out, out
     g_s = (g_z * xs).sum(-1, keepdim=True)
     g_s[:, a_idx] = torch.where(hit, g_s[:, a_idx] + g_den.gather(1, idx), 0)  # a dropped token: exactly 0
     g_s[:, b_idx] += g_den
+    if padded:  # a padding B token's slot is an output row of its own: no gradient reaches the token
+        g_z, g_s = (torch.where(valid_tok.unsqueeze(-1), g, 0) for g in (g_z, g_s))
     return (g_z * s).to(x.dtype), grad_metric.to(metric.dtype), g_s.to(out_size.dtype)
 
 
@@ -259,9 +288,9 @@ class _FPETReference(torch.autograd.Function):
     plain autograd would not reach the metric)."""
 
     @staticmethod
-    def forward(ctx, x, metric, size, num_prefix, h, w):
-        out, out_size, tmap = fpet_merge_reference(x, metric, size, num_prefix, h, w)
-        ctx.args = (num_prefix, h, w)
+    def forward(ctx, x, metric, size, num_prefix, h, w, padded=False):
+        out, out_size, tmap = fpet_merge_reference(x, metric, size, num_prefix, h, w, padded)
+        ctx.args = (num_prefix, h, w, padded)
         ctx.save_for_backward(x, metric, size, out, out_size, tmap)
         ctx.mark_non_differentiable(tmap)
         return out, out_size, tmap
@@ -273,15 +302,16 @@ class _FPETReference(torch.autograd.Function):
                                                    *ctx.args)
         need = ctx.needs_input_grad
         return (gx if need[0] else None, gm if need[1] else None,
-                gs.to(size.dtype) if need[2] else None, None, None, None)
+                gs.to(size.dtype) if need[2] else None, None, None, None, None)
 
 
-def _fpet_merge_op_reference(x, metric, size, num_prefix: int, H: int, W: int):
+def _fpet_merge_op_reference(x, metric, size, num_prefix: int, H: int, W: int, padded: bool = False):
     """The reference backend of the op: ``fpet_merge_reference``, with the straight-through backward
-    (``_FPETReference``) when an input needs a gradient."""
+    (``_FPETReference``) when an input needs a gradient. ``padded`` (the record's ``rows``): tokens of
+    size 0 are padding."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, metric, size)):
-        return _FPETReference.apply(x, metric, size, num_prefix, H, W)
-    return fpet_merge_reference(x, metric, size, num_prefix, H, W)
+        return _FPETReference.apply(x, metric, size, num_prefix, H, W, padded)
+    return fpet_merge_reference(x, metric, size, num_prefix, H, W, padded)
 
 
 def _fpet_triton():
@@ -299,7 +329,7 @@ def _fpet_triton_backward():
 FPET_MERGE = library.register(library.Op(
     "fpet_merge", "(Tensor x, Tensor metric, Tensor? size, int num_prefix, int H, int W) -> (Tensor, Tensor, Tensor)",
     _fake_fpet, reference=_fpet_merge_op_reference, export=fpet_merge_export, setup_context=_fpet_setup,
-    backward=_fpet_backward, calls=("fpet_merge_backward",), triton=_fpet_triton))
+    backward=_fpet_backward, calls=("fpet_merge_backward",), triton=_fpet_triton, rows=_fpet_merge_op_reference))
 FPET_MERGE_BACKWARD = library.register(library.Op(
     "fpet_merge_backward", "(Tensor grad_out, Tensor? grad_size, Tensor x, Tensor metric, Tensor? size, "
                            "Tensor out, Tensor out_size, Tensor token_map, int num_prefix, int H, int W) "
@@ -310,19 +340,26 @@ FPET_MERGE_BACKWARD = library.register(library.Op(
 # ----------------------------------------------------------------------------- 4. public API
 def fpet_merge(x: Tensor, metric: Tensor, size: Optional[Tensor] = None, class_token: bool = False,
                distill_token: bool = False, grid=None, backend: Optional[str] = None,
-               return_token_map: bool = False, num_prefix: Optional[int] = None):
+               return_token_map: bool = False, num_prefix: Optional[int] = None, padded: bool = False):
     """FPET merge: every A token of the checkerboard merges into its best B token (or vanishes on a
     tie); ``N -> Nb`` tokens in B order. Returns ``(x', size' float32)`` (``+ token_map`` when
     ``return_token_map``). Differentiable in ``x``, ``metric`` (straight-through) and ``size``.
     ``num_prefix`` (e.g. class + register tokens) overrides the count of prefix tokens that
-    ``class_token`` / ``distill_token`` give; prefix tokens are never merged."""
+    ``class_token`` / ``distill_token`` give; prefix tokens are never merged.
+    ``padded``: tokens of ``size`` 0 are padding (a padded batch of sequences, ``grid=(1, N - p)``;
+    docs/semantics.md "Padded batches and threshold merging"); the reference backend only, for now."""
     _checks.merge_inputs(x, metric, size)
+    _checks.flag("padded", padded)
     p = int(_checks.flag("class_token", class_token)) + int(_checks.flag("distill_token", distill_token))
     if num_prefix is not None:
         p = _checks.count("num_prefix", num_prefix)
     h, w = resolve_grid(x.shape[1], p, grid)
-    out, out_size, tmap = library.dispatch(FPET_MERGE, backend, x.device, _checks.dtypes(x=x, metric=metric, size=size),
-                                           x, metric, size, p, h, w)
+    dtypes = _checks.dtypes(x=x, metric=metric, size=size)
+    if padded:  # the per-row formulation: the reference only, for now (library.dispatch_rows)
+        out, out_size, tmap = library.dispatch_rows(FPET_MERGE, backend, x.device, dtypes, x, metric, size, p, h, w,
+                                                    True)
+    else:
+        out, out_size, tmap = library.dispatch(FPET_MERGE, backend, x.device, dtypes, x, metric, size, p, h, w)
     return (out, out_size, tmap) if return_token_map else (out, out_size)
 
 

@@ -165,7 +165,11 @@ class Op:
     ``public``      a public function dispatches it (a backward-only op is not public);
     ``inference_only``  a differentiable op whose kernels have no backward: where a gradient is needed
                     the reference runs (:func:`run`; an op without gradients, such as a matching, is not);
-    ``fallback``    what runs in place of a kernel the op lacks, in words (the warnings say it).
+    ``fallback``    what runs in place of a kernel the op lacks, in words (the warnings say it);
+    ``rows``        the reference of the op's per-row formulation (padded batches, threshold merging;
+                    issue 21, docs/semantics.md): the schema's arguments, then the per-row ones
+                    (``padded``, ``threshold``; see each family module). No kernel computes it yet:
+                    :func:`dispatch_rows` runs it.
 
     The backend rule reads the record (``ops/_backend.py``): without C++ kernels (``cpp=False``) the
     reference is the op's CPU implementation; ``inference_only``: a kernel runs only where no gradient
@@ -185,6 +189,7 @@ class Op:
     public: bool = True
     inference_only: bool = False
     fallback: str = "the pure-PyTorch reference"
+    rows: Optional[Callable] = None
 
     @property
     def kernels(self) -> tuple:
@@ -230,6 +235,16 @@ def dispatch(op: Op, backend, device, dtypes, *args):
         return kernel(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return kernel(*args)
+
+
+def dispatch_rows(op: Op, backend, device, dtypes, *args):
+    """Run one public call of ``op``'s per-row formulation (``op.rows``: padded batches, threshold
+    merging) on ``args``. The backend is resolved as :func:`dispatch` resolves it (a bad backend raises
+    the same error); only the reference computes the per-row formulation for now, so any other
+    backend raises ``NotImplementedError`` (``_checks.rows_backend``). There is no export formulation:
+    ``torch.onnx.export`` traces the reference."""
+    _checks.rows_backend(op.name, _backend.resolve(backend, device, dtypes, op.name))
+    return op.rows(*args)
 
 
 def run(op: Op, backend: str, *args):
