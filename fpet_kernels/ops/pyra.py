@@ -26,9 +26,9 @@ from torch import Tensor
 from .. import _checks
 from . import library
 from .shapes import cap_r, compute_dtype, size_dtype
-from .tome import (Matching, RowMatching, assemble, check_rows_fit, merge_by_indices, output_rows, safe_div,
-                   static_rows, sum_by_map, tome_match_export, tome_match_reference, tome_match_rows_reference,
-                   valid_tokens)
+from .tome import (Matching, RowMatching, assemble, check_rows_fit, merge_by_indices, output_rows, rows_args,
+                   safe_div, static_rows, sum_by_map, tome_match_export, tome_match_reference,
+                   tome_match_rows_reference, trim_rows, valid_tokens)
 
 
 # ----------------------------------------------------------------------------- 1. reference
@@ -246,7 +246,8 @@ PYRA_MERGE = library.register(library.Op(
     schema="(Tensor x, Tensor metric, int r, Tensor a, Tensor b, Tensor ln_weight, Tensor ln_bias, Tensor? size, "
            "bool class_token, bool distill_token, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     fake=_fake_pyra, reference=_pyra_merge_op_reference, export=_pyra_merge_export,
-    setup_context=_pyra_setup, backward=_pyra_backward, calls=("pyra_merge_backward",), triton=_pyra_triton))
+    setup_context=_pyra_setup, backward=_pyra_backward, calls=("pyra_merge_backward",), triton=_pyra_triton,
+    rows=pyra_merge_rows_reference))
 PYRA_MERGE_BACKWARD = library.register(library.Op(
     name="pyra_merge_backward",
     schema="(Tensor grad_out, Tensor? grad_out_size, Tensor x, Tensor? size, Tensor out, Tensor out_size, "
@@ -259,12 +260,20 @@ PYRA_MERGE_BACKWARD = library.register(library.Op(
 # ----------------------------------------------------------------------------- 3. public API
 def pyra_merge(x: Tensor, metric: Tensor, r: int, a: Tensor, b: Tensor, ln_weight: Tensor, ln_bias: Tensor,
                size: Optional[Tensor] = None, class_token: bool = False, distill_token: bool = False,
-               eps: float = 1e-5, backend: Optional[str] = None, return_matching: bool = False):
+               eps: float = 1e-5, backend: Optional[str] = None, return_matching: bool = False, *,
+               padded: bool = False, threshold: Optional[float] = None):
     """PYRA merge (spec 3): ToMe matching, PYRA-modulated source rows, size-weighted merge.
 
     ``a`` must be ``[r, 1]`` for the requested ``r``; when ``r`` is capped at ``(N - protected) // 2``
     the first (highest-ranked) rows of ``a`` are used. Returns ``(x', size' float32)`` (and the
-    :class:`Matching` with ``return_matching``). Differentiable in x, a, b, ln_weight, ln_bias, size."""
+    :class:`Matching` with ``return_matching``). Differentiable in x, a, b, ln_weight, ln_bias, size.
+
+    ``padded`` / ``threshold``: per row, as ``tome_merge`` (the reference backend only, for now); row b
+    modulates its ``r_b`` sources with ``a[:r_b]``. With a threshold ``r`` is required (it is ``a``'s
+    row count and caps every row)."""
+    if threshold is not None and r is None:
+        raise ValueError("pyra_merge: threshold needs r as well (a has r rows; r caps the merges per row)")
+    _, threshold, per_row = rows_args("pyra_merge", r, threshold, padded)
     _checks.merge_inputs(x, metric, size)
     r_req = _checks.count("r", r)
     r = cap_r(r_req, x.shape[1], _checks.flag("class_token", class_token), _checks.flag("distill_token", distill_token))
@@ -275,6 +284,12 @@ def pyra_merge(x: Tensor, metric: Tensor, r: int, a: Tensor, b: Tensor, ln_weigh
     _checks.param("ln_bias", ln_bias, (c,), x)
     eps = _checks.finite_positive("pyra_merge", "eps", eps)
     dtypes = _checks.dtypes(x=x, metric=metric, a=a, b=b, ln_weight=ln_weight, ln_bias=ln_bias, size=size)
+    if per_row:  # the per-row formulation: the reference only, for now (library.dispatch_rows)
+        out, out_size, m = library.dispatch_rows(PYRA_MERGE, backend, x.device, dtypes, x, metric, r, a[:r], b,
+                                                 ln_weight, ln_bias, size, class_token, distill_token, eps, padded,
+                                                 threshold)
+        out, out_size, m = trim_rows(out, out_size, m, threshold)
+        return (out, out_size, m) if return_matching else (out, out_size)
     out, out_size, *m = library.dispatch(PYRA_MERGE, backend, x.device, dtypes, x, metric, r, a[:r], b, ln_weight,
                                          ln_bias, size, class_token, distill_token, eps)
     return (out, out_size, Matching(*m)) if return_matching else (out, out_size)

@@ -495,6 +495,13 @@ def _fake_merge_sum(x, token_map, n_out):
     return x.new_empty(x.shape[0], n_out, x.shape[-1])
 
 
+def _tome_match_rows_op_reference(metric, r, class_token, distill_token, size, padded, threshold):
+    """``tome_match_rows_reference`` with the per-row arguments of the public call (the record's
+    ``rows``): padding from ``size`` when ``padded``."""
+    return tome_match_rows_reference(metric, r, class_token, distill_token,
+                                     valid_tokens(size if padded else None, metric), threshold)
+
+
 def _tome_merge_op_reference(x, metric, r, size, class_token, distill_token):
     """``tome_merge_reference`` returning what the op returns: (x', size', src_idx, dst_idx, unm_idx, token_map)."""
     out, out_size, m = tome_merge_reference(x, metric, r, size, class_token, distill_token)
@@ -568,13 +575,14 @@ def _tome_triton():
 
 TOME_MATCH = library.register(library.Op(
     "tome_match", "(Tensor metric, int r, bool class_token, bool distill_token) -> (Tensor, Tensor, Tensor, Tensor)",
-    _fake_match, reference=tome_match_reference, export=tome_match_export, triton=_tome_triton))
+    _fake_match, reference=tome_match_reference, export=tome_match_export, triton=_tome_triton,
+    rows=_tome_match_rows_op_reference))
 TOME_MERGE = library.register(library.Op(
     "tome_merge", "(Tensor x, Tensor metric, int r, Tensor? size, bool class_token, bool distill_token) "
                   "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     _fake_merge, reference=_tome_merge_op_reference, export=tome_merge_export,
     setup_context=_tome_merge_setup, backward=_tome_merge_backward, calls=("merge_wavg_backward",),
-    triton=_tome_triton))
+    triton=_tome_triton, rows=tome_merge_rows_reference))
 # a user-given map: the reference checks it (one host sync), as the kernels do
 MERGE_WAVG = library.register(library.Op(
     "merge_wavg", "(Tensor x, Tensor? size, Tensor token_map, int n_out) -> (Tensor, Tensor)",
@@ -594,9 +602,37 @@ MERGE_SUM = library.register(library.Op(
 
 
 # ----------------------------------------------------------------------------- 4. public API
-def tome_match(metric: Tensor, r: int, class_token: bool = False, distill_token: bool = False,
-               backend: Optional[str] = None) -> Matching:
-    """ToMe bipartite soft matching (spec 1.1-1.6) as explicit indices."""
+def rows_args(op: str, r, threshold, padded) -> tuple:
+    """Checks r / threshold / padded of a merge op: ``(r or None, threshold or None, per_row)``;
+    ``per_row``: the per-row formulation (padded batches, threshold merging) runs."""
+    _checks.flag("padded", padded)
+    threshold = check_threshold(op, threshold)
+    if r is None:
+        if threshold is None:
+            raise TypeError(f"r must be a Python int, got NoneType ({op}: pass r, threshold, or both: r then "
+                            "caps the merges per row)")
+    else:
+        r = _checks.count("r", r)
+    return r, threshold, padded or threshold is not None
+
+
+def tome_match(metric: Tensor, r: Optional[int], class_token: bool = False, distill_token: bool = False,
+               backend: Optional[str] = None, *, size: Optional[Tensor] = None, padded: bool = False,
+               threshold: Optional[float] = None):
+    """ToMe bipartite soft matching (spec 1.1-1.6) as explicit indices.
+
+    ``padded`` (tokens of ``size`` 0 are padding) or ``threshold`` (each row merges its A tokens whose
+    best score reaches it, at most ``r`` when r is given): a :class:`RowMatching` with a count per row
+    (docs/semantics.md "Padded batches and threshold merging"; the reference backend only, for now)."""
+    r, threshold, per_row = rows_args("tome_match", r, threshold, padded)
+    if per_row:
+        _checks.tokens("metric", metric)
+        if size is not None:
+            _checks.tokens("size", size, last=1)
+            _checks.same_tokens("metric", metric, "size", size)
+        cls, dist = _checks.flag("class_token", class_token), _checks.flag("distill_token", distill_token)
+        return RowMatching(*library.dispatch_rows(TOME_MATCH, backend, metric.device, {"metric": metric.dtype},
+                                                  metric, r, cls, dist, size, padded, threshold))
     _checks.tokens("metric", metric)
     r = cap_r(_checks.count("r", r), metric.shape[1], _checks.flag("class_token", class_token),
               _checks.flag("distill_token", distill_token))
@@ -604,13 +640,29 @@ def tome_match(metric: Tensor, r: int, class_token: bool = False, distill_token:
                                       metric, r, class_token, distill_token))
 
 
-def tome_merge(x: Tensor, metric: Tensor, r: int, size: Optional[Tensor] = None, class_token: bool = False,
-               distill_token: bool = False, backend: Optional[str] = None):
+def tome_merge(x: Tensor, metric: Tensor, r: Optional[int], size: Optional[Tensor] = None, class_token: bool = False,
+               distill_token: bool = False, backend: Optional[str] = None, *, padded: bool = False,
+               threshold: Optional[float] = None):
     """Fused ToMe step: match on ``metric`` and size-weighted merge of ``x``.
 
     Returns ``(x' [B, N-r, C], size' [B, N-r, 1] float32, matching)``; ``r`` is capped at
     ``(N - protected) // 2``. Differentiable in ``x`` (and ``size``); the matching carries no gradient.
+
+    Per row (docs/semantics.md "Padded batches and threshold merging"; the reference backend only,
+    for now): ``padded=True`` makes tokens of ``size`` 0 padding, each row merging ``min(r, cap(n_b))``
+    of its ``n_b`` valid tokens into ``N - min(r, cap(N))`` rows (valid rows first, then rows of 0
+    with size 0); ``threshold`` merges, per row, the A tokens whose best score is ``>= threshold``
+    (at most ``r``), and the result is trimmed to the longest row (one host sync). The matching is
+    then a :class:`RowMatching` (``kept``: the valid rows of each row).
     """
+    r, threshold, per_row = rows_args("tome_merge", r, threshold, padded)
+    if per_row:
+        _checks.merge_inputs(x, metric, size)
+        cls, dist = _checks.flag("class_token", class_token), _checks.flag("distill_token", distill_token)
+        out, out_size, m = library.dispatch_rows(TOME_MERGE, backend, x.device,
+                                                 _checks.dtypes(x=x, metric=metric, size=size),
+                                                 x, metric, r, size, cls, dist, padded, threshold)
+        return trim_rows(out, out_size, m, threshold)
     _checks.merge_inputs(x, metric, size)
     r = cap_r(_checks.count("r", r), x.shape[1], _checks.flag("class_token", class_token),
               _checks.flag("distill_token", distill_token))
@@ -625,8 +677,16 @@ def tome_merge(x: Tensor, metric: Tensor, r: int, size: Optional[Tensor] = None,
     return out, out_size, Matching(*m)
 
 
+def trim_rows(out: Tensor, out_size: Tensor, m: "RowMatching", threshold: Optional[float]):
+    """Threshold merging: the batch keeps its longest row (one host sync); r only: the static rows."""
+    if threshold is None or m.kept.numel() == 0:
+        return out, out_size, m
+    n_keep = int(m.kept.max())
+    return out[:, :n_keep], out_size[:, :n_keep], m
+
+
 def _as_map(matching) -> Tensor:
-    return matching.token_map if isinstance(matching, Matching) else matching
+    return matching.token_map if isinstance(matching, (Matching, RowMatching)) else matching
 
 
 def unmerge(y: Tensor, matching, backend: Optional[str] = None) -> Tensor:
