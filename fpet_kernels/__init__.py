@@ -18,8 +18,8 @@ from .merging import merge_source, merge_wavg
 from .ops.attention import attention_inputs, proportional_sdpa
 from .ops.fpet import FPETMerge, bipartite_diff_matching, fpet_merge
 from .ops.pyra import pyra_merge
-from .ops.tome import (Matching, ToMeMerge, ToMeUnmerge, bipartite_soft_matching, compose_token_map, parse_r,
-                       tome_match, tome_merge, unmerge)
+from .ops.tome import (Matching, RowMatching, ToMeMerge, ToMeUnmerge, bipartite_soft_matching, compose_token_map,
+                       parse_r, tome_match, tome_merge, unmerge)
 from . import patch, reference  # noqa: E402
 
 from ._version import __version__  # noqa: E402  (the one version string: fpet_kernels/_version.py)
@@ -34,6 +34,6 @@ del _missing
 
 __all__ = [
     "backends", "bipartite_soft_matching", "bipartite_diff_matching", "merge_wavg", "merge_source", "parse_r",
-    "tome_match", "tome_merge", "unmerge", "compose_token_map", "fpet_merge", "pyra_merge", "Matching",
+    "tome_match", "tome_merge", "unmerge", "compose_token_map", "fpet_merge", "pyra_merge", "Matching", "RowMatching",
     "ToMeMerge", "ToMeUnmerge", "FPETMerge", "reference", "patch", "attention_inputs", "proportional_sdpa",
 ]

@@ -1,0 +1,437 @@
+"""Padded batches and threshold merging (issue 21; docs/semantics.md "Padded batches and threshold merging").
+
+The contract is per-sequence equivalence: in a right-padded batch (padding = tokens of size 0) every
+sequence's valid outputs (values, sizes, token map, matching indices, gradients) equal those of the same
+sequence run alone through the ordinary (unpadded) reference, with its own cap on r; valid rows come
+first, padding rows (x = 0, size = 0) after; padding tokens map to -1 and get zero gradients.
+
+``BACKENDS`` lists the backends held to it: only the reference computes per-row merges so far; the
+kernel backends (C++ CPU, CUDA, Triton) are added here when they do (NOTES_issue21.md).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fpet_kernels as fk
+from fpet_kernels.ops.attention import attention_inputs_reference
+from fpet_kernels.ops.shapes import cap_r
+from fpet_kernels.ops.tome import merge_wavg_reference, normalize, unmerge_reference
+
+BACKENDS = ["reference"]
+DTYPES = [torch.float32, torch.float64]
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
+SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+def _close(got, exp, dtype, what):
+    torch.testing.assert_close(got, exp, **TOL[dtype], msg=lambda m: f"{what}: {m}")
+
+
+def _batch(seed, lens, n, c, d, dtype):
+    """Right-padded batch: row b has lens[b] valid tokens (sizes in [0.5, 3)), then size-0 padding
+    whose x and metric are garbage (large values, and a NaN metric) that must not leak anywhere."""
+    g = torch.Generator().manual_seed(seed)
+    bsz = len(lens)
+    x = torch.randn(bsz, n, c, generator=g, dtype=dtype)
+    metric = torch.randn(bsz, n, d, generator=g, dtype=dtype)
+    size = (torch.rand(bsz, n, 1, generator=g, dtype=dtype) * 2.5 + 0.5).round()  # small integers: exact sums
+    for b, k in enumerate(lens):
+        size[b, k:] = 0
+        x[b, k:] = 1e6
+        metric[b, k:] = torch.nan
+    return x, metric, size
+
+
+def _leaves(*ts):
+    return [t.detach().clone().requires_grad_(True) for t in ts]
+
+
+def _valid_prefix(row_len, cls, dist):
+    """A row alone can be run by the ordinary op (a distillation token needs two tokens)."""
+    return row_len >= (2 if dist else 1)
+
+
+rows = st.lists(st.integers(0, 23), min_size=1, max_size=4)
+flags = st.sampled_from([(False, False), (True, False), (True, True), (False, True)])
+
+
+# ----------------------------------------------------------------------------- ToMe
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@SETTINGS
+@given(lens=rows, extra=st.integers(0, 4), r=st.integers(0, 14), fl=flags, seed=st.integers(0, 2 ** 16))
+def test_tome_merge_per_sequence_equivalence(backend, dtype, lens, extra, r, fl, seed):
+    cls, dist = fl
+    n = max(lens) + extra
+    if n < 2:
+        n = 2
+    x, metric, size = _batch(seed, lens, n, 6, 5, dtype)
+    xl, sl = _leaves(x, size)
+    out, osz, m = fk.tome_merge(xl, metric, r, sl, cls, dist, backend=backend, padded=True)
+    assert out.shape == (len(lens), n - cap_r(r, n, cls, dist), 6) and isinstance(m, fk.RowMatching)
+    g = torch.Generator().manual_seed(seed + 1)
+    go, gs = torch.randn(out.shape, generator=g, dtype=dtype), torch.randn(osz.shape, generator=g, dtype=osz.dtype)
+    ((out * go).sum() + (osz * gs).sum()).backward()
+    assert torch.isfinite(out).all() and torch.isfinite(xl.grad).all() and torch.isfinite(sl.grad).all()
+    for b, k in enumerate(lens):
+        assert torch.equal(m.token_map[b, k:], torch.full((n - k,), -1)), "padding maps to -1"
+        assert (xl.grad[b, k:] == 0).all() and (sl.grad[b, k:] == 0).all(), "padding gets no gradient"
+        if not _valid_prefix(k, cls, dist):
+            continue
+        xa, sa = _leaves(x[b:b + 1, :k], size[b:b + 1, :k])
+        eo, es, em = fk.tome_merge(xa, metric[b:b + 1, :k], r, sa, cls, dist, backend="reference")
+        kk = eo.shape[1]
+        ((eo * go[b:b + 1, :kk]).sum() + (es * gs[b:b + 1, :kk]).sum()).backward()
+        assert int(m.kept[b]) == kk
+        _close(out[b, :kk], eo[0], dtype, "x'")
+        assert torch.equal(osz[b, :kk], es[0].to(osz.dtype)), "sizes: sums of small integers, exact"
+        assert (out[b, kk:] == 0).all() and (osz[b, kk:] == 0).all(), "padding rows hold 0"
+        assert torch.equal(m.token_map[b, :k], em.token_map[0])
+        rb = em.src_idx.shape[1]
+        for got, exp, what in ((m.src_idx, em.src_idx, "src_idx"), (m.dst_idx, em.dst_idx, "dst_idx")):
+            assert torch.equal(got[b, :rb], exp[0]) and (got[b, rb:] == -1).all(), what
+        u = em.unm_idx.shape[1]
+        assert torch.equal(m.unm_idx[b, :u], em.unm_idx[0]) and (m.unm_idx[b, u:] == -1).all(), "unm_idx"
+        _close(xl.grad[b, :k], xa.grad[0], dtype, "grad x")
+        _close(sl.grad[b, :k], sa.grad[0], dtype, "grad size")
+        assert torch.equal(fk.tome_match(metric[b:b + 1], r, cls, dist, backend=backend, size=size[b:b + 1],
+                                         padded=True).token_map[0], m.token_map[b]), "tome_match == tome_merge's"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@SETTINGS
+@given(lens=rows, r=st.integers(1, 14), fl=flags, seed=st.integers(0, 2 ** 16))
+def test_merge_wavg_and_unmerge_along_the_padded_map(backend, lens, r, fl, seed):
+    """The map ops along a padded map: merge_wavg reproduces tome_merge; unmerge gives every valid token
+    its row (the row alone's) and padding tokens 0; the adjoint merge_sum drops padding."""
+    cls, dist = fl
+    n = max(max(lens), 2)
+    x, metric, size = _batch(seed, lens, n, 4, 3, torch.float64)
+    out, osz, m = fk.tome_merge(x, metric, r, size, cls, dist, backend=backend, padded=True)
+    w_out, w_size = merge_wavg_reference(x, size, m.token_map, out.shape[1])
+    _close(w_out, out, torch.float64, "merge_wavg")
+    assert torch.equal(w_size, osz)
+    y = torch.randn(out.shape, dtype=torch.float64)
+    back = fk.unmerge(y, m, backend=backend)
+    assert torch.equal(back, unmerge_reference(y, m.token_map))
+    for b, k in enumerate(lens):
+        assert (back[b, k:] == 0).all()
+        if _valid_prefix(k, cls, dist):
+            em = fk.tome_match(metric[b:b + 1, :k], r, cls, dist, backend="reference")
+            kk = int(m.kept[b])
+            assert torch.equal(back[b, :k], fk.unmerge(y[b:b + 1, :kk], em, backend="reference")[0])
+    # the adjoint: padding (x = 1e6 there) reaches no row
+    summed = fk.reference.merge_sum(x, m.token_map, out.shape[1])
+    assert torch.equal(summed, fk.reference.merge_sum(torch.where(size > 0, x, 0), m.token_map, out.shape[1]))
+
+
+# ----------------------------------------------------------------------------- PYRA
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@SETTINGS
+@given(lens=rows, r=st.integers(0, 10), fl=flags, seed=st.integers(0, 2 ** 16))
+def test_pyra_merge_per_sequence_equivalence(backend, dtype, lens, r, fl, seed):
+    """Row b modulates its r_b sources with a[:r_b] (rank order), as the row alone does."""
+    cls, dist = fl
+    n, c = max(max(lens), 2), 6
+    x, metric, size = _batch(seed, lens, n, c, 5, dtype)
+    g = torch.Generator().manual_seed(seed + 2)
+    a = torch.randn(r, 1, generator=g, dtype=dtype)
+    bb = torch.randn(1, c, generator=g, dtype=dtype)
+    lw, lb = 1 + 0.1 * torch.randn(c, generator=g, dtype=dtype), 0.1 * torch.randn(c, generator=g, dtype=dtype)
+    xl, sl, al, bl = _leaves(x, size, a, bb)
+    out, osz, m = fk.pyra_merge(xl, metric, r, al, bl, lw, lb, sl, cls, dist, backend=backend,
+                                return_matching=True, padded=True)
+    go = torch.randn(out.shape, generator=g, dtype=dtype)
+    (out * go).sum().backward()
+    assert torch.isfinite(xl.grad).all() and torch.isfinite(al.grad).all() and torch.isfinite(bl.grad).all()
+    ga, gb = torch.zeros_like(a), torch.zeros_like(bb)
+    for b, k in enumerate(lens):
+        assert (xl.grad[b, k:] == 0).all() and (sl.grad[b, k:] == 0).all()
+        if not _valid_prefix(k, cls, dist):
+            continue
+        rb = cap_r(r, k, cls, dist)
+        xa, sa, aa, ba = _leaves(x[b:b + 1, :k], size[b:b + 1, :k], a[:rb], bb)
+        eo, es = fk.pyra_merge(xa, metric[b:b + 1, :k], rb, aa, ba, lw, lb, sa, cls, dist, backend="reference")
+        kk = eo.shape[1]
+        (eo * go[b:b + 1, :kk]).sum().backward()
+        _close(out[b, :kk], eo[0], dtype, "x'")
+        assert torch.equal(osz[b, :kk], es[0].to(osz.dtype))
+        assert (out[b, kk:] == 0).all() and (osz[b, kk:] == 0).all()
+        _close(xl.grad[b, :k], xa.grad[0], dtype, "grad x")
+        _close(sl.grad[b, :k], sa.grad[0], dtype, "grad size")
+        ga[:rb] += aa.grad
+        gb += ba.grad
+    _close(al.grad, ga, dtype, "grad a (summed over rows)")
+    _close(bl.grad, gb, dtype, "grad b (summed over rows)")
+
+
+# ----------------------------------------------------------------------------- FPET on sequences
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@SETTINGS
+@given(lens=st.lists(st.integers(0, 23), min_size=1, max_size=4), cls=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_fpet_merge_per_sequence_equivalence(backend, dtype, lens, cls, seed):
+    """FPET on a sequence: grid (1, n - p), A = even grid positions, B = the prefix then the odd ones.
+    Rows with at least 4 grid tokens equal the row alone (values, sizes, map, gradients in x, metric
+    and size); shorter rows follow the short-row rule (test_fpet_short_rows)."""
+    p = int(cls)
+    n = max(max(lens), p + 4)
+    x, metric, size = _batch(seed, lens, n, 5, 4, dtype)
+    xl, ml, sl = _leaves(x, metric, size)
+    out, osz, tmap = fk.fpet_merge(xl, ml, sl, class_token=cls, grid=(1, n - p), backend=backend,
+                                   return_token_map=True, padded=True)
+    assert out.shape[1] == p + (n - p) // 2
+    g = torch.Generator().manual_seed(seed + 3)
+    go, gs = torch.randn(out.shape, generator=g, dtype=dtype), torch.randn(osz.shape, generator=g, dtype=osz.dtype)
+    ((out * go).sum() + (osz * gs).sum()).backward()
+    for t, what in ((out, "x'"), (xl.grad, "grad x"), (ml.grad, "grad metric"), (sl.grad, "grad size")):
+        assert torch.isfinite(t).all(), what
+    for b, k in enumerate(lens):
+        assert (tmap[b, k:] == -1).all()
+        for t in (xl.grad, ml.grad, sl.grad):
+            assert (t[b, k:] == 0).all()
+        if k - p < 4:
+            continue
+        xa, ma, sa = _leaves(x[b:b + 1, :k], metric[b:b + 1, :k], size[b:b + 1, :k])
+        eo, es, et = fk.fpet_merge(xa, ma, sa, class_token=cls, grid=(1, k - p), backend="reference",
+                                   return_token_map=True)
+        kk = eo.shape[1]
+        ((eo * go[b:b + 1, :kk]).sum() + (es * gs[b:b + 1, :kk]).sum()).backward()
+        _close(out[b, :kk], eo[0], dtype, "x'")
+        assert torch.equal(osz[b, :kk], es[0].to(osz.dtype))
+        assert (out[b, kk:] == 0).all() and (osz[b, kk:] == 0).all()
+        assert torch.equal(tmap[b, :k], et[0])
+        _close(xl.grad[b, :k], xa.grad[0], dtype, "grad x")
+        _close(ml.grad[b, :k], ma.grad[0], dtype, "grad metric")
+        _close(sl.grad[b, :k], sa.grad[0], dtype, "grad size")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", [False, True])
+def test_fpet_short_rows(backend, cls):
+    """Rows too short to merge as a sequence alone (fewer than 4 grid tokens): one valid destination
+    cell takes every A token; no destination cell (one grid token) keeps that token as row p; a
+    prefix-only or empty row keeps its prefix / nothing. No NaN, no gradient into padding."""
+    p = int(cls)
+    n = p + 8
+    lens = [p + 3, p + 2, p + 1, p, 0]
+    x, metric, size = _batch(5, lens, n, 4, 3, torch.float64)
+    xl, ml, sl = _leaves(x, metric, size)
+    out, osz, tmap = fk.fpet_merge(xl, ml, sl, class_token=cls, grid=(1, n - p), backend=backend,
+                                   return_token_map=True, padded=True)
+    (out.sum() + osz.sum()).backward()
+    for t in (out, osz, xl.grad, ml.grad, sl.grad):
+        assert torch.isfinite(t).all()
+    pre = list(range(p))
+    assert tmap[0, :p + 3].tolist() == pre + [p, p, p]  # g0, g2 (A) merge into g1 (B), row p
+    assert tmap[1, :p + 2].tolist() == pre + [p, p]
+    assert tmap[2, :p + 1].tolist() == pre + [p]  # the lone grid token keeps row p
+    assert tmap[3, :p].tolist() == pre and (tmap[4] == -1).all()
+    sz = size[..., 0]
+    assert osz[0, p, 0] == sz[0, p:p + 3].sum() and osz[2, p, 0] == sz[2, p]
+    torch.testing.assert_close(out[2, p], x[2, p])
+    assert (out[4] == 0).all() and (osz[4] == 0).all()
+    for b, k in enumerate(lens):
+        assert (osz[b, p + 1:] == 0).all() and (xl.grad[b, k:] == 0).all() and (sl.grad[b, k:] == 0).all()
+
+
+# ----------------------------------------------------------------------------- edge rows
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,dist", [(False, False), (True, False), (True, True)])
+def test_fully_padded_and_one_token_rows(backend, cls, dist):
+    """A fully padded row: every output row 0 with size 0, map -1, zero gradients; a one-token row
+    keeps its token (ToMe and PYRA merge nothing). Proportional attention over a fully padded row:
+    every key has log 0 = -inf; SDPA returns 0 there (no NaN), and nothing else changes."""
+    n, c, r = 9, 4, 3
+    lens = [n, 0, 1, 5]
+    x, metric, size = _batch(7, lens, n, c, 3, torch.float64)
+    xl, sl = _leaves(x, size)
+    out, osz, m = fk.tome_merge(xl, metric, r, sl, cls, dist, backend=backend, padded=True)
+    (out.sum() + osz.sum()).backward()
+    for t in (out, osz, xl.grad, sl.grad):
+        assert torch.isfinite(t).all()
+    assert (out[1] == 0).all() and (osz[1] == 0).all() and (m.token_map[1] == -1).all()
+    assert (xl.grad[1] == 0).all() and (sl.grad[1] == 0).all() and int(m.kept[1]) == 0
+    assert (m.src_idx[1] == -1).all() and (m.unm_idx[1] == -1).all()
+    assert int(m.kept[2]) == 1 and m.token_map[2].tolist() == [0] + [-1] * (n - 1)
+    torch.testing.assert_close(out[2, 0], x[2, 0])
+    assert osz[2, 0, 0] == size[2, 0, 0] and (osz[2, 1:] == 0).all()
+    a, bb = torch.randn(r, 1, dtype=torch.float64), torch.randn(1, c, dtype=torch.float64)
+    lw, lb = torch.ones(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
+    po, ps = fk.pyra_merge(x, metric, r, a, bb, lw, lb, size, cls, dist, backend=backend, padded=True)
+    assert torch.isfinite(po).all() and (po[1] == 0).all() and (ps[1] == 0).all()
+    torch.testing.assert_close(po[2, 0], x[2, 0])
+    # proportional attention: keys of size 0 get log 0 = -inf; a fully padded row attends to nothing
+    heads, hd = 2, 8
+    qkv = torch.randn(len(lens), n, 3 * heads * hd, dtype=torch.float32, requires_grad=True)
+    q, k, v, _ = attention_inputs_reference(qkv, size.float(), heads, hd ** -0.5, False)
+    att = F.scaled_dot_product_attention(q, k, v, scale=hd ** -0.5)
+    att.sum().backward()
+    assert torch.isfinite(att).all() and torch.isfinite(qkv.grad).all()
+    assert (att[1] == 0).all(), "a fully padded row: SDPA returns 0"
+    row = 3  # a partly padded row: exactly the attention over its valid tokens alone
+    q3, k3, v3, _ = attention_inputs_reference(qkv[row:row + 1, :5].detach(), size[row:row + 1, :5].float(), heads,
+                                               hd ** -0.5, False)
+    torch.testing.assert_close(att[row:row + 1, :, :5], F.scaled_dot_product_attention(q3, k3, v3, scale=hd ** -0.5))
+
+
+def test_padded_without_padding_is_the_ordinary_op():
+    """padded=True on a batch with no size-0 token: the ordinary op's matching and (up to the order of
+    the float sums) its values; padded=False keeps the ordinary path itself (bit for bit)."""
+    torch.manual_seed(3)
+    x, metric, size = torch.randn(3, 17, 6), torch.randn(3, 17, 5), torch.rand(3, 17, 1) + 0.5
+    for cls, dist in [(False, False), (True, False), (True, True), (False, True)]:
+        for r in (0, 1, 5, 8, 20):
+            out, osz, m = fk.tome_merge(x, metric, r, size, cls, dist, backend="reference", padded=True)
+            eo, es, em = fk.tome_merge(x, metric, r, size, cls, dist, backend="reference")
+            torch.testing.assert_close(out, eo)
+            torch.testing.assert_close(osz, es)
+            for name in fk.Matching._fields:
+                assert torch.equal(getattr(m, name), getattr(em, name)), name
+            assert (m.kept == 17 - em.src_idx.shape[1]).all()
+            po, ps = fk.tome_merge(x, metric, r, size, cls, dist, backend="reference", padded=False)[:2]
+            assert torch.equal(po, eo) and torch.equal(ps, es)
+
+
+# ----------------------------------------------------------------------------- threshold merging
+def _best_scores(metric, cls, dist):
+    """Each A token's best score over the B tokens (protected ones -inf), from the spec."""
+    m = normalize(metric.double())
+    s = m[:, 0::2] @ m[:, 1::2].transpose(-1, -2)
+    if cls:
+        s[:, 0] = -math.inf
+    if dist:
+        s[:, :, 0] = -math.inf
+    return s.max(-1).values
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@SETTINGS
+@given(lens=rows, thr=st.floats(-1, 1), r=st.one_of(st.none(), st.integers(0, 12)), fl=flags,
+       seed=st.integers(0, 2 ** 16))
+def test_threshold_rows_equal_the_row_alone_with_its_count(backend, lens, thr, r, fl, seed):
+    """Each row merges every A token whose best score is >= threshold (at most r and its cap): the row
+    alone with r_b = that count; the batch keeps its longest row (the others padded)."""
+    cls, dist = fl
+    n = max(max(lens), 2)
+    x, metric, size = _batch(seed, lens, n, 4, 3, torch.float64)
+    xl, sl = _leaves(x, size)
+    out, osz, m = fk.tome_merge(xl, metric, r, sl, cls, dist, backend=backend, padded=True, threshold=thr)
+    assert out.shape[1] == int(m.kept.max())
+    out.sum().backward()
+    for b, k in enumerate(lens):
+        if not _valid_prefix(k, cls, dist):
+            assert int(m.kept[b]) == k
+            continue
+        cap = cap_r(n if r is None else r, k, cls, dist)
+        rb = min(cap, int((_best_scores(metric[b:b + 1, :k], cls, dist) >= thr).sum())) if k > 1 else 0
+        xa, sa = _leaves(x[b:b + 1, :k], size[b:b + 1, :k])
+        eo, es, em = fk.tome_merge(xa, metric[b:b + 1, :k], rb, sa, cls, dist, backend="reference")
+        eo.sum().backward()
+        kk = eo.shape[1]
+        assert int(m.kept[b]) == kk and int((m.src_idx[b] >= 0).sum()) == rb
+        _close(out[b, :kk], eo[0], torch.float64, "x'")
+        assert torch.equal(osz[b, :kk], es[0]) and (osz[b, kk:] == 0).all() and (out[b, kk:] == 0).all()
+        assert torch.equal(m.token_map[b, :k], em.token_map[0])
+        _close(xl.grad[b, :k], xa.grad[0], torch.float64, "grad x")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_threshold_merges_nothing_or_everything(backend):
+    torch.manual_seed(4)
+    n, r = 12, 4
+    x, metric, size = torch.randn(3, n, 5), torch.randn(3, n, 4), torch.ones(3, n, 1)
+    metric[1] = metric[1, :1]  # row 1: all tokens alike (every score 1)
+    # threshold 1: only row 1 merges (r of them, its cap); the others keep every token, in input order
+    out, osz, m = fk.tome_merge(x, metric, r, size, True, backend=backend, threshold=1.0)
+    assert m.kept.tolist() == [n, n - r, n] and out.shape == (3, n, 5)
+    for b in (0, 2):
+        assert torch.equal(m.token_map[b], torch.arange(n)) and torch.equal(out[b], x[b])
+    assert (out[1, n - r:] == 0).all() and (osz[1, n - r:] == 0).all()
+    # threshold -1: every row merges its cap (r=None) or r
+    out, osz, m = fk.tome_merge(x, metric, None, size, True, backend=backend, threshold=-1.0)
+    cap = cap_r(n, n, True, False)
+    assert m.kept.tolist() == [n - cap] * 3 and out.shape == (3, n - cap, 5)
+    e = fk.tome_merge(x, metric, cap, size, True, backend="reference")
+    torch.testing.assert_close(out, e[0])
+    assert torch.equal(m.token_map, e[2].token_map)
+    out2 = fk.tome_merge(x, metric, 2, size, True, backend=backend, threshold=-1.0)[0]
+    torch.testing.assert_close(out2, fk.tome_merge(x, metric, 2, size, True, backend="reference")[0])
+    # PYRA: threshold caps at r (a's rows), per row a[:r_b]
+    c = 5
+    a, bb, lw, lb = torch.randn(r, 1), torch.randn(1, c), torch.ones(c), torch.zeros(c)
+    po, ps, pm = fk.pyra_merge(x, metric, r, a, bb, lw, lb, size, True, backend=backend, threshold=1.0,
+                               return_matching=True)
+    assert pm.kept.tolist() == [n, n - r, n] and torch.equal(po[0], x[0])
+    e1 = fk.pyra_merge(x[1:2], metric[1:2], r, a, bb, lw, lb, size[1:2], True, backend="reference")
+    torch.testing.assert_close(po[1, :n - r], e1[0][0])
+
+
+# ----------------------------------------------------------------------------- bad arguments
+BAD_THRESHOLDS = [(float("nan"), ValueError), (1.5, ValueError), (-1.01, ValueError), (float("inf"), ValueError),
+                  ("0.5", TypeError), (True, TypeError)]
+
+
+@pytest.mark.parametrize("thr,err", BAD_THRESHOLDS)
+def test_bad_threshold_names_it(thr, err):
+    x, metric, size = torch.randn(2, 9, 4), torch.randn(2, 9, 3), torch.ones(2, 9, 1)
+    a, bb, lw, lb = torch.randn(2, 1), torch.randn(1, 4), torch.ones(4), torch.zeros(4)
+    for call in (lambda: fk.tome_merge(x, metric, 2, size, backend="reference", threshold=thr),
+                 lambda: fk.tome_match(metric, 2, backend="reference", threshold=thr),
+                 lambda: fk.pyra_merge(x, metric, 2, a, bb, lw, lb, size, backend="reference", threshold=thr)):
+        with pytest.raises(err, match="threshold"):
+            call()
+
+
+def test_r_and_threshold_both_missing_or_bad():
+    x, metric, size = torch.randn(2, 9, 4), torch.randn(2, 9, 3), torch.ones(2, 9, 1)
+    a, bb, lw, lb = torch.randn(2, 1), torch.randn(1, 4), torch.ones(4), torch.zeros(4)
+    with pytest.raises(TypeError, match="r must be a Python int.*threshold"):
+        fk.tome_merge(x, metric, None, size, backend="reference")
+    with pytest.raises(TypeError, match="r must be a Python int.*threshold"):
+        fk.tome_match(metric, None, backend="reference", padded=True)
+    with pytest.raises(ValueError, match="threshold needs r"):
+        fk.pyra_merge(x, metric, None, a, bb, lw, lb, size, backend="reference", threshold=0.5)
+    with pytest.raises(ValueError, match="r must be >= 0"):
+        fk.tome_merge(x, metric, -1, size, backend="reference", threshold=0.5)
+    with pytest.raises(TypeError, match="padded must be a bool"):
+        fk.tome_merge(x, metric, 2, size, backend="reference", padded=1)
+    with pytest.raises(TypeError, match="padded must be a bool"):
+        fk.fpet_merge(x, metric, size, grid=(1, 9), backend="reference", padded="yes")
+    with pytest.raises(ValueError, match="size"):
+        fk.tome_match(metric, 2, backend="reference", size=torch.ones(2, 8, 1), padded=True)
+
+
+def test_padding_not_at_the_right_end():
+    """Padding elsewhere follows position parity with size-0 tokens left out; a row that then keeps more
+    tokens than the static output has rows is an error naming size (right-pad the batch)."""
+    n = 5
+    x, metric = torch.randn(1, n, 3), torch.randn(1, n, 3)
+    size = torch.tensor([[[1.0], [1.0], [1.0], [0.0], [1.0]]])  # the only non-protected B token is padding
+    with pytest.raises(ValueError, match="size: a row keeps 4 valid tokens"):
+        fk.tome_merge(x, metric, 2, size, False, True, backend="reference", padded=True)
+    size = torch.tensor([[[1.0], [0.0], [1.0], [1.0], [1.0]]])  # B = {3}: A tokens 0, 2, 4 compete for it
+    out, osz, m = fk.tome_merge(x, metric, 1, size, backend="reference", padded=True)
+    assert int(m.kept[0]) == 3 and m.token_map[0, 1] == -1 and osz[0, :, 0].tolist() == [1.0, 1.0, 2.0, 0.0]
+
+
+@pytest.mark.parametrize("name", ["tome_merge", "tome_match", "pyra_merge", "fpet_merge"])
+def test_kernel_backends_refuse_per_row_merging_for_now(name):
+    """Until the kernels implement it (NOTES_issue21.md), a kernel backend says so instead of
+    silently ignoring padding."""
+    x, metric, size = torch.randn(2, 9, 4), torch.randn(2, 9, 3), torch.ones(2, 9, 1)
+    a, bb, lw, lb = torch.randn(2, 1), torch.randn(1, 4), torch.ones(4), torch.zeros(4)
+    call = {"tome_merge": lambda: fk.tome_merge(x, metric, 2, size, backend="cpu", padded=True),
+            "tome_match": lambda: fk.tome_match(metric, 2, backend="cpu", size=size, padded=True),
+            "pyra_merge": lambda: fk.pyra_merge(x, metric, 2, a, bb, lw, lb, size, backend="cpu", threshold=0.5),
+            "fpet_merge": lambda: fk.fpet_merge(x, metric, size, grid=(1, 9), backend="cpu", padded=True)}[name]
+    with pytest.raises(NotImplementedError, match=f"{name}: padded / threshold merging has no 'cpu' kernel"):
+        call()
