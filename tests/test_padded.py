@@ -26,7 +26,7 @@ from fpet_kernels.ops.tome import merge_wavg_reference, normalize, unmerge_refer
 BACKENDS = ["reference"]
 DTYPES = [torch.float32, torch.float64]
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
-SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=20, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
@@ -51,6 +51,11 @@ def _batch(seed, lens, n, c, d, dtype):
 
 def _leaves(*ts):
     return [t.detach().clone().requires_grad_(True) for t in ts]
+
+
+def _grad(t):
+    """``t.grad``, zeros where the ordinary op does not use ``t`` (e.g. sizes at r = 0: x itself)."""
+    return torch.zeros_like(t) if t.grad is None else t.grad
 
 
 def _valid_prefix(row_len, cls, dist):
@@ -99,8 +104,8 @@ def test_tome_merge_per_sequence_equivalence(backend, dtype, lens, extra, r, fl,
             assert torch.equal(got[b, :rb], exp[0]) and (got[b, rb:] == -1).all(), what
         u = em.unm_idx.shape[1]
         assert torch.equal(m.unm_idx[b, :u], em.unm_idx[0]) and (m.unm_idx[b, u:] == -1).all(), "unm_idx"
-        _close(xl.grad[b, :k], xa.grad[0], dtype, "grad x")
-        _close(sl.grad[b, :k], sa.grad[0], dtype, "grad size")
+        _close(xl.grad[b, :k], _grad(xa)[0], dtype, "grad x")
+        _close(sl.grad[b, :k], _grad(sa)[0], dtype, "grad size")
         assert torch.equal(fk.tome_match(metric[b:b + 1], r, cls, dist, backend=backend, size=size[b:b + 1],
                                          padded=True).token_map[0], m.token_map[b]), "tome_match == tome_merge's"
 
@@ -151,6 +156,8 @@ def test_pyra_merge_per_sequence_equivalence(backend, dtype, lens, r, fl, seed):
                                 return_matching=True, padded=True)
     go = torch.randn(out.shape, generator=g, dtype=dtype)
     (out * go).sum().backward()
+    for t in (al, bl):  # no source in the whole batch: a and b take no part (the ordinary op at r = 0 too)
+        t.grad = torch.zeros_like(t) if t.grad is None else t.grad
     assert torch.isfinite(xl.grad).all() and torch.isfinite(al.grad).all() and torch.isfinite(bl.grad).all()
     ga, gb = torch.zeros_like(a), torch.zeros_like(bb)
     for b, k in enumerate(lens):
@@ -162,11 +169,13 @@ def test_pyra_merge_per_sequence_equivalence(backend, dtype, lens, r, fl, seed):
         eo, es = fk.pyra_merge(xa, metric[b:b + 1, :k], rb, aa, ba, lw, lb, sa, cls, dist, backend="reference")
         kk = eo.shape[1]
         (eo * go[b:b + 1, :kk]).sum().backward()
+        for t in (aa, ba):
+            t.grad = torch.zeros_like(t) if t.grad is None else t.grad
         _close(out[b, :kk], eo[0], dtype, "x'")
         assert torch.equal(osz[b, :kk], es[0].to(osz.dtype))
         assert (out[b, kk:] == 0).all() and (osz[b, kk:] == 0).all()
-        _close(xl.grad[b, :k], xa.grad[0], dtype, "grad x")
-        _close(sl.grad[b, :k], sa.grad[0], dtype, "grad size")
+        _close(xl.grad[b, :k], _grad(xa)[0], dtype, "grad x")
+        _close(sl.grad[b, :k], _grad(sa)[0], dtype, "grad size")
         ga[:rb] += aa.grad
         gb += ba.grad
     _close(al.grad, ga, dtype, "grad a (summed over rows)")
@@ -209,9 +218,9 @@ def test_fpet_merge_per_sequence_equivalence(backend, dtype, lens, cls, seed):
         assert torch.equal(osz[b, :kk], es[0].to(osz.dtype))
         assert (out[b, kk:] == 0).all() and (osz[b, kk:] == 0).all()
         assert torch.equal(tmap[b, :k], et[0])
-        _close(xl.grad[b, :k], xa.grad[0], dtype, "grad x")
-        _close(ml.grad[b, :k], ma.grad[0], dtype, "grad metric")
-        _close(sl.grad[b, :k], sa.grad[0], dtype, "grad size")
+        _close(xl.grad[b, :k], _grad(xa)[0], dtype, "grad x")
+        _close(ml.grad[b, :k], _grad(ma)[0], dtype, "grad metric")
+        _close(sl.grad[b, :k], _grad(sa)[0], dtype, "grad size")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -341,7 +350,7 @@ def test_threshold_rows_equal_the_row_alone_with_its_count(backend, lens, thr, r
         _close(out[b, :kk], eo[0], torch.float64, "x'")
         assert torch.equal(osz[b, :kk], es[0]) and (osz[b, kk:] == 0).all() and (out[b, kk:] == 0).all()
         assert torch.equal(m.token_map[b, :k], em.token_map[0])
-        _close(xl.grad[b, :k], xa.grad[0], torch.float64, "grad x")
+        _close(xl.grad[b, :k], _grad(xa)[0], torch.float64, "grad x")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
