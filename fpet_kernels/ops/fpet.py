@@ -14,6 +14,10 @@ Read top to bottom:
 The forward matching matrix ``M`` is one-hot per A row (or empty on a tie), so the forward merge
 is a gather; the backward needs the dense ``dL/dM`` (Na x Nb per image), passed through the
 straight-through estimator ``M = soft + (hard - soft).detach()`` with ``soft = sigmoid(S - t)``.
+
+``padded=True`` (padded batches of sequences, ``grid=(1, N - p)``; docs/semantics.md "Padded batches
+and threshold merging"): scores with a padding (size 0) token are -inf, padding maps to -1, and a
+row with no valid destination cell keeps its lone grid token as output row p.
 """
 import math
 from typing import Optional

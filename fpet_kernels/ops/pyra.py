@@ -16,6 +16,8 @@ Per merging layer PYRA learns ``a`` [r, 1], ``b`` [1, C] and a LayerNorm over C.
 tokens ``z = x * size``, with ``S`` the r source rows (rank order) and ``T`` their destinations:
 ``W = LN(S + T)``, ``wc = 2 sigmoid(a^T W)`` [1, C], ``wt = 2 sigmoid(W b^T) - 1`` [r, 1],
 ``S' = S + S * wc * wt``; ``S'`` is sum-merged instead of ``S``, sizes merge unmodulated.
+``pyra_merge_rows_reference``: the same per row of a padded batch or under a threshold (row b
+modulates its r_b sources with ``a[:r_b]``; docs/semantics.md "Padded batches and threshold merging").
 """
 from typing import Optional
 

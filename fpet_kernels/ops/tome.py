@@ -15,6 +15,11 @@ Index conventions. Set A = even positions (``Na = ceil(N/2)``), set B = odd posi
 (``Nb = N // 2``). ``src_idx``/``unm_idx`` index A, ``dst_idx`` indexes B. ``token_map[b, n]`` is the
 output row that holds input token ``n`` after the merge (``-1``: dropped, FPET only), so
 ``unmerge(y) = y.gather(token_map)`` and ``merge(x, "sum")`` is the adjoint scatter.
+
+Padded batches and threshold merging (issue 21, docs/semantics.md): ``tome_match_rows_reference`` /
+``tome_merge_rows_reference`` give every row its own token count (tokens of size 0 are padding) and
+its own r (capped, or from a similarity threshold); the matching is a :class:`RowMatching`. The
+public functions take them with ``padded=`` / ``threshold=`` (the reference backend only, for now).
 """
 from typing import NamedTuple, Optional
 
