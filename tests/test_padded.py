@@ -303,8 +303,10 @@ def test_padded_without_padding_is_the_ordinary_op():
             eo, es, em = fk.tome_merge(x, metric, r, size, cls, dist, backend="reference")
             torch.testing.assert_close(out, eo)
             torch.testing.assert_close(osz, es)
-            for name in fk.Matching._fields:
+            for name in ("src_idx", "dst_idx", "token_map"):
                 assert torch.equal(getattr(m, name), getattr(em, name)), name
+            u = em.unm_idx.shape[1]  # RowMatching.unm_idx has Na columns, -1 after each row's own
+            assert torch.equal(m.unm_idx[:, :u], em.unm_idx) and (m.unm_idx[:, u:] == -1).all()
             assert (m.kept == 17 - em.src_idx.shape[1]).all()
             po, ps = fk.tome_merge(x, metric, r, size, cls, dist, backend="reference", padded=False)[:2]
             assert torch.equal(po, eo) and torch.equal(ps, es)
