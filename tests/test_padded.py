@@ -446,3 +446,14 @@ def test_kernel_backends_refuse_per_row_merging_for_now(name):
             "fpet_merge": lambda: fk.fpet_merge(x, metric, size, grid=(1, 9), backend="cpu", padded=True)}[name]
     with pytest.raises(NotImplementedError, match=f"{name}: padded / threshold merging has no 'cpu' kernel"):
         call()
+
+
+def test_the_automatic_backend_choice_takes_the_reference():
+    x, metric, size = torch.randn(2, 9, 4), torch.randn(2, 9, 3), torch.ones(2, 9, 1)
+    size[1, 4:] = 0
+    got = fk.tome_merge(x, metric, 2, size, padded=True)
+    exp = fk.tome_merge(x, metric, 2, size, backend="reference", padded=True)
+    assert torch.equal(got[0], exp[0]) and torch.equal(got[2].token_map, exp[2].token_map)
+    assert int(got[2].kept[1]) == 4 - 2
+    out, osz = fk.fpet_merge(x, metric, size, grid=(1, 9), padded=True)
+    assert torch.equal(osz[1, 2:], torch.zeros(2, 1))

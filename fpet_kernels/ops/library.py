@@ -240,10 +240,11 @@ def dispatch(op: Op, backend, device, dtypes, *args):
 def dispatch_rows(op: Op, backend, device, dtypes, *args):
     """Run one public call of ``op``'s per-row formulation (``op.rows``: padded batches, threshold
     merging) on ``args``. The backend is resolved as :func:`dispatch` resolves it (a bad backend raises
-    the same error); only the reference computes the per-row formulation for now, so any other
-    backend raises ``NotImplementedError`` (``_checks.rows_backend``). There is no export formulation:
+    the same error); only the reference computes the per-row formulation for now, so the automatic
+    choice (``backend=None``) takes it and a kernel backend named explicitly raises
+    ``NotImplementedError`` (``_checks.rows_backend``). There is no export formulation:
     ``torch.onnx.export`` traces the reference."""
-    _checks.rows_backend(op.name, _backend.resolve(backend, device, dtypes, op.name))
+    _checks.rows_backend(op.name, backend, _backend.resolve(backend, device, dtypes, op.name))
     return op.rows(*args)
 
 
