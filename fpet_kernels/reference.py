@@ -3,9 +3,11 @@
 Every function here is plain autograd-differentiable PyTorch; the registered ops must agree with it."""
 from .ops.fpet import (checkerboard, diff_matching_reference as diff_matching,  # noqa: F401
                        fpet_merge_backward_reference as fpet_merge_backward, fpet_merge_reference, resolve_grid)
-from .ops.pyra import pyra_merge_backward_reference as pyra_merge_backward, pyra_merge_reference  # noqa: F401
+from .ops.pyra import (pyra_merge_backward_reference as pyra_merge_backward, pyra_merge_reference,  # noqa: F401
+                       pyra_merge_rows_reference as pyra_merge_rows)
 from .ops.tome import (cap_r as _cap_r, merge_by_indices, merge_sum_reference as merge_sum,  # noqa: F401
                        merge_wavg_reference, tome_match_reference as tome_match, tome_merge_reference,
+                       tome_match_rows_reference as tome_match_rows, tome_merge_rows_reference as tome_merge_rows,
                        unmerge_reference as unmerge)
 
 
