@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fpet_kernels as fk
+from fpet_kernels.ops import library
 from fpet_kernels.ops.attention import attention_inputs_reference
 from fpet_kernels.ops.shapes import cap_r
 from fpet_kernels.ops.tome import merge_wavg_reference, normalize, unmerge_reference
@@ -457,3 +458,10 @@ def test_the_automatic_backend_choice_takes_the_reference():
     assert int(got[2].kept[1]) == 4 - 2
     out, osz = fk.fpet_merge(x, metric, size, grid=(1, 9), padded=True)
     assert torch.equal(osz[1, 2:], torch.zeros(2, 1))
+
+
+def test_the_per_row_formulation_is_on_the_records():
+    """The four merge ops carry their per-row reference on their ``library.Op`` record (``rows``), which
+    ``library.dispatch_rows`` runs; no other op has one (the backend tables do not change)."""
+    assert {name for name, op in library.OPS.items() if op.rows is not None} == {
+        "tome_match", "tome_merge", "pyra_merge", "fpet_merge"}
