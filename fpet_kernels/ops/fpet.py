@@ -9,7 +9,8 @@ Read top to bottom:
      formulation, autograd and the op its backward calls, Triton module);
   4. the public API: ``fpet_merge``, ``bipartite_diff_matching`` (closure API; ``merge_wavg`` of its
      merge runs the fused op, ``fpet_kernels/merging.py``). ``fpet_merge`` reads: checks,
-     ``library.dispatch`` (export / reference / C++ / Triton, the backend resolved once), wrap.
+     ``library.dispatch`` (export / reference / C++ / Triton, the backend resolved once), wrap;
+     with ``padded=True``, ``library.dispatch_rows`` (the record's ``rows``: the reference only, for now).
 
 The forward matching matrix ``M`` is one-hot per A row (or empty on a tie), so the forward merge
 is a gather; the backward needs the dense ``dL/dM`` (Na x Nb per image), passed through the

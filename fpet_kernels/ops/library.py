@@ -19,7 +19,8 @@ after every family has defined its schemas (``ops/_backend.py``).
 :func:`register`; :data:`OPS` is the one list of ops, from which registration, the backend tables,
 the ONNX decompositions, the benchmarks' op list and the emulator's schemas derive. **One
 dispatcher.** :func:`dispatch` decides, once per public call, between the export formulation, the
-reference, the C++ kernels and the Triton kernel.
+reference, the C++ kernels and the Triton kernel; :func:`dispatch_rows` is its twin for the per-row
+formulation (padded batches, threshold merging; the records' ``rows``), reference only for now.
 """
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ Read top to bottom:
   2. the op records (``library.Op``) of ``torch.ops.fpet.{pyra_merge, pyra_merge_backward}`` (C++
      kernels) and their ``_triton`` twins: schemas, fake kernels, schema-shaped references, the export
      formulation, autograd;
-  3. the public API ``pyra_merge``: checks, ``library.dispatch``, the ``Matching`` wrap.
+  3. the public API ``pyra_merge``: checks, ``library.dispatch``, the ``Matching`` wrap (``padded`` /
+     ``threshold``: ``library.dispatch_rows``, the record's ``rows``, and the ``RowMatching`` wrap).
 
 PYRA's files: this module, ``pyra_triton.py`` (forward, the ToMe kernel of ``tome_triton.py`` with
 this modulation phase), ``pyra_triton_backward.py``, ``csrc/cpu/pyra.cpp``, ``csrc/cpu/pyra_backward.cpp``,

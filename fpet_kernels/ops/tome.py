@@ -9,7 +9,8 @@ Read top to bottom:
      formulation, autograd and the ops its backward calls, Triton module ``tome_triton``);
   4. the public API: ``tome_match``, ``tome_merge``, ``unmerge``, ``bipartite_soft_matching`` (ToMe's
      closure API), ``compose_token_map``, ``parse_r``. Each reads: checks, ``library.dispatch``
-     (export / reference / C++ / Triton, the backend resolved once), wrap.
+     (export / reference / C++ / Triton, the backend resolved once), wrap; per-row calls (``padded`` /
+     ``threshold``) go through ``library.dispatch_rows`` (the records' ``rows``: the reference only, for now).
 
 Index conventions. Set A = even positions (``Na = ceil(N/2)``), set B = odd positions
 (``Nb = N // 2``). ``src_idx``/``unm_idx`` index A, ``dst_idx`` indexes B. ``token_map[b, n]`` is the
