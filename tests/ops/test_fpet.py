@@ -282,8 +282,15 @@ def test_determinism(backend):
     a, b = run(), run()
     for u, v in zip(a, b):
         assert torch.equal(u, v)
-    for u in a:  # image 2 is a copy of image 0: the same result, bit for bit
-        assert torch.equal(u[0], u[2])
+    for u in a:  # image 2 is a copy of image 0: the same result
+        if backend == "reference":
+            # The reference is composed of torch ops whose CPU BLAS may take another path for another
+            # batch position (alignment, blocking), so the metric gradient may differ in the last
+            # bit between two copies of one image (seen on the CI runner, torch 2.14.1). Run-to-run equality
+            # above stays exact; the kernels below are held to bit equality across positions.
+            torch.testing.assert_close(u[0], u[2], atol=1e-6, rtol=1e-6)
+        else:
+            assert torch.equal(u[0], u[2])
 
 
 def test_batch_of_one(backend):

@@ -272,6 +272,24 @@ def test_no_top_level_patch_hf():
     assert not os.path.exists(os.path.join(PKG, "patch_hf.py")), "fpet_kernels/patch_hf.py still exists"
 
 
+#: The model and PET layers in import order: a module may import its own layer and those before it.
+LAYERS = ["fpet_kernels.ops", "fpet_kernels.integrations", "fpet_kernels.layers", "fpet_kernels.patch",
+          "fpet_kernels.pet"]
+
+
+def _layer(name: str) -> int:
+    return max((i for i, layer in enumerate(LAYERS) if name == layer or name.startswith(layer + ".")), default=-1)
+
+
+def test_layers_import_downward_only():
+    """``ops`` <- ``integrations`` <- ``layers`` <- ``patch`` <- ``pet``: no module imports a later layer
+    (function-level imports included: the graph sees them)."""
+    graph = import_graph(PKG)
+    bad = [f"{m}:{lines[0]} imports {dep}" for m, deps in graph.items() if _layer(m) >= 0
+           for dep, lines in deps.items() if _layer(dep) > _layer(m)]
+    assert not bad, "imports pointing up the layers: " + "; ".join(bad)
+
+
 def test_kernels_never_import_the_ops_that_use_them():
     graph = import_graph(PKG)
     kernels = [m for m in graph if m.endswith("_triton") or "_triton_" in m or m.endswith("triton_common")]
