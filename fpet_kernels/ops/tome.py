@@ -4,13 +4,14 @@ Read top to bottom:
   1. reference: the spec written in plain PyTorch (the fallback and the test oracle);
   2. export:    the formulations ``torch.onnx.export`` traces in place of the ops (no in-place
      writes, ranking through ``topk``);
-  3. registered ops ``torch.ops.fpet.{tome_match, tome_merge, merge_wavg, merge_wavg_backward,
-     unmerge, merge_sum}``: one ``library.Op`` record each (schema, fake kernel, reference, export
-     formulation, autograd and the ops its backward calls, Triton module ``tome_triton``);
+  3. registered ops ``torch.ops.fpet.{tome_match, tome_match_rows, tome_merge, merge_wavg,
+     merge_wavg_backward, unmerge, merge_sum}``: one ``library.Op`` record each (schema, fake kernel,
+     reference, export formulation, autograd and the ops its backward calls, Triton module
+     ``tome_triton``; ``tome_match_rows``: ``tome_match_rows_triton``);
   4. the public API: ``tome_match``, ``tome_merge``, ``unmerge``, ``bipartite_soft_matching`` (ToMe's
      closure API), ``compose_token_map``, ``parse_r``. Each reads: checks, ``library.dispatch``
      (export / reference / C++ / Triton, the backend resolved once), wrap; per-row calls (``padded`` /
-     ``threshold``) go through ``library.dispatch_rows`` (the records' ``rows``: the reference only, for now).
+     ``threshold``) dispatch ``tome_match_rows`` (then ``merge_wavg`` along its map).
 
 Index conventions. Set A = even positions (``Na = ceil(N/2)``), set B = odd positions
 (``Nb = N // 2``). ``src_idx``/``unm_idx`` index A, ``dst_idx`` indexes B. ``token_map[b, n]`` is the
@@ -20,7 +21,9 @@ output row that holds input token ``n`` after the merge (``-1``: dropped, FPET o
 Padded batches and threshold merging (issue 21, docs/semantics.md): ``tome_match_rows_reference`` /
 ``tome_merge_rows_reference`` give every row its own token count (tokens of size 0 are padding) and
 its own r (capped, or from a similarity threshold); the matching is a :class:`RowMatching`. The
-public functions take them with ``padded=`` / ``threshold=`` (the reference backend only, for now).
+registered op ``torch.ops.fpet.tome_match_rows`` computes it on every backend (C++ CPU
+``csrc/cpu/tome_match_rows.cpp``, CUDA ``csrc/cuda/tome_match_rows.cuh``, Triton
+``tome_match_rows_triton.py``); the public functions take it with ``padded=`` / ``threshold=``.
 """
 from typing import NamedTuple, Optional
 
@@ -655,7 +658,7 @@ def tome_match(metric: Tensor, r: Optional[int], class_token: bool = False, dist
 
     ``padded`` (tokens of ``size`` 0 are padding) or ``threshold`` (each row merges its A tokens whose
     best score reaches it, at most ``r`` when r is given): a :class:`RowMatching` with a count per row
-    (docs/semantics.md "Padded batches and threshold merging"; the reference backend only, for now)."""
+    (docs/semantics.md "Padded batches and threshold merging"; ``torch.ops.fpet.tome_match_rows``)."""
     r, threshold, per_row = rows_args("tome_match", r, threshold, padded)
     if per_row:
         _checks.tokens("metric", metric)
@@ -679,8 +682,8 @@ def tome_merge(x: Tensor, metric: Tensor, r: Optional[int], size: Optional[Tenso
     Returns ``(x' [B, N-r, C], size' [B, N-r, 1] float32, matching)``; ``r`` is capped at
     ``(N - protected) // 2``. Differentiable in ``x`` (and ``size``); the matching carries no gradient.
 
-    Per row (docs/semantics.md "Padded batches and threshold merging"; the reference backend only,
-    for now): ``padded=True`` makes tokens of ``size`` 0 padding, each row merging ``min(r, cap(n_b))``
+    Per row (docs/semantics.md "Padded batches and threshold merging"; ``tome_match_rows`` then
+    ``merge_wavg`` along its map, on every backend): ``padded=True`` makes tokens of ``size`` 0 padding, each row merging ``min(r, cap(n_b))``
     of its ``n_b`` valid tokens into ``N - min(r, cap(N))`` rows (valid rows first, then rows of 0
     with size 0); ``threshold`` merges, per row, the A tokens whose best score is ``>= threshold``
     (at most ``r``), and the result is trimmed to the longest row (one host sync). The matching is
@@ -692,7 +695,8 @@ def tome_merge(x: Tensor, metric: Tensor, r: Optional[int], size: Optional[Tenso
         cls, dist = _checks.flag("class_token", class_token), _checks.flag("distill_token", distill_token)
         m = match_rows(metric, r, cls, dist, size, padded, threshold, backend)
         n_out = static_rows(x.shape[1], r, threshold, cls, dist)
-        check_rows_fit(m.kept, n_out)  # one host sync (padding not at the right end)
+        if threshold is None:  # one host sync: padding not at the right end may not fit (N rows always do)
+            check_rows_fit(m.kept, n_out)
         with library.trusted_maps():  # the map is the matching's, its rows checked just above
             out, out_size = library.dispatch(MERGE_WAVG, backend, x.device, _checks.dtypes(x=x, size=size),
                                              x, size, m.token_map, n_out)
