@@ -159,6 +159,12 @@ def tome(dt=F16, mdt=None, n=197, c=768, d=64, r=16, size=True, sdt=F32, cls=Tru
         tt.tome_merge(x, m, r, s, cls, distill)
 
 
+def match_rows(dt=F16, n=197, d=64, r=16, size=True, sdt=F32, cls=True, distill=False, thr=None):
+    """ToMe's per-row matching (padded batches, threshold merging): ``tome_match_rows_triton``."""
+    from fpet_kernels.ops import tome_match_rows_triton as tm
+    tm.tome_match_rows(_rand(2, n, d, dtype=dt, seed=1), r, cls, distill, _size(2, n, sdt) if size else None, thr)
+
+
 def reduce(op, dt=F16, n=197, c=768, n_out=181, size=True, sdt=F32):
     from fpet_kernels.ops import tome_triton as tt
     tmap = torch.arange(n).remainder(n_out).expand(2, n).contiguous()
@@ -237,7 +243,7 @@ def scenarios(quick: bool) -> list:
     mixed dtypes, other token counts) in every dtype; ``quick``: the variants combined, several per
     launch, in float16 only."""
     base = [
-        (tome, {}), (tome, dict(pyra=True)),
+        (tome, {}), (tome, dict(pyra=True)), (match_rows, {}),
         (reduce, dict(op="merge_sum")), (reduce, dict(op="merge_wavg")), (reduce, dict(op="unmerge")),
         (reduce, dict(op="merge_wavg_backward")),
         (fpet, {}), (fpet, dict(backward=True)), (pyra_backward, {}), (attention, {}), (masked_grad, {}),
@@ -249,6 +255,9 @@ def scenarios(quick: bool) -> list:
         (tome, dict(match=True)), (tome, dict(mdt=F32)), (tome, dict(sdt=None)),
         (tome, dict(pyra=True, size=False)), (tome, dict(pyra=True, distill=True)), (tome, dict(pyra=True, r=1)),
         (tome, dict(pyra=True, pdt=None)), (tome, dict(pyra=True, c=100, d=40, n=50, r=5)),
+        (match_rows, dict(size=False)), (match_rows, dict(cls=False)), (match_rows, dict(distill=True)),
+        (match_rows, dict(r=None, thr=0.5)), (match_rows, dict(thr=-1.0)), (match_rows, dict(r=1)),
+        (match_rows, dict(d=40)), (match_rows, dict(d=768)), (match_rows, dict(n=50)), (match_rows, dict(sdt=None)),
         (reduce, dict(op="merge_wavg", size=False)), (reduce, dict(op="merge_wavg", sdt=None)),
         (reduce, dict(op="merge_sum", c=100, n=50, n_out=33)), (reduce, dict(op="merge_sum", c=24)),
         (reduce, dict(op="merge_wavg", c=1)), (reduce, dict(op="merge_wavg_backward", size=False)),
@@ -273,6 +282,8 @@ def scenarios(quick: bool) -> list:
         (tome, dict(size=False, cls=False, r=13, d=40)), (tome, dict(distill=True, r=1, d=128, mdt=F32)),
         (tome, dict(n=256, c=512, sdt=None)), (tome, dict(pyra=True, size=False, distill=True, r=1)),
         (tome, dict(pyra=True, pdt=None, c=100, d=40, n=50, r=5)),
+        (match_rows, dict(size=False, cls=False, r=None, thr=0.5, d=40)), (match_rows, dict(distill=True, r=1, d=768)),
+        (match_rows, dict(thr=-1.0, n=50, sdt=None)),
         (reduce, dict(op="merge_wavg", size=False, c=100, n=50, n_out=33)), (reduce, dict(op="merge_wavg", sdt=None)),
         (reduce, dict(op="merge_sum", c=24)), (reduce, dict(op="merge_wavg", c=1)),
         (reduce, dict(op="merge_wavg_backward", size=False)), (reduce, dict(op="unmerge", c=100, n=50, n_out=33)),

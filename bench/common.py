@@ -37,7 +37,7 @@ ALL_OPS = tuple(fk.ops._backend.op_kernels())
 MODES = ("forward", "forward+backward")
 # Ops without a forward+backward case: the matching has no gradient; the masked weight gradient is
 # itself a backward (PaFi's), its own gradient is never taken in training.
-FORWARD_ONLY = ("tome_match", "masked_weight_grad")
+FORWARD_ONLY = ("tome_match", "tome_match_rows", "masked_weight_grad")
 # What the GPU table times by default (the Triton issue's list, then the PET ops): (op, mode)
 GPU_CASES = (("tome_merge", "forward"), ("fpet_merge", "forward"), ("fpet_merge", "forward+backward"),
              ("pyra_merge", "forward"), ("unmerge", "forward"), ("xpeft_adapter", "forward"),
@@ -63,7 +63,7 @@ GPU_TARGETS_MS = {
 BF16_VS_F16 = 1.10  # and: bfloat16 within 10% of float16 (same op, mode, B, provider)
 # What bench/record_dispatch.py measures for the automatic backend choice (fpet_kernels/tuning/):
 # every public op that resolves a backend, the modes a model uses (inference and training).
-DISPATCH_CASES = (("tome_match", "forward"), ("tome_merge", "forward"), ("tome_merge", "forward+backward"),
+DISPATCH_CASES = (("tome_match", "forward"), ("tome_match_rows", "forward"), ("tome_merge", "forward"), ("tome_merge", "forward+backward"),
                   ("merge_wavg", "forward"), ("merge_wavg", "forward+backward"), ("unmerge", "forward"),
                   ("unmerge", "forward+backward"), ("fpet_merge", "forward"), ("fpet_merge", "forward+backward"),
                   ("pyra_merge", "forward"), ("pyra_merge", "forward+backward"), ("xpeft_adapter", "forward"),
@@ -180,6 +180,11 @@ def make_args(op: str, batch: int, device="cpu", dtype=torch.float32, requires_g
         return (y, matching), [y]
     if op == "tome_match":
         return (metric.detach(),), []
+    if op == "tome_match_rows":  # a padded batch: image b keeps N - 8 * (b % 4) tokens, size 0 after them
+        size = torch.ones(batch, N, 1, device=device)
+        for b in range(batch):
+            size[b, N - 8 * (b % 4):] = 0
+        return (metric.detach(), size), []
     if op == "merge_wavg":
         matching = fk.tome_match(metric.detach(), R, class_token=True, backend="reference")
         return (x, matching), [x]
@@ -208,6 +213,10 @@ def _ref_match(metric):
     return fk.reference.tome_match(metric, R, True)
 
 
+def _ref_match_rows(metric, size):
+    return fk.tome_match(metric, R, True, backend="reference", size=size, padded=True)
+
+
 def _ref_wavg(x, matching):
     return fk.reference.merge_wavg_reference(x, None, matching.token_map, N - R)
 
@@ -221,7 +230,7 @@ def _ref_masked(grad_out, inp, rows, cols):
 
 
 REFERENCE_FNS = {"tome_merge": _ref_tome, "fpet_merge": _ref_fpet, "pyra_merge": _ref_pyra, "unmerge": _ref_unmerge,
-                 "tome_match": _ref_match, "merge_wavg": _ref_wavg, "xpeft_adapter": _ref_xpeft,
+                 "tome_match": _ref_match, "tome_match_rows": _ref_match_rows, "merge_wavg": _ref_wavg, "xpeft_adapter": _ref_xpeft,
                  "masked_weight_grad": _ref_masked}
 
 
@@ -237,6 +246,8 @@ def fused_fn(op: str, backend: str):
         return lambda y, matching: fk.unmerge(y, matching, backend=backend)
     if op == "tome_match":
         return lambda metric: fk.tome_match(metric, R, class_token=True, backend=backend)
+    if op == "tome_match_rows":  # the per-row matching of a padded batch
+        return lambda metric, size: fk.tome_match(metric, R, class_token=True, backend=backend, size=size, padded=True)
     if op == "merge_wavg":  # ToMe's closure API: merge_wavg recognises the merge and runs the fused op
         return lambda x, matching: fk.merge_wavg(fk.ToMeMerge(matching, False, backend), x)
     if op == "xpeft_adapter":
@@ -358,6 +369,9 @@ def bytes_moved(op: str, batch: int, dtype=torch.float32, mode: str = "forward")
     if op == "tome_match":
         na = (N + 1) // 2
         return batch * (N * D * e + (2 * R + (na - R) + N) * 8)  # no backward
+    if op == "tome_match_rows":  # also reads the sizes, writes unm_idx [B, Na] and kept [B]
+        na = (N + 1) // 2
+        return batch * (N * D * e + N * 4 + (2 * R + na + N + 1) * 8)
     if op == "merge_wavg":
         fwd = batch * (N * tok + N * 8 + (N - R) * tok + (N - R) * 4)
         bwd = batch * ((N - R) * tok + N * 8 + N * tok)

@@ -178,8 +178,8 @@ def parse_args(argv):
             [(o, m) for o in args.ops for m in MODES]
     else:
         args.cases = [(o, m) for o in args.ops for m in args.modes]
-    # the matching has no gradient: no forward+backward row for tome_match
-    args.cases = [c for c in args.cases if c != ("tome_match", "forward+backward")]
+    # the matchings have no gradient: no forward+backward row for tome_match / tome_match_rows
+    args.cases = [c for c in args.cases if c[0] not in ("tome_match", "tome_match_rows") or c[1] == "forward"]
     if args.batches is None:
         args.batches = ([1, 256] if gpu else [1]) if args.quick else list(GPU_BATCHES if gpu else BATCHES)
     args.dtypes = args.dtypes or (list(GPU_DTYPES) if gpu else ["float32"])

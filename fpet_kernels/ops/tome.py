@@ -4,13 +4,14 @@ Read top to bottom:
   1. reference: the spec written in plain PyTorch (the fallback and the test oracle);
   2. export:    the formulations ``torch.onnx.export`` traces in place of the ops (no in-place
      writes, ranking through ``topk``);
-  3. registered ops ``torch.ops.fpet.{tome_match, tome_merge, merge_wavg, merge_wavg_backward,
-     unmerge, merge_sum}``: one ``library.Op`` record each (schema, fake kernel, reference, export
-     formulation, autograd and the ops its backward calls, Triton module ``tome_triton``);
+  3. registered ops ``torch.ops.fpet.{tome_match, tome_match_rows, tome_merge, merge_wavg,
+     merge_wavg_backward, unmerge, merge_sum}``: one ``library.Op`` record each (schema, fake kernel,
+     reference, export formulation, autograd and the ops its backward calls, Triton module
+     ``tome_triton``; ``tome_match_rows``: ``tome_match_rows_triton``);
   4. the public API: ``tome_match``, ``tome_merge``, ``unmerge``, ``bipartite_soft_matching`` (ToMe's
      closure API), ``compose_token_map``, ``parse_r``. Each reads: checks, ``library.dispatch``
      (export / reference / C++ / Triton, the backend resolved once), wrap; per-row calls (``padded`` /
-     ``threshold``) go through ``library.dispatch_rows`` (the records' ``rows``: the reference only, for now).
+     ``threshold``) dispatch ``tome_match_rows`` (then ``merge_wavg`` along its map).
 
 Index conventions. Set A = even positions (``Na = ceil(N/2)``), set B = odd positions
 (``Nb = N // 2``). ``src_idx``/``unm_idx`` index A, ``dst_idx`` indexes B. ``token_map[b, n]`` is the
@@ -20,7 +21,9 @@ output row that holds input token ``n`` after the merge (``-1``: dropped, FPET o
 Padded batches and threshold merging (issue 21, docs/semantics.md): ``tome_match_rows_reference`` /
 ``tome_merge_rows_reference`` give every row its own token count (tokens of size 0 are padding) and
 its own r (capped, or from a similarity threshold); the matching is a :class:`RowMatching`. The
-public functions take them with ``padded=`` / ``threshold=`` (the reference backend only, for now).
+registered op ``torch.ops.fpet.tome_match_rows`` computes it on every backend (C++ CPU
+``csrc/cpu/tome_match_rows.cpp``, CUDA ``csrc/cuda/tome_match_rows.cuh``, Triton
+``tome_match_rows_triton.py``); the public functions take it with ``padded=`` / ``threshold=``.
 """
 from typing import NamedTuple, Optional
 
@@ -501,11 +504,26 @@ def _fake_merge_sum(x, token_map, n_out):
     return x.new_empty(x.shape[0], n_out, x.shape[-1])
 
 
-def _tome_match_rows_op_reference(metric, r, class_token, distill_token, size, padded, threshold):
-    """``tome_match_rows_reference`` with the per-row arguments of the public call (the record's
-    ``rows``): padding from ``size`` when ``padded``."""
-    return tome_match_rows_reference(metric, r, class_token, distill_token,
-                                     valid_tokens(size if padded else None, metric), threshold)
+def _tome_match_rows_op_reference(metric, r, class_token, distill_token, size, threshold):
+    """``tome_match_rows_reference`` with the op's arguments (``torch.ops.fpet.tome_match_rows``):
+    ``size`` None: no padding; else its size-0 tokens are padding."""
+    _checks.tokens("metric", metric)
+    if size is not None:
+        _checks.tokens("size", size, last=1)
+        _checks.same_tokens("metric", metric, "size", size)
+    if r is not None:
+        r = _checks.count("r", r)
+    return tome_match_rows_reference(metric, r, class_token, distill_token, valid_tokens(size, metric),
+                                     check_threshold("tome_match_rows", threshold))
+
+
+def _fake_match_rows(metric, r, class_token, distill_token, size, threshold):
+    bsz, n, _ = metric.shape
+    na = (n + 1) // 2
+    big = static_r(r, n, class_token, distill_token)
+    kw = dict(dtype=torch.int64)
+    return (metric.new_empty(bsz, big, **kw), metric.new_empty(bsz, big, **kw), metric.new_empty(bsz, na, **kw),
+            metric.new_empty(bsz, n, **kw), metric.new_empty(bsz, **kw))
 
 
 def _tome_merge_op_reference(x, metric, r, size, class_token, distill_token):
@@ -579,16 +597,27 @@ def _tome_triton():
     return tome_triton
 
 
+def _tome_match_rows_triton():
+    """``tome_match_rows_triton.py``, imported at the first Triton call."""
+    from . import tome_match_rows_triton
+    return tome_match_rows_triton
+
+
 TOME_MATCH = library.register(library.Op(
     "tome_match", "(Tensor metric, int r, bool class_token, bool distill_token) -> (Tensor, Tensor, Tensor, Tensor)",
-    _fake_match, reference=tome_match_reference, export=tome_match_export, triton=_tome_triton,
-    rows=_tome_match_rows_op_reference))
+    _fake_match, reference=tome_match_reference, export=tome_match_export, triton=_tome_triton))
+# the per-row matching (padded batches, threshold merging; docs/semantics.md): size None = no padding,
+# else its size-0 tokens are padding; r None = threshold only. No gradient (indices).
+TOME_MATCH_ROWS = library.register(library.Op(
+    "tome_match_rows", "(Tensor metric, int? r, bool class_token, bool distill_token, Tensor? size, "
+                       "float? threshold) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _fake_match_rows, reference=_tome_match_rows_op_reference, triton=_tome_match_rows_triton))
 TOME_MERGE = library.register(library.Op(
     "tome_merge", "(Tensor x, Tensor metric, int r, Tensor? size, bool class_token, bool distill_token) "
                   "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     _fake_merge, reference=_tome_merge_op_reference, export=tome_merge_export,
     setup_context=_tome_merge_setup, backward=_tome_merge_backward, calls=("merge_wavg_backward",),
-    triton=_tome_triton, rows=tome_merge_rows_reference))
+    triton=_tome_triton))
 # a user-given map: the reference checks it (one host sync), as the kernels do
 MERGE_WAVG = library.register(library.Op(
     "merge_wavg", "(Tensor x, Tensor? size, Tensor token_map, int n_out) -> (Tensor, Tensor)",
@@ -629,7 +658,7 @@ def tome_match(metric: Tensor, r: Optional[int], class_token: bool = False, dist
 
     ``padded`` (tokens of ``size`` 0 are padding) or ``threshold`` (each row merges its A tokens whose
     best score reaches it, at most ``r`` when r is given): a :class:`RowMatching` with a count per row
-    (docs/semantics.md "Padded batches and threshold merging"; the reference backend only, for now)."""
+    (docs/semantics.md "Padded batches and threshold merging"; ``torch.ops.fpet.tome_match_rows``)."""
     r, threshold, per_row = rows_args("tome_match", r, threshold, padded)
     if per_row:
         _checks.tokens("metric", metric)
@@ -637,8 +666,7 @@ def tome_match(metric: Tensor, r: Optional[int], class_token: bool = False, dist
             _checks.tokens("size", size, last=1)
             _checks.same_tokens("metric", metric, "size", size)
         cls, dist = _checks.flag("class_token", class_token), _checks.flag("distill_token", distill_token)
-        return RowMatching(*library.dispatch_rows(TOME_MATCH, backend, metric.device, {"metric": metric.dtype},
-                                                  metric, r, cls, dist, size, padded, threshold))
+        return match_rows(metric, r, cls, dist, size, padded, threshold, backend)
     _checks.tokens("metric", metric)
     r = cap_r(_checks.count("r", r), metric.shape[1], _checks.flag("class_token", class_token),
               _checks.flag("distill_token", distill_token))
@@ -654,8 +682,8 @@ def tome_merge(x: Tensor, metric: Tensor, r: Optional[int], size: Optional[Tenso
     Returns ``(x' [B, N-r, C], size' [B, N-r, 1] float32, matching)``; ``r`` is capped at
     ``(N - protected) // 2``. Differentiable in ``x`` (and ``size``); the matching carries no gradient.
 
-    Per row (docs/semantics.md "Padded batches and threshold merging"; the reference backend only,
-    for now): ``padded=True`` makes tokens of ``size`` 0 padding, each row merging ``min(r, cap(n_b))``
+    Per row (docs/semantics.md "Padded batches and threshold merging"; ``tome_match_rows`` then
+    ``merge_wavg`` along its map, on every backend): ``padded=True`` makes tokens of ``size`` 0 padding, each row merging ``min(r, cap(n_b))``
     of its ``n_b`` valid tokens into ``N - min(r, cap(N))`` rows (valid rows first, then rows of 0
     with size 0); ``threshold`` merges, per row, the A tokens whose best score is ``>= threshold``
     (at most ``r``), and the result is trimmed to the longest row (one host sync). The matching is
@@ -665,9 +693,13 @@ def tome_merge(x: Tensor, metric: Tensor, r: Optional[int], size: Optional[Tenso
     if per_row:
         _checks.merge_inputs(x, metric, size)
         cls, dist = _checks.flag("class_token", class_token), _checks.flag("distill_token", distill_token)
-        out, out_size, m = library.dispatch_rows(TOME_MERGE, backend, x.device,
-                                                 _checks.dtypes(x=x, metric=metric, size=size),
-                                                 x, metric, r, size, cls, dist, padded, threshold)
+        m = match_rows(metric, r, cls, dist, size, padded, threshold, backend)
+        n_out = static_rows(x.shape[1], r, threshold, cls, dist)
+        if threshold is None:  # one host sync: padding not at the right end may not fit (N rows always do)
+            check_rows_fit(m.kept, n_out)
+        with library.trusted_maps():  # the map is the matching's, its rows checked just above
+            out, out_size = library.dispatch(MERGE_WAVG, backend, x.device, _checks.dtypes(x=x, size=size),
+                                             x, size, m.token_map, n_out)
         return trim_rows(out, out_size, m, threshold)
     _checks.merge_inputs(x, metric, size)
     r = cap_r(_checks.count("r", r), x.shape[1], _checks.flag("class_token", class_token),
@@ -681,6 +713,16 @@ def tome_merge(x: Tensor, metric: Tensor, r: Optional[int], size: Optional[Tenso
     out, out_size, *m = library.dispatch(TOME_MERGE, backend, x.device, dtypes, x, metric, r, size, class_token,
                                          distill_token)
     return out, out_size, Matching(*m)
+
+
+def match_rows(metric: Tensor, r: Optional[int], class_token: bool, distill_token: bool, size: Optional[Tensor],
+               padded: bool, threshold: Optional[float], backend: Optional[str] = None) -> "RowMatching":
+    """The per-row matching of checked arguments: ``torch.ops.fpet.tome_match_rows`` (or its reference)
+    on the backend resolved from ``backend``; ``size`` marks padding only when ``padded``."""
+    size = size if padded else None
+    return RowMatching(*library.dispatch(TOME_MATCH_ROWS, backend, metric.device,
+                                         _checks.dtypes(metric=metric, size=size),
+                                         metric, r, class_token, distill_token, size, threshold))
 
 
 def trim_rows(out: Tensor, out_size: Tensor, m: "RowMatching", threshold: Optional[float]):

@@ -5,8 +5,11 @@ sequence's valid outputs (values, sizes, token map, matching indices, gradients)
 sequence run alone through the ordinary (unpadded) reference, with its own cap on r; valid rows come
 first, padding rows (x = 0, size = 0) after; padding tokens map to -1 and get zero gradients.
 
-``BACKENDS`` lists the backends held to it: only the reference computes per-row merges so far; the
-kernel backends (C++ CPU, CUDA, Triton) are added here when they do (NOTES_issue21.md).
+``BACKENDS`` lists the backends held to it for every family: the reference; ``TOME_BACKENDS`` those of
+ToMe's per-row matching (``torch.ops.fpet.tome_match_rows`` + ``merge_wavg``): the reference, the C++
+CPU kernels and Triton (in its interpreter on CPU tensors); its CUDA kernel runs here in the SIMT
+emulator (tests/simt_ext.py) against the reference. The other families' kernels are added when they
+compute the per-row formulation (NOTES_issue21.md).
 """
 from __future__ import annotations
 
@@ -22,10 +25,18 @@ import fpet_kernels as fk
 from fpet_kernels.ops import library
 from fpet_kernels.ops.attention import attention_inputs_reference
 from fpet_kernels.ops.shapes import cap_r
-from fpet_kernels.ops.tome import merge_wavg_reference, normalize, unmerge_reference
+from fpet_kernels.ops.tome import (_tome_match_rows_op_reference, merge_wavg_reference, normalize,
+                                   tome_merge_rows_reference, unmerge_reference)
+
+from helpers import REQUIRE_EXTENSION, is_live
 
 BACKENDS = ["reference"]
 DTYPES = [torch.float32, torch.float64]
+# ToMe's per-row matching has kernels: a backend not live here is left out, unless CI requires it
+# (FPET_REQUIRE_EXTENSION=1: then its tests fail, saying so). Kernels compute float32, float16, bfloat16.
+TOME_BACKENDS = ["reference"] + [b for b in ("cpu", "triton") if REQUIRE_EXTENSION or is_live(b)]
+TOME_CASES = [pytest.param(b, d, id=f"{b}-{str(d)[6:]}") for b in TOME_BACKENDS
+              for d in (DTYPES if b == "reference" else [torch.float32])]
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
 SETTINGS = settings(max_examples=20, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -69,8 +80,7 @@ flags = st.sampled_from([(False, False), (True, False), (True, True), (False, Tr
 
 
 # ----------------------------------------------------------------------------- ToMe
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,dtype", TOME_CASES)
 @SETTINGS
 @given(lens=rows, extra=st.integers(0, 4), r=st.integers(0, 14), fl=flags, seed=st.integers(0, 2 ** 16))
 def test_tome_merge_per_sequence_equivalence(backend, dtype, lens, extra, r, fl, seed):
@@ -111,20 +121,20 @@ def test_tome_merge_per_sequence_equivalence(backend, dtype, lens, extra, r, fl,
                                          padded=True).token_map[0], m.token_map[b]), "tome_match == tome_merge's"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,dtype", TOME_CASES)
 @SETTINGS
 @given(lens=rows, r=st.integers(1, 14), fl=flags, seed=st.integers(0, 2 ** 16))
-def test_merge_wavg_and_unmerge_along_the_padded_map(backend, lens, r, fl, seed):
+def test_merge_wavg_and_unmerge_along_the_padded_map(backend, dtype, lens, r, fl, seed):
     """The map ops along a padded map: merge_wavg reproduces tome_merge; unmerge gives every valid token
     its row (the row alone's) and padding tokens 0; the adjoint merge_sum drops padding."""
     cls, dist = fl
     n = max(max(lens), 2)
-    x, metric, size = _batch(seed, lens, n, 4, 3, torch.float64)
+    x, metric, size = _batch(seed, lens, n, 4, 3, dtype)
     out, osz, m = fk.tome_merge(x, metric, r, size, cls, dist, backend=backend, padded=True)
     w_out, w_size = merge_wavg_reference(x, size, m.token_map, out.shape[1])
-    _close(w_out, out, torch.float64, "merge_wavg")
+    _close(w_out, out, dtype, "merge_wavg")
     assert torch.equal(w_size, osz)
-    y = torch.randn(out.shape, dtype=torch.float64)
+    y = torch.randn(out.shape, dtype=dtype)
     back = fk.unmerge(y, m, backend=backend)
     assert torch.equal(back, unmerge_reference(y, m.token_map))
     for b, k in enumerate(lens):
@@ -314,9 +324,10 @@ def test_padded_without_padding_is_the_ordinary_op():
 
 
 # ----------------------------------------------------------------------------- threshold merging
-def _best_scores(metric, cls, dist):
-    """Each A token's best score over the B tokens (protected ones -inf), from the spec."""
-    m = normalize(metric.double())
+def _best_scores(metric, cls, dist, dtype=torch.float64):
+    """Each A token's best score over the B tokens (protected ones -inf), from the spec (in ``dtype``:
+    the precision the op compares in)."""
+    m = normalize(metric.to(dtype))
     s = m[:, 0::2] @ m[:, 1::2].transpose(-1, -2)
     if cls:
         s[:, 0] = -math.inf
@@ -325,16 +336,16 @@ def _best_scores(metric, cls, dist):
     return s.max(-1).values
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,dtype", TOME_CASES)
 @SETTINGS
 @given(lens=rows, thr=st.floats(-1, 1), r=st.one_of(st.none(), st.integers(0, 12)), fl=flags,
        seed=st.integers(0, 2 ** 16))
-def test_threshold_rows_equal_the_row_alone_with_its_count(backend, lens, thr, r, fl, seed):
+def test_threshold_rows_equal_the_row_alone_with_its_count(backend, dtype, lens, thr, r, fl, seed):
     """Each row merges every A token whose best score is >= threshold (at most r and its cap): the row
     alone with r_b = that count; the batch keeps its longest row (the others padded)."""
     cls, dist = fl
     n = max(max(lens), 2)
-    x, metric, size = _batch(seed, lens, n, 4, 3, torch.float64)
+    x, metric, size = _batch(seed, lens, n, 4, 3, dtype)
     xl, sl = _leaves(x, size)
     out, osz, m = fk.tome_merge(xl, metric, r, sl, cls, dist, backend=backend, padded=True, threshold=thr)
     assert out.shape[1] == int(m.kept.max())
@@ -344,16 +355,16 @@ def test_threshold_rows_equal_the_row_alone_with_its_count(backend, lens, thr, r
             assert int(m.kept[b]) == k
             continue
         cap = cap_r(n if r is None else r, k, cls, dist)
-        rb = min(cap, int((_best_scores(metric[b:b + 1, :k], cls, dist) >= thr).sum())) if k > 1 else 0
+        rb = min(cap, int((_best_scores(metric[b:b + 1, :k], cls, dist, dtype) >= thr).sum())) if k > 1 else 0
         xa, sa = _leaves(x[b:b + 1, :k], size[b:b + 1, :k])
         eo, es, em = fk.tome_merge(xa, metric[b:b + 1, :k], rb, sa, cls, dist, backend="reference")
         eo.sum().backward()
         kk = eo.shape[1]
         assert int(m.kept[b]) == kk and int((m.src_idx[b] >= 0).sum()) == rb
-        _close(out[b, :kk], eo[0], torch.float64, "x'")
+        _close(out[b, :kk], eo[0], dtype, "x'")
         assert torch.equal(osz[b, :kk], es[0]) and (osz[b, kk:] == 0).all() and (out[b, kk:] == 0).all()
         assert torch.equal(m.token_map[b, :k], em.token_map[0])
-        _close(xl.grad[b, :k], _grad(xa)[0], torch.float64, "grad x")
+        _close(xl.grad[b, :k], _grad(xa)[0], dtype, "grad x")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -435,33 +446,234 @@ def test_padding_not_at_the_right_end():
     assert int(m.kept[0]) == 3 and m.token_map[0, 1] == -1 and osz[0, :, 0].tolist() == [1.0, 1.0, 2.0, 0.0]
 
 
-@pytest.mark.parametrize("name", ["tome_merge", "tome_match", "pyra_merge", "fpet_merge"])
+@pytest.mark.parametrize("name", ["pyra_merge", "fpet_merge"])
 def test_kernel_backends_refuse_per_row_merging_for_now(name):
     """Until the kernels implement it (NOTES_issue21.md), a kernel backend says so instead of
     silently ignoring padding."""
     x, metric, size = torch.randn(2, 9, 4), torch.randn(2, 9, 3), torch.ones(2, 9, 1)
     a, bb, lw, lb = torch.randn(2, 1), torch.randn(1, 4), torch.ones(4), torch.zeros(4)
-    call = {"tome_merge": lambda: fk.tome_merge(x, metric, 2, size, backend="cpu", padded=True),
-            "tome_match": lambda: fk.tome_match(metric, 2, backend="cpu", size=size, padded=True),
-            "pyra_merge": lambda: fk.pyra_merge(x, metric, 2, a, bb, lw, lb, size, backend="cpu", threshold=0.5),
+    call = {"pyra_merge": lambda: fk.pyra_merge(x, metric, 2, a, bb, lw, lb, size, backend="cpu", threshold=0.5),
             "fpet_merge": lambda: fk.fpet_merge(x, metric, size, grid=(1, 9), backend="cpu", padded=True)}[name]
     with pytest.raises(NotImplementedError, match=f"{name}: padded / threshold merging has no 'cpu' kernel"):
         call()
 
 
-def test_the_automatic_backend_choice_takes_the_reference():
+def test_the_automatic_backend_choice():
+    """ToMe: the automatic choice runs the per-row matching op (the C++ kernels on CPU when built);
+    the families without per-row kernels take the reference."""
     x, metric, size = torch.randn(2, 9, 4), torch.randn(2, 9, 3), torch.ones(2, 9, 1)
     size[1, 4:] = 0
     got = fk.tome_merge(x, metric, 2, size, padded=True)
     exp = fk.tome_merge(x, metric, 2, size, backend="reference", padded=True)
-    assert torch.equal(got[0], exp[0]) and torch.equal(got[2].token_map, exp[2].token_map)
+    torch.testing.assert_close(got[0], exp[0])
+    assert torch.equal(got[2].token_map, exp[2].token_map)
     assert int(got[2].kept[1]) == 4 - 2
     out, osz = fk.fpet_merge(x, metric, size, grid=(1, 9), padded=True)
     assert torch.equal(osz[1, 2:], torch.zeros(2, 1))
 
 
 def test_the_per_row_formulation_is_on_the_records():
-    """The four merge ops carry their per-row reference on their ``library.Op`` record (``rows``), which
-    ``library.dispatch_rows`` runs; no other op has one (the backend tables do not change)."""
-    assert {name for name, op in library.OPS.items() if op.rows is not None} == {
-        "tome_match", "tome_merge", "pyra_merge", "fpet_merge"}
+    """The merge ops without per-row kernels carry their per-row reference on their ``library.Op`` record
+    (``rows``), which ``library.dispatch_rows`` runs; ToMe's per-row matching is an op of its own,
+    ``tome_match_rows``, with kernels on every backend (and ``tome_merge`` per row = it + ``merge_wavg``)."""
+    assert {name for name, op in library.OPS.items() if op.rows is not None} == {"pyra_merge", "fpet_merge"}
+    rec = library.OPS["tome_match_rows"]
+    assert rec.cpp and rec.cuda and rec.triton is not None and rec.backward is None and rec.public
+
+
+# ----------------------------------------------------------------------------- ToMe's per-row matching op
+# torch.ops.fpet.tome_match_rows (C++ CPU), .tome_match_rows_triton (Triton), and the CUDA kernel's source
+# in the SIMT emulator (torch.ops.fpet_simt.tome_match_rows), each against tome_match_rows_reference:
+# indices equal (float32 scores on every side).
+def _kernel_op(name):
+    if not is_live(name):
+        if REQUIRE_EXTENSION:
+            pytest.fail(f"FPET_REQUIRE_EXTENSION=1: backend {name!r} is not live", pytrace=False)
+        pytest.skip(f"backend {name!r} is not live")
+    return torch.ops.fpet.tome_match_rows if name == "cpu" else torch.ops.fpet.tome_match_rows_triton
+
+
+def _rows_cases():
+    """(metric, r, class_token, distill_token, size, threshold): right-padded rows with every edge (fully
+    padded, one token, two tokens, full), NaN metric in the padding, threshold rows that merge nothing
+    or everything, no padding (size None), sizes of another dtype, padding elsewhere than at the right."""
+    g = torch.Generator().manual_seed(11)
+    cases = []
+    for n, lens in ((13, [13, 0, 1, 2, 7]), (8, [8, 3, 0]), (2, [2, 1]), (1, [1, 0]), (40, [40, 33, 5])):
+        metric = torch.randn(len(lens), n, 6, generator=g)
+        size = (torch.rand(len(lens), n, 1, generator=g) * 3 + 0.5).round()
+        for b, k in enumerate(lens):
+            size[b, k:] = 0
+            metric[b, k:] = torch.nan
+        for cls, dist in ((False, False), (True, False), (True, True), (False, True)):
+            for r, thr in ((0, None), (1, None), (3, None), (100, None), (None, -1.0), (None, 0.2), (2, 0.0),
+                           (None, 1.0), (5, 0.999)):
+                cases.append((metric, r, cls, dist, size, thr))
+    metric = torch.randn(3, 12, 4, generator=g)
+    metric[1] = metric[1, :1]  # one row of identical tokens: every score 1 (the threshold merges everything)
+    for thr in (-1.0, 0.5, 0.999):
+        cases.append((metric, 4, True, False, None, thr))
+        cases.append((metric, None, False, False, torch.ones(3, 12, 1, dtype=torch.bfloat16), thr))
+    size = torch.ones(2, 9, 1)
+    size[0, 3] = 0  # padding inside a row (defined by position parity; not per-sequence equivalent)
+    size[1, ::3] = 0
+    cases.append((torch.randn(2, 9, 5, generator=g), 2, True, False, size, None))
+    cases.append((torch.randn(2, 9, 5, generator=g), None, False, True, size, 0.1))
+    metric = torch.randn(2, 14, 4, generator=g)
+    metric[0, 4, 1] = torch.nan  # a NaN score ranks first (and reaches any threshold)
+    metric[1, 7, 0] = torch.nan  # a NaN destination column: the best of every row
+    for r, thr in ((3, None), (None, 0.5), (6, 1.0)):
+        cases.append((metric, r, True, False, torch.ones(2, 14, 1), thr))
+    return cases
+
+
+def _check_rows_op(op, metric, r, cls, dist, size, thr):
+    got = op(metric, r, cls, dist, size, thr)
+    exp = _tome_match_rows_op_reference(metric, r, cls, dist, size, thr)
+    names = ("src_idx", "dst_idx", "unm_idx", "token_map", "kept")
+    for name, gt, e in zip(names, got, exp):
+        assert gt.dtype == torch.int64 and gt.shape == e.shape, (name, gt.shape, e.shape)
+        assert torch.equal(gt, e), f"{name} differs (r={r}, cls={cls}, dist={dist}, thr={thr}):\n{gt}\n{e}"
+
+
+@pytest.mark.parametrize("name", ["cpu", "triton"])
+def test_tome_match_rows_kernels_equal_the_reference(name):
+    op = _kernel_op(name)
+    cases = _rows_cases()
+    for case in (cases if name == "cpu" else cases[::4] + cases[-11:]):  # the interpreter: a sample
+        _check_rows_op(op, *case)
+
+
+def test_tome_match_rows_cuda_kernel_equals_the_reference(simt):
+    """The CUDA kernel's source, run in the emulator (4 thread orders / block sizes)."""
+    for case in _rows_cases():
+        _check_rows_op(simt.tome_match_rows, *case)
+
+
+def test_tome_match_rows_cuda_kernel_large_rows(simt_ops):
+    """N = 1025, D = 96: several staging panels; rows padded at many lengths."""
+    g = torch.Generator().manual_seed(5)
+    metric = torch.randn(3, 1025, 96, generator=g)
+    size = torch.ones(3, 1025, 1)
+    size[1, 700:] = 0
+    size[2, 3:] = 0
+    for r, thr in ((300, None), (None, 0.3)):
+        _check_rows_op(simt_ops.tome_match_rows, metric, r, True, False, size, thr)
+
+
+@pytest.mark.parametrize("name", ["cpu", "triton", "simt"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_tome_match_rows_half_and_non_contiguous_inputs(request, name, dtype):
+    op = (request.getfixturevalue("simt_ops").tome_match_rows if name == "simt" else _kernel_op(name))
+    g = torch.Generator().manual_seed(2)
+    metric = torch.randn(3, 6, 17, generator=g).to(dtype).transpose(1, 2)  # [3, 17, 6], non-contiguous
+    size = torch.ones(3, 1, 17).to(dtype).transpose(1, 2)
+    size[1, 9:] = 0
+    size[2, 1:] = 0
+    for r, thr in ((4, None), (None, 0.1), (8, -1.0)):
+        _check_rows_op(op, metric, r, True, False, size, thr)
+
+
+@pytest.mark.parametrize("name", ["cpu", "triton", "simt"])
+def test_tome_match_rows_bad_arguments_name_them(request, name):
+    """The op entry points check what their kernels index with (shapes, devices, dtypes, r, threshold)
+    and name the argument; nothing reaches a kernel that could read or write out of bounds."""
+    op = (request.getfixturevalue("simt_ops").tome_match_rows if name == "simt" else _kernel_op(name))
+    metric, size = torch.randn(2, 9, 3), torch.ones(2, 9, 1)
+    bad = [((metric, 2, False, False, torch.ones(2, 8, 1), None), "size"),
+           ((metric, 2, False, False, torch.ones(2, 9), None), "size"),
+           ((metric, 2, False, False, torch.ones(2, 9, 1, dtype=torch.int64), None), "size"),
+           ((metric[0], 2, False, False, None, None), "metric"),
+           ((metric.long(), 2, False, False, None, None), "metric"),
+           ((metric, -1, False, False, size, None), "r"),
+           ((metric, None, False, False, size, 1.5), "threshold"),
+           ((metric, None, False, False, size, float("nan")), "threshold")]
+    for args, what in bad:
+        with pytest.raises((RuntimeError, ValueError, TypeError), match=what):
+            op(*args)
+
+
+def test_tome_match_rows_fake_kernel_shapes():
+    """The fake kernel (torch.compile / export) gives the kernels' output shapes and dtypes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    metric, size = torch.randn(2, 11, 3), torch.ones(2, 11, 1)
+    for r, thr, cls, dist in ((3, None, True, False), (None, 0.5, False, True), (100, 0.5, True, True)):
+        exp = _tome_match_rows_op_reference(metric, r, cls, dist, size, thr)
+        with FakeTensorMode() as mode:
+            fm, fs = mode.from_tensor(metric), mode.from_tensor(size)
+            got = torch.ops.fpet.tome_match_rows(fm, r, cls, dist, fs, thr)
+        assert [tuple(t.shape) for t in got] == [tuple(t.shape) for t in exp]
+        assert all(t.dtype == torch.int64 for t in got)
+
+
+@pytest.mark.parametrize("backend", TOME_BACKENDS)
+@pytest.mark.parametrize("threshold", [None, 0.0])
+def test_tome_merge_rows_backward_equals_autograd_of_the_rows_reference(backend, threshold):
+    """The per-row merge's gradient (merge_wavg's closed-form backward along the per-row map) equals
+    plain autograd of ``tome_merge_rows_reference``, in x and in size; padding gets none."""
+    lens = [11, 0, 1, 6]
+    x, metric, size = _batch(21, lens, 11, 5, 4, torch.float32)
+    xl, sl = _leaves(x, size)
+    out, osz, m = fk.tome_merge(xl, metric, 3, sl, True, False, backend=backend, padded=True, threshold=threshold)
+    xr, sr = _leaves(x, size)
+    eo, es, em = tome_merge_rows_reference(xr, metric, 3, sr, True, False, padded=True, threshold=threshold)
+    eo, es = eo[:, :out.shape[1]], es[:, :out.shape[1]]
+    assert torch.equal(m.token_map, em.token_map) and torch.equal(m.kept, em.kept)
+    _close(out, eo, torch.float32, "x'")
+    g = torch.Generator().manual_seed(3)
+    go, gs = torch.randn(out.shape, generator=g), torch.randn(osz.shape, generator=g)
+    ((out * go).sum() + (osz * gs).sum()).backward()
+    ((eo * go).sum() + (es * gs).sum()).backward()
+    _close(xl.grad, xr.grad, torch.float32, "grad x")
+    _close(sl.grad, sr.grad, torch.float32, "grad size")
+    assert (xl.grad[1] == 0).all() and (xl.grad[2, 1:] == 0).all() and (sl.grad[1] == 0).all()
+
+
+@pytest.mark.parametrize("backend", TOME_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_tome_merge_rows_half_precision(backend, dtype):
+    """Half-precision inputs: the kernels' values and gradients against the reference on the same inputs."""
+    lens = [13, 4, 0]
+    x, metric, size = _batch(8, lens, 13, 8, 6, torch.float32)
+    x, metric = x.to(dtype), metric.to(dtype)
+    xl = x.detach().clone().requires_grad_(True)
+    out, osz, m = fk.tome_merge(xl, metric, 4, size, True, False, backend=backend, padded=True)
+    xr = x.detach().clone().requires_grad_(True)
+    eo, es, em = fk.tome_merge(xr, metric, 4, size, True, False, backend="reference", padded=True)
+    assert out.dtype == dtype and torch.equal(m.token_map, em.token_map)
+    tol = dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.float(), eo.float(), **tol)
+    torch.testing.assert_close(osz, es)
+    out.float().sum().backward()
+    eo.float().sum().backward()
+    torch.testing.assert_close(xl.grad.float(), xr.grad.float(), **tol)
+
+
+@pytest.mark.parametrize("backend", TOME_BACKENDS)
+@pytest.mark.parametrize("cls,dist", [(False, False), (True, False), (True, True)])
+def test_tome_fully_padded_one_token_rows_and_thresholds_on_every_backend(backend, cls, dist):
+    """A fully padded row (all 0, map -1, kept 0), a one-token row (its token), and a threshold that
+    merges nothing in one row and everything (the cap) in another, on each backend."""
+    n, c = 12, 4
+    x, metric, size = _batch(7, [n, 0, 1, 5], n, c, 3, torch.float32)
+    xl = x.detach().clone().requires_grad_(True)
+    out, osz, m = fk.tome_merge(xl, metric, 3, size, cls, dist, backend=backend, padded=True)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(xl.grad).all()
+    assert (out[1] == 0).all() and (osz[1] == 0).all() and (m.token_map[1] == -1).all() and int(m.kept[1]) == 0
+    assert (xl.grad[1] == 0).all() and (m.src_idx[1] == -1).all() and (m.unm_idx[1] == -1).all()
+    assert int(m.kept[2]) == 1 and m.token_map[2].tolist() == [0] + [-1] * (n - 1)
+    torch.testing.assert_close(out[2, 0], x[2, 0])
+    # threshold: row 1 alike (every score 1) merges its cap, the others (random) nothing at 0.999
+    metric = torch.randn(3, n, 4)
+    metric[1] = metric[1, :1]
+    x = torch.randn(3, n, c)
+    out, osz, m = fk.tome_merge(x, metric, None, None, cls, dist, backend=backend, threshold=0.999)
+    cap = cap_r(n, n, cls, dist)
+    assert m.kept.tolist() == [n, n - cap, n] and out.shape == (3, n, c)
+    for b in (0, 2):
+        assert torch.equal(m.token_map[b], torch.arange(n)) and torch.equal(out[b], x[b])
+    e = fk.tome_merge(x[1:2], metric[1:2], cap, None, cls, dist, backend="reference")
+    torch.testing.assert_close(out[1:2, :n - cap], e[0])
+    assert (out[1, n - cap:] == 0).all() and (osz[1, n - cap:] == 0).all()
+    assert torch.equal(m.token_map[1], e[2].token_map[0])
