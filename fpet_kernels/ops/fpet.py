@@ -10,7 +10,8 @@ Read top to bottom:
   4. the public API: ``fpet_merge``, ``bipartite_diff_matching`` (closure API; ``merge_wavg`` of its
      merge runs the fused op, ``fpet_kernels/merging.py``). ``fpet_merge`` reads: checks,
      ``library.dispatch`` (export / reference / C++ / Triton, the backend resolved once), wrap;
-     with ``padded=True``, ``library.dispatch_rows`` (the record's ``rows``: the reference only, for now).
+     with ``padded=True`` it dispatches ``FPET_MERGE_ROWS`` (``torch.ops.fpet.fpet_merge_rows``: the same
+     kernels with a static ``padded`` flag, on every backend).
 
 The forward matching matrix ``M`` is one-hot per A row (or empty on a tie), so the forward merge
 is a gather; the backward needs the dense ``dL/dM`` (Na x Nb per image), passed through the
@@ -312,7 +313,7 @@ class _FPETReference(torch.autograd.Function):
 
 def _fpet_merge_op_reference(x, metric, size, num_prefix: int, H: int, W: int, padded: bool = False):
     """The reference backend of the op: ``fpet_merge_reference``, with the straight-through backward
-    (``_FPETReference``) when an input needs a gradient. ``padded`` (the record's ``rows``): tokens of
+    (``_FPETReference``) when an input needs a gradient. ``padded`` (``fpet_merge_rows``): tokens of
     size 0 are padding."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, metric, size)):
         return _FPETReference.apply(x, metric, size, num_prefix, H, W, padded)
@@ -394,7 +395,8 @@ def fpet_merge(x: Tensor, metric: Tensor, size: Optional[Tensor] = None, class_t
     ``num_prefix`` (e.g. class + register tokens) overrides the count of prefix tokens that
     ``class_token`` / ``distill_token`` give; prefix tokens are never merged.
     ``padded``: tokens of ``size`` 0 are padding (a padded batch of sequences, ``grid=(1, N - p)``;
-    docs/semantics.md "Padded batches and threshold merging"); the reference backend only, for now."""
+    docs/semantics.md "Padded batches and threshold merging"): the op ``fpet_merge_rows``, kernels on every
+    backend; without a size-0 token the same values as ``padded=False``, bit for bit."""
     _checks.merge_inputs(x, metric, size)
     _checks.flag("padded", padded)
     p = int(_checks.flag("class_token", class_token)) + int(_checks.flag("distill_token", distill_token))
