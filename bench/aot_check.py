@@ -180,20 +180,21 @@ def reduce(op, dt=F16, n=197, c=768, n_out=181, size=True, sdt=F32):
 
 
 def fpet(dt=F16, mdt=None, prefix=1, h=14, w=14, c=768, d=64, size=True, sdt=F32, backward=False, gsize=True,
-         gdt=None):
+         gdt=None, padded=False):
+    """``padded``: the per-row ops (``fpet_merge_rows[_backward]``, the PADDED kernels)."""
     from fpet_kernels.ops import fpet_triton, fpet_triton_backward
     from fpet_kernels.ops.shapes import grid_sizes
     n = prefix + h * w
     x, m = _rand(2, n, c, dtype=dt), _rand(2, n, d, dtype=mdt or dt, seed=1)
     s = _size(2, n, sdt) if size else None
     if not backward:
-        fpet_triton.fpet_merge(x, m, s, prefix, h, w)
+        (fpet_triton.fpet_merge_rows if padded else fpet_triton.fpet_merge)(x, m, s, prefix, h, w)
         return
     _, nb = grid_sizes(prefix, h, w)
     tmap = torch.arange(n).remainder(nb).expand(2, n).contiguous()
     go = _rand(2, nb, c, dtype=gdt or dt)
-    fpet_triton_backward.fpet_merge_backward(go, _size(2, nb) if gsize else None, x, m, s, _rand(2, nb, c, dtype=dt),
-                                             _size(2, nb), tmap, prefix, h, w)
+    bwd = fpet_triton_backward.fpet_merge_rows_backward if padded else fpet_triton_backward.fpet_merge_backward
+    bwd(go, _size(2, nb) if gsize else None, x, m, s, _rand(2, nb, c, dtype=dt), _size(2, nb), tmap, prefix, h, w)
 
 
 def pyra_backward(dt=F16, n=197, c=768, r=16, size=True, sdt=F32, gsize=True, distill=False, pdt=F32):
@@ -268,6 +269,9 @@ def scenarios(quick: bool) -> list:
         (fpet, dict(backward=True, d=40)), (fpet, dict(backward=True, d=128)),
         (fpet, dict(backward=True, mdt=F32)), (fpet, dict(backward=True, h=7, w=9, c=100)),
         (fpet, dict(backward=True, gdt=F32)),
+        # the per-row ops: a padded text batch (grid (1, N - 1), MiniLM's 384 channels), and a padded 2-D grid
+        (fpet, dict(padded=True, h=1, w=127, c=384, d=32)), (fpet, dict(padded=True, backward=True, h=1, w=127, c=384, d=32)),
+        (fpet, dict(padded=True, size=False)), (fpet, dict(padded=True, backward=True)),
         (tome, dict(d=768)), (fpet, dict(d=768)), (fpet, dict(backward=True, d=768)),  # metric dim chunked
         (pyra_backward, dict(size=False, gsize=False)), (pyra_backward, dict(distill=True)),
         (pyra_backward, dict(r=1)), (pyra_backward, dict(pdt=None)), (pyra_backward, dict(n=50, c=100, r=5)),
@@ -291,6 +295,8 @@ def scenarios(quick: bool) -> list:
         (fpet, dict(h=7, w=9, c=100, sdt=None)), (fpet, dict(backward=True, size=False, gsize=False, prefix=0, d=40)),
         (fpet, dict(backward=True, d=128, mdt=F32)), (fpet, dict(backward=True, h=7, w=9, c=100, gdt=F32)),
         (tome, dict(d=768)), (fpet, dict(d=768, mdt=F32)), (fpet, dict(backward=True, d=768)),
+        (fpet, dict(padded=True, h=1, w=127, c=384, d=32)), (fpet, dict(padded=True, size=False, d=40)),
+        (fpet, dict(padded=True, backward=True, h=1, w=127, c=384, d=32, gdt=F32)),
         (pyra_backward, dict(size=False, gsize=False, distill=True)), (pyra_backward, dict(r=1, pdt=None)),
         (pyra_backward, dict(n=50, c=100, r=5)),
         (attention, dict(size=False)), (attention, dict(pad_value=False, hd=40, heads=3, sdt=None)),

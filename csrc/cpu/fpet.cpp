@@ -1,6 +1,9 @@
 // FPET differentiable checkerboard matching on CPU: the forward merge (hard one-hot matching)
 // and its straight-through backward (dense dL/dM through the soft matching). Contracts:
-// csrc/README.md.
+// csrc/README.md. fpet_merge_rows / fpet_merge_rows_backward (padded batches, issue 21): the same
+// kernels with `padded` set: a token of size 0 is padding: scores with a padding token on either
+// side are -inf (no match, no gradient), padding maps to -1, a valid A token of a row without a
+// valid destination cell keeps output row p (docs/semantics.md "Padded batches and threshold merging").
 #include <torch/library.h>
 
 #include "common.h"
@@ -48,8 +51,10 @@ struct FpetWorkspace {
 
 // scores[i][j] = <a_i, b_j> (prefix columns -inf), row stride Nbp. t[i] = (top1 + top2) / 2;
 // top1/top2 the column indices of the two largest values, lowest index first on ties, NaN scores
-// skipped (-1: none, value -inf).
-void fpet_scores_image(const float* metric, const FpetLayout& L, int64_t D, FpetWorkspace& ws) {
+// skipped (-1: none, value -inf). `valid` (padded batches; null: every token): a score with an
+// invalid token on either side is -inf.
+void fpet_scores_image(const float* metric, const FpetLayout& L, int64_t D, FpetWorkspace& ws,
+                       const uint8_t* valid = nullptr) {
   const int64_t Na = L.Na, Nb = L.Nb;
   const int64_t Dp = round_up(std::max<int64_t>(D, 1), kGemmNR);
   const int64_t Nbp = round_up(std::max<int64_t>(Nb, 1), kGemmNR);
@@ -74,6 +79,12 @@ void fpet_scores_image(const float* metric, const FpetLayout& L, int64_t D, Fpet
   for (int64_t i = 0; i < Na; ++i) {
     float* s = ws.scores.data() + i * Nbp;
     for (int64_t j = 0; j < p; ++j) s[j] = kNegInf;
+    if (valid) {
+      const bool va = valid[L.a_pos[i]] != 0;
+      for (int64_t j = p; j < Nb; ++j) {
+        if (!va || !valid[L.b_pos[j]]) s[j] = kNegInf;
+      }
+    }
     float v1 = kNegInf, v2 = kNegInf;
     int64_t i1 = -1, i2 = -1;
     for (int64_t j = p; j < Nb; ++j) {
@@ -107,11 +118,23 @@ struct MergeScratch {
   std::vector<int64_t> match, head, list, pos;
 };
 
+// Padded batches: valid[n] = (size[n] != 0), every token valid without sizes. Returns whether the
+// image has a valid destination cell (a valid grid B token).
+bool valid_tokens_image(const float* s, const FpetLayout& L, std::vector<uint8_t>& valid) {
+  valid.resize(static_cast<size_t>(L.N));
+  for (int64_t n = 0; n < L.N; ++n) valid[n] = s == nullptr || s[n] != 0.f;
+  for (int64_t j = std::min(L.p, L.Nb); j < L.Nb; ++j) {
+    if (valid[L.b_pos[j]]) return true;
+  }
+  return false;
+}
+
 // out[j] = (x_B[j] s_B[j] + sum_{i -> j, ascending i} x_A[i] s_A[i]) / (s_B[j] + sum s_A[i]),
-// channels [c0, c1) of one image; match[i] read from token_map.
+// channels [c0, c1) of one image; match[i] read from token_map. `padded`: the B row itself takes part
+// only where it maps to itself (a padding B token maps to -1 and is never read).
 template <typename T>
 void fpet_merge_image(const T* x, const float* s, const int64_t* token_map, const FpetLayout& L, int64_t C,
-                      T* out, float* out_size, int64_t c0, int64_t c1, MergeScratch& sc) {
+                      T* out, float* out_size, int64_t c0, int64_t c1, MergeScratch& sc, bool padded) {
   const int64_t cw = c1 - c0;
   auto size_of = [s](int64_t pos) { return s ? s[pos] : 1.0f; };
   sc.match.resize(static_cast<size_t>(L.Na));
@@ -123,9 +146,15 @@ void fpet_merge_image(const T* x, const float* s, const int64_t* token_map, cons
   for (int64_t j = 0; j < L.Nb; ++j) {
     // The B row itself, then its sources in ascending A index.
     int64_t count = 0;
-    sc.pos[count] = L.b_pos[j];
-    sc.w[count++] = size_of(L.b_pos[j]);
-    float den = sc.w[0];
+    float den = 0.f;
+    if (!padded) {
+      sc.pos[count] = L.b_pos[j];
+      sc.w[count++] = size_of(L.b_pos[j]);
+      den = sc.w[0];
+    } else if (token_map[L.b_pos[j]] == j) {
+      sc.pos[count] = L.b_pos[j];
+      den = sc.w[count++] = size_of(L.b_pos[j]);
+    }
     for (int64_t h = sc.head[j]; h < sc.head[j + 1]; ++h) {
       const int64_t apos = L.a_pos[sc.list[h]];
       sc.pos[count] = apos;
@@ -137,9 +166,10 @@ void fpet_merge_image(const T* x, const float* s, const int64_t* token_map, cons
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_cpu(const at::Tensor& x_, const at::Tensor& metric,
-                                                               const std::optional<at::Tensor>& size,
-                                                               int64_t num_prefix, int64_t H, int64_t W) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_impl(const at::Tensor& x_, const at::Tensor& metric,
+                                                                const std::optional<at::Tensor>& size,
+                                                                int64_t num_prefix, int64_t H, int64_t W,
+                                                                bool padded) {
   CHECK_BND(x_);
   CHECK_BND(metric);
   const int64_t B = x_.size(0), N = x_.size(1), C = x_.size(2), D = metric.size(2);
@@ -165,16 +195,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_cpu(const at::Tensor& 
     scalar_t* op = out.data_ptr<scalar_t>();
     auto merge = [&](int64_t b, int64_t c0, int64_t c1, bool write_size, MergeScratch& sc) {
       fpet_merge_image<scalar_t>(xp + b * N * C, sp_all ? sp_all + b * N : nullptr, tp + b * N, L, C,
-                                 op + b * L.Nb * C, write_size ? osp + b * L.Nb : nullptr, c0, c1, sc);
+                                 op + b * L.Nb * C, write_size ? osp + b * L.Nb : nullptr, c0, c1, sc, padded);
     };
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       FpetWorkspace ws;
       MergeScratch sc;
+      std::vector<uint8_t> valid;
       for (int64_t b = b0; b < b1; ++b) {
-        fpet_scores_image(mp + b * N * D, L, D, ws);
         int64_t* map = tp + b * N;
-        for (int64_t j = 0; j < L.Nb; ++j) map[L.b_pos[j]] = j;
-        for (int64_t i = 0; i < L.Na; ++i) map[L.a_pos[i]] = hard_match(ws, i);
+        if (!padded) {
+          fpet_scores_image(mp + b * N * D, L, D, ws);
+          for (int64_t j = 0; j < L.Nb; ++j) map[L.b_pos[j]] = j;
+          for (int64_t i = 0; i < L.Na; ++i) map[L.a_pos[i]] = hard_match(ws, i);
+        } else {
+          const bool has_dst = valid_tokens_image(sp_all ? sp_all + b * N : nullptr, L, valid);
+          fpet_scores_image(mp + b * N * D, L, D, ws, valid.data());
+          for (int64_t j = 0; j < L.Nb; ++j) map[L.b_pos[j]] = valid[L.b_pos[j]] ? j : -1;
+          for (int64_t i = 0; i < L.Na; ++i) {
+            const int64_t pos = L.a_pos[i];
+            map[pos] = !valid[pos] ? -1 : has_dst ? hard_match(ws, i) : num_prefix;  // short row: row p
+          }
+        }
         if (fused) merge(b, 0, C, true, sc);
       }
     });
@@ -183,6 +224,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_cpu(const at::Tensor& 
     }
   });
   return {out, out_size, token_map};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_cpu(const at::Tensor& x, const at::Tensor& metric,
+                                                               const std::optional<at::Tensor>& size,
+                                                               int64_t num_prefix, int64_t H, int64_t W) {
+  return fpet_merge_impl(x, metric, size, num_prefix, H, W, false);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_rows_cpu(const at::Tensor& x, const at::Tensor& metric,
+                                                                    const std::optional<at::Tensor>& size,
+                                                                    int64_t num_prefix, int64_t H, int64_t W) {
+  return fpet_merge_impl(x, metric, size, num_prefix, H, W, true);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -194,6 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_cpu(const at::Tensor& 
 struct BackwardScratch {
   std::vector<float> gnum, gnumt, gden, za, sa, G, dan, dbn, row, xrow;
   std::vector<int64_t> match;
+  std::vector<uint8_t> valid;
 };
 
 // dm = (dn - n <n, dn>) / ||m||, and 0 when !(||m|| > 1e-12) (a zero or non-finite row: docs/semantics.md).
@@ -211,9 +265,14 @@ void fpet_backward_image(const void* grad_out, at::ScalarType go_type, const flo
                          const float* metric, const float* s, const void* out, at::ScalarType out_type,
                          const float* out_size, const int64_t* token_map, const FpetLayout& L, int64_t C,
                          int64_t D, T* grad_x, float* grad_metric, float* grad_size_out, FpetWorkspace& ws,
-                         BackwardScratch& sc) {
+                         BackwardScratch& sc, bool padded) {
   const int64_t Na = L.Na, Nb = L.Nb, p = std::min(L.p, Nb);
-  fpet_scores_image(metric, L, D, ws);
+  if (padded) {
+    valid_tokens_image(s, L, sc.valid);
+    fpet_scores_image(metric, L, D, ws, sc.valid.data());
+  } else {
+    fpet_scores_image(metric, L, D, ws);
+  }
   const int64_t Nbp = ws.Nbp, Dp = ws.Dp;
   auto size_of = [s](int64_t pos) { return s ? s[pos] : 1.0f; };
   const size_t go_esize = c10::elementSize(go_type), out_esize = c10::elementSize(out_type);
@@ -264,7 +323,7 @@ void fpet_backward_image(const void* grad_out, at::ScalarType go_type, const flo
     const float t = ws.t[i];
     float rowsum = 0.f;
     for (int64_t j = 0; j < Nb; ++j) {
-      if (j < p || std::isnan(sr[j])) {  // prefix columns and NaN scores take no part
+      if (j < p || std::isnan(sr[j]) || (padded && sr[j] == kNegInf)) {  // prefix, NaN, padding: no part
         g[j] = 0.f;
         continue;
       }
@@ -314,6 +373,11 @@ void fpet_backward_image(const void* grad_out, at::ScalarType go_type, const flo
   for (int64_t j = 0; j < Nb; ++j) {
     const int64_t pos = L.b_pos[j];
     T* gx = grad_x + pos * C;
+    if (padded && !sc.valid[pos]) {  // a padding B token: its slot is an output row of its own
+      std::fill(gx, gx + C, static_cast<T>(0.f));
+      grad_size_out[pos] = 0.f;
+      continue;
+    }
     const float* g = sc.gnum.data() + j * C;
     const float sv = size_of(pos);
     for (int64_t c = 0; c < C; ++c) gx[c] = static_cast<T>(g[c] * sv);
@@ -322,10 +386,11 @@ void fpet_backward_image(const void* grad_out, at::ScalarType go_type, const flo
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_backward_impl(
     const at::Tensor& grad_out_, const std::optional<at::Tensor>& grad_size_, const at::Tensor& x_,
     const at::Tensor& metric, const std::optional<at::Tensor>& size, const at::Tensor& out_,
-    const at::Tensor& out_size_, const at::Tensor& token_map_, int64_t num_prefix, int64_t H, int64_t W) {
+    const at::Tensor& out_size_, const at::Tensor& token_map_, int64_t num_prefix, int64_t H, int64_t W,
+    bool padded) {
   CHECK_BND(x_);
   CHECK_BND(metric);
   CHECK_BND(grad_out_);
@@ -376,12 +441,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_backward_cpu(
         fpet_backward_image<scalar_t>(gop + b * go_stride, go_type, gsp ? gsp + b * Nb : nullptr, xp + b * N * C,
                                       mp + b * N * D, sp_all ? sp_all + b * N : nullptr, outp + b * out_stride,
                                       out_type, osp + b * Nb, tp + b * N, L, C, D, gxp + b * N * C,
-                                      gmp + b * N * D, gszp + b * N, ws, sc);
+                                      gmp + b * N * D, gszp + b * N, ws, sc, padded);
       }
     });
   });
   if (metric.scalar_type() != at::kFloat) grad_metric = grad_metric.to(metric.scalar_type());
   return {grad_x, grad_metric, grad_size};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_backward_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_size, const at::Tensor& x,
+    const at::Tensor& metric, const std::optional<at::Tensor>& size, const at::Tensor& out,
+    const at::Tensor& out_size, const at::Tensor& token_map, int64_t num_prefix, int64_t H, int64_t W) {
+  return fpet_merge_backward_impl(grad_out, grad_size, x, metric, size, out, out_size, token_map, num_prefix, H, W,
+                                  false);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_rows_backward_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_size, const at::Tensor& x,
+    const at::Tensor& metric, const std::optional<at::Tensor>& size, const at::Tensor& out,
+    const at::Tensor& out_size, const at::Tensor& token_map, int64_t num_prefix, int64_t H, int64_t W) {
+  return fpet_merge_backward_impl(grad_out, grad_size, x, metric, size, out, out_size, token_map, num_prefix, H, W,
+                                  true);
 }
 
 }  // namespace
@@ -390,4 +471,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_backward_cpu(
 TORCH_LIBRARY_IMPL(fpet, CPU, m) {
   m.impl("fpet_merge", &fpet::fpet_merge_cpu);
   m.impl("fpet_merge_backward", &fpet::fpet_merge_backward_cpu);
+  m.impl("fpet_merge_rows", &fpet::fpet_merge_rows_cpu);
+  m.impl("fpet_merge_rows_backward", &fpet::fpet_merge_rows_backward_cpu);
 }

@@ -29,6 +29,12 @@
 //     or 32 B rows (dB_n = dS^T A_n), sums over the other set in ascending index, the
 //     normalisation backward, and grad_x / grad_size of its rows.
 // No atomics: every sum has one fixed order, so results are deterministic.
+//
+// fpet_merge_rows / fpet_merge_rows_backward (padded batches, issue 21; docs/semantics.md "Padded
+// batches and threshold merging"): the same bodies with `padded` set. A token of size 0 is padding:
+// its scores take no part (skipped rows / columns of the matching, 0 entries of P), it maps to -1,
+// its output slot never reads it, its gradients are 0; a valid A token of a row without a valid
+// destination cell (grid B token) keeps output row p (the short-row rule).
 #pragma once
 
 #include <torch/library.h>
@@ -144,6 +150,7 @@ struct FpetMergeBody {
   scalar_t* out;
   float* out_size;
   int64_t* token_map;
+  bool padded;  // fpet_merge_rows: tokens of size 0 are padding
 
   template <class Blk>
   FPET_HD void operator()(Blk& blk, char* smem_base, int bx, int by) const {
@@ -160,6 +167,12 @@ struct FpetMergeBody {
     float* osb = out_size + b * Nb;
     int64_t* map_b = token_map + b * N;
     const FpetMergeSmem sm = FpetMergeSmem::make(smem_base, g, D, plan);
+    // padded: whether the image has a valid destination cell (every thread reads the sizes itself)
+    bool has_dst = true;
+    if (padded) {
+      has_dst = false;
+      for (int j = p; j < Nb && !has_dst; ++j) has_dst = s[g.b_pos(j)] != 0.f;
+    }
 
     // 1. position tables, norms (one thread per row)
     blk.each([&](int t) {
@@ -178,9 +191,11 @@ struct FpetMergeBody {
     // 2-4. top-2 of every A row over the non-prefix columns, in ascending column order; hard matches
     simt::staged_match<simt::Top2Scan>(
         blk, sm.staged, m, sm.den, D, Na, Nb, [&](int i) { return sm.apos[i]; }, [&](int j) { return sm.bpos[j]; },
-        [](int) { return false; }, [&](int j) { return j < p; }, sm.v1, sm.v2, sm.i1, [&](int i) {
+        [&](int i) { return padded && s[sm.apos[i]] == 0.f; },
+        [&](int j) { return j < p || (padded && s[sm.bpos[j]] == 0.f); }, sm.v1, sm.v2, sm.i1, [&](int i) {
           const int j = sm.i1[i];
           sm.match[i] = j >= 0 && sm.v1[i] > sm.v2[i] ? j : -1;
+          if (padded) sm.match[i] = s[sm.apos[i]] == 0.f ? -1 : has_dst ? sm.match[i] : p;  // short row: row p
         });
     // 5. sources per destination (ascending A index): slots, first slot of each destination
     blk.each([&](int t) {
@@ -205,7 +220,7 @@ struct FpetMergeBody {
         if (j >= 0) sm.list[sm.head[j] + sm.slot[i]] = i;
       }
       if (!lead) return;
-      for (int j = t; j < Nb; j += T) map_b[sm.bpos[j]] = j;
+      for (int j = t; j < Nb; j += T) map_b[sm.bpos[j]] = padded && s[sm.bpos[j]] == 0.f ? -1 : j;
       for (int i = t; i < Na; i += T) map_b[sm.apos[i]] = sm.match[i];
     });
     // 7. merged sizes, 8. the merged rows of this slice
@@ -221,7 +236,8 @@ struct FpetMergeBody {
       for (int e = t; e < Nb * cw; e += T) {
         const int j = e / cw, c = c0 + e % cw;
         const int64_t pj = sm.bpos[j];
-        float acc = static_cast<float>(xb[pj * C + c]) * s[pj];
+        // padded: a padding B token (size 0) is never read
+        float acc = padded && s[pj] == 0.f ? 0.f : static_cast<float>(xb[pj * C + c]) * s[pj];
         for (int h = sm.head[j]; h < sm.head[j + 1]; ++h) {
           const int64_t pi = sm.apos[sm.list[h]];
           acc += static_cast<float>(xb[pi * C + c]) * s[pi];
@@ -283,6 +299,7 @@ struct FpetScoreGradBody {
   float* ws_p;     // [B, Na, Nb]
   float* ws_norm;  // [B, N]
   float* ws_gden;  // [B, Nb]
+  bool padded;     // fpet_merge_rows_backward: scores with a size-0 token take no part
 
   template <class Blk>
   FPET_HD void operator()(Blk& blk, char* smem_base, int bx, int by) const {
@@ -301,6 +318,8 @@ struct FpetScoreGradBody {
     const scalar_t* xb = x + b * N * C;
     float* P = ws_p + b * Na * Nb;  // row i0 + ii: P + (i0 + ii) * Nb
     const FpetScoreGradSmem sm = FpetScoreGradSmem::make(smem_base, g, D);
+    // padded: a score with a padding token (size 0) on either side takes no part (-inf)
+    auto pad = [&](int r, int j) { return padded && (sm.sa[r] == 0.f || s[sm.bpos[j]] == 0.f); };
 
     // position tables, top-2 state, sizes of the block's rows
     blk.each([&](int t) {
@@ -357,7 +376,7 @@ struct FpetScoreGradBody {
         float v1 = sm.v1[t], v2 = sm.v2[t];
         int i1 = sm.i1[t], i2 = sm.i2[t];
         for (int jj = 0; jj < kTile && j0 + jj < Nb; ++jj) {
-          if (j0 + jj < p) continue;
+          if (j0 + jj < p || pad(t, j0 + jj)) continue;
           const float v = sm.tiles.score(t, jj);
           if (v > v1) {
             v2 = v1;
@@ -418,7 +437,7 @@ struct FpetScoreGradBody {
           const int j = j0 + jj;
           if (ii >= rows || j >= Nb) continue;
           float* pij = P + int64_t(i0 + ii) * Nb + j;
-          if (j < p || *pij != *pij) {  // prefix columns and NaN scores take no part
+          if (j < p || *pij != *pij || pad(ii, j)) {  // prefix columns, NaN scores, padding take no part
             *pij = 0.f;
             continue;
           }
@@ -490,6 +509,7 @@ struct FpetInputGradBody {
   scalar_t* grad_x;
   FpetOut grad_metric;
   float* grad_size;
+  bool padded;  // a padding B token (size 0): its slot is an output row of its own, no gradient
 
   template <class Blk>
   FPET_HD void operator()(Blk& blk, char* smem_base, int bx, int by) const {
@@ -527,7 +547,7 @@ struct FpetInputGradBody {
           sm.dst[t] = j >= 0 && j < Nb ? static_cast<int>(j) : -1;  // out of range: no match
         } else {
           sm.pos[t] = g.b_pos(r);
-          sm.dst[t] = r;
+          sm.dst[t] = padded && s[sm.pos[t]] == 0.f ? -1 : r;
         }
       }
     });
@@ -638,10 +658,10 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& x, const ch
 }
 
 template <class Exec>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_launch(const at::Tensor& x_in, const at::Tensor& metric_in,
-                                                                  const std::optional<at::Tensor>& size_in,
-                                                                  int64_t num_prefix, int64_t H, int64_t W) {
-  const char* op = "fpet_merge";
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_launch_impl(
+    const at::Tensor& x_in, const at::Tensor& metric_in, const std::optional<at::Tensor>& size_in, int64_t num_prefix,
+    int64_t H, int64_t W, bool padded) {
+  const char* op = padded ? "fpet_merge_rows" : "fpet_merge";
   const typename Exec::Guard guard(x_in.device());
   const at::Tensor x = checked_bnd<Exec>(x_in, op, "x");
   const at::Tensor metric = checked_bnd<Exec>(metric_in, op, "metric");
@@ -673,6 +693,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_launch(const at::Tenso
     body.out = out.data_ptr<scalar_t>();
     body.out_size = out_size.data_ptr<float>();
     body.token_map = token_map.data_ptr<int64_t>();
+    body.padded = padded;
     const size_t smem = FpetMergeSmem::make(nullptr, g, body.D, body.plan).bytes;
     Exec::launch(body, static_cast<int>(B), slices.blocks, smem);
   });
@@ -680,11 +701,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_launch(const at::Tenso
 }
 
 template <class Exec>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_backward_launch(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_launch(const at::Tensor& x, const at::Tensor& metric,
+                                                                  const std::optional<at::Tensor>& size,
+                                                                  int64_t num_prefix, int64_t H, int64_t W) {
+  return fpet_merge_launch_impl<Exec>(x, metric, size, num_prefix, H, W, false);
+}
+
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_rows_launch(const at::Tensor& x, const at::Tensor& metric,
+                                                                       const std::optional<at::Tensor>& size,
+                                                                       int64_t num_prefix, int64_t H, int64_t W) {
+  return fpet_merge_launch_impl<Exec>(x, metric, size, num_prefix, H, W, true);
+}
+
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_backward_launch_impl(
     const at::Tensor& grad_out_in, const std::optional<at::Tensor>& grad_size_in, const at::Tensor& x_in,
     const at::Tensor& metric_in, const std::optional<at::Tensor>& size_in, const at::Tensor& out_in,
-    const at::Tensor& out_size_in, const at::Tensor& token_map_in, int64_t num_prefix, int64_t H, int64_t W) {
-  const char* op = "fpet_merge_backward";
+    const at::Tensor& out_size_in, const at::Tensor& token_map_in, int64_t num_prefix, int64_t H, int64_t W,
+    bool padded) {
+  const char* op = padded ? "fpet_merge_rows_backward" : "fpet_merge_backward";
   const typename Exec::Guard guard(x_in.device());
   const at::Tensor x = checked_bnd<Exec>(x_in, op, "x");
   const at::Tensor metric = checked_bnd<Exec>(metric_in, op, "metric");
@@ -739,6 +775,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_backward_launch(
     k1.ws_p = ws_p.data_ptr<float>();
     k1.ws_norm = ws_norm.data_ptr<float>();
     k1.ws_gden = ws_gden.data_ptr<float>();
+    k1.padded = padded;
     // at least one block per image: it also writes the norms and g_den that launch 2 reads
     Exec::launch(k1, static_cast<int>(B), std::max(tiles_a, 1), FpetScoreGradSmem::make(nullptr, g, k1.D).bytes);
 
@@ -760,15 +797,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_backward_launch(
     k2.grad_metric.ptr = grad_metric.data_ptr();
     k2.grad_metric.dtype = kernel_dtype(grad_metric.scalar_type(), op, "metric");
     k2.grad_size = grad_size_out.data_ptr<float>();
+    k2.padded = padded;
     Exec::launch(k2, static_cast<int>(B), tiles_a + tiles_b, FpetInputGradSmem::make(nullptr, g, k2.D).bytes);
   });
   return {grad_x, grad_metric, grad_size_out};
 }
 
 template <class Exec>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_backward_launch(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_size, const at::Tensor& x,
+    const at::Tensor& metric, const std::optional<at::Tensor>& size, const at::Tensor& out,
+    const at::Tensor& out_size, const at::Tensor& token_map, int64_t num_prefix, int64_t H, int64_t W) {
+  return fpet_merge_backward_launch_impl<Exec>(grad_out, grad_size, x, metric, size, out, out_size, token_map,
+                                               num_prefix, H, W, false);
+}
+
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fpet_merge_rows_backward_launch(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_size, const at::Tensor& x,
+    const at::Tensor& metric, const std::optional<at::Tensor>& size, const at::Tensor& out,
+    const at::Tensor& out_size, const at::Tensor& token_map, int64_t num_prefix, int64_t H, int64_t W) {
+  return fpet_merge_backward_launch_impl<Exec>(grad_out, grad_size, x, metric, size, out, out_size, token_map,
+                                               num_prefix, H, W, true);
+}
+
+template <class Exec>
 void register_fpet(torch::Library& m) {
   m.impl("fpet_merge", &fpet_merge_launch<Exec>);
   m.impl("fpet_merge_backward", &fpet_merge_backward_launch<Exec>);
+  m.impl("fpet_merge_rows", &fpet_merge_rows_launch<Exec>);
+  m.impl("fpet_merge_rows_backward", &fpet_merge_rows_backward_launch<Exec>);
 }
 
 }  // namespace kernels

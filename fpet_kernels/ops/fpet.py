@@ -10,7 +10,8 @@ Read top to bottom:
   4. the public API: ``fpet_merge``, ``bipartite_diff_matching`` (closure API; ``merge_wavg`` of its
      merge runs the fused op, ``fpet_kernels/merging.py``). ``fpet_merge`` reads: checks,
      ``library.dispatch`` (export / reference / C++ / Triton, the backend resolved once), wrap;
-     with ``padded=True``, ``library.dispatch_rows`` (the record's ``rows``: the reference only, for now).
+     with ``padded=True`` it dispatches ``FPET_MERGE_ROWS`` (``torch.ops.fpet.fpet_merge_rows``: the same
+     kernels with a static ``padded`` flag, on every backend).
 
 The forward matching matrix ``M`` is one-hot per A row (or empty on a tie), so the forward merge
 is a gather; the backward needs the dense ``dL/dM`` (Na x Nb per image), passed through the
@@ -312,7 +313,7 @@ class _FPETReference(torch.autograd.Function):
 
 def _fpet_merge_op_reference(x, metric, size, num_prefix: int, H: int, W: int, padded: bool = False):
     """The reference backend of the op: ``fpet_merge_reference``, with the straight-through backward
-    (``_FPETReference``) when an input needs a gradient. ``padded`` (the record's ``rows``): tokens of
+    (``_FPETReference``) when an input needs a gradient. ``padded`` (``fpet_merge_rows``): tokens of
     size 0 are padding."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, metric, size)):
         return _FPETReference.apply(x, metric, size, num_prefix, H, W, padded)
@@ -334,12 +335,54 @@ def _fpet_triton_backward():
 FPET_MERGE = library.register(library.Op(
     "fpet_merge", "(Tensor x, Tensor metric, Tensor? size, int num_prefix, int H, int W) -> (Tensor, Tensor, Tensor)",
     _fake_fpet, reference=_fpet_merge_op_reference, export=fpet_merge_export, setup_context=_fpet_setup,
-    backward=_fpet_backward, calls=("fpet_merge_backward",), triton=_fpet_triton, rows=_fpet_merge_op_reference))
+    backward=_fpet_backward, calls=("fpet_merge_backward",), triton=_fpet_triton))
 FPET_MERGE_BACKWARD = library.register(library.Op(
     "fpet_merge_backward", "(Tensor grad_out, Tensor? grad_size, Tensor x, Tensor metric, Tensor? size, "
                            "Tensor out, Tensor out_size, Tensor token_map, int num_prefix, int H, int W) "
                            "-> (Tensor, Tensor, Tensor)",
     _fake_fpet_backward, reference=fpet_merge_backward_reference, triton=_fpet_triton_backward, public=False))
+
+
+# ``torch.ops.fpet.fpet_merge_rows[_backward]``: the per-row formulation (padded batches, issue 21):
+# fpet_merge's schema, tokens of size 0 are padding. The same kernels with a static ``padded`` flag
+# (csrc/cpu/fpet.cpp, csrc/cuda/fpet_merge.cuh, fpet_triton.py, fpet_triton_backward.py).
+def fpet_merge_rows_reference(x, metric, size, num_prefix: int, H: int, W: int):
+    """The reference of ``fpet_merge_rows``: ``fpet_merge_reference(..., padded=True)`` with the
+    closed-form straight-through backward (``fpet_merge_rows_backward_reference``) where a gradient
+    is needed."""
+    return _fpet_merge_op_reference(x, metric, size, num_prefix, H, W, True)
+
+
+def fpet_merge_rows_backward_reference(grad_out, grad_size, x, metric, size, out, out_size, token_map,
+                                       num_prefix: int, H: int, W: int):
+    """The reference of ``fpet_merge_rows_backward``: ``fpet_merge_backward_reference(..., padded=True)``
+    (scores with a padding token take no part; padding tokens get zero gradients)."""
+    return fpet_merge_backward_reference(grad_out, grad_size, x, metric, size, out, out_size, token_map,
+                                         num_prefix, H, W, True)
+
+
+def _fpet_rows_backward(ctx, grad_out, grad_out_size, _):
+    x, metric, size, out, out_size, tmap = ctx.saved_tensors
+    if not any(ctx.needs_input_grad[:3]):
+        return (None,) * 6
+    gx, gm, gs = ctx.kernels.fpet_merge_rows_backward(grad_out, grad_out_size, x, metric, size, out, out_size,
+                                                      tmap, *ctx.args)
+    need = ctx.needs_input_grad
+    return (gx if need[0] else None, gm if need[1] else None,
+            gs.to(size.dtype) if need[2] else None, None, None, None)
+
+
+FPET_MERGE_ROWS = library.register(library.Op(
+    "fpet_merge_rows", "(Tensor x, Tensor metric, Tensor? size, int num_prefix, int H, int W) "
+                       "-> (Tensor, Tensor, Tensor)",
+    _fake_fpet, reference=fpet_merge_rows_reference, setup_context=_fpet_setup,
+    backward=_fpet_rows_backward, calls=("fpet_merge_rows_backward",), triton=_fpet_triton))
+FPET_MERGE_ROWS_BACKWARD = library.register(library.Op(
+    "fpet_merge_rows_backward", "(Tensor grad_out, Tensor? grad_size, Tensor x, Tensor metric, Tensor? size, "
+                                "Tensor out, Tensor out_size, Tensor token_map, int num_prefix, int H, int W) "
+                                "-> (Tensor, Tensor, Tensor)",
+    _fake_fpet_backward, reference=fpet_merge_rows_backward_reference, triton=_fpet_triton_backward,
+    public=False))
 
 
 # ----------------------------------------------------------------------------- 4. public API
@@ -352,7 +395,8 @@ def fpet_merge(x: Tensor, metric: Tensor, size: Optional[Tensor] = None, class_t
     ``num_prefix`` (e.g. class + register tokens) overrides the count of prefix tokens that
     ``class_token`` / ``distill_token`` give; prefix tokens are never merged.
     ``padded``: tokens of ``size`` 0 are padding (a padded batch of sequences, ``grid=(1, N - p)``;
-    docs/semantics.md "Padded batches and threshold merging"); the reference backend only, for now."""
+    docs/semantics.md "Padded batches and threshold merging"): the op ``fpet_merge_rows``, kernels on every
+    backend; without a size-0 token the same values as ``padded=False``, bit for bit."""
     _checks.merge_inputs(x, metric, size)
     _checks.flag("padded", padded)
     p = int(_checks.flag("class_token", class_token)) + int(_checks.flag("distill_token", distill_token))
@@ -360,11 +404,8 @@ def fpet_merge(x: Tensor, metric: Tensor, size: Optional[Tensor] = None, class_t
         p = _checks.count("num_prefix", num_prefix)
     h, w = resolve_grid(x.shape[1], p, grid)
     dtypes = _checks.dtypes(x=x, metric=metric, size=size)
-    if padded:  # the per-row formulation: the reference only, for now (library.dispatch_rows)
-        out, out_size, tmap = library.dispatch_rows(FPET_MERGE, backend, x.device, dtypes, x, metric, size, p, h, w,
-                                                    True)
-    else:
-        out, out_size, tmap = library.dispatch(FPET_MERGE, backend, x.device, dtypes, x, metric, size, p, h, w)
+    out, out_size, tmap = library.dispatch(FPET_MERGE_ROWS if padded else FPET_MERGE, backend, x.device, dtypes,
+                                           x, metric, size, p, h, w)
     return (out, out_size, tmap) if return_token_map else (out, out_size)
 
 

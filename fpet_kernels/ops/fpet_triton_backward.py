@@ -22,6 +22,10 @@ chunk by chunk). Four launches, every one over (image, block) grids:
    token, -1 for an unmatched A token), ``g_z = grad_out[dest] / out_size[dest]``,
    ``grad_x = g_z * s``, ``grad_size = <g_z, x> + g_den[dest]``.
 
+``fpet_merge_rows_backward`` (padded batches, issue 21): the same launches with ``PADDED``: a score
+with a size-0 token on either side takes no part (-inf in pass 1, 0 in ``P``), and padding tokens
+get zero ``grad_x`` / ``grad_size`` (their metric gradient is 0: their rows and columns of ``Q`` are).
+
 No float atomics: every reduction runs in a fixed order (across blocks: partial results in a
 workspace, summed in block order), so results are bit-reproducible. No register tile grows with D
 or C: any metric dimension runs.
@@ -106,6 +110,7 @@ if HAS_TRITON:
         N, C, D, Na, Nb, p, H, W,
         HAS_SIZE: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr,
         SCORE_PREC: tl.constexpr, GRAD_PREC: tl.constexpr, NATIVE_M: tl.constexpr, NATIVE_X: tl.constexpr,
+        PADDED: tl.constexpr = False,
     ):
         img = tl.program_id(0).to(tl.int64)
         blk = tl.program_id(1)
@@ -142,6 +147,9 @@ if HAS_TRITON:
             den_b = tl.maximum(tl.load(nrm_ptr + pb, mask=vj, other=0.0), 1e-12)
             sc = _cosine(m_ptr, pa, vi, den_a, pb, vj, den_b, D, BD, NATIVE_M, SCORE_PREC)
             sc = tl.where((vj & (jj >= p))[None, :] & (sc == sc), sc, float("-inf"))  # NaN: skipped
+            if PADDED:  # a score with a padding token on either side: -inf
+                sc = tl.where((sa != 0)[:, None] & (load_sizes(s_ptr, pb, vj, HAS_SIZE) != 0)[None, :], sc,
+                              float("-inf"))
             m1 = tl.max(sc, 1)
             j1 = tl.min(tl.where(sc == m1[:, None], jj[None, :], 2147483647), 1)
             not1 = jj[None, :] != j1[:, None]
@@ -184,6 +192,8 @@ if HAS_TRITON:
             den_b = tl.maximum(tl.load(nrm_ptr + pb, mask=vj, other=0.0), 1e-12)
             sc = _cosine(m_ptr, pa, vi, den_a, pb, vj, den_b, D, BD, NATIVE_M, SCORE_PREC)
             live = vi[:, None] & (vj & (jj >= p))[None, :] & (sc == sc)
+            if PADDED:
+                live = live & (sa != 0)[:, None] & (load_sizes(s_ptr, pb, vj, HAS_SIZE) != 0)[None, :]
             soft = 1.0 / (1.0 + tl.exp(t[:, None] - tl.where(live, sc, 0.0)))
             pm = tl.where(live, g * soft * (1.0 - soft), 0.0)
             rowsum += tl.sum(pm, 1)
@@ -293,7 +303,7 @@ if HAS_TRITON:
         go_ptr, osz_ptr, gden_ptr, x_ptr, s_ptr, tmap_ptr,  # inputs (gden: launch 1's workspace)
         gx_ptr, gsz_ptr,  # outputs: grad_x [B, N, C], grad_size [B, N, 1] float32
         N, C, Nb,
-        HAS_SIZE: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+        HAS_SIZE: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, PADDED: tl.constexpr = False,
     ):
         img = tl.program_id(0).to(tl.int64)
         go_ptr += img * Nb * C
@@ -308,9 +318,11 @@ if HAS_TRITON:
         tt = tl.program_id(1) * BT + tl.arange(0, BT)
         vt = tt < N
         dest = tl.load(tmap_ptr + tt, mask=vt, other=-1).to(tl.int32)
-        hit = vt & (dest >= 0)
-        dest = tl.where(hit, dest, 0)
         s = load_sizes(s_ptr, tt, vt, HAS_SIZE)
+        hit = vt & (dest >= 0)
+        if PADDED:  # a padding token gets no gradient, whatever the map says
+            hit = hit & (s != 0)
+        dest = tl.where(hit, dest, 0)
         den = tl.load(osz_ptr + dest, mask=hit, other=0.0).to(tl.float32)
         gd = tl.load(gden_ptr + dest, mask=hit, other=0.0)
         ok = den != 0  # an output row of merged size 0 is the constant 0: no gradient
@@ -364,14 +376,15 @@ def fpet_merge_backward(grad_out: Tensor, grad_size: Optional[Tensor], x: Tensor
                         size: Optional[Tensor], out: Tensor, out_size: Tensor, token_map: Tensor,
                         num_prefix: int, H: int, W: int, *, block_i: Optional[int] = None,
                         block_j: Optional[int] = None, block_c: Optional[int] = None,
-                        block_d: Optional[int] = None):
+                        block_d: Optional[int] = None, padded: bool = False):
     """Straight-through FPET backward; returns ``(grad_x [B,N,C] x.dtype, grad_metric [B,N,D]
     metric.dtype, grad_size [B,N,1] float32)``, the values of ``fpet_merge_backward_reference``.
     ``block_*`` override the tile sizes (powers of two, >= 32 for i / j / c, >= 16 for d; tests use
-    them to span several tiles)."""
+    them to span several tiles). ``padded`` (``fpet_merge_rows_backward``): tokens of size 0 are padding."""
+    name = "fpet_merge_rows_backward" if padded else "fpet_merge_backward"
     if not HAS_TRITON:
-        raise RuntimeError("fpet_merge_backward (triton): triton is not installed")
-    op = "fpet_merge_backward (triton)"
+        raise RuntimeError(f"{name} (triton): triton is not installed")
+    op = f"{name} (triton)"
     bsz, n, c, d = check_merge_inputs(op, x, metric, size)
     check_grid(op, n, num_prefix, H, W)
     na, nb = grid_sizes(num_prefix, H, W)
@@ -416,14 +429,22 @@ def fpet_merge_backward(grad_out: Tensor, grad_size: Optional[Tensor], x: Tensor
             n, c, d, na, nb, num_prefix, H, W,
             HAS_SIZE=size is not None, BI=bi, BJ=bj, BC=cfg["BC"], BD=cfg["BD"],
             SCORE_PREC=cfg["SCORE_PREC"], GRAD_PREC=cfg["GRAD_PREC"], NATIVE_M=cfg["NATIVE_M"],
-            NATIVE_X=cfg["NATIVE_X"], num_warps=cfg["warps_scores"])
+            NATIVE_X=cfg["NATIVE_X"], PADDED=padded, num_warps=cfg["warps_scores"])
     _fpet_bwd_metric_kernel[(bsz, nib + njb)](
         metric, nrm, p_ws, rs_ws, top_ws, topv_ws, proj_ws, colp_ws, grad_metric, n, d, na, nb, num_prefix, H, W,
         BI=bi, BJ=bj, BD=cfg["BD"], GRAD_PREC=cfg["GRAD_PREC"], num_warps=cfg["warps_metric"])
     _fpet_bwd_x_kernel[(bsz, cdiv(n, cfg["BT"]))](
         grad_out, out_size, g_den, x, s, token_map,
         grad_x, grad_s, n, c, nb,
-        HAS_SIZE=size is not None, BT=cfg["BT"], BC=cfg["BC_X"],
+        HAS_SIZE=size is not None, BT=cfg["BT"], BC=cfg["BC_X"], PADDED=padded,
         num_warps=cfg["warps_x"],
     )
     return grad_x, grad_metric, grad_s
+
+
+def fpet_merge_rows_backward(grad_out: Tensor, grad_size: Optional[Tensor], x: Tensor, metric: Tensor,
+                             size: Optional[Tensor], out: Tensor, out_size: Tensor, token_map: Tensor,
+                             num_prefix: int, H: int, W: int, **blocks):
+    """``fpet_merge_rows_backward``: :func:`fpet_merge_backward` of a padded batch (``padded=True``)."""
+    return fpet_merge_backward(grad_out, grad_size, x, metric, size, out, out_size, token_map, num_prefix, H, W,
+                               padded=True, **blocks)

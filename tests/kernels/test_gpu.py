@@ -1,7 +1,7 @@
 """GPU backends ("triton", "cuda") on CUDA tensors against the reference on the same tensors.
 
 Every public op and its gradients: tome_match, tome_merge (x and size), unmerge (backward merge_sum),
-merge_wavg through ToMe's and FPET's closure APIs (backward merge_wavg_backward), fpet_merge (x,
+merge_wavg through ToMe's and FPET's closure APIs (backward merge_wavg_backward), fpet_merge (padded batches too; x,
 metric, size), pyra_merge (x, size, a, b, LayerNorm), for both GPU backends; X-PEFT's xpeft_adapter
 (x, residual and the four weights) and PaFi's masked_weight_grad (and its gradients) on Triton; they
 have no CUDA C++ kernel, so under ``cuda`` an explicit ``backend="cuda"`` must raise naming the op
@@ -360,6 +360,59 @@ def test_fpet_merge_forward_and_backward(gpu_backend, case, dtype, atol, rtol):
     _close_grads([gx, gs], [ex, es], 2 * atol, 2 * rtol, "fpet_merge x / size")
     # the straight-through metric gradient: normalisation, cosine, sigmoid chain in float32
     _close_grads([gm], [em], 8 * max(atol, 1e-5), 8 * max(rtol, 1e-5), "fpet_merge metric")
+
+
+# ----------------------------------------------------------------------------- FPET, padded batches
+PADDED_LENS = (129, 100, 2, 0)  # full, partly padded, [CLS] + one token, fully padded
+
+
+def fpet_ties_padded(metric, size, p, grid):
+    """``fpet_ties`` of a padded batch: scores with a padding (size 0) token take no part."""
+    h, w = grid
+    a, b = _checkerboard(p, h, w, metric.device)
+    valid = size[..., 0] != 0
+    m = F.normalize(metric.double(), dim=-1)
+    s = m[:, a] @ m[:, b].transpose(1, 2)
+    s[:, :, :p] = -torch.inf
+    s = s.masked_fill(~(valid[:, a, None] & valid[:, None, b]), -torch.inf)
+    top = s.topk(min(3, s.shape[-1] - p), dim=-1).values
+    gaps = top[..., :-1] - top[..., 1:]
+    return ((gaps <= TIE_TOL) & torch.isfinite(top[..., 1:])).any(-1).any(-1)
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", [pytest.param(*_TOL[dt].values, id=_TOL[dt].id) for dt in (F32, F16)])
+def test_fpet_merge_padded_text_batch(gpu_backend, dtype, atol, rtol):
+    """``fpet_merge(padded=True)`` (the op ``fpet_merge_rows``) on a right-padded text batch, grid
+    (1, N - 1) ([CLS] + 128 tokens, MiniLM's width): values, sizes, token map and gradients against
+    the reference; padding maps to -1 and gets no gradient, the fully padded row stays 0 (no NaN)."""
+    bsz, n, c, grid = len(PADDED_LENS), 129, 384, (1, 128)
+    lens = torch.tensor(PADDED_LENS, device=DEV)
+
+    def make(seed):
+        x, metric, size = _inputs(bsz, n, c, 32, dtype, seed=seed)
+        valid = torch.arange(n, device=DEV) < lens[:, None]
+        return x, metric, size * valid[..., None]
+
+    (x, metric, size), flags = _draw(make, lambda t: fpet_ties_padded(t[1], t[2], 1, grid))
+    keep = ~flags
+
+    def run(be):
+        def f(x, metric, size):
+            return fk.fpet_merge(x, metric, size, True, grid=grid, backend=be, return_token_map=True, padded=True)
+        return f
+    got = _grads(run(gpu_backend), [x, metric, size], keep)
+    exp = _grads(run("reference"), [x, metric, size], keep)
+    _map_in_range(got[0][2], got[0][0].shape[1], allow_dropped=True)
+    _close(got[0], exp[0], keep, atol, rtol, "fpet_merge padded")
+    gx, gm, gs = got[1]
+    ex, em, es = exp[1]
+    _close_grads([gx, gs], [ex, es], 2 * atol, 2 * rtol, "fpet_merge padded x / size")
+    _close_grads([gm], [em], 8 * max(atol, 1e-5), 8 * max(rtol, 1e-5), "fpet_merge padded metric")
+    pad = size[..., 0] == 0
+    assert bool((got[0][2][pad] == -1).all()), "padding maps to -1"
+    for g in (gx, gm, gs):
+        assert bool(torch.isfinite(g).all()) and bool((g[pad] == 0).all()), "padding gets no gradient"
+    assert bool((got[0][0][3] == 0).all()) and bool((got[0][1][3] == 0).all()), "a fully padded row is 0"
 
 
 # ----------------------------------------------------------------------------- PYRA

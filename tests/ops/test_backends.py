@@ -357,6 +357,7 @@ def test_every_resolving_op_names_itself(monkeypatch):
     merge, _ = fk.bipartite_soft_matching(metric, 4)
     fk.merge_wavg(merge, x, size)
     fk.fpet_merge(x, metric, class_token=True)
+    fk.fpet_merge(x, metric, size, class_token=True, grid=(1, 16), padded=True)  # fpet_merge_rows
     fk.merge_wavg(fk.bipartite_diff_matching(metric, class_token=True), x, size)
     fk.pyra_merge(x, metric, 4, gen(4, 1), gen(1, 8), torch.ones(8), torch.zeros(8), class_token=True)
     from fpet_kernels.ops import sparse, xpeft

@@ -200,6 +200,54 @@ def test_fuzz_fpet_merge(backend):
     fuzz(backend, cases(fpet=True), _check_fpet)
 
 
+@st.composite
+def padded_cases(draw):
+    """An FPET case of a padded batch (``padded=True``, the op ``fpet_merge_rows``): sizes given, some
+    tokens of size 0: right padding (a random length per row, 0 included), or anywhere."""
+    case = draw(cases(fpet=True))
+    case.update(sized=True, pad=draw(st.sampled_from(["right", "anywhere"])))
+    return case
+
+
+def _check_fpet_padded(backend, case):
+    x, metric, size = data(case)
+    g = torch.Generator().manual_seed(case["seed"] + 1)
+    b, n = x.shape[:2]
+    if case["pad"] == "right":
+        lens = torch.randint(0, n + 1, (b, 1), generator=g)
+        valid = torch.arange(n) < lens
+    else:
+        valid = torch.rand(b, n, generator=g) < 0.6
+    size = size * valid.unsqueeze(-1)
+    p, grid = case["p"], (case["h"], case["w"])
+
+    def fn(be):
+        return lambda xx, mm, ss: fk.fpet_merge(xx, mm, ss, grid=grid, num_prefix=p, backend=be,
+                                                return_token_map=True, padded=True)
+    out, osz, tmap = fn(backend)(x, metric, size)
+    rout, rosz, rtmap = fn("reference")(x, metric, size)
+    assert torch.equal(tmap, rtmap), case
+    assert bool((tmap[~valid] == -1).all()), case
+    close(out, rout, case["dtype"], "fpet_merge padded")
+    assert torch.equal(osz, rosz), case
+    if not bool(torch.isfinite(x).all()):
+        return  # the metric gradient is a product with x by definition
+    w = weights((out, osz), case["seed"])
+    got = grads(lambda *t: fn(backend)(*t)[:2], (x, metric, size), w)
+    ref = grads(lambda *t: fn("reference")(*t)[:2], (x, metric, size), w)
+    close(got[0], ref[0], case["dtype"], "grad x")
+    scale = max(1.0, float(ref[1].float().abs().max()))
+    atol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[case["dtype"]] * scale
+    torch.testing.assert_close(got[1].float(), ref[1].float(), atol=atol, rtol=0.05, msg=lambda m: f"grad metric: {m}")
+    close(got[2], ref[2], case["dtype"] if case["dtype"] != torch.float32 else torch.float32, "grad size")
+    for t in got:  # padding gets no gradient
+        assert bool((t[~valid] == 0).all()), case
+
+
+def test_fuzz_fpet_merge_padded(backend):
+    fuzz(backend, padded_cases(), _check_fpet_padded)
+
+
 # ----------------------------------------------------------------------------- PYRA
 def _check_pyra(backend, case):
     x, metric, size = data(case)

@@ -8,8 +8,10 @@ first, padding rows (x = 0, size = 0) after; padding tokens map to -1 and get ze
 ``BACKENDS`` lists the backends held to it for every family: the reference; ``TOME_BACKENDS`` those of
 ToMe's per-row matching (``torch.ops.fpet.tome_match_rows`` + ``merge_wavg``): the reference, the C++
 CPU kernels and Triton (in its interpreter on CPU tensors); its CUDA kernel runs here in the SIMT
-emulator (tests/simt_ext.py) against the reference. The other families' kernels are added when they
-compute the per-row formulation (NOTES_issue21.md).
+emulator (tests/simt_ext.py) against the reference.
+``FPET_BACKENDS``: FPET's registered per-row ops (``fpet_merge_rows``, ``fpet_merge_rows_backward``)
+run on every backend: the reference, the C++ CPU kernels, Triton (its interpreter on CPU tensors) and
+the CUDA kernels' source on the host emulator (``cuda-simt``: ``torch.ops.fpet_simt``, tests/simt_ext.py).
 """
 from __future__ import annotations
 
@@ -23,12 +25,13 @@ from hypothesis import strategies as st
 
 import fpet_kernels as fk
 from fpet_kernels.ops import library
+from fpet_kernels.ops import fpet as fpet_ops
 from fpet_kernels.ops.attention import attention_inputs_reference
 from fpet_kernels.ops.shapes import cap_r
 from fpet_kernels.ops.tome import (_tome_match_rows_op_reference, merge_wavg_reference, normalize,
-                                   tome_merge_rows_reference, unmerge_reference)
+                                   tome_merge_rows_reference, unmerge_reference, valid_tokens)
 
-from helpers import REQUIRE_EXTENSION, is_live
+from helpers import REQUIRE_EXTENSION, is_live, missing_message
 
 BACKENDS = ["reference"]
 DTYPES = [torch.float32, torch.float64]
@@ -40,6 +43,63 @@ TOME_CASES = [pytest.param(b, d, id=f"{b}-{str(d)[6:]}") for b in TOME_BACKENDS
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
 SETTINGS = settings(max_examples=20, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+FPET_BACKENDS = ["reference", "cpu", "triton", "cuda-simt"]
+FPET_KERNEL_BACKENDS = FPET_BACKENDS[1:]
+
+
+def _fpet_backend(request, name):
+    """A backend of FPET's per-row ops, skipped where it is not live (failing under FPET_REQUIRE_EXTENSION=1)."""
+    if name == "cuda-simt":
+        request.getfixturevalue("simt_ops")  # conftest.py: skips / fails when the emulator cannot be built
+    elif name != "reference" and not is_live(name):
+        if REQUIRE_EXTENSION:
+            pytest.fail(f"FPET_REQUIRE_EXTENSION=1: {missing_message(name)}", pytrace=False)
+        pytest.skip(missing_message(name))
+    return name
+
+
+@pytest.fixture(params=FPET_BACKENDS)
+def fpet_backend(request):
+    return _fpet_backend(request, request.param)
+
+
+@pytest.fixture(params=FPET_KERNEL_BACKENDS)
+def fpet_kernel(request):
+    return _fpet_backend(request, request.param)
+
+
+class _SimtRows(torch.autograd.Function):
+    """``fpet_merge_rows`` of the CUDA kernels' source on the host emulator, with its backward op."""
+
+    @staticmethod
+    def forward(ctx, x, metric, size, p, h, w):
+        out, osz, tmap = torch.ops.fpet_simt.fpet_merge_rows(x, metric, size, p, h, w)
+        ctx.args = (p, h, w)
+        ctx.save_for_backward(x, metric, size, out, osz, tmap)
+        ctx.mark_non_differentiable(tmap)
+        return out, osz, tmap
+
+    @staticmethod
+    def backward(ctx, go, gs, _):
+        x, metric, size, out, osz, tmap = ctx.saved_tensors
+        gx, gm, gsz = torch.ops.fpet_simt.fpet_merge_rows_backward(go.contiguous(), gs, x, metric, size, out, osz,
+                                                                   tmap, *ctx.args)
+        return gx, gm, None if size is None else gsz.to(size.dtype), None, None, None
+
+
+def _fpet_rows(backend, x, metric, size, p, grid):
+    """(x', size', token_map) of a padded batch on ``backend`` (differentiable)."""
+    if backend == "cuda-simt":
+        return _SimtRows.apply(x, metric, size, p, *grid)
+    return fk.fpet_merge(x, metric, size, num_prefix=p, grid=grid, backend=backend, return_token_map=True,
+                         padded=True)
+
+
+def _fpet_dtypes(backend):
+    """The float64 reference; the kernels compute float32, float16 and bfloat16 (float32 here)."""
+    return DTYPES if backend == "reference" else [torch.float32]
 
 
 def _close(got, exp, dtype, what):
@@ -195,19 +255,21 @@ def test_pyra_merge_per_sequence_equivalence(backend, dtype, lens, r, fl, seed):
 
 # ----------------------------------------------------------------------------- FPET on sequences
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("backend", BACKENDS)
-@SETTINGS
+@settings(SETTINGS, max_examples=8)
 @given(lens=st.lists(st.integers(0, 23), min_size=1, max_size=4), cls=st.booleans(), seed=st.integers(0, 2 ** 16))
-def test_fpet_merge_per_sequence_equivalence(backend, dtype, lens, cls, seed):
+def test_fpet_merge_per_sequence_equivalence(fpet_backend, dtype, lens, cls, seed):
     """FPET on a sequence: grid (1, n - p), A = even grid positions, B = the prefix then the odd ones.
     Rows with at least 4 grid tokens equal the row alone (values, sizes, map, gradients in x, metric
-    and size); shorter rows follow the short-row rule (test_fpet_short_rows)."""
+    and size); shorter rows follow the short-row rule (test_fpet_short_rows). Every backend of
+    ``fpet_merge_rows`` against the ordinary reference run on the row alone."""
+    backend = fpet_backend
+    if dtype not in _fpet_dtypes(backend):
+        pytest.skip("the kernels compute float32, float16 and bfloat16")
     p = int(cls)
     n = max(max(lens), p + 4)
     x, metric, size = _batch(seed, lens, n, 5, 4, dtype)
     xl, ml, sl = _leaves(x, metric, size)
-    out, osz, tmap = fk.fpet_merge(xl, ml, sl, class_token=cls, grid=(1, n - p), backend=backend,
-                                   return_token_map=True, padded=True)
+    out, osz, tmap = _fpet_rows(backend, xl, ml, sl, p, (1, n - p))
     assert out.shape[1] == p + (n - p) // 2
     g = torch.Generator().manual_seed(seed + 3)
     go, gs = torch.randn(out.shape, generator=g, dtype=dtype), torch.randn(osz.shape, generator=g, dtype=osz.dtype)
@@ -234,19 +296,19 @@ def test_fpet_merge_per_sequence_equivalence(backend, dtype, lens, cls, seed):
         _close(sl.grad[b, :k], _grad(sa)[0], dtype, "grad size")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cls", [False, True])
-def test_fpet_short_rows(backend, cls):
+def test_fpet_short_rows(fpet_backend, cls):
     """Rows too short to merge as a sequence alone (fewer than 4 grid tokens): one valid destination
     cell takes every A token; no destination cell (one grid token) keeps that token as row p; a
     prefix-only or empty row keeps its prefix / nothing. No NaN, no gradient into padding."""
+    backend = fpet_backend
     p = int(cls)
     n = p + 8
     lens = [p + 3, p + 2, p + 1, p, 0]
-    x, metric, size = _batch(5, lens, n, 4, 3, torch.float64)
+    x, metric, size = _batch(5, lens, n, 4, 3, _fpet_dtypes(backend)[-1])
+    x[2, p + 1:] = math.inf  # padding that is never read: the lone token's row stays exact
     xl, ml, sl = _leaves(x, metric, size)
-    out, osz, tmap = fk.fpet_merge(xl, ml, sl, class_token=cls, grid=(1, n - p), backend=backend,
-                                   return_token_map=True, padded=True)
+    out, osz, tmap = _fpet_rows(backend, xl, ml, sl, p, (1, n - p))
     (out.sum() + osz.sum()).backward()
     for t in (out, osz, xl.grad, ml.grad, sl.grad):
         assert torch.isfinite(t).all()
@@ -261,6 +323,273 @@ def test_fpet_short_rows(backend, cls):
     assert (out[4] == 0).all() and (osz[4] == 0).all()
     for b, k in enumerate(lens):
         assert (osz[b, p + 1:] == 0).all() and (xl.grad[b, k:] == 0).all() and (sl.grad[b, k:] == 0).all()
+
+
+def _fpet_case(case, dtype=torch.float32):
+    """(x, metric, size, p, grid) of a padded batch: sequences (grid (1, W)), a 2-D grid whose rows are
+    padded at the end, a batch without padding, a long sequence (several tiles in every kernel)."""
+    if case == "seq":
+        p, n = 1, 12
+        x, metric, size = _batch(11, [12, 9, 5, 3, 2, 1, 0], n, 6, 5, dtype)
+        return x, metric, size, p, (1, n - p)
+    if case == "seq-p0":
+        n = 11
+        x, metric, size = _batch(12, [11, 8, 4, 2, 1, 0], n, 5, 3, dtype)
+        return x, metric, size, 0, (1, n)
+    if case == "grid":
+        p, h, w = 1, 4, 5
+        x, metric, size = _batch(13, [21, 15, 8, 2], p + h * w, 7, 4, dtype)
+        return x, metric, size, p, (h, w)
+    if case == "no-padding":
+        x, metric, size = _batch(14, [10, 10], 10, 4, 3, dtype)
+        return x, metric, size, 0, (1, 10)
+    if case == "no-size":
+        x, metric, _ = _batch(15, [9, 9], 9, 4, 3, dtype)
+        return x, metric, None, 1, (1, 8)
+    if case == "long":
+        p, n = 1, 151
+        x, metric, size = _batch(16, [151, 140, 77, 33, 4], n, 40, 24, dtype)
+        return x, metric, size, p, (1, n - p)
+    raise ValueError(case)
+
+
+FPET_CASES = ["seq", "seq-p0", "grid", "no-padding", "no-size", "long"]
+
+
+def _fpet_run(backend, x, metric, size, p, grid, seed=21):
+    """Outputs and gradients (x, metric, size) of one padded call; the upstream gradients are fixed by seed."""
+    xl, ml = _leaves(x, metric)
+    sl = None if size is None else _leaves(size)[0]
+    out, osz, tmap = _fpet_rows(backend, xl, ml, sl, p, grid)
+    g = torch.Generator().manual_seed(seed)
+    go = torch.randn(out.shape, generator=g).to(out.dtype)
+    gs = torch.randn(osz.shape, generator=g).to(osz.dtype)
+    ((out.float() * go.float()).sum() + (osz * gs).sum()).backward()
+    return out, osz, tmap, _grad(xl), _grad(ml), None if sl is None else _grad(sl)
+
+
+@pytest.mark.parametrize("case", FPET_CASES)
+def test_fpet_rows_kernels_match_the_reference(fpet_kernel, case):
+    """Every kernel of fpet_merge_rows / fpet_merge_rows_backward against the reference: token map
+    exactly, sizes exactly (sums of small integers), values and gradients in x, metric and size."""
+    x, metric, size, p, grid = _fpet_case(case)
+    got = _fpet_run(fpet_kernel, x, metric, size, p, grid)
+    exp = _fpet_run("reference", x, metric, size, p, grid)
+    assert torch.equal(got[2], exp[2]), "token_map"
+    assert torch.equal(got[1], exp[1]), "sizes"
+    tol = dict(atol=2e-5, rtol=2e-5)
+    for what, a, b in zip(("x'", "grad x", "grad metric", "grad size"), got[:1] + got[3:], exp[:1] + exp[3:]):
+        if b is None:
+            assert a is None
+            continue
+        assert torch.isfinite(a).all(), what
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, w=what: f"{fpet_kernel} {case} {w}: {m}")
+    if size is not None:
+        valid = valid_tokens(size, x)
+        assert (got[2][~valid] == -1).all()
+        for g in got[3:]:
+            assert (g[~valid] == 0).all(), "padding gets no gradient"
+
+
+@pytest.mark.parametrize("case", ["seq", "grid", "long"])
+def test_fpet_rows_cuda_kernels_under_every_thread_order(simt, case):
+    """The CUDA kernels of fpet_merge_rows(_backward) on the emulator in every configuration (thread
+    order forwards / reversed, 256 / 64 threads, 1 / 4 multiprocessors): a race or a missing barrier
+    shows as a difference; the same values as the default configuration, exactly."""
+    x, metric, size, p, grid = _fpet_case(case)
+    got = _fpet_run("cuda-simt", x, metric, size, p, grid)
+    simt.configure(0, 256, 4)
+    exp = _fpet_run("cuda-simt", x, metric, size, p, grid)
+    for what, a, b in zip(("x'", "size'", "token_map", "grad x", "grad metric", "grad size"), got, exp):
+        assert torch.equal(a, b), what
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_fpet_rows_half_inputs(fpet_kernel, dtype):
+    """float16 / bfloat16 inputs (as fpet_merge takes them): the reference on the same inputs."""
+    x, metric, size, p, grid = _fpet_case("seq", dtype)
+    x[size[..., 0] == 0] = 100.0  # 1e6 does not fit float16
+    got = _fpet_run(fpet_kernel, x, metric, size, p, grid)
+    exp = _fpet_run("reference", x, metric, size, p, grid)
+    assert torch.equal(got[2], exp[2]) and torch.equal(got[1], exp[1])
+    tol = dict(atol=2e-3, rtol=2e-3) if dtype == torch.float16 else dict(atol=1.6e-2, rtol=1.6e-2)
+    for what, a, b in zip(("x'", "grad x", "grad metric", "grad size"), got[:1] + got[3:], exp[:1] + exp[3:]):
+        assert a.dtype == b.dtype, what
+        torch.testing.assert_close(a.float(), b.float(), **tol, msg=lambda m, w=what: f"{w}: {m}")
+
+
+def test_fpet_rows_non_contiguous_inputs(fpet_kernel):
+    """Strided views (x from a transposed buffer, metric a channel slice, size a column view) give the
+    values of their contiguous copies."""
+    x, metric, size, p, grid = _fpet_case("seq")
+    xs = x.transpose(1, 2).contiguous().transpose(1, 2)
+    ms = torch.cat([metric, torch.randn_like(metric)], -1)[..., :metric.shape[-1]]
+    ss = torch.cat([size, size], -1)[..., :1]
+    assert not (xs.is_contiguous() or ms.is_contiguous() or ss.is_contiguous())
+    got = _fpet_run(fpet_kernel, xs, ms, ss, p, grid)
+    exp = _fpet_run(fpet_kernel, x, metric, size, p, grid)
+    for a, b in zip(got, exp):
+        assert torch.equal(a, b)
+
+
+def _ordinary(backend, x, metric, size, p, grid):
+    """The ordinary op (fpet_merge) on the same backend, with gradients."""
+    xl, ml = _leaves(x, metric)
+    sl = None if size is None else _leaves(size)[0]
+    if backend == "cuda-simt":
+        out, osz, tmap = torch.ops.fpet_simt.fpet_merge(xl, ml, sl, p, *grid)
+        g = torch.Generator().manual_seed(21)
+        go, gs = torch.randn(out.shape, generator=g), torch.randn(osz.shape, generator=g)
+        gx, gm, gsz = torch.ops.fpet_simt.fpet_merge_backward(go, gs, xl, ml, sl, out, osz, tmap, p, *grid)
+        return out, osz, tmap, gx, gm, gsz
+    out, osz, tmap = fk.fpet_merge(xl, ml, sl, num_prefix=p, grid=grid, backend=backend, return_token_map=True)
+    g = torch.Generator().manual_seed(21)
+    go, gs = torch.randn(out.shape, generator=g), torch.randn(osz.shape, generator=g)
+    ((out * go).sum() + (osz * gs).sum()).backward()
+    return out, osz, tmap, _grad(xl), _grad(ml), None if sl is None else _grad(sl)
+
+
+@pytest.mark.parametrize("case", ["no-padding", "no-size"])
+def test_fpet_rows_without_padding_is_fpet_merge_bit_for_bit(fpet_backend, case):
+    """No size-0 token: fpet_merge_rows is fpet_merge on the same backend, bit for bit (the same
+    arithmetic in the same order: the padded flag only masks)."""
+    x, metric, size, p, grid = _fpet_case(case)
+    got = _fpet_run(fpet_backend, x, metric, size, p, grid)
+    exp = _ordinary(fpet_backend, x, metric, size, p, grid)
+    names = ("x'", "size'", "token_map", "grad x", "grad metric", "grad size")
+    for what, a, b in zip(names[:5] if size is None else names, got, exp):  # no size: no size gradient
+        assert torch.equal(a, b.to(a.dtype)), what
+
+
+def _dense_straight_through(x, metric, size, p, h, w):
+    """FPET of a padded batch as dense autograd: ``x' = (z_B + M^T z_A) / (s_B + M^T s_A)`` with the
+    straight-through ``M = soft + (hard - soft).detach()`` over the masked scores (docs/semantics.md),
+    the hard part the reference's token map (short-row rule included)."""
+    valid = valid_tokens(size, x)
+    tmap = fpet_ops.fpet_token_map(metric, p, h, w, valid)
+    # a padding token's metric (NaN in these batches) takes no part: 0 * NaN in the matmul's backward
+    # would spread NaN to every valid token's gradient
+    metric = torch.where(valid.unsqueeze(-1), metric, 0)
+    scores, a_idx, b_idx = fpet_ops._scores(metric, p, h, w, valid)
+    v1, i1, v2, i2 = fpet_ops.top2(scores.detach())
+    live = fpet_ops.valid_scores(scores.detach())
+    clean = torch.where(live, scores, 0)
+    t = (torch.where(v1 > -math.inf, clean.gather(-1, i1.unsqueeze(-1))[..., 0], -math.inf)
+         + torch.where(v2 > -math.inf, clean.gather(-1, i2.unsqueeze(-1))[..., 0], -math.inf)) / 2
+    soft = torch.where(live, torch.sigmoid(clean - t.unsqueeze(-1)), 0)
+    match = tmap[:, a_idx]
+    hard = torch.zeros_like(soft).scatter(-1, match.clamp_min(0).unsqueeze(-1), 1.0) * (match >= 0).unsqueeze(-1)
+    m = soft + (hard - soft).detach()
+    s = torch.where(valid, size[..., 0], 0).unsqueeze(-1)
+    z = torch.where(valid.unsqueeze(-1), x * s, 0)
+    self_b = (tmap[:, b_idx] >= 0).unsqueeze(-1).to(x.dtype)  # a padding B token is not its own row
+    num = z[:, b_idx] * self_b + m.transpose(1, 2) @ z[:, a_idx]
+    den = s[:, b_idx] * self_b + m.transpose(1, 2) @ s[:, a_idx]
+    return num / torch.where(den != 0, den, 1) * (den != 0), den
+
+
+@pytest.mark.parametrize("case", ["seq", "seq-p0", "grid"])
+def test_fpet_rows_backward_reference_is_the_autograd_of_the_straight_through_merge(case):
+    """fpet_merge_rows_backward_reference (the closed form the kernels implement) equals plain autograd
+    of the dense straight-through formulation of a padded batch, in x, metric and size."""
+    x, metric, size, p, (h, w) = _fpet_case(case, torch.float64)
+    x = torch.where(valid_tokens(size, x).unsqueeze(-1), x, 0)  # the dense form multiplies padding by 0
+    xl, ml, sl = _leaves(x, metric, size)
+    out, den = _dense_straight_through(xl, ml, sl, p, h, w)
+    g = torch.Generator().manual_seed(3)
+    go = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    gs = torch.randn(den.shape, generator=g, dtype=torch.float64)
+    ((out * go).sum() + (den * gs).sum()).backward()
+    r_out, r_size, r_map = fpet_ops.fpet_merge_reference(x, metric, size, p, h, w, padded=True)
+    _close(r_out, out.detach(), torch.float64, "x'")
+    assert torch.equal(r_size, den.detach())
+    gx, gm, gsz = fpet_ops.fpet_merge_rows_backward_reference(go, gs, x, metric, size, r_out, r_size, r_map, p, h, w)
+    _close(gx, xl.grad, torch.float64, "grad x")
+    _close(gm, ml.grad, torch.float64, "grad metric")
+    _close(gsz, sl.grad, torch.float64, "grad size")
+    assert (gm[~valid_tokens(size, x)] == 0).all()
+
+
+def _raw_rows(backend):
+    """The raw registered ops of one backend: (forward, backward)."""
+    if backend == "cuda-simt":
+        return torch.ops.fpet_simt.fpet_merge_rows, torch.ops.fpet_simt.fpet_merge_rows_backward
+    if backend == "triton":
+        return torch.ops.fpet.fpet_merge_rows_triton, torch.ops.fpet.fpet_merge_rows_backward_triton
+    return torch.ops.fpet.fpet_merge_rows, torch.ops.fpet.fpet_merge_rows_backward
+
+
+def test_fpet_rows_bad_arguments_name_them(fpet_kernel):
+    """The registered entry points check what they index with (no memory corruption): a grid that
+    does not match N, a metric or size of the wrong shape, a token map out of range or of the wrong
+    shape in the backward; each error names the argument."""
+    fwd, bwd = _raw_rows(fpet_kernel)
+    x, metric, size, p, grid = _fpet_case("seq")
+    with pytest.raises((RuntimeError, ValueError), match=r"grid|H \* W"):  # C++: "grid", Triton: names H * W
+        fwd(x, metric, size, p, 1, grid[1] - 1)
+    with pytest.raises((RuntimeError, ValueError), match="metric"):
+        fwd(x, metric[:, :-1], size, p, *grid)
+    with pytest.raises((RuntimeError, ValueError), match="size"):
+        fwd(x, metric, size[:, :-1], p, *grid)
+    out, osz, tmap = fwd(x, metric, size, p, *grid)
+    go = torch.ones_like(out)
+    for bad in (tmap.clone().fill_(out.shape[1] + 7), tmap.clone().fill_(-5)):
+        with pytest.raises((RuntimeError, ValueError, IndexError), match="token_map"):
+            bwd(go, None, x, metric, size, out, osz, bad, p, *grid)
+    with pytest.raises((RuntimeError, ValueError), match="token_map"):
+        bwd(go, None, x, metric, size, out, osz, tmap[:, :-1], p, *grid)
+    with pytest.raises((RuntimeError, ValueError), match="grad_out"):
+        bwd(go[:, :-1], None, x, metric, size, out, osz, tmap, p, *grid)
+
+
+def test_fpet_rows_opcheck(fpet_kernel):
+    """torch.library.opcheck of the registered per-row op (schema, fake kernel, autograd registration)."""
+    if fpet_kernel == "cuda-simt":
+        pytest.skip("the emulator's ops register implementations only (no autograd, no fake kernels)")
+    from torch.library import opcheck
+    op = _raw_rows(fpet_kernel)[0]
+    x, metric, size, p, grid = _fpet_case("seq-p0")
+    x = torch.where(size > 0, x, 0.0).requires_grad_(True)
+    metric = torch.nan_to_num(metric, nan=1.0)
+    size = size.clone().requires_grad_(True)
+    opcheck(op, (x, metric, size, p, *grid))
+    opcheck(op, (x, metric, None, p, *grid))
+
+
+@pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
+def test_fpet_rows_torch_compile_fullgraph(compile_backend):
+    """fpet_merge(padded=True) on the C++ kernels compiles without a graph break (the fake kernel, the
+    registered autograd); values and gradients equal the eager call."""
+    if not is_live("cpu"):
+        if REQUIRE_EXTENSION:
+            pytest.fail(f"FPET_REQUIRE_EXTENSION=1: {missing_message('cpu')}", pytrace=False)
+        pytest.skip(missing_message("cpu"))
+    x, metric, size, p, grid = _fpet_case("seq")
+
+    def f(x, metric, size):
+        out, osz = fk.fpet_merge(x, metric, size, num_prefix=p, grid=grid, backend="cpu", padded=True)
+        return (out * out).sum() + osz.sum()
+
+    torch._dynamo.reset()
+    leaves = [_leaves(x, metric, size), _leaves(x, metric, size)]
+    got = torch.compile(f, fullgraph=True, backend=compile_backend)(*leaves[0])
+    exp = f(*leaves[1])
+    got.backward()
+    exp.backward()
+    torch.testing.assert_close(got, exp)
+    for a, b in zip(leaves[0], leaves[1]):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_fpet_rows_records():
+    """fpet_merge_rows / fpet_merge_rows_backward are op records with kernels on every backend; the
+    ordinary fpet_merge no longer carries a per-row reference."""
+    rec, bwd = library.OPS["fpet_merge_rows"], library.OPS["fpet_merge_rows_backward"]
+    assert rec.cpp and rec.cuda and rec.triton is not None and rec.backward is not None and rec.public
+    assert rec.calls == ("fpet_merge_rows_backward",) and rec.schema == library.OPS["fpet_merge"].schema
+    assert bwd.cpp and bwd.cuda and bwd.triton is not None and not bwd.public
+    assert bwd.schema == library.OPS["fpet_merge_backward"].schema
+    assert library.OPS["fpet_merge"].rows is None
 
 
 # ----------------------------------------------------------------------------- edge rows
@@ -446,14 +775,13 @@ def test_padding_not_at_the_right_end():
     assert int(m.kept[0]) == 3 and m.token_map[0, 1] == -1 and osz[0, :, 0].tolist() == [1.0, 1.0, 2.0, 0.0]
 
 
-@pytest.mark.parametrize("name", ["pyra_merge", "fpet_merge"])
+@pytest.mark.parametrize("name", ["pyra_merge"])
 def test_kernel_backends_refuse_per_row_merging_for_now(name):
     """Until the kernels implement it (NOTES_issue21.md), a kernel backend says so instead of
     silently ignoring padding."""
     x, metric, size = torch.randn(2, 9, 4), torch.randn(2, 9, 3), torch.ones(2, 9, 1)
     a, bb, lw, lb = torch.randn(2, 1), torch.randn(1, 4), torch.ones(4), torch.zeros(4)
-    call = {"pyra_merge": lambda: fk.pyra_merge(x, metric, 2, a, bb, lw, lb, size, backend="cpu", threshold=0.5),
-            "fpet_merge": lambda: fk.fpet_merge(x, metric, size, grid=(1, 9), backend="cpu", padded=True)}[name]
+    call = {"pyra_merge": lambda: fk.pyra_merge(x, metric, 2, a, bb, lw, lb, size, backend="cpu", threshold=0.5)}[name]
     with pytest.raises(NotImplementedError, match=f"{name}: padded / threshold merging has no 'cpu' kernel"):
         call()
 
@@ -475,8 +803,9 @@ def test_the_automatic_backend_choice():
 def test_the_per_row_formulation_is_on_the_records():
     """The merge ops without per-row kernels carry their per-row reference on their ``library.Op`` record
     (``rows``), which ``library.dispatch_rows`` runs; ToMe's per-row matching is an op of its own,
-    ``tome_match_rows``, with kernels on every backend (and ``tome_merge`` per row = it + ``merge_wavg``)."""
-    assert {name for name, op in library.OPS.items() if op.rows is not None} == {"pyra_merge", "fpet_merge"}
+    ``tome_match_rows``, with kernels on every backend (and ``tome_merge`` per row = it + ``merge_wavg``);
+    FPET has registered per-row ops (``fpet_merge_rows``, test_fpet_rows_records)."""
+    assert {name for name, op in library.OPS.items() if op.rows is not None} == {"pyra_merge"}
     rec = library.OPS["tome_match_rows"]
     assert rec.cpp and rec.cuda and rec.triton is not None and rec.backward is None and rec.public
 
