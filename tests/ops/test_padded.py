@@ -6,7 +6,9 @@ sequence run alone through the ordinary (unpadded) reference, with its own cap o
 first, padding rows (x = 0, size = 0) after; padding tokens map to -1 and get zero gradients.
 
 ``BACKENDS`` lists the backends held to it: only the reference computes per-row merges so far; the
-kernel backends (C++ CPU, CUDA, Triton) are added here when they do (NOTES_issue21.md).
+kernel backends (C++ CPU, CUDA, Triton) are added here when they do (NOTES_issue21.md). PYRA's per-row
+op ``pyra_merge_rows`` has kernels: its tests run ``PYRA_CASES`` (the reference, the C++ CPU kernel and
+Triton in the interpreter; the CUDA kernel on the SIMT emulator in tests/kernels/test_simt_pyra_rows.py).
 """
 from __future__ import annotations
 
@@ -19,10 +21,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fpet_kernels as fk
-from fpet_kernels.ops import library
+from fpet_kernels.ops import library, pyra
 from fpet_kernels.ops.attention import attention_inputs_reference
 from fpet_kernels.ops.shapes import cap_r
-from fpet_kernels.ops.tome import merge_wavg_reference, normalize, unmerge_reference
+from fpet_kernels.ops.tome import (merge_wavg_reference, normalize, static_rows, tome_match_rows_reference,
+                                   unmerge_reference, valid_tokens)
+from helpers import REQUIRE_EXTENSION, is_live, missing_message
 
 BACKENDS = ["reference"]
 DTYPES = [torch.float32, torch.float64]
@@ -31,8 +35,25 @@ SETTINGS = settings(max_examples=20, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
-def _close(got, exp, dtype, what):
-    torch.testing.assert_close(got, exp, **TOL[dtype], msg=lambda m: f"{what}: {m}")
+# PYRA's per-row op on every backend that runs on CPU tensors: the kernels compute float32
+PYRA_CASES = [pytest.param("reference", torch.float32, id="reference-f32"),
+              pytest.param("reference", torch.float64, id="reference-f64"),
+              pytest.param("cpu", torch.float32, id="cpu-f32"), pytest.param("triton", torch.float32, id="triton-f32")]
+KERNEL_TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+def _close(got, exp, dtype, what, backend="reference"):
+    tol = TOL[dtype] if backend == "reference" else KERNEL_TOL
+    torch.testing.assert_close(got, exp, **tol, msg=lambda m: f"{what}: {m}")
+
+
+def _live(backend):
+    """``backend`` runs here: fails under FPET_REQUIRE_EXTENSION=1 when it does not, else skips."""
+    if backend != "reference" and not is_live(backend):
+        if REQUIRE_EXTENSION:
+            pytest.fail(f"FPET_REQUIRE_EXTENSION=1: {missing_message(backend)}", pytrace=False)
+        pytest.skip(missing_message(backend))
+    return backend
 
 
 def _batch(seed, lens, n, c, d, dtype):
@@ -139,12 +160,13 @@ def test_merge_wavg_and_unmerge_along_the_padded_map(backend, lens, r, fl, seed)
 
 
 # ----------------------------------------------------------------------------- PYRA
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,dtype", PYRA_CASES)
 @SETTINGS
 @given(lens=rows, r=st.integers(0, 10), fl=flags, seed=st.integers(0, 2 ** 16))
 def test_pyra_merge_per_sequence_equivalence(backend, dtype, lens, r, fl, seed):
-    """Row b modulates its r_b sources with a[:r_b] (rank order), as the row alone does."""
+    """Row b modulates its r_b sources with a[:r_b] (rank order), as the row alone does: on every
+    backend (the op pyra_merge_rows), against the ordinary reference op run on the row alone."""
+    _live(backend)
     cls, dist = fl
     n, c = max(max(lens), 2), 6
     x, metric, size = _batch(seed, lens, n, c, 5, dtype)
@@ -172,15 +194,15 @@ def test_pyra_merge_per_sequence_equivalence(backend, dtype, lens, r, fl, seed):
         (eo * go[b:b + 1, :kk]).sum().backward()
         for t in (aa, ba):
             t.grad = torch.zeros_like(t) if t.grad is None else t.grad
-        _close(out[b, :kk], eo[0], dtype, "x'")
-        assert torch.equal(osz[b, :kk], es[0].to(osz.dtype))
+        _close(out[b, :kk], eo[0], dtype, "x'", backend)
+        assert torch.equal(osz[b, :kk], es[0].to(osz.dtype)), "sizes: sums of small integers, exact"
         assert (out[b, kk:] == 0).all() and (osz[b, kk:] == 0).all()
-        _close(xl.grad[b, :k], _grad(xa)[0], dtype, "grad x")
-        _close(sl.grad[b, :k], _grad(sa)[0], dtype, "grad size")
+        _close(xl.grad[b, :k], _grad(xa)[0], dtype, "grad x", backend)
+        _close(sl.grad[b, :k], _grad(sa)[0], dtype, "grad size", backend)
         ga[:rb] += aa.grad
         gb += ba.grad
-    _close(al.grad, ga, dtype, "grad a (summed over rows)")
-    _close(bl.grad, gb, dtype, "grad b (summed over rows)")
+    _close(al.grad, ga, dtype, "grad a (summed over rows)", backend)
+    _close(bl.grad, gb, dtype, "grad b (summed over rows)", backend)
 
 
 # ----------------------------------------------------------------------------- FPET on sequences
@@ -435,15 +457,13 @@ def test_padding_not_at_the_right_end():
     assert int(m.kept[0]) == 3 and m.token_map[0, 1] == -1 and osz[0, :, 0].tolist() == [1.0, 1.0, 2.0, 0.0]
 
 
-@pytest.mark.parametrize("name", ["tome_merge", "tome_match", "pyra_merge", "fpet_merge"])
+@pytest.mark.parametrize("name", ["tome_merge", "tome_match", "fpet_merge"])
 def test_kernel_backends_refuse_per_row_merging_for_now(name):
     """Until the kernels implement it (NOTES_issue21.md), a kernel backend says so instead of
     silently ignoring padding."""
     x, metric, size = torch.randn(2, 9, 4), torch.randn(2, 9, 3), torch.ones(2, 9, 1)
-    a, bb, lw, lb = torch.randn(2, 1), torch.randn(1, 4), torch.ones(4), torch.zeros(4)
     call = {"tome_merge": lambda: fk.tome_merge(x, metric, 2, size, backend="cpu", padded=True),
             "tome_match": lambda: fk.tome_match(metric, 2, backend="cpu", size=size, padded=True),
-            "pyra_merge": lambda: fk.pyra_merge(x, metric, 2, a, bb, lw, lb, size, backend="cpu", threshold=0.5),
             "fpet_merge": lambda: fk.fpet_merge(x, metric, size, grid=(1, 9), backend="cpu", padded=True)}[name]
     with pytest.raises(NotImplementedError, match=f"{name}: padded / threshold merging has no 'cpu' kernel"):
         call()
@@ -461,7 +481,9 @@ def test_the_automatic_backend_choice_takes_the_reference():
 
 
 def test_the_per_row_formulation_is_on_the_records():
-    """The four merge ops carry their per-row reference on their ``library.Op`` record (``rows``), which
-    ``library.dispatch_rows`` runs; no other op has one (the backend tables do not change)."""
+    """The merge ops without per-row kernels carry their per-row reference on their ``library.Op`` record
+    (``rows``), which ``library.dispatch_rows`` runs; PYRA's per-row formulation is the registered op
+    ``pyra_merge_rows`` (and its backward), dispatched by ``library.dispatch``."""
     assert {name for name, op in library.OPS.items() if op.rows is not None} == {
-        "tome_match", "tome_merge", "pyra_merge", "fpet_merge"}
+        "tome_match", "tome_merge", "fpet_merge"}
+    assert library.OPS["pyra_merge_rows"].public and not library.OPS["pyra_merge_rows_backward"].public
