@@ -387,13 +387,13 @@ PYRA_MERGE_ROWS = library.register(library.Op(
     schema="(Tensor x, Tensor? size, Tensor src_idx, Tensor dst_idx, Tensor token_map, Tensor a, Tensor b, "
            "Tensor ln_weight, Tensor ln_bias, int n_out, float eps) -> (Tensor, Tensor)",
     fake=_fake_pyra_rows, reference=pyra_merge_rows_op_reference, setup_context=_pyra_rows_setup,
-    backward=_pyra_rows_backward, calls=("pyra_merge_rows_backward",), triton=_pyra_rows_triton, cuda=False))
+    backward=_pyra_rows_backward, calls=("pyra_merge_rows_backward",), triton=_pyra_rows_triton))
 PYRA_MERGE_ROWS_BACKWARD = library.register(library.Op(
     name="pyra_merge_rows_backward",
     schema="(Tensor grad_out, Tensor? grad_out_size, Tensor x, Tensor? size, Tensor out, Tensor out_size, "
            "Tensor src_idx, Tensor dst_idx, Tensor token_map, Tensor a, Tensor b, Tensor ln_weight, Tensor ln_bias, "
            "float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-    fake=_fake_pyra_rows_backward, reference=pyra_merge_rows_backward_reference, triton=_pyra_rows_triton, cuda=False,
+    fake=_fake_pyra_rows_backward, reference=pyra_merge_rows_backward_reference, triton=_pyra_rows_triton,
     public=False))
 
 
