@@ -12,6 +12,8 @@ Triton in the interpreter; the CUDA kernel on the SIMT emulator in tests/kernels
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 
 import pytest
@@ -38,8 +40,49 @@ SETTINGS = settings(max_examples=20, deadline=None, derandomize=True,
 # PYRA's per-row op on every backend that runs on CPU tensors: the kernels compute float32
 PYRA_CASES = [pytest.param("reference", torch.float32, id="reference-f32"),
               pytest.param("reference", torch.float64, id="reference-f64"),
-              pytest.param("cpu", torch.float32, id="cpu-f32"), pytest.param("triton", torch.float32, id="triton-f32")]
+              pytest.param("cpu", torch.float32, id="cpu-f32"), pytest.param("triton", torch.float32, id="triton-f32"),
+              pytest.param("simt", torch.float32, id="cuda-simt-f32")]
 KERNEL_TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+class _SimtPyraRows(torch.autograd.Function):
+    """``torch.ops.fpet_simt.pyra_merge_rows`` (the CUDA kernels' source run on the host by the SIMT
+    emulator, tests/simt_ext.py) with its closed-form backward op: what the 'simt' case runs in place of
+    the C++ kernel of ``pyra_merge_rows``, so the public ``pyra_merge`` is checked on the CUDA kernels."""
+
+    @staticmethod
+    def forward(ctx, x, size, src, dst, tmap, a, b, lw, lb, n_out, eps):
+        out, osz = torch.ops.fpet_simt.pyra_merge_rows(x, size, src, dst, tmap, a, b, lw, lb, n_out, eps)
+        ctx.save_for_backward(x, size, out, osz, src, dst, tmap, a, b, lw, lb)
+        ctx.eps = eps
+        return out, osz
+
+    @staticmethod
+    def backward(ctx, go, gos):
+        x, size, out, osz, src, dst, tmap, a, b, lw, lb = ctx.saved_tensors
+        gx, ga, gb, gw, gbias, gs = torch.ops.fpet_simt.pyra_merge_rows_backward(
+            go.contiguous(), gos, x, size, out, osz, src, dst, tmap, a, b, lw, lb, ctx.eps)
+        return gx, gs if ctx.needs_input_grad[1] else None, None, None, None, ga, gb, gw, gbias, None, None
+
+
+@contextlib.contextmanager
+def _pyra_backend(backend):
+    """The backend name to pass to ``pyra_merge``: 'simt' runs the C++ dispatch path ('cpu') with the
+    emulated CUDA kernels in place of the CPU kernel (skipped, or failing under FPET_REQUIRE_EXTENSION=1,
+    when the emulator cannot be built)."""
+    if backend != "simt":
+        yield _live(backend)
+        return
+    import simt_ext
+    if not simt_ext.live():
+        msg = simt_ext.load() or "torch.ops.fpet_simt has no kernels"
+        if REQUIRE_EXTENSION:
+            pytest.fail(f"FPET_REQUIRE_EXTENSION=1: {msg}", pytrace=False)
+        pytest.skip(msg)
+    _live("cpu")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(library.CPP, "pyra_merge_rows", _SimtPyraRows.apply, raising=False)
+        yield "cpu"
 
 
 def _close(got, exp, dtype, what, backend="reference"):
@@ -165,8 +208,13 @@ def test_merge_wavg_and_unmerge_along_the_padded_map(backend, lens, r, fl, seed)
 @given(lens=rows, r=st.integers(0, 10), fl=flags, seed=st.integers(0, 2 ** 16))
 def test_pyra_merge_per_sequence_equivalence(backend, dtype, lens, r, fl, seed):
     """Row b modulates its r_b sources with a[:r_b] (rank order), as the row alone does: on every
-    backend (the op pyra_merge_rows), against the ordinary reference op run on the row alone."""
-    _live(backend)
+    backend (the op pyra_merge_rows), against the ordinary reference op run on the row alone; gradients
+    of x, size, a, b, ln_weight and ln_bias (the parameters' summed over rows)."""
+    with _pyra_backend(backend) as be:
+        _pyra_per_sequence(be, backend, dtype, lens, r, fl, seed)
+
+
+def _pyra_per_sequence(be, backend, dtype, lens, r, fl, seed):
     cls, dist = fl
     n, c = max(max(lens), 2), 6
     x, metric, size = _batch(seed, lens, n, c, 5, dtype)
@@ -174,25 +222,25 @@ def test_pyra_merge_per_sequence_equivalence(backend, dtype, lens, r, fl, seed):
     a = torch.randn(r, 1, generator=g, dtype=dtype)
     bb = torch.randn(1, c, generator=g, dtype=dtype)
     lw, lb = 1 + 0.1 * torch.randn(c, generator=g, dtype=dtype), 0.1 * torch.randn(c, generator=g, dtype=dtype)
-    xl, sl, al, bl = _leaves(x, size, a, bb)
-    out, osz, m = fk.pyra_merge(xl, metric, r, al, bl, lw, lb, sl, cls, dist, backend=backend,
+    xl, sl, al, bl, wl, bil = _leaves(x, size, a, bb, lw, lb)
+    out, osz, m = fk.pyra_merge(xl, metric, r, al, bl, wl, bil, sl, cls, dist, backend=be,
                                 return_matching=True, padded=True)
     go = torch.randn(out.shape, generator=g, dtype=dtype)
     (out * go).sum().backward()
-    for t in (al, bl):  # no source in the whole batch: a and b take no part (the ordinary op at r = 0 too)
+    for t in (al, bl, wl, bil):  # no source in the whole batch: a and b take no part (the ordinary op at r = 0 too)
         t.grad = torch.zeros_like(t) if t.grad is None else t.grad
     assert torch.isfinite(xl.grad).all() and torch.isfinite(al.grad).all() and torch.isfinite(bl.grad).all()
-    ga, gb = torch.zeros_like(a), torch.zeros_like(bb)
+    ga, gb, gw, gbias = torch.zeros_like(a), torch.zeros_like(bb), torch.zeros_like(lw), torch.zeros_like(lb)
     for b, k in enumerate(lens):
         assert (xl.grad[b, k:] == 0).all() and (sl.grad[b, k:] == 0).all()
         if not _valid_prefix(k, cls, dist):
             continue
         rb = cap_r(r, k, cls, dist)
-        xa, sa, aa, ba = _leaves(x[b:b + 1, :k], size[b:b + 1, :k], a[:rb], bb)
-        eo, es = fk.pyra_merge(xa, metric[b:b + 1, :k], rb, aa, ba, lw, lb, sa, cls, dist, backend="reference")
+        xa, sa, aa, ba, wa, bia = _leaves(x[b:b + 1, :k], size[b:b + 1, :k], a[:rb], bb, lw, lb)
+        eo, es = fk.pyra_merge(xa, metric[b:b + 1, :k], rb, aa, ba, wa, bia, sa, cls, dist, backend="reference")
         kk = eo.shape[1]
         (eo * go[b:b + 1, :kk]).sum().backward()
-        for t in (aa, ba):
+        for t in (aa, ba, wa, bia):
             t.grad = torch.zeros_like(t) if t.grad is None else t.grad
         _close(out[b, :kk], eo[0], dtype, "x'", backend)
         assert torch.equal(osz[b, :kk], es[0].to(osz.dtype)), "sizes: sums of small integers, exact"
@@ -201,8 +249,12 @@ def test_pyra_merge_per_sequence_equivalence(backend, dtype, lens, r, fl, seed):
         _close(sl.grad[b, :k], _grad(sa)[0], dtype, "grad size", backend)
         ga[:rb] += aa.grad
         gb += ba.grad
+        gw += wa.grad
+        gbias += bia.grad
     _close(al.grad, ga, dtype, "grad a (summed over rows)", backend)
     _close(bl.grad, gb, dtype, "grad b (summed over rows)", backend)
+    _close(wl.grad, gw, dtype, "grad ln_weight (summed over rows)", backend)
+    _close(bil.grad, gbias, dtype, "grad ln_bias (summed over rows)", backend)
 
 
 # ----------------------------------------------------------------------------- FPET on sequences
