@@ -270,6 +270,8 @@ def _check_args(op, x, size, src_idx, dst_idx, token_map, a, b, ln_weight, ln_bi
     if rr > na:
         raise ValueError(f"{op}: src_idx must have at most ceil(N/2) = {na} columns, got {tuple(src_idx.shape)}")
     _checks.kernel_tensor(op, "dst_idx", dst_idx, dev, shape=(bsz, rr), dtypes=(torch.int64,))
+    if not 0 <= n_out <= n:
+        raise ValueError(f"{op}: n_out must be in [0, {n}] (x has N = {n} tokens), got {n_out}")
     _checks.kernel_map(op, token_map, dev, (bsz, n), n_out)
     for name, t, shape in (("a", a, (rr, 1)), ("b", b, (1, c)), ("ln_weight", ln_weight, (c,)),
                            ("ln_bias", ln_bias, (c,))):

@@ -539,3 +539,117 @@ def test_the_per_row_formulation_is_on_the_records():
     assert {name for name, op in library.OPS.items() if op.rows is not None} == {
         "tome_match", "tome_merge", "fpet_merge"}
     assert library.OPS["pyra_merge_rows"].public and not library.OPS["pyra_merge_rows_backward"].public
+
+
+# ----------------------------------------------------------------------------- PYRA's per-row op, every kernel
+ROWS_KERNELS = ["cpu", "triton", "simt"]
+
+
+def _rows_op(backend, name):
+    """``pyra_merge_rows`` (or its backward) of a kernel backend: the C++ CPU kernel, Triton, or the CUDA
+    kernels on the SIMT emulator (skipped, or failing under FPET_REQUIRE_EXTENSION=1, where absent)."""
+    if backend == "simt":
+        import simt_ext
+        if not simt_ext.live():
+            msg = simt_ext.load() or "torch.ops.fpet_simt has no kernels"
+            if REQUIRE_EXTENSION:
+                pytest.fail(f"FPET_REQUIRE_EXTENSION=1: {msg}", pytrace=False)
+            pytest.skip(msg)
+        return getattr(torch.ops.fpet_simt, name)
+    _live(backend)
+    return getattr(torch.ops.fpet, name + ("_triton" if backend == "triton" else ""))
+
+
+def _edge_rows(dtype, threshold):
+    """A batch with a full row, a fully padded row, a one-token row, a partly padded row and a row whose
+    tokens are all alike (every score 1), and its per-row matching: pyra_merge_rows's arguments."""
+    lens, n, c, r = [13, 0, 1, 7, 13], 13, 10, 4
+    x, metric, size = _batch(21, lens, n, c, 4, torch.float32)
+    x = torch.where(size > 0, x, 1e3)  # garbage that stays finite in float16 (0 * inf would be NaN)
+    metric[4] = metric[4, :1]
+    src, dst, _, tmap, kept = tome_match_rows_reference(metric, r, True, False, valid_tokens(size, x), threshold)
+    n_out = static_rows(n, r, threshold, True, False)
+    g = torch.Generator().manual_seed(22)
+    rr = src.shape[1]
+    params = (torch.randn(rr, 1, generator=g), 0.5 * torch.randn(1, c, generator=g),
+              1 + 0.2 * torch.randn(c, generator=g), 0.1 * torch.randn(c, generator=g))
+    return (x.to(dtype), size.to(dtype), src, dst, tmap, *params, n_out, 1e-5), lens, kept
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("threshold", [None, 1.0, -1.0], ids=["r", "thr-nothing", "thr-everything"])
+@pytest.mark.parametrize("backend", ROWS_KERNELS)
+def test_pyra_merge_rows_kernels_against_the_reference(backend, threshold, dtype):
+    """Each kernel of the op and of its closed-form backward against the reference (float64), on fully
+    padded, one-token and partly padded rows, threshold rows merging nothing or everything, half dtypes
+    and non-contiguous inputs: values, the six gradients, zeros for padding."""
+    fwd, bwd = _rows_op(backend, "pyra_merge_rows"), _rows_op(backend, "pyra_merge_rows_backward")
+    args, lens, kept = _edge_rows(dtype, threshold)
+    x, size, src, dst, tmap, a, bb, lw, lb, n_out, eps = args
+    if threshold == 1.0:
+        assert kept.tolist() == [13, 0, 1, 7, 13 - 4], "only the alike row merges (r of them)"
+    if threshold == -1.0:
+        assert kept.tolist() == [13 - 4, 0, 1, 7 - 3, 13 - 4]
+    xn = x.transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous, same values
+    out, osz = fwd(xn, size, src, dst, tmap, a, bb, lw, lb, n_out, eps)
+    wide = [t.double().requires_grad_(True) for t in (x, size, a, bb, lw, lb)]
+    ro, rs = pyra.pyra_merge_rows_op_reference(wide[0], wide[1], src, dst, tmap, *wide[2:], n_out, eps)
+    tol = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-2, rtol=1e-2),
+           torch.bfloat16: dict(atol=1e-1, rtol=5e-2)}[dtype]
+    assert out.dtype == dtype and osz.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ro.detach(), **tol)
+    assert torch.equal(osz.double(), rs.detach()), "sizes: sums of small integers, exact"
+    for b, k in enumerate(lens):
+        assert (out[b, int(kept[b]):] == 0).all() and (osz[b, int(kept[b]):] == 0).all()
+    assert (out[1] == 0).all() and torch.equal(out[2, 0], x[2, 0])
+    if threshold == 1.0:
+        for b in (0, 3):
+            torch.testing.assert_close(out[b, :lens[b]], x[b, :lens[b]], atol=1e-3, rtol=1e-3)
+    g = torch.Generator().manual_seed(23)
+    go, gos = torch.randn(out.shape, generator=g).to(dtype), torch.randn(osz.shape, generator=g)
+    got = bwd(go.transpose(1, 2).contiguous().transpose(1, 2), gos, xn, size, out, osz, src, dst, tmap, a, bb, lw, lb,
+              eps)
+    exp = torch.autograd.grad((ro * go.double()).sum() + (rs * gos.double()).sum(), wide, allow_unused=True)
+    names = ("x", "a", "b", "ln_weight", "ln_bias", "size")
+    order = (0, 2, 3, 4, 5, 1)  # the backward's output order against wide's
+    closed = pyra.pyra_merge_rows_backward_reference(go.double(), gos.double(), *[w.detach() for w in wide[:2]],
+                                                     ro.detach(), rs.detach(), src, dst, tmap,
+                                                     *[w.detach() for w in wide[2:]], eps)
+    for name, u, i, cf in zip(names, got, order, closed):
+        e = exp[i] if exp[i] is not None else torch.zeros_like(wide[i])
+        torch.testing.assert_close(cf, e.view(cf.shape), atol=1e-9, rtol=1e-9, msg=lambda m: f"closed form {name}: {m}")
+        scale = max(1.0, e.abs().max().item())
+        torch.testing.assert_close(u.double(), e.view(u.shape), atol=tol["atol"] * scale, rtol=tol["rtol"],
+                                   msg=lambda m: f"{backend} grad {name}: {m}")
+    for b, k in enumerate(lens):
+        assert (got[0][b, k:] == 0).all() and (got[5][b, k:] == 0).all(), "padding: zero gradients"
+
+
+@pytest.mark.parametrize("backend", ROWS_KERNELS)
+def test_pyra_merge_rows_kernels_refuse_bad_arguments(backend):
+    """Direct calls of the op (torch.ops.fpet.*): bad indices and shapes are errors naming the argument,
+    raised before any kernel reads or writes (nothing out of bounds)."""
+    fwd, bwd = _rows_op(backend, "pyra_merge_rows"), _rows_op(backend, "pyra_merge_rows_backward")
+    args, _, _ = _edge_rows(torch.float32, None)
+    x, size, src, dst, tmap, a, bb, lw, lb, n_out, eps = args
+    na, nb = 7, 6
+    bad = [(2, src.clone().fill_(na), "src_idx"), (2, src.clone().fill_(-2), "src_idx"),
+           (3, torch.where(src >= 0, nb, dst), "dst_idx"), (4, torch.full_like(tmap, n_out), "token_map"),
+           (4, torch.full_like(tmap, -2), "token_map"), (4, tmap.int(), "token_map"), (4, tmap[:, :-1], "token_map"),
+           (1, size[:, :-1], "size"), (5, a[:-1], "a"), (6, bb[:, :-1], "b"), (7, lw[:-1], "ln_weight"),
+           (8, lb[:-1], "ln_bias"), (2, torch.zeros(5, na + 1, dtype=torch.int64), "src_idx"),
+           (9, x.shape[1] + 1, "n_out"), (10, 0.0, "eps")]
+    for pos, value, name in bad:
+        call = list(args)
+        call[pos] = value
+        with pytest.raises((RuntimeError, ValueError, TypeError), match=name):
+            fwd(*call)
+            pytest.fail(f"bad {name} (argument {pos}) was accepted")
+    out, osz = fwd(*args)
+    go = torch.randn_like(out)
+    with pytest.raises((RuntimeError, ValueError, TypeError), match="out"):
+        bwd(go, None, x, size, out[:, :-1], osz, src, dst, tmap, a, bb, lw, lb, eps)
+    with pytest.raises((RuntimeError, ValueError, TypeError), match="grad_out_size"):
+        bwd(go, osz[:, :-1], x, size, out, osz, src, dst, tmap, a, bb, lw, lb, eps)
+    with pytest.raises((RuntimeError, ValueError, TypeError), match="token_map"):
+        bwd(go, None, x, size, out, osz, src, dst, torch.full_like(tmap, out.shape[1]), a, bb, lw, lb, eps)
