@@ -6,12 +6,15 @@ Read top to bottom:
      kernels) and their ``_triton`` twins: schemas, fake kernels, schema-shaped references, the export
      formulation, autograd;
   3. the public API ``pyra_merge``: checks, ``library.dispatch``, the ``Matching`` wrap (``padded`` /
-     ``threshold``: ``library.dispatch_rows``, the record's ``rows``, and the ``RowMatching`` wrap).
+     ``threshold``: the per-row matching, ``library.dispatch`` of ``pyra_merge_rows``, ``trim_rows`` and
+     the ``RowMatching`` wrap).
 
 PYRA's files: this module, ``pyra_triton.py`` (forward, the ToMe kernel of ``tome_triton.py`` with
 this modulation phase), ``pyra_triton_backward.py``, ``csrc/cpu/pyra.cpp``, ``csrc/cpu/pyra_backward.cpp``,
 ``csrc/cuda/pyra_merge.cuh`` + ``pyra_merge.cu`` (the ToMe body of ``tome_merge.cuh`` with this
-modulation) and ``csrc/cuda/pyra_merge_backward.cuh`` + ``pyra_merge_backward.cu``.
+modulation) and ``csrc/cuda/pyra_merge_backward.cuh`` + ``pyra_merge_backward.cu``; the per-row op ``pyra_merge_rows`` and
+its backward (padded batches, threshold merging): ``csrc/cpu/pyra_rows.cpp``, ``csrc/cuda/pyra_merge_rows.cuh``
++ ``pyra_merge_rows.cu``, ``pyra_rows_triton.py``.
 
 Per merging layer PYRA learns ``a`` [r, 1], ``b`` [1, C] and a LayerNorm over C. On the sized
 tokens ``z = x * size``, with ``S`` the r source rows (rank order) and ``T`` their destinations:
@@ -346,8 +349,8 @@ PYRA_MERGE_BACKWARD = library.register(library.Op(
 
 
 # ``torch.ops.fpet.pyra_merge_rows``: the modulated merge along a given per-row matching (padded batches,
-# threshold merging): C++ kernels csrc/cpu/pyra_rows.cpp (forward), csrc/cpu/pyra_rows_backward.cpp; its
-# closed-form backward ``pyra_merge_rows_backward``; Triton twins in pyra_rows_triton.py.
+# threshold merging) and its closed-form backward ``pyra_merge_rows_backward``: C++ kernels csrc/cpu/pyra_rows.cpp
+# (CPU, both ops) and csrc/cuda/pyra_merge_rows.cuh + .cu (CUDA, both ops); Triton twins in pyra_rows_triton.py.
 def _fake_pyra_rows(x, size, src_idx, dst_idx, token_map, a, b, ln_weight, ln_bias, n_out, eps):
     bsz, _, c = x.shape
     return x.new_empty(bsz, n_out, c), x.new_empty(bsz, n_out, 1, dtype=size_dtype(x, size))
