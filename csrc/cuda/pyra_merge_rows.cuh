@@ -297,7 +297,8 @@ struct PyraRowsBwdBody {
       }
     });
     float* gs = grad_size + int64_t(bi) * N;
-    simt::row_sums_wide(blk, N, C, red, [&](int n, int c) { return gz(n, c) * static_cast<float>(v.x[int64_t(n) * C + c]); },
+    simt::row_sums_wide(blk, N, C, red,
+                        [&](int n, int c) { return gz(n, c) * static_cast<float>(v.x[int64_t(n) * C + c]); },
                         [&](int n, float sum) {
                           const int m = v.row_of(n);
                           gs[n] = sum + (m >= 0 ? v.gden[m] : 0.f);

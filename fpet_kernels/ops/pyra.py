@@ -12,9 +12,9 @@ Read top to bottom:
 PYRA's files: this module, ``pyra_triton.py`` (forward, the ToMe kernel of ``tome_triton.py`` with
 this modulation phase), ``pyra_triton_backward.py``, ``csrc/cpu/pyra.cpp``, ``csrc/cpu/pyra_backward.cpp``,
 ``csrc/cuda/pyra_merge.cuh`` + ``pyra_merge.cu`` (the ToMe body of ``tome_merge.cuh`` with this
-modulation) and ``csrc/cuda/pyra_merge_backward.cuh`` + ``pyra_merge_backward.cu``; the per-row op ``pyra_merge_rows`` and
-its backward (padded batches, threshold merging): ``csrc/cpu/pyra_rows.cpp``, ``csrc/cuda/pyra_merge_rows.cuh``
-+ ``pyra_merge_rows.cu``, ``pyra_rows_triton.py``.
+modulation) and ``csrc/cuda/pyra_merge_backward.cuh`` + ``pyra_merge_backward.cu``; the per-row op
+``pyra_merge_rows`` and its backward (padded batches, threshold merging): ``csrc/cpu/pyra_rows.cpp``,
+``csrc/cuda/pyra_merge_rows.cuh`` + ``pyra_merge_rows.cu``, ``pyra_rows_triton.py``.
 
 Per merging layer PYRA learns ``a`` [r, 1], ``b`` [1, C] and a LayerNorm over C. On the sized
 tokens ``z = x * size``, with ``S`` the r source rows (rank order) and ``T`` their destinations:
@@ -198,7 +198,8 @@ def pyra_merge_rows_backward_reference(grad_out: Tensor, grad_out_size: Optional
                                        dst_idx: Tensor, token_map: Tensor, a: Tensor, b: Tensor, ln_weight: Tensor,
                                        ln_bias: Tensor, eps: float):
     """Closed-form backward of ``pyra_merge_rows`` -> (grad_x, grad_a, grad_b, grad_ln_weight, grad_ln_bias,
-    grad_size) (the order of ``pyra_merge_backward``). Ranks past each row's ``r_b`` contribute nothing; padding tokens (map -1) get 0.
+    grad_size) (the order of ``pyra_merge_backward``). Ranks past each row's ``r_b`` contribute nothing;
+    padding tokens (map -1) get 0.
 
     With ``g_num[m] = grad_out[m] / out_size[m]`` (0 where the size is 0) and ``G[n] = g_num[map[n]]``:
     a source's ``S'`` gets G, so ``g_S = G (1 + wc wt)`` plus the LayerNorm path ``g_y``, a destination

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fpet_kernels  # noqa: F401  (loads the extension and its libraries)
-from fpet_kernels.ops.pyra import pyra_merge_rows_backward_reference, pyra_merge_rows_op_reference
+from fpet_kernels.ops.pyra import pyra_merge_rows_op_reference
 from fpet_kernels.ops.tome import static_r, static_rows, tome_match_rows_reference, valid_tokens
 
 pytestmark = pytest.mark.usefixtures("simt")
@@ -53,7 +53,8 @@ def make(lens, n, c, r, cls=False, dist=False, threshold=None, dtype=torch.float
 
 
 def _close(got, exp, tol, what):
-    assert got.shape == exp.shape and got.dtype == exp.dtype, f"{what}: {got.shape}/{got.dtype} vs {exp.shape}/{exp.dtype}"
+    assert got.shape == exp.shape and got.dtype == exp.dtype, \
+        f"{what}: {got.shape}/{got.dtype} vs {exp.shape}/{exp.dtype}"
     if exp.numel():
         scale = max(1.0, exp.abs().max().item())
         torch.testing.assert_close(got, exp, atol=tol * scale, rtol=tol, msg=lambda m: f"{what}: {m}")
@@ -85,7 +86,8 @@ def check(args, tol=TOLS[torch.float32], seed=1):
     # the reference: autograd through the op's reference, in float64
     leaves = [t for t in wide if t is not None]
     grads = torch.autograd.grad((ro * go.double()).sum() + (rs * gos.double()).sum(), leaves, allow_unused=True)
-    ref = dict(zip([nm for nm, t in zip(("x", "size", "a", "b", "ln_weight", "ln_bias"), wide) if t is not None], grads))
+    names = [nm for nm, t in zip(("x", "size", "a", "b", "ln_weight", "ln_bias"), wide) if t is not None]
+    ref = dict(zip(names, grads))
     for name, u in zip(GRADS, got):
         if name == "size" and size is None:
             continue

@@ -117,7 +117,8 @@ def test_opcheck(kernel_backend, op_name):
         opcheck(op, args)
 
 
-@pytest.mark.parametrize("op_name", ["tome_merge", "fpet_merge", "pyra_merge", "merge_wavg", "unmerge", "pyra_merge_rows"])
+@pytest.mark.parametrize("op_name", ["tome_merge", "fpet_merge", "pyra_merge", "merge_wavg", "unmerge",
+                                     "pyra_merge_rows"])
 def test_opcheck_half(kernel_backend, op_name):
     op = _op(op_name, kernel_backend)
     for args in _samples(torch.bfloat16, grad=False)[op_name][:1]:
