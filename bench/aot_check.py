@@ -210,6 +210,24 @@ def pyra_backward(dt=F16, n=197, c=768, r=16, size=True, sdt=F32, gsize=True, di
                            _rand(c, dtype=pdt), 1e-5, distill)
 
 
+def pyra_rows(dt=F16, n=197, c=768, r=16, size=True, sdt=F32, gsize=True, pdt=F32, threshold=None):
+    """PYRA's per-row op (padded batches / threshold merging) and its backward, on a right-padded batch
+    (the second row half padding) and its per-row matching."""
+    from fpet_kernels.ops import pyra_rows_triton as pr
+    from fpet_kernels.ops.tome import static_rows, tome_match_rows_reference
+    b = 2
+    valid = torch.ones(b, n, dtype=torch.bool)
+    valid[1, n // 2:] = False
+    src, dst, _, tmap, _ = tome_match_rows_reference(_rand(b, n, 16), r, True, False, valid, threshold)
+    rr, n_out = src.shape[1], static_rows(n, r, threshold, True, False)
+    sz = valid[..., None].to(sdt) if size else None
+    x = _rand(b, n, c, dtype=dt)
+    params = (_rand(rr, 1, dtype=pdt), _rand(1, c, dtype=pdt), _rand(c, dtype=pdt), _rand(c, dtype=pdt))
+    pr.pyra_merge_rows(x, sz, src, dst, tmap, *params, n_out, 1e-5)
+    pr.pyra_merge_rows_backward(_rand(b, n_out, c, dtype=dt), _size(b, n_out) if gsize else None, x, sz,
+                                _rand(b, n_out, c, dtype=dt), _size(b, n_out), src, dst, tmap, *params, 1e-5)
+
+
 def attention(dt=F16, n=197, heads=12, hd=64, size=True, sdt=F32, pad_value=True):
     from fpet_kernels.ops import attention_triton
     attention_triton.attention_inputs(_rand(2, n, 3 * heads * hd, dtype=dt), _size(2, n, sdt) if size
@@ -248,7 +266,7 @@ def scenarios(quick: bool) -> list:
         (reduce, dict(op="merge_sum")), (reduce, dict(op="merge_wavg")), (reduce, dict(op="unmerge")),
         (reduce, dict(op="merge_wavg_backward")),
         (fpet, {}), (fpet, dict(backward=True)), (pyra_backward, {}), (attention, {}), (masked_grad, {}),
-        (xpeft, {}),
+        (xpeft, {}), (pyra_rows, {}),
     ]
     variants = [
         (tome, dict(size=False)), (tome, dict(cls=False)), (tome, dict(distill=True)), (tome, dict(r=1)),
@@ -280,6 +298,8 @@ def scenarios(quick: bool) -> list:
         (masked_grad, dict(transposed=True)), (masked_grad, dict(m=1, k=1)),
         (xpeft, dict(residual=False)), (xpeft, dict(r=1)), (xpeft, dict(r=64)), (xpeft, dict(d=100, n=50, r=5)),
         (xpeft, dict(wdt=F32)),
+        (pyra_rows, dict(size=False, gsize=False)), (pyra_rows, dict(threshold=0.5)), (pyra_rows, dict(r=1)),
+        (pyra_rows, dict(pdt=None)), (pyra_rows, dict(n=50, c=100, r=5)),
     ]
     # --quick: the same constexpr values and int classes, several per launch (each value at least once)
     combined = [
@@ -302,6 +322,7 @@ def scenarios(quick: bool) -> list:
         (attention, dict(size=False)), (attention, dict(pad_value=False, hd=40, heads=3, sdt=None)),
         (masked_grad, dict(transposed=True)), (masked_grad, dict(m=1, k=1)),
         (xpeft, dict(residual=False, r=1)), (xpeft, dict(r=64, wdt=F32)), (xpeft, dict(d=100, n=50, r=5)),
+        (pyra_rows, dict(size=False, gsize=False, threshold=0.5, r=1)), (pyra_rows, dict(n=50, c=100, r=5, pdt=None)),
     ]
     out = []
     for fn, kw in base:

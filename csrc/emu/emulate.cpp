@@ -11,6 +11,7 @@
 #include "../cuda/merge_wavg.cuh"
 #include "../cuda/pyra_merge.cuh"
 #include "../cuda/pyra_merge_backward.cuh"
+#include "../cuda/pyra_merge_rows.cuh"
 #include "../cuda/tome_match_rows.cuh"
 #include "../cuda/tome_merge.cuh"
 #include "host_exec.h"
@@ -61,5 +62,6 @@ TORCH_LIBRARY_IMPL(fpet_simt, CPU, m) {
   fpet::kernels::register_merges<fpet::kernels::HostExec>(m);
   fpet::kernels::register_pyra<fpet::kernels::HostExec>(m);
   fpet::kernels::register_pyra_backward<fpet::kernels::HostExec>(m);
+  fpet::kernels::register_pyra_rows<fpet::kernels::HostExec>(m);
   fpet::kernels::register_fpet<fpet::kernels::HostExec>(m);
 }

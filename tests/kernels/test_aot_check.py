@@ -50,7 +50,8 @@ def test_every_launch_site_is_found_and_driven():
     names = {ln.split()[1] for ln in out.splitlines() if ln.startswith("launch ")}
     for k in ("_tome_merge_kernel", "_gather_kernel", "_segment_sum_kernel", "_fpet_merge_kernel",
               "_fpet_bwd_metric_kernel", "_fpet_bwd_x_kernel", "_pyra_bwd_stats_kernel", "_pyra_bwd_tokens_kernel",
-              "_attention_inputs_kernel", "_masked_grad_kernel", "_xpeft_adapter_kernel"):
+              "_attention_inputs_kernel", "_masked_grad_kernel", "_xpeft_adapter_kernel", "_rows_weights_kernel",
+              "_rows_merge_kernel", "_rows_param_kernel", "_rows_token_kernel"):
         assert k in names, (k, out[-3000:])
     assert "kernels found at launch sites" in out
 

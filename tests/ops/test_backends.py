@@ -360,6 +360,7 @@ def test_every_resolving_op_names_itself(monkeypatch):
     fk.fpet_merge(x, metric, size, class_token=True, grid=(1, 16), padded=True)  # fpet_merge_rows
     fk.merge_wavg(fk.bipartite_diff_matching(metric, class_token=True), x, size)
     fk.pyra_merge(x, metric, 4, gen(4, 1), gen(1, 8), torch.ones(8), torch.zeros(8), class_token=True)
+    fk.pyra_merge(x, metric, 4, gen(4, 1), gen(1, 8), torch.ones(8), torch.zeros(8), size, True, padded=True)
     from fpet_kernels.ops import sparse, xpeft
     w = (gen(2, 8, 3), gen(2, 3), gen(2, 3, 8), gen(2, 8))
     xpeft.xpeft_adapter(x, torch.tensor([0, 1]), *w)

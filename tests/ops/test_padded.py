@@ -12,8 +12,12 @@ emulator (tests/simt_ext.py) against the reference.
 ``FPET_BACKENDS``: FPET's registered per-row ops (``fpet_merge_rows``, ``fpet_merge_rows_backward``)
 run on every backend: the reference, the C++ CPU kernels, Triton (its interpreter on CPU tensors) and
 the CUDA kernels' source on the host emulator (``cuda-simt``: ``torch.ops.fpet_simt``, tests/simt_ext.py).
+``PYRA_CASES``: PYRA's per-row op ``pyra_merge_rows`` on the reference, the C++ CPU kernel, Triton in the
+interpreter and the CUDA kernels' source on the SIMT emulator (also tests/kernels/test_simt_pyra_rows.py).
 """
 from __future__ import annotations
+
+import contextlib
 
 import math
 
@@ -24,13 +28,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fpet_kernels as fk
-from fpet_kernels.ops import library
+from fpet_kernels.ops import library, pyra
 from fpet_kernels.ops import fpet as fpet_ops
 from fpet_kernels.ops.attention import attention_inputs_reference
 from fpet_kernels.ops.shapes import cap_r
-from fpet_kernels.ops.tome import (_tome_match_rows_op_reference, merge_wavg_reference, normalize,
-                                   tome_merge_rows_reference, unmerge_reference, valid_tokens)
-
+from fpet_kernels.ops.tome import (_tome_match_rows_op_reference, merge_wavg_reference, normalize, static_rows,
+                                   tome_match_rows_reference, tome_merge_rows_reference, unmerge_reference,
+                                   valid_tokens)
 from helpers import REQUIRE_EXTENSION, is_live, missing_message
 
 BACKENDS = ["reference"]
@@ -102,8 +106,68 @@ def _fpet_dtypes(backend):
     return DTYPES if backend == "reference" else [torch.float32]
 
 
-def _close(got, exp, dtype, what):
-    torch.testing.assert_close(got, exp, **TOL[dtype], msg=lambda m: f"{what}: {m}")
+
+
+# PYRA's per-row op on every backend that runs on CPU tensors: the kernels compute float32
+PYRA_CASES = [pytest.param("reference", torch.float32, id="reference-f32"),
+              pytest.param("reference", torch.float64, id="reference-f64"),
+              pytest.param("cpu", torch.float32, id="cpu-f32"), pytest.param("triton", torch.float32, id="triton-f32"),
+              pytest.param("simt", torch.float32, id="cuda-simt-f32")]
+KERNEL_TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+class _SimtPyraRows(torch.autograd.Function):
+    """``torch.ops.fpet_simt.pyra_merge_rows`` (the CUDA kernels' source run on the host by the SIMT
+    emulator, tests/simt_ext.py) with its closed-form backward op: what the 'simt' case runs in place of
+    the C++ kernel of ``pyra_merge_rows``, so the public ``pyra_merge`` is checked on the CUDA kernels."""
+
+    @staticmethod
+    def forward(ctx, x, size, src, dst, tmap, a, b, lw, lb, n_out, eps):
+        out, osz = torch.ops.fpet_simt.pyra_merge_rows(x, size, src, dst, tmap, a, b, lw, lb, n_out, eps)
+        ctx.save_for_backward(x, size, out, osz, src, dst, tmap, a, b, lw, lb)
+        ctx.eps = eps
+        return out, osz
+
+    @staticmethod
+    def backward(ctx, go, gos):
+        x, size, out, osz, src, dst, tmap, a, b, lw, lb = ctx.saved_tensors
+        gx, ga, gb, gw, gbias, gs = torch.ops.fpet_simt.pyra_merge_rows_backward(
+            go.contiguous(), gos, x, size, out, osz, src, dst, tmap, a, b, lw, lb, ctx.eps)
+        return gx, gs if ctx.needs_input_grad[1] else None, None, None, None, ga, gb, gw, gbias, None, None
+
+
+@contextlib.contextmanager
+def _pyra_backend(backend):
+    """The backend name to pass to ``pyra_merge``: 'simt' runs the C++ dispatch path ('cpu') with the
+    emulated CUDA kernels in place of the CPU kernel (skipped, or failing under FPET_REQUIRE_EXTENSION=1,
+    when the emulator cannot be built)."""
+    if backend != "simt":
+        yield _live(backend)
+        return
+    import simt_ext
+    if not simt_ext.live():
+        msg = simt_ext.load() or "torch.ops.fpet_simt has no kernels"
+        if REQUIRE_EXTENSION:
+            pytest.fail(f"FPET_REQUIRE_EXTENSION=1: {msg}", pytrace=False)
+        pytest.skip(msg)
+    _live("cpu")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(library.CPP, "pyra_merge_rows", _SimtPyraRows.apply, raising=False)
+        yield "cpu"
+
+
+def _close(got, exp, dtype, what, backend="reference"):
+    tol = TOL[dtype] if backend == "reference" else KERNEL_TOL
+    torch.testing.assert_close(got, exp, **tol, msg=lambda m: f"{what}: {m}")
+
+
+def _live(backend):
+    """``backend`` runs here: fails under FPET_REQUIRE_EXTENSION=1 when it does not, else skips."""
+    if backend != "reference" and not is_live(backend):
+        if REQUIRE_EXTENSION:
+            pytest.fail(f"FPET_REQUIRE_EXTENSION=1: {missing_message(backend)}", pytrace=False)
+        pytest.skip(missing_message(backend))
+    return backend
 
 
 def _batch(seed, lens, n, c, d, dtype):
@@ -209,12 +273,18 @@ def test_merge_wavg_and_unmerge_along_the_padded_map(backend, dtype, lens, r, fl
 
 
 # ----------------------------------------------------------------------------- PYRA
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,dtype", PYRA_CASES)
 @SETTINGS
 @given(lens=rows, r=st.integers(0, 10), fl=flags, seed=st.integers(0, 2 ** 16))
 def test_pyra_merge_per_sequence_equivalence(backend, dtype, lens, r, fl, seed):
-    """Row b modulates its r_b sources with a[:r_b] (rank order), as the row alone does."""
+    """Row b modulates its r_b sources with a[:r_b] (rank order), as the row alone does: on every
+    backend (the op pyra_merge_rows), against the ordinary reference op run on the row alone; gradients
+    of x, size, a, b, ln_weight and ln_bias (the parameters' summed over rows)."""
+    with _pyra_backend(backend) as be:
+        _pyra_per_sequence(be, backend, dtype, lens, r, fl, seed)
+
+
+def _pyra_per_sequence(be, backend, dtype, lens, r, fl, seed):
     cls, dist = fl
     n, c = max(max(lens), 2), 6
     x, metric, size = _batch(seed, lens, n, c, 5, dtype)
@@ -222,35 +292,39 @@ def test_pyra_merge_per_sequence_equivalence(backend, dtype, lens, r, fl, seed):
     a = torch.randn(r, 1, generator=g, dtype=dtype)
     bb = torch.randn(1, c, generator=g, dtype=dtype)
     lw, lb = 1 + 0.1 * torch.randn(c, generator=g, dtype=dtype), 0.1 * torch.randn(c, generator=g, dtype=dtype)
-    xl, sl, al, bl = _leaves(x, size, a, bb)
-    out, osz, m = fk.pyra_merge(xl, metric, r, al, bl, lw, lb, sl, cls, dist, backend=backend,
+    xl, sl, al, bl, wl, bil = _leaves(x, size, a, bb, lw, lb)
+    out, osz, m = fk.pyra_merge(xl, metric, r, al, bl, wl, bil, sl, cls, dist, backend=be,
                                 return_matching=True, padded=True)
     go = torch.randn(out.shape, generator=g, dtype=dtype)
     (out * go).sum().backward()
-    for t in (al, bl):  # no source in the whole batch: a and b take no part (the ordinary op at r = 0 too)
+    for t in (al, bl, wl, bil):  # no source in the whole batch: a and b take no part (the ordinary op at r = 0 too)
         t.grad = torch.zeros_like(t) if t.grad is None else t.grad
     assert torch.isfinite(xl.grad).all() and torch.isfinite(al.grad).all() and torch.isfinite(bl.grad).all()
-    ga, gb = torch.zeros_like(a), torch.zeros_like(bb)
+    ga, gb, gw, gbias = torch.zeros_like(a), torch.zeros_like(bb), torch.zeros_like(lw), torch.zeros_like(lb)
     for b, k in enumerate(lens):
         assert (xl.grad[b, k:] == 0).all() and (sl.grad[b, k:] == 0).all()
         if not _valid_prefix(k, cls, dist):
             continue
         rb = cap_r(r, k, cls, dist)
-        xa, sa, aa, ba = _leaves(x[b:b + 1, :k], size[b:b + 1, :k], a[:rb], bb)
-        eo, es = fk.pyra_merge(xa, metric[b:b + 1, :k], rb, aa, ba, lw, lb, sa, cls, dist, backend="reference")
+        xa, sa, aa, ba, wa, bia = _leaves(x[b:b + 1, :k], size[b:b + 1, :k], a[:rb], bb, lw, lb)
+        eo, es = fk.pyra_merge(xa, metric[b:b + 1, :k], rb, aa, ba, wa, bia, sa, cls, dist, backend="reference")
         kk = eo.shape[1]
         (eo * go[b:b + 1, :kk]).sum().backward()
-        for t in (aa, ba):
+        for t in (aa, ba, wa, bia):
             t.grad = torch.zeros_like(t) if t.grad is None else t.grad
-        _close(out[b, :kk], eo[0], dtype, "x'")
-        assert torch.equal(osz[b, :kk], es[0].to(osz.dtype))
+        _close(out[b, :kk], eo[0], dtype, "x'", backend)
+        assert torch.equal(osz[b, :kk], es[0].to(osz.dtype)), "sizes: sums of small integers, exact"
         assert (out[b, kk:] == 0).all() and (osz[b, kk:] == 0).all()
-        _close(xl.grad[b, :k], _grad(xa)[0], dtype, "grad x")
-        _close(sl.grad[b, :k], _grad(sa)[0], dtype, "grad size")
+        _close(xl.grad[b, :k], _grad(xa)[0], dtype, "grad x", backend)
+        _close(sl.grad[b, :k], _grad(sa)[0], dtype, "grad size", backend)
         ga[:rb] += aa.grad
         gb += ba.grad
-    _close(al.grad, ga, dtype, "grad a (summed over rows)")
-    _close(bl.grad, gb, dtype, "grad b (summed over rows)")
+        gw += wa.grad
+        gbias += bia.grad
+    _close(al.grad, ga, dtype, "grad a (summed over rows)", backend)
+    _close(bl.grad, gb, dtype, "grad b (summed over rows)", backend)
+    _close(wl.grad, gw, dtype, "grad ln_weight (summed over rows)", backend)
+    _close(bil.grad, gbias, dtype, "grad ln_bias (summed over rows)", backend)
 
 
 # ----------------------------------------------------------------------------- FPET on sequences
@@ -775,17 +849,6 @@ def test_padding_not_at_the_right_end():
     assert int(m.kept[0]) == 3 and m.token_map[0, 1] == -1 and osz[0, :, 0].tolist() == [1.0, 1.0, 2.0, 0.0]
 
 
-@pytest.mark.parametrize("name", ["pyra_merge"])
-def test_kernel_backends_refuse_per_row_merging_for_now(name):
-    """Until the kernels implement it (NOTES_issue21.md), a kernel backend says so instead of
-    silently ignoring padding."""
-    x, metric, size = torch.randn(2, 9, 4), torch.randn(2, 9, 3), torch.ones(2, 9, 1)
-    a, bb, lw, lb = torch.randn(2, 1), torch.randn(1, 4), torch.ones(4), torch.zeros(4)
-    call = {"pyra_merge": lambda: fk.pyra_merge(x, metric, 2, a, bb, lw, lb, size, backend="cpu", threshold=0.5)}[name]
-    with pytest.raises(NotImplementedError, match=f"{name}: padded / threshold merging has no 'cpu' kernel"):
-        call()
-
-
 def test_the_automatic_backend_choice():
     """ToMe: the automatic choice runs the per-row matching op (the C++ kernels on CPU when built);
     the families without per-row kernels take the reference."""
@@ -805,7 +868,8 @@ def test_the_per_row_formulation_is_on_the_records():
     (``rows``), which ``library.dispatch_rows`` runs; ToMe's per-row matching is an op of its own,
     ``tome_match_rows``, with kernels on every backend (and ``tome_merge`` per row = it + ``merge_wavg``);
     FPET has registered per-row ops (``fpet_merge_rows``, test_fpet_rows_records)."""
-    assert {name for name, op in library.OPS.items() if op.rows is not None} == {"pyra_merge"}
+    assert {name for name, op in library.OPS.items() if op.rows is not None} == set()
+    assert library.OPS["pyra_merge_rows"].public and not library.OPS["pyra_merge_rows_backward"].public
     rec = library.OPS["tome_match_rows"]
     assert rec.cpp and rec.cuda and rec.triton is not None and rec.backward is None and rec.public
 
@@ -1006,3 +1070,117 @@ def test_tome_fully_padded_one_token_rows_and_thresholds_on_every_backend(backen
     torch.testing.assert_close(out[1:2, :n - cap], e[0])
     assert (out[1, n - cap:] == 0).all() and (osz[1, n - cap:] == 0).all()
     assert torch.equal(m.token_map[1], e[2].token_map[0])
+
+
+# ----------------------------------------------------------------------------- PYRA's per-row op, every kernel
+ROWS_KERNELS = ["cpu", "triton", "simt"]
+
+
+def _rows_op(backend, name):
+    """``pyra_merge_rows`` (or its backward) of a kernel backend: the C++ CPU kernel, Triton, or the CUDA
+    kernels on the SIMT emulator (skipped, or failing under FPET_REQUIRE_EXTENSION=1, where absent)."""
+    if backend == "simt":
+        import simt_ext
+        if not simt_ext.live():
+            msg = simt_ext.load() or "torch.ops.fpet_simt has no kernels"
+            if REQUIRE_EXTENSION:
+                pytest.fail(f"FPET_REQUIRE_EXTENSION=1: {msg}", pytrace=False)
+            pytest.skip(msg)
+        return getattr(torch.ops.fpet_simt, name)
+    _live(backend)
+    return getattr(torch.ops.fpet, name + ("_triton" if backend == "triton" else ""))
+
+
+def _edge_rows(dtype, threshold):
+    """A batch with a full row, a fully padded row, a one-token row, a partly padded row and a row whose
+    tokens are all alike (every score 1), and its per-row matching: pyra_merge_rows's arguments."""
+    lens, n, c, r = [13, 0, 1, 7, 13], 13, 10, 4
+    x, metric, size = _batch(21, lens, n, c, 4, torch.float32)
+    x = torch.where(size > 0, x, 1e3)  # garbage that stays finite in float16 (0 * inf would be NaN)
+    metric[4] = metric[4, :1]
+    src, dst, _, tmap, kept = tome_match_rows_reference(metric, r, True, False, valid_tokens(size, x), threshold)
+    n_out = static_rows(n, r, threshold, True, False)
+    g = torch.Generator().manual_seed(22)
+    rr = src.shape[1]
+    params = (torch.randn(rr, 1, generator=g), 0.5 * torch.randn(1, c, generator=g),
+              1 + 0.2 * torch.randn(c, generator=g), 0.1 * torch.randn(c, generator=g))
+    return (x.to(dtype), size.to(dtype), src, dst, tmap, *params, n_out, 1e-5), lens, kept
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("threshold", [None, 1.0, -1.0], ids=["r", "thr-nothing", "thr-everything"])
+@pytest.mark.parametrize("backend", ROWS_KERNELS)
+def test_pyra_merge_rows_kernels_against_the_reference(backend, threshold, dtype):
+    """Each kernel of the op and of its closed-form backward against the reference (float64), on fully
+    padded, one-token and partly padded rows, threshold rows merging nothing or everything, half dtypes
+    and non-contiguous inputs: values, the six gradients, zeros for padding."""
+    fwd, bwd = _rows_op(backend, "pyra_merge_rows"), _rows_op(backend, "pyra_merge_rows_backward")
+    args, lens, kept = _edge_rows(dtype, threshold)
+    x, size, src, dst, tmap, a, bb, lw, lb, n_out, eps = args
+    if threshold == 1.0:
+        assert kept.tolist() == [13, 0, 1, 7, 13 - 4], "only the alike row merges (r of them)"
+    if threshold == -1.0:
+        assert kept.tolist() == [13 - 4, 0, 1, 7 - 3, 13 - 4]
+    xn = x.transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous, same values
+    out, osz = fwd(xn, size, src, dst, tmap, a, bb, lw, lb, n_out, eps)
+    wide = [t.double().requires_grad_(True) for t in (x, size, a, bb, lw, lb)]
+    ro, rs = pyra.pyra_merge_rows_op_reference(wide[0], wide[1], src, dst, tmap, *wide[2:], n_out, eps)
+    tol = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-2, rtol=1e-2),
+           torch.bfloat16: dict(atol=1e-1, rtol=5e-2)}[dtype]
+    assert out.dtype == dtype and osz.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ro.detach(), **tol)
+    assert torch.equal(osz.double(), rs.detach()), "sizes: sums of small integers, exact"
+    for b, k in enumerate(lens):
+        assert (out[b, int(kept[b]):] == 0).all() and (osz[b, int(kept[b]):] == 0).all()
+    assert (out[1] == 0).all() and torch.equal(out[2, 0], x[2, 0])
+    if threshold == 1.0:
+        for b in (0, 3):
+            torch.testing.assert_close(out[b, :lens[b]], x[b, :lens[b]], atol=1e-3, rtol=1e-3)
+    g = torch.Generator().manual_seed(23)
+    go, gos = torch.randn(out.shape, generator=g).to(dtype), torch.randn(osz.shape, generator=g)
+    got = bwd(go.transpose(1, 2).contiguous().transpose(1, 2), gos, xn, size, out, osz, src, dst, tmap, a, bb, lw, lb,
+              eps)
+    exp = torch.autograd.grad((ro * go.double()).sum() + (rs * gos.double()).sum(), wide, allow_unused=True)
+    names = ("x", "a", "b", "ln_weight", "ln_bias", "size")
+    order = (0, 2, 3, 4, 5, 1)  # the backward's output order against wide's
+    closed = pyra.pyra_merge_rows_backward_reference(go.double(), gos.double(), *[w.detach() for w in wide[:2]],
+                                                     ro.detach(), rs.detach(), src, dst, tmap,
+                                                     *[w.detach() for w in wide[2:]], eps)
+    for name, u, i, cf in zip(names, got, order, closed):
+        e = exp[i] if exp[i] is not None else torch.zeros_like(wide[i])
+        torch.testing.assert_close(cf, e.view(cf.shape), atol=1e-9, rtol=1e-9, msg=lambda m: f"closed form {name}: {m}")
+        scale = max(1.0, e.abs().max().item())
+        torch.testing.assert_close(u.double(), e.view(u.shape), atol=tol["atol"] * scale, rtol=tol["rtol"],
+                                   msg=lambda m: f"{backend} grad {name}: {m}")
+    for b, k in enumerate(lens):
+        assert (got[0][b, k:] == 0).all() and (got[5][b, k:] == 0).all(), "padding: zero gradients"
+
+
+@pytest.mark.parametrize("backend", ROWS_KERNELS)
+def test_pyra_merge_rows_kernels_refuse_bad_arguments(backend):
+    """Direct calls of the op (torch.ops.fpet.*): bad indices and shapes are errors naming the argument,
+    raised before any kernel reads or writes (nothing out of bounds)."""
+    fwd, bwd = _rows_op(backend, "pyra_merge_rows"), _rows_op(backend, "pyra_merge_rows_backward")
+    args, _, _ = _edge_rows(torch.float32, None)
+    x, size, src, dst, tmap, a, bb, lw, lb, n_out, eps = args
+    na, nb = 7, 6
+    bad = [(2, src.clone().fill_(na), "src_idx"), (2, src.clone().fill_(-2), "src_idx"),
+           (3, torch.where(src >= 0, nb, dst), "dst_idx"), (4, torch.full_like(tmap, n_out), "token_map"),
+           (4, torch.full_like(tmap, -2), "token_map"), (4, tmap.int(), "token_map"), (4, tmap[:, :-1], "token_map"),
+           (1, size[:, :-1], "size"), (5, a[:-1], "a"), (6, bb[:, :-1], "b"), (7, lw[:-1], "ln_weight"),
+           (8, lb[:-1], "ln_bias"), (2, torch.zeros(5, na + 1, dtype=torch.int64), "src_idx"),
+           (9, x.shape[1] + 1, "n_out"), (10, 0.0, "eps")]
+    for pos, value, name in bad:
+        call = list(args)
+        call[pos] = value
+        with pytest.raises((RuntimeError, ValueError, TypeError), match=name):
+            fwd(*call)
+            pytest.fail(f"bad {name} (argument {pos}) was accepted")
+    out, osz = fwd(*args)
+    go = torch.randn_like(out)
+    with pytest.raises((RuntimeError, ValueError, TypeError), match="out"):
+        bwd(go, None, x, size, out[:, :-1], osz, src, dst, tmap, a, bb, lw, lb, eps)
+    with pytest.raises((RuntimeError, ValueError, TypeError), match="grad_out_size"):
+        bwd(go, osz[:, :-1], x, size, out, osz, src, dst, tmap, a, bb, lw, lb, eps)
+    with pytest.raises((RuntimeError, ValueError, TypeError), match="token_map"):
+        bwd(go, None, x, size, out, osz, src, dst, torch.full_like(tmap, out.shape[1]), a, bb, lw, lb, eps)

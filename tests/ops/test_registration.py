@@ -9,10 +9,12 @@ from torch.library import opcheck
 import fpet_kernels as fk
 import simt_ext
 from fpet_kernels.ops import library
+from fpet_kernels.ops.pyra import pyra_merge_rows_op_reference
+from fpet_kernels.ops.tome import tome_match_rows_reference
 from helpers import REQUIRE_EXTENSION, gen, gen_size, is_live, missing_message
 
 OPS = ("tome_match", "tome_merge", "merge_wavg", "merge_wavg_backward", "unmerge", "merge_sum", "fpet_merge",
-       "fpet_merge_backward", "pyra_merge", "pyra_merge_backward")
+       "fpet_merge_backward", "pyra_merge", "pyra_merge_backward", "pyra_merge_rows", "pyra_merge_rows_backward")
 B, N, C, D, R = 2, 17, 8, 4, 5  # N = 1 class token + a 4 x 4 grid
 
 
@@ -76,6 +78,14 @@ def _samples(dtype=torch.float32, grad=True):
     gf = gen(*f_out.shape, dtype=dtype, seed=8)
     gs = gen(*f_size.shape, dtype=torch.float32, seed=9)
     mg = metric.detach().clone().requires_grad_(grad)
+    # PYRA's per-row op: a padded batch (row 1 has 11 valid tokens) and a threshold matching
+    size_p = size.detach().clone()
+    size_p[1, 11:] = 0
+    rs, rd, _, rmap, _ = tome_match_rows_reference(metric, R, True, False, size_p[..., 0] != 0, None)
+    ts, td, _, tmap_thr, _ = tome_match_rows_reference(metric, R, True, False, None, 0.2)
+    r_out, r_size = pyra_merge_rows_op_reference(x.detach(), size_p, rs, rd, rmap, a.detach(), b.detach(), lw.detach(),
+                                                 lb.detach(), n_out, 1e-5)
+    size_p.requires_grad_(grad)
     return {
         "tome_match": [(metric, R, True, False), (metric, 0, False, False), (metric, R, True, True)],
         "tome_merge": [(x, metric, R, size, True, False), (x, metric, R, None, False, True),
@@ -91,6 +101,12 @@ def _samples(dtype=torch.float32, grad=True):
                        (x, metric, R, a, b, lw, lb, None, False, True, 1e-3)],
         "pyra_merge_backward": [(g, None, x.detach(), size.detach(), p_out, p_size, pm.src_idx, pm.dst_idx,
                                  pm.unm_idx, a.detach(), b.detach(), lw.detach(), lb.detach(), 1e-5, False)],
+        "pyra_merge_rows": [(x, size_p, rs, rd, rmap, a, b, lw, lb, n_out, 1e-5),
+                            (x, None, ts, td, tmap_thr, a, b, lw, lb, N, 1e-3)],
+        "pyra_merge_rows_backward": [(g, gen(B, n_out, 1, seed=20), x.detach(), size_p.detach(), r_out, r_size, rs, rd,
+                                      rmap, a.detach(), b.detach(), lw.detach(), lb.detach(), 1e-5),
+                                     (g, None, x.detach(), None, r_out, r_size, rs, rd, rmap, a.detach(), b.detach(),
+                                      lw.detach(), lb.detach(), 1e-5)],
     }
 
 
@@ -101,7 +117,8 @@ def test_opcheck(kernel_backend, op_name):
         opcheck(op, args)
 
 
-@pytest.mark.parametrize("op_name", ["tome_merge", "fpet_merge", "pyra_merge", "merge_wavg", "unmerge"])
+@pytest.mark.parametrize("op_name", ["tome_merge", "fpet_merge", "pyra_merge", "merge_wavg", "unmerge",
+                                     "pyra_merge_rows"])
 def test_opcheck_half(kernel_backend, op_name):
     op = _op(op_name, kernel_backend)
     for args in _samples(torch.bfloat16, grad=False)[op_name][:1]:
