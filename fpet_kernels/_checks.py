@@ -224,14 +224,6 @@ def finite_positive(op: str, name: str, v) -> float:
     return float(v)
 
 
-def rows_backend(op: str, requested, resolved: str) -> None:
-    """Padded batches and threshold merging (issue 21) run on the reference backend only, for now:
-    the automatic choice (``backend=None``) takes it; a kernel backend asked for by name raises."""
-    if requested is not None and resolved != "reference":
-        raise NotImplementedError(f"{op}: padded / threshold merging has no {resolved!r} kernel yet; "
-                                  "pass backend='reference' or None (issue 21)")
-
-
 def backend_name(backend) -> None:
     """``backend`` is None or one of the backend names (checked where a closure stores it)."""
     if backend is None:

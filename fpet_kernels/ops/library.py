@@ -19,8 +19,9 @@ after every family has defined its schemas (``ops/_backend.py``).
 :func:`register`; :data:`OPS` is the one list of ops, from which registration, the backend tables,
 the ONNX decompositions, the benchmarks' op list and the emulator's schemas derive. **One
 dispatcher.** :func:`dispatch` decides, once per public call, between the export formulation, the
-reference, the C++ kernels and the Triton kernel; :func:`dispatch_rows` is its twin for the per-row
-formulation (padded batches, threshold merging; the records' ``rows``), reference only for now.
+reference, the C++ kernels and the Triton kernel. The per-row formulation (padded batches, threshold
+merging) is ops of its own (``tome_match_rows``, ``pyra_merge_rows``, ``fpet_merge_rows``), dispatched
+the same way.
 """
 from __future__ import annotations
 
@@ -167,10 +168,6 @@ class Op:
     ``inference_only``  a differentiable op whose kernels have no backward: where a gradient is needed
                     the reference runs (:func:`run`; an op without gradients, such as a matching, is not);
     ``fallback``    what runs in place of a kernel the op lacks, in words (the warnings say it);
-    ``rows``        the reference of the op's per-row formulation (padded batches, threshold merging;
-                    issue 21, docs/semantics.md): the schema's arguments, then the per-row ones
-                    (``padded``, ``threshold``; see each family module). No kernel computes it yet:
-                    :func:`dispatch_rows` runs it.
 
     The backend rule reads the record (``ops/_backend.py``): without C++ kernels (``cpp=False``) the
     reference is the op's CPU implementation; ``inference_only``: a kernel runs only where no gradient
@@ -190,7 +187,6 @@ class Op:
     public: bool = True
     inference_only: bool = False
     fallback: str = "the pure-PyTorch reference"
-    rows: Optional[Callable] = None
 
     @property
     def kernels(self) -> tuple:
@@ -236,17 +232,6 @@ def dispatch(op: Op, backend, device, dtypes, *args):
         return kernel(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return kernel(*args)
-
-
-def dispatch_rows(op: Op, backend, device, dtypes, *args):
-    """Run one public call of ``op``'s per-row formulation (``op.rows``: padded batches, threshold
-    merging) on ``args``. The backend is resolved as :func:`dispatch` resolves it (a bad backend raises
-    the same error); only the reference computes the per-row formulation for now, so the automatic
-    choice (``backend=None``) takes it and a kernel backend named explicitly raises
-    ``NotImplementedError`` (``_checks.rows_backend``). There is no export formulation:
-    ``torch.onnx.export`` traces the reference."""
-    _checks.rows_backend(op.name, backend, _backend.resolve(backend, device, dtypes, op.name))
-    return op.rows(*args)
 
 
 def run(op: Op, backend: str, *args):

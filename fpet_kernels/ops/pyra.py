@@ -32,7 +32,7 @@ from torch import Tensor
 from .. import _checks
 from . import library
 from .shapes import cap_r, compute_dtype, size_dtype
-from .tome import (Matching, RowMatching, assemble, check_rows_fit, gather_by_map, merge_by_indices, output_rows,
+from .tome import (Matching, RowMatching, assemble, check_rows_fit, gather_by_map, match_rows, merge_by_indices, output_rows,
                    rows_args, safe_div, static_rows, sum_by_map, tome_match_export, tome_match_reference,
                    tome_match_rows_reference, trim_rows, valid_tokens)
 
@@ -429,9 +429,7 @@ def pyra_merge(x: Tensor, metric: Tensor, r: int, a: Tensor, b: Tensor, ln_weigh
     eps = _checks.finite_positive("pyra_merge", "eps", eps)
     dtypes = _checks.dtypes(x=x, metric=metric, a=a, b=b, ln_weight=ln_weight, ln_bias=ln_bias, size=size)
     if per_row:  # the per-row formulation: the per-row matching, then the op pyra_merge_rows
-        valid = valid_tokens(size if padded else None, x)
-        # TODO(issue 21): the registered tome_match_rows op (branch k-tome) once it lands
-        src, dst, unm, tmap, kept = tome_match_rows_reference(metric, r, class_token, distill_token, valid, threshold)
+        src, dst, unm, tmap, kept = match_rows(metric, r, class_token, distill_token, size, padded, threshold, backend)
         n_out = static_rows(x.shape[1], r, threshold, class_token, distill_token)
         check_rows_fit(kept, n_out)
         out, out_size = library.dispatch(PYRA_MERGE_ROWS, backend, x.device, dtypes, x, size, src, dst, tmap,

@@ -656,14 +656,13 @@ def test_fpet_rows_torch_compile_fullgraph(compile_backend):
 
 
 def test_fpet_rows_records():
-    """fpet_merge_rows / fpet_merge_rows_backward are op records with kernels on every backend; the
-    ordinary fpet_merge no longer carries a per-row reference."""
+    """fpet_merge_rows / fpet_merge_rows_backward are op records with kernels on every backend, with the
+    schemas of the ordinary fpet_merge and its backward."""
     rec, bwd = library.OPS["fpet_merge_rows"], library.OPS["fpet_merge_rows_backward"]
     assert rec.cpp and rec.cuda and rec.triton is not None and rec.backward is not None and rec.public
     assert rec.calls == ("fpet_merge_rows_backward",) and rec.schema == library.OPS["fpet_merge"].schema
     assert bwd.cpp and bwd.cuda and bwd.triton is not None and not bwd.public
     assert bwd.schema == library.OPS["fpet_merge_backward"].schema
-    assert library.OPS["fpet_merge"].rows is None
 
 
 # ----------------------------------------------------------------------------- edge rows
@@ -850,8 +849,8 @@ def test_padding_not_at_the_right_end():
 
 
 def test_the_automatic_backend_choice():
-    """ToMe: the automatic choice runs the per-row matching op (the C++ kernels on CPU when built);
-    the families without per-row kernels take the reference."""
+    """The automatic choice runs the per-row ops' kernels (the C++ kernels on CPU when built) and gives
+    what the reference gives."""
     x, metric, size = torch.randn(2, 9, 4), torch.randn(2, 9, 3), torch.ones(2, 9, 1)
     size[1, 4:] = 0
     got = fk.tome_merge(x, metric, 2, size, padded=True)
@@ -863,13 +862,15 @@ def test_the_automatic_backend_choice():
     assert torch.equal(osz[1, 2:], torch.zeros(2, 1))
 
 
-def test_the_per_row_formulation_is_on_the_records():
-    """The merge ops without per-row kernels carry their per-row reference on their ``library.Op`` record
-    (``rows``), which ``library.dispatch_rows`` runs; ToMe's per-row matching is an op of its own,
-    ``tome_match_rows``, with kernels on every backend (and ``tome_merge`` per row = it + ``merge_wavg``);
-    FPET has registered per-row ops (``fpet_merge_rows``, test_fpet_rows_records)."""
-    assert {name for name, op in library.OPS.items() if op.rows is not None} == set()
+def test_the_per_row_formulation_is_ops_of_its_own():
+    """Each family's per-row formulation is a registered op with kernels on every backend: ToMe's
+    per-row matching ``tome_match_rows`` (``tome_merge`` per row = it + ``merge_wavg``), PYRA's
+    ``pyra_merge_rows`` and FPET's ``fpet_merge_rows`` (with their closed-form backward ops)."""
     assert library.OPS["pyra_merge_rows"].public and not library.OPS["pyra_merge_rows_backward"].public
+    assert library.OPS["fpet_merge_rows"].public and not library.OPS["fpet_merge_rows_backward"].public
+    for name in ("pyra_merge_rows", "pyra_merge_rows_backward", "fpet_merge_rows", "fpet_merge_rows_backward"):
+        rec = library.OPS[name]
+        assert rec.cpp and rec.cuda and rec.triton is not None, name
     rec = library.OPS["tome_match_rows"]
     assert rec.cpp and rec.cuda and rec.triton is not None and rec.backward is None and rec.public
 
