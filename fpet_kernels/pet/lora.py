@@ -174,8 +174,13 @@ class LoRALinear(nn.Module):
         self.lora_B.to(**dd)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
-        self._register_load_state_dict_pre_hook(
-            lambda sd, prefix, *args: _load_plain_keys(self, sd, prefix))
+        self._register_load_state_dict_pre_hook(self._load_plain_keys)  # a bound method: deepcopy / pickle rebind it
+
+    def _load_plain_keys(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                         error_msgs):
+        """A plain checkpoint (``query.weight``/``query.bias``, as transformers saves it) loads into the
+        wrapped ``base``; LoRA parameters absent from it keep their current values."""
+        _load_plain_keys(self, state_dict, prefix)
 
     @property
     def weight(self) -> Tensor:

@@ -328,6 +328,25 @@ def test_lora_on_bert_applies_folds_saves_and_loads(merge, tmp_path):
             assert isinstance(model.bert.encoder.layer[1].fk_refine, pet.RefinementAdapter)
 
 
+def test_lora_on_bert_copies_pickles_and_takes_a_plain_checkpoint():
+    import io
+    model = tiny()
+    pet.apply(model, "lora", rank=2)
+    _randomize(model, ["lora_B"])
+    ids, mask, _ = padded_batch(lengths=(14, 9))
+    want = model(ids, attention_mask=mask).last_hidden_state
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(model), torch.load(buf, weights_only=False)):
+        torch.testing.assert_close(other(ids, attention_mask=mask).last_hidden_state, want, atol=ATOL, rtol=0)
+        plain = tiny(seed=3)  # a backbone checkpoint (query.weight, not query.base.weight) loads into base
+        other.load_state_dict(plain.state_dict(), strict=False)
+        q = other.encoder.layer[0].attention.self.query
+        assert torch.equal(q.base.weight, plain.encoder.layer[0].attention.self.query.weight)
+        assert torch.equal(q.lora_B.weight, model.encoder.layer[0].attention.self.query.lora_B.weight)
+
+
 @pytest.mark.parametrize("merge", [None, ("tome", dict(r=0)), ("pyra", dict(r=2))])
 def test_adaptformer_on_bert(merge, tmp_path):
     model = tiny()
