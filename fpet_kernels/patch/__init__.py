@@ -103,9 +103,6 @@ def hf(model: nn.Module, method: str = "tome", **kw) -> nn.Module:
     from . import hf_bert  # transformers is an optional dependency: imported when a model is patched
     if hf_bert.owns(_peft.unwrap_peft(model)):
         return hf_bert.hf(model, method, **kw)
-    if kw.get("threshold") is not None:
-        raise ValueError("fk.patch.hf: threshold merging is supported on BERT-family text encoders (and timm ViTs: "
-                         f"fk.patch.timm(..., threshold=)), not on {type(_peft.unwrap_peft(model)).__name__}")
     from . import hf_vit
     return hf_vit.hf(model, method, **kw)
 
