@@ -398,6 +398,35 @@ def test_pet_apply_fpet_and_pyra_patch_bert():
     assert isinstance(model2.bert.encoder.layer[0].fk_pyra, pet.PyraModulation)
 
 
+@pytest.mark.parametrize("method", ["hiwi", "pafi", "peft-lora"])
+def test_other_pet_on_a_patched_bert(method):
+    """PaFi / HiWi (which took BERT before) and PEFT's own LoRA on a patched BERT: still per-sequence
+    equivalent; pet.fold keeps the merge."""
+    ids, mask, _ = padded_batch(lengths=(14, 9, 3))
+    if method == "peft-lora":
+        peft = pytest.importorskip("peft")
+        model = peft.get_peft_model(tiny(), peft.LoraConfig(r=2, target_modules=["query", "value"]))
+        fk.patch.hf(model, "tome", r=2, trace_source=True)
+        _randomize(model, ["lora_B"])
+        run = model
+    else:
+        model = tiny()
+        fk.patch.hf(model, "fpet", merge_layer=1, trace_source=True)
+        pet.apply(model, method)
+        pet.mark_trainable(model, train_head=False)
+        _randomize(model, ["delta", "hiwi", "pafi"])
+        run = model
+    out = run(input_ids=ids, attention_mask=mask)
+    for b, nb in enumerate((14, 9, 3)):
+        alone = run(input_ids=ids[b:b + 1, :nb])
+        torch.testing.assert_close(valid(out, b)[0], alone.last_hidden_state[0], atol=ATOL, rtol=0)
+    if method != "peft-lora":
+        pet.fold(model)
+        folded = model(input_ids=ids, attention_mask=mask)
+        assert folded.last_hidden_state.shape[1] < ids.shape[1]
+        torch.testing.assert_close(folded.last_hidden_state, out.last_hidden_state, atol=1e-8, rtol=0)
+
+
 def test_lora_refuses_other_models_with_a_clear_error():
     with pytest.raises(TypeError, match="BERT-family"):
         pet.apply(torch.nn.Linear(3, 3), "lora")
