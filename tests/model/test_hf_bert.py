@@ -99,17 +99,18 @@ def test_padded_rows_equal_each_sequence_alone(case, left):
         assert [int(k[b]) for k in out.kept] == [int(k[0]) for k in alone.kept]
 
 
+@pytest.mark.parametrize("left", [False, True], ids=["right", "left"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_padded_gradients_equal_each_sequence_alone(case):
+def test_padded_gradients_equal_each_sequence_alone(case, left):
     method, kw = CASES[case]
     model = patched(method, kw)
     model.train()  # train mode turns on the merge modules' training paths; dropout off (it is random):
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-    ids, mask, pos = padded_batch()
+    ids, mask, pos = padded_batch(left=left)
     emb = model.embeddings.word_embeddings(ids).detach().requires_grad_(True)
-    out = model(inputs_embeds=emb, attention_mask=mask)
+    out = model(inputs_embeds=emb, attention_mask=mask, position_ids=pos)
     g = torch.Generator().manual_seed(3)
     w = torch.randn(out.last_hidden_state.shape, generator=g, dtype=torch.float64)
     # the pooler of a fully padded row reads its zero row 0 (tanh(bias): not a sequence to compare with)
@@ -124,13 +125,14 @@ def test_padded_gradients_equal_each_sequence_alone(case):
         if nb == 0:
             assert (g_emb[b] == 0).all()
             continue
-        e = emb[b:b + 1, :nb].detach().requires_grad_(True)
+        sel = mask[b].bool()
+        e = emb[b:b + 1, sel].detach().requires_grad_(True)
         alone = model(inputs_embeds=e)
         k = int((alone.size[0] > 0).sum())
         loss_b = (alone.last_hidden_state[0, :k] * w[b, :k]).sum() + (alone.pooler_output ** 2).sum()
         ga = torch.autograd.grad(loss_b, [e] + params, allow_unused=True)
-        torch.testing.assert_close(g_emb[b, :nb], ga[0][0], atol=1e-8, rtol=1e-6)
-        assert (g_emb[b, nb:] == 0).all()  # padding gets no gradient
+        torch.testing.assert_close(g_emb[b, sel], ga[0][0], atol=1e-8, rtol=1e-6)
+        assert (g_emb[b, ~sel] == 0).all()  # padding gets no gradient
         for acc, gp in zip(want_par, ga[1:]):
             if gp is not None:
                 acc += gp
