@@ -28,6 +28,7 @@ CASES = {
     "tome-threshold": ("tome", dict(threshold=0.3)),
     "tome-threshold-capped": ("tome", dict(r=2, threshold=[0.2, None, 0.0])),
     "pyra-threshold": ("pyra", dict(r=3, threshold=0.2)),
+    "tome-no-prop-attn": ("tome", dict(r=2, prop_attn=False)),  # padding still masked (log of the 0 / 1 mask)
 }
 ATOL = 1e-9
 
