@@ -224,6 +224,60 @@ def warn_capped(rs: List[int], n_tokens: Optional[int], config: MergeConfig, r_a
         "model's configured input size). Choose a smaller r to keep more tokens.", UserWarning, stacklevel=stacklevel)
 
 
+class MergingModel:
+    """What every patched model class adds to its library's (placed first in its bases): ``model.r`` and
+    the per-layer schedules. Each patcher's subclass says what its merging units are (``fk_units``, called
+    ``fk_unit`` in messages), how many tokens its configured input has (``fk_tokens``; None where that
+    is not fixed, as for text) and why FPET / PYRA models have no settable r (``fk_fixed_r``)."""
+
+    fk_config: MergeConfig
+    fk_unit = "layer"
+
+    def fk_units(self) -> list:
+        raise NotImplementedError
+
+    def fk_tokens(self) -> Optional[int]:
+        return None
+
+    def fk_fixed_r(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def r(self):
+        """ToMe: the schedule as set (int, per-layer list, ``(r, inflection)``, or None: uncapped threshold
+        merging), settable between forwards (validated; an r above a layer's cap is said). PYRA: the
+        per-layer r of the learned modulation (read-only). FPET: None (no r; setting it raises)."""
+        cfg = self.fk_config
+        if cfg.method == "tome":
+            return cfg.r
+        return self.fk_schedule() if cfg.method == "pyra" else None
+
+    @r.setter
+    def r(self, value):
+        cfg = self.fk_config
+        if cfg.method != "tome":
+            raise ValueError(self.fk_fixed_r())
+        if value is None and cfg.threshold is not None:  # threshold merging without a cap
+            cfg.r = None
+            return
+        rs = parse_r(len(self.fk_units()), value)  # validates
+        warn_capped(rs, self.fk_tokens(), cfg, value, self.fk_unit, stacklevel=4)
+        cfg.r = value
+
+    def _fk_pyra_r(self) -> List[int]:
+        pyra = [getattr(unit, "fk_pyra", None) for unit in self.fk_units()]
+        return [0 if m is None else m.r for m in pyra]
+
+    def fk_schedule(self) -> list:
+        """Tokens merged by each layer in the next forward (FPET: 1 marks the merging layer; with a
+        threshold, the cap of each layer, None: uncapped)."""
+        return schedule(self.fk_config, len(self.fk_units()), self._fk_pyra_r())
+
+    def fk_layer_schedule(self) -> list:
+        """Per layer ``(r, threshold)`` of the next forward (:func:`layer_schedule`)."""
+        return layer_schedule(self.fk_config, len(self.fk_units()), self._fk_pyra_r())
+
+
 def check_grid(grid) -> Tuple[int, int]:
     if (not isinstance(grid, (tuple, list)) or len(grid) != 2
             or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in grid)):

@@ -49,8 +49,8 @@ from torch import Tensor, nn
 from ..integrations.peft import register_merge_modules, unwrap_peft
 from ..ops.attention import proportional_sdpa
 from ..ops.tome import parse_r
-from .core import (MergeConfig, MergeState, Patcher, already_patched, check_thresholds, layer_schedule, merge_step,
-                   merges, method_arguments, register_patcher, schedule)
+from .core import (MergeConfig, MergeState, MergingModel, Patcher, already_patched, check_thresholds, merge_step,
+                   merges, method_arguments, register_patcher)
 from .modules import PyraModulation, RefinementAdapter
 
 try:
@@ -215,48 +215,21 @@ class _FKTextLayer:
         return out.LayerNorm(y + a + adapter(a))
 
 
-class _FKTextModel:
+class _FKTextModel(MergingModel):
     """Mixin before transformers' ``BertModel`` / ``RobertaModel``: padding to sizes, the layer loop
     with the merge state, the merged output."""
-
-    fk_config: MergeConfig
 
     @property
     def layers(self):
         return self.encoder.layer
 
-    @property
-    def r(self):
-        """ToMe: the schedule as set (int, per-layer list, ``(r, inflection)``, or None with a threshold),
-        settable between forwards. PYRA: the per-layer r of the modulation (read-only). FPET: None."""
-        cfg = self.fk_config
-        if cfg.method == "tome":
-            return cfg.r
-        return self.fk_schedule() if cfg.method == "pyra" else None
+    def fk_units(self) -> list:
+        return list(self.layers)
 
-    @r.setter
-    def r(self, value):
-        cfg = self.fk_config
-        if cfg.method != "tome":
-            why = ("FPET has no r (it merges every A token of the sequence at merge_layer)" if cfg.method == "fpet"
-                   else "PYRA's per-layer r is fixed by its learned modulation (layers[i].fk_pyra.a has r rows)")
-            raise ValueError(f"model.r: {why}; fk.patch.remove(model), then patch again with the new setting")
-        if value is None and cfg.threshold is None:
-            raise TypeError("model.r: r=None (uncapped) needs a threshold; patch with threshold=...")
-        if value is not None:
-            parse_r(len(self.layers), value)  # validates
-        cfg.r = value
-
-    def fk_schedule(self) -> list:
-        """Tokens merged by each layer in the next forward (FPET: 1 marks the merging layer; None:
-        threshold merging without a cap)."""
-        pyra = [getattr(layer, "fk_pyra", None) for layer in self.layers]
-        return schedule(self.fk_config, len(self.layers), [0 if m is None else m.r for m in pyra])
-
-    def fk_layer_schedule(self) -> list:
-        """Per layer ``(r, threshold)`` of the next forward."""
-        pyra = [getattr(layer, "fk_pyra", None) for layer in self.layers]
-        return layer_schedule(self.fk_config, len(self.layers), [0 if m is None else m.r for m in pyra])
+    def fk_fixed_r(self) -> str:
+        why = ("FPET has no r (it merges every A token of the sequence at merge_layer)" if self.fk_config.method == "fpet"
+               else "PYRA's per-layer r is fixed by its learned modulation (layers[i].fk_pyra.a has r rows)")
+        return f"model.r: {why}; fk.patch.remove(model), then patch again with the new setting"
 
     def forward_with_state(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                            inputs_embeds=None, track_tokens: bool = True, **kwargs):

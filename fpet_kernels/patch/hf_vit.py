@@ -39,8 +39,8 @@ from torch import nn
 from ..integrations.peft import register_merge_modules, unwrap_peft
 from ..ops.attention import proportional_sdpa
 from ..ops.tome import parse_r
-from .core import (MergeConfig, MergeState, Patcher, already_patched, check_thresholds, layer_schedule, merge_step,
-                   merges, method_arguments, register_patcher, schedule, warn_capped)
+from .core import (MergeConfig, MergeState, MergingModel, Patcher, already_patched, check_thresholds, merge_step,
+                   merges, method_arguments, register_patcher, warn_capped)
 from .modules import PyraModulation, RefinementAdapter
 
 try:
@@ -116,44 +116,19 @@ class _FKLayer:
         return self.dropout(self.mlp(self.layernorm_after(x))) + x, state
 
 
-class _FKModel:
+class _FKModel(MergingModel):
     """Mixin before transformers' ``ViTModel`` / ``DeiTModel``: the layer loop carries the merge state."""
 
-    fk_config: MergeConfig
+    def fk_units(self) -> list:
+        return list(self.layers)
 
-    @property
-    def r(self):
-        """ToMe: the schedule as set (int, per-layer list or ``(r, inflection)``), settable between
-        forwards (validated; an r above a layer's cap is said). PYRA: the per-layer r of the learned
-        modulation (read-only). FPET: None (no r; setting it raises)."""
-        cfg = self.fk_config
-        if cfg.method == "tome":
-            return cfg.r
-        return self.fk_schedule() if cfg.method == "pyra" else None
+    def fk_tokens(self) -> Optional[int]:
+        return configured_tokens(self)
 
-    @r.setter
-    def r(self, value):
-        cfg = self.fk_config
-        if cfg.method != "tome":
-            why = ("FPET has no r (it merges every checkerboard A token at merge_layer)" if cfg.method == "fpet"
-                   else "PYRA's per-layer r is fixed by its learned modulation (layers[i].fk_pyra.a has r rows)")
-            raise ValueError(f"model.r: {why}; fk.patch.remove(model), then patch again with the new setting")
-        if value is None and cfg.threshold is not None:  # threshold merging without a cap
-            cfg.r = None
-            return
-        rs = parse_r(len(self.layers), value)  # validates
-        warn_capped(rs, configured_tokens(self), cfg, value, "layer", stacklevel=4)
-        cfg.r = value
-
-    def fk_schedule(self) -> list:
-        """Tokens merged by each layer in the next forward (FPET: 1 marks the merging layer)."""
-        pyra = [getattr(layer, "fk_pyra", None) for layer in self.layers]
-        return schedule(self.fk_config, len(self.layers), [0 if m is None else m.r for m in pyra])
-
-    def fk_layer_schedule(self) -> list:
-        """Per layer ``(r, threshold)`` of the next forward (``core.layer_schedule``)."""
-        pyra = [getattr(layer, "fk_pyra", None) for layer in self.layers]
-        return layer_schedule(self.fk_config, len(self.layers), [0 if m is None else m.r for m in pyra])
+    def fk_fixed_r(self) -> str:
+        why = ("FPET has no r (it merges every checkerboard A token at merge_layer)" if self.fk_config.method == "fpet"
+               else "PYRA's per-layer r is fixed by its learned modulation (layers[i].fk_pyra.a has r rows)")
+        return f"model.r: {why}; fk.patch.remove(model), then patch again with the new setting"
 
     def _fk_forward(self, pixel_values=None, bool_masked_pos=None, interpolate_pos_encoding=None,
                     attention_mask=None, **kwargs):

@@ -28,9 +28,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..ops.tome import parse_r, unmerge
-from .core import (MergeConfig, MergeState, Patcher, already_patched, attention_with_metric, check_grid,
-                   check_thresholds, layer_schedule, merge_step, merges, method_arguments, register_patcher, schedule,
-                   warn_capped)
+from .core import (MergeConfig, MergeState, MergingModel, Patcher, already_patched, attention_with_metric, check_grid,
+                   check_thresholds, merge_step, merges, method_arguments, register_patcher, warn_capped)
 from .modules import PyraModulation, RefinementAdapter
 
 
@@ -70,48 +69,26 @@ class FKBlock(Block):
 
 
 # ----------------------------------------------------------------------------- model
-class _MergingViT:
+class _MergingViT(MergingModel):
     """What the patched model classes add to timm's (placed first in their bases)."""
 
-    fk_config: MergeConfig
+    fk_unit = "block"
 
-    @property
-    def r(self):
-        """ToMe: the schedule as set (int, per-layer list or ``(r, inflection)``), settable between
-        forwards. PYRA: the per-layer r of the learned modulation (read-only). FPET: None (no r)."""
-        cfg = self.fk_config
-        if cfg.method == "tome":
-            return cfg.r
-        return self.fk_schedule() if cfg.method == "pyra" else None
+    def fk_units(self) -> list:
+        return list(self.blocks)
 
-    @r.setter
-    def r(self, value):
+    def fk_tokens(self) -> Optional[int]:
+        return configured_tokens(self)
+
+    def fk_fixed_r(self) -> str:
         cfg = self.fk_config
         if cfg.method == "fpet":
-            raise ValueError(f"model.r: method='fpet' has no r (it merges every checkerboard A token, about half "
-                             f"the patch tokens, at merge_layer={cfg.merge_layer}); to move the merge: "
-                             "fk.patch.remove(model), then fk.patch.timm(model, 'fpet', merge_layer=...)")
-        if cfg.method == "pyra":
-            raise ValueError("model.r: a PYRA model's per-layer r is fixed by its learned modulation "
-                             "(blocks[i].fk_pyra.a has r rows); fk.patch.remove(model) (dropping the modulation), "
-                             "then fk.patch.timm(model, 'pyra', r=...)")
-        if value is None and cfg.threshold is not None:  # threshold merging without a cap
-            cfg.r = None
-            return
-        rs = parse_r(len(self.blocks), value)  # validates
-        warn_capped(rs, configured_tokens(self), cfg, value, "block", stacklevel=4)
-        cfg.r = value
-
-    def fk_schedule(self) -> List[int]:
-        """Tokens merged by each block in the next forward (FPET: 1 marks the merging block; with a
-        threshold, the cap of each block, None: uncapped)."""
-        pyra_r = [getattr(b, "fk_pyra", None) for b in self.blocks]
-        return schedule(self.fk_config, len(self.blocks), [0 if m is None else m.r for m in pyra_r])
-
-    def fk_layer_schedule(self) -> list:
-        """Per block ``(r, threshold)`` of the next forward (``core.layer_schedule``)."""
-        pyra_r = [getattr(b, "fk_pyra", None) for b in self.blocks]
-        return layer_schedule(self.fk_config, len(self.blocks), [0 if m is None else m.r for m in pyra_r])
+            return (f"model.r: method='fpet' has no r (it merges every checkerboard A token, about half "
+                    f"the patch tokens, at merge_layer={cfg.merge_layer}); to move the merge: "
+                    "fk.patch.remove(model), then fk.patch.timm(model, 'fpet', merge_layer=...)")
+        return ("model.r: a PYRA model's per-layer r is fixed by its learned modulation "
+                "(blocks[i].fk_pyra.a has r rows); fk.patch.remove(model) (dropping the modulation), "
+                "then fk.patch.timm(model, 'pyra', r=...)")
 
     def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         return self.forward_features_with_state(x, attn_mask, is_causal, track_tokens=False)[0]
