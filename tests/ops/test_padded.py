@@ -677,3 +677,20 @@ def test_tome_fully_padded_one_token_rows_and_thresholds_on_every_backend(backen
     torch.testing.assert_close(out[1:2, :n - cap], e[0])
     assert (out[1, n - cap:] == 0).all() and (osz[1, n - cap:] == 0).all()
     assert torch.equal(m.token_map[1], e[2].token_map[0])
+
+
+def test_tome_match_rows_triton_over_several_tiles(monkeypatch):
+    """Triton with 16-row tiles: every loop of the kernel (counts, scores, B ranks, A ranks, tails,
+    identity map) runs over several tiles, carrying its running counts from tile to tile."""
+    _kernel_op("triton")
+    from fpet_kernels.ops import tome_match_rows_triton
+    monkeypatch.setattr(tome_match_rows_triton, "BLOCK", 16)
+    g = torch.Generator().manual_seed(9)
+    metric = torch.randn(4, 70, 5, generator=g)
+    size = torch.ones(4, 70, 1)
+    for b, k in enumerate([70, 37, 16, 1]):
+        size[b, k:] = 0
+    for r, thr, cls, dist in ((None, -1.0, True, False), (9, None, False, True), (None, 0.3, True, True),
+                              (40, 0.2, False, False)):
+        _check_rows_op(torch.ops.fpet.tome_match_rows_triton, metric, r, cls, dist, size, thr)
+    _check_rows_op(torch.ops.fpet.tome_match_rows_triton, metric, 0, True, False, size, None)
