@@ -694,3 +694,18 @@ def test_tome_match_rows_triton_over_several_tiles(monkeypatch):
                               (40, 0.2, False, False)):
         _check_rows_op(torch.ops.fpet.tome_match_rows_triton, metric, r, cls, dist, size, thr)
     _check_rows_op(torch.ops.fpet.tome_match_rows_triton, metric, 0, True, False, size, None)
+
+
+@pytest.mark.parametrize("name", ["cpu", "simt"])
+@SETTINGS
+@given(lens=rows, extra=st.integers(0, 3), r=st.one_of(st.none(), st.integers(0, 14)),
+       thr=st.one_of(st.none(), st.floats(-1, 1)), fl=flags, seed=st.integers(0, 2 ** 16))
+def test_tome_match_rows_kernels_hypothesis(request, name, lens, extra, r, thr, fl, seed):
+    """Random right-padded batches: the C++ CPU kernel and the CUDA kernel (emulated) equal the
+    reference (which the tests above hold to per-sequence equivalence)."""
+    op = (request.getfixturevalue("simt_ops").tome_match_rows if name == "simt" else _kernel_op(name))
+    if r is None and thr is None:
+        thr = 0.0
+    cls, dist = fl
+    _, metric, size = _batch(seed, lens, max(max(lens), 2) + extra, 1, 5, torch.float32)
+    _check_rows_op(op, metric, r, cls, dist, size, thr)
