@@ -352,6 +352,7 @@ def test_every_resolving_op_names_itself(monkeypatch):
     monkeypatch.setattr(_backend, "resolve", spy)
     x, metric, size = gen(2, 17, 8), gen(2, 17, 4), torch.ones(2, 17, 1)
     fk.tome_match(metric, 4)
+    fk.tome_match(metric, 4, size=size, padded=True)  # the per-row matching: tome_match_rows
     y, _, m = fk.tome_merge(x, metric, 4)
     fk.unmerge(y, m)
     merge, _ = fk.bipartite_soft_matching(metric, 4)

@@ -1073,6 +1073,38 @@ def test_tome_fully_padded_one_token_rows_and_thresholds_on_every_backend(backen
     assert torch.equal(m.token_map[1], e[2].token_map[0])
 
 
+def test_tome_match_rows_triton_over_several_tiles(monkeypatch):
+    """Triton with 16-row tiles: every loop of the kernel (counts, scores, B ranks, A ranks, tails,
+    identity map) runs over several tiles, carrying its running counts from tile to tile."""
+    _kernel_op("triton")
+    from fpet_kernels.ops import tome_match_rows_triton
+    monkeypatch.setattr(tome_match_rows_triton, "BLOCK", 16)
+    g = torch.Generator().manual_seed(9)
+    metric = torch.randn(4, 70, 5, generator=g)
+    size = torch.ones(4, 70, 1)
+    for b, k in enumerate([70, 37, 16, 1]):
+        size[b, k:] = 0
+    for r, thr, cls, dist in ((None, -1.0, True, False), (9, None, False, True), (None, 0.3, True, True),
+                              (40, 0.2, False, False)):
+        _check_rows_op(torch.ops.fpet.tome_match_rows_triton, metric, r, cls, dist, size, thr)
+    _check_rows_op(torch.ops.fpet.tome_match_rows_triton, metric, 0, True, False, size, None)
+
+
+@pytest.mark.parametrize("name", ["cpu", "simt"])
+@SETTINGS
+@given(lens=rows, extra=st.integers(0, 3), r=st.one_of(st.none(), st.integers(0, 14)),
+       thr=st.one_of(st.none(), st.floats(-1, 1)), fl=flags, seed=st.integers(0, 2 ** 16))
+def test_tome_match_rows_kernels_hypothesis(request, name, lens, extra, r, thr, fl, seed):
+    """Random right-padded batches: the C++ CPU kernel and the CUDA kernel (emulated) equal the
+    reference (which the tests above hold to per-sequence equivalence)."""
+    op = (request.getfixturevalue("simt_ops").tome_match_rows if name == "simt" else _kernel_op(name))
+    if r is None and thr is None:
+        thr = 0.0
+    cls, dist = fl
+    _, metric, size = _batch(seed, lens, max(max(lens), 2) + extra, 1, 5, torch.float32)
+    _check_rows_op(op, metric, r, cls, dist, size, thr)
+
+
 # ----------------------------------------------------------------------------- PYRA's per-row op, every kernel
 ROWS_KERNELS = ["cpu", "triton", "simt"]
 
