@@ -66,7 +66,9 @@ BF16_VS_F16 = 1.10  # and: bfloat16 within 10% of float16 (same op, mode, B, pro
 DISPATCH_CASES = (("tome_match", "forward"), ("tome_match_rows", "forward"), ("tome_merge", "forward"), ("tome_merge", "forward+backward"),
                   ("merge_wavg", "forward"), ("merge_wavg", "forward+backward"), ("unmerge", "forward"),
                   ("unmerge", "forward+backward"), ("fpet_merge", "forward"), ("fpet_merge", "forward+backward"),
-                  ("pyra_merge", "forward"), ("pyra_merge", "forward+backward"), ("xpeft_adapter", "forward"),
+                  ("pyra_merge", "forward"), ("pyra_merge", "forward+backward"), ("pyra_merge_rows", "forward"),
+                  ("pyra_merge_rows", "forward+backward"), ("fpet_merge_rows", "forward"),
+                  ("fpet_merge_rows", "forward+backward"), ("xpeft_adapter", "forward"),
                   ("xpeft_adapter", "forward+backward"), ("masked_weight_grad", "forward"))
 
 
@@ -147,6 +149,15 @@ def pafi_positions(device="cpu", seed=0):
     return (flat // PAFI_IN).to(device), (flat % PAFI_IN).to(device)
 
 
+def padded_size(batch: int, device="cpu"):
+    """The sizes of a right-padded batch (the per-row ops' cases): image b keeps N - 8 * (b % 4) tokens,
+    size 0 after them."""
+    size = torch.ones(batch, N, 1, device=device)
+    for b in range(batch):
+        size[b, N - 8 * (b % 4):] = 0
+    return size
+
+
 def make_args(op: str, batch: int, device="cpu", dtype=torch.float32, requires_grad=False, seed=0):
     """(positional arguments of the op, the tensors a backward differentiates)."""
     if op == "xpeft_adapter":
@@ -166,12 +177,16 @@ def make_args(op: str, batch: int, device="cpu", dtype=torch.float32, requires_g
         return (x, metric), [x]
     if op == "fpet_merge":
         return (x, metric), [x, metric]
-    if op == "pyra_merge":
+    if op == "fpet_merge_rows":  # FPET on a padded batch of sequences: the grid (1, N - 1)
+        return (x, metric, padded_size(batch, device)), [x, metric]
+    if op in ("pyra_merge", "pyra_merge_rows"):
         metric.requires_grad_(False)
         g = torch.Generator().manual_seed(seed + 1)
         params = [0.5 * torch.randn(R, 1, generator=g), 0.5 * torch.randn(1, C, generator=g),  # a, b nonzero
                   1 + 0.1 * torch.randn(C, generator=g), 0.1 * torch.randn(C, generator=g)]  # LayerNorm
         params = [p.to(device, dtype).requires_grad_(requires_grad) for p in params]
+        if op == "pyra_merge_rows":  # on a padded batch
+            return (x, metric, padded_size(batch, device), *params), [x] + params
         return (x, metric, *params), [x] + params
     if op == "unmerge":
         with torch.no_grad():
@@ -180,11 +195,8 @@ def make_args(op: str, batch: int, device="cpu", dtype=torch.float32, requires_g
         return (y, matching), [y]
     if op == "tome_match":
         return (metric.detach(),), []
-    if op == "tome_match_rows":  # a padded batch: image b keeps N - 8 * (b % 4) tokens, size 0 after them
-        size = torch.ones(batch, N, 1, device=device)
-        for b in range(batch):
-            size[b, N - 8 * (b % 4):] = 0
-        return (metric.detach(), size), []
+    if op == "tome_match_rows":  # a padded batch
+        return (metric.detach(), padded_size(batch, device)), []
     if op == "merge_wavg":
         matching = fk.tome_match(metric.detach(), R, class_token=True, backend="reference")
         return (x, matching), [x]
@@ -203,6 +215,15 @@ def _ref_fpet(x, metric):
 
 def _ref_pyra(x, metric, a, b, ln_weight, ln_bias):
     return fk.reference.pyra_merge(x, metric, R, a, b, ln_weight, ln_bias, class_token=True)
+
+
+def _ref_fpet_rows(x, metric, size):
+    return fk.fpet_merge(x, metric, size, class_token=True, grid=(1, N - 1), backend="reference", padded=True)
+
+
+def _ref_pyra_rows(x, metric, size, a, b, ln_weight, ln_bias):
+    return fk.pyra_merge(x, metric, R, a, b, ln_weight, ln_bias, size, class_token=True, backend="reference",
+                         padded=True)
 
 
 def _ref_unmerge(y, matching):
@@ -231,7 +252,7 @@ def _ref_masked(grad_out, inp, rows, cols):
 
 REFERENCE_FNS = {"tome_merge": _ref_tome, "fpet_merge": _ref_fpet, "pyra_merge": _ref_pyra, "unmerge": _ref_unmerge,
                  "tome_match": _ref_match, "tome_match_rows": _ref_match_rows, "merge_wavg": _ref_wavg, "xpeft_adapter": _ref_xpeft,
-                 "masked_weight_grad": _ref_masked}
+                 "masked_weight_grad": _ref_masked, "fpet_merge_rows": _ref_fpet_rows, "pyra_merge_rows": _ref_pyra_rows}
 
 
 def fused_fn(op: str, backend: str):
@@ -242,6 +263,12 @@ def fused_fn(op: str, backend: str):
     if op == "pyra_merge":
         return lambda x, metric, a, b, w, bias: fk.pyra_merge(x, metric, R, a, b, w, bias, class_token=True,
                                                               backend=backend)
+    if op == "fpet_merge_rows":  # the public call of a padded batch dispatches fpet_merge_rows
+        return lambda x, metric, size: fk.fpet_merge(x, metric, size, class_token=True, grid=(1, N - 1),
+                                                     backend=backend, padded=True)
+    if op == "pyra_merge_rows":  # tome_match_rows, then pyra_merge_rows
+        return lambda x, metric, size, a, b, w, bias: fk.pyra_merge(x, metric, R, a, b, w, bias, size, class_token=True,
+                                                                    backend=backend, padded=True)
     if op == "unmerge":
         return lambda y, matching: fk.unmerge(y, matching, backend=backend)
     if op == "tome_match":
@@ -379,13 +406,16 @@ def bytes_moved(op: str, batch: int, dtype=torch.float32, mode: str = "forward")
         fwd = batch * ((N - R) * tok + N * 8 + N * tok)
         bwd = batch * (N * tok + N * 8 + (N - R) * tok)
     else:
-        n_out = FPET_OUT if op == "fpet_merge" else N - R
-        fwd = batch * (N * tok + N * D * e + n_out * tok + n_out * 4) + (params if op == "pyra_merge" else 0)
+        fpet, pyra = op in ("fpet_merge", "fpet_merge_rows"), op in ("pyra_merge", "pyra_merge_rows")
+        n_out = FPET_OUT if fpet else N - R  # (1, N - 1) is 99 outputs too
+        fwd = batch * (N * tok + N * D * e + n_out * tok + n_out * 4) + (params if pyra else 0)
         bwd = batch * (n_out * tok + N * tok)
-        if op == "fpet_merge":
+        if fpet:
             bwd += batch * N * D * e
-        elif op == "pyra_merge":
+        elif pyra:
             bwd += params
+        if op.endswith("_rows"):  # the sizes (and PYRA's matching: its indices and map, written then read)
+            fwd += batch * N * 4 + (batch * (2 * R + N) * 8 * 2 if pyra else 0)
     return fwd + (bwd if mode == "forward+backward" else 0)
 
 
