@@ -25,9 +25,11 @@ from ..ops.tome import compose_token_map, parse_r, tome_merge
 METHODS = ("tome", "fpet", "pyra")
 #: The arguments only some methods use, and their defaults (``None`` passed = not given: the default).
 #: ``prop_attn``, ``trace_source`` and ``backend`` apply to every method.
-METHOD_ARGS = {"tome": ("r",), "fpet": ("merge_layer", "refine", "binary_refine", "grid"), "pyra": ("r",)}
-ARG_DEFAULTS = {"r": 16, "merge_layer": 6, "refine": True, "binary_refine": True, "grid": None}
+METHOD_ARGS = {"tome": ("r", "threshold"), "fpet": ("merge_layer", "refine", "binary_refine", "grid"),
+               "pyra": ("r", "threshold")}
+ARG_DEFAULTS = {"r": 16, "merge_layer": 6, "refine": True, "binary_refine": True, "grid": None, "threshold": None}
 _ARG_ROLE = {"r": "the number of tokens merged per layer",
+             "threshold": "the similarity threshold of threshold merging",
              "merge_layer": "FPET's merging layer", "refine": "FPET's refinement adapter",
              "binary_refine": "FPET's 1-bit refinement adapter", "grid": "FPET's checkerboard grid"}
 
@@ -40,7 +42,10 @@ class MergeConfig:
     ``merge_layer``: FPET's merging block; ``grid``: FPET's explicit ``(H, W)`` patch grid (None:
     from the patch embedding); ``num_prefix``: class, distillation and register tokens (never merged);
     ``trace_source``: the Hugging Face patch's output carries the merge state (timm: no effect, the state
-    is asked for with ``forward_features_with_state``)."""
+    is asked for with ``forward_features_with_state``);
+    ``threshold``: threshold merging (a float in [-1, 1] for every merging layer, or a per-layer list
+    of floats / None): each row merges the A tokens whose best score reaches it, ``r`` (when given)
+    capping it per layer; None: merge exactly ``r`` (capped)."""
     method: str
     prop_attn: bool = True
     backend: Optional[str] = None
@@ -51,28 +56,98 @@ class MergeConfig:
     merge_layer: Optional[int] = None
     grid: Optional[Tuple[int, int]] = None
     trace_source: bool = False
+    threshold: object = None
 
 
 class MergeState(NamedTuple):
     """The per-forward merge state passed from block to block (inputs and outputs, never stored).
 
-    ``size`` [B, N, 1] float32 (None until the first merge: every token has size 1);
-    ``token_map`` [B, N0] int64, the row now holding each of the N0 input tokens (-1: dropped),
-    or None when not tracked; ``grid`` the ``(H, W)`` patch grid of this input (FPET; None: square,
-    from the token count);
-    ``config`` the model's :class:`MergeConfig`."""
+    ``size`` [B, N, 1] float32 (None until the first merge: every token has size 1; a padded batch
+    starts with its attention mask, 1 for a token and 0 for padding);
+    ``token_map`` [B, N0] int64, the row now holding each of the N0 input tokens (-1: dropped or
+    padding), or None when not tracked; ``grid`` the ``(H, W)`` patch grid of this input (FPET; None:
+    square, from the token count; ``(1, N - p)`` for a sequence);
+    ``config`` the model's :class:`MergeConfig`;
+    ``padded``: tokens of size 0 are padding (an attention mask was given, or a threshold merge left
+    rows of different lengths): the merges run per row (``padded=True``) and attention masks them;
+    ``kept``: None (not tracked), or one ``[B]`` int64 tensor per layer run so far, the valid tokens
+    each row holds after that layer (``record_kept``)."""
     size: Optional[Tensor]
     token_map: Optional[Tensor]
     grid: Optional[Tuple[int, int]]
     config: MergeConfig
+    padded: bool = False
+    kept: Optional[Tuple[Tensor, ...]] = None
 
     @staticmethod
-    def start(x: Tensor, config: MergeConfig, grid=None, track_tokens: bool = False) -> "MergeState":
-        """The state before the first block for tokens ``x`` [B, N0, C]: sizes 1, identity map."""
+    def start(x: Tensor, config: MergeConfig, grid=None, track_tokens: bool = False,
+              mask: Optional[Tensor] = None, token_map: Optional[Tensor] = None) -> "MergeState":
+        """The state before the first block for tokens ``x`` [B, N0, C]: sizes 1, identity map.
+        ``mask`` [B, N0] bool (a padded batch, valid tokens first): sizes 1 / 0 and ``padded``;
+        ``token_map``: the map to start from (a reordered batch) instead of the identity."""
         tmap = None
         if track_tokens:
-            tmap = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], x.shape[1])
-        return MergeState(None, tmap, grid, config)
+            tmap = token_map if token_map is not None else \
+                torch.arange(x.shape[1], device=x.device).expand(x.shape[0], x.shape[1])
+        size = None if mask is None else mask.to(torch.float32).unsqueeze(-1)
+        return MergeState(size, tmap, grid, config, mask is not None, () if track_tokens else None)
+
+    def record_kept(self, x: Tensor) -> "MergeState":
+        """The state with this layer's count of valid tokens per row appended to ``kept`` (when tracked)."""
+        if self.kept is None:
+            return self
+        if self.size is None:
+            n = torch.full((x.shape[0],), x.shape[1], dtype=torch.int64, device=x.device)
+        else:
+            n = (self.size[..., 0] > 0).sum(1)
+        return self._replace(kept=self.kept + (n,))
+
+    def attention_size(self) -> Optional[Tensor]:
+        """What attention adds ``log`` of to its logits: the sizes (proportional attention), or, without
+        ``prop_attn``, the 0/1 padding mask of a padded batch; None: plain attention."""
+        if self.size is None:
+            return None
+        if self.config.prop_attn:
+            return self.size
+        return (self.size > 0).to(self.size.dtype) if self.padded else None
+
+
+def merges(r, threshold) -> bool:
+    """Whether a layer with this ``r`` (None: uncapped) and ``threshold`` merges."""
+    return (r > 0) if r is not None else threshold is not None
+
+
+def check_thresholds(threshold, n_layers: int) -> List[Optional[float]]:
+    """Per-layer thresholds from ``threshold`` (a number for every layer, a list per layer padded with
+    None, or None); each a finite number in [-1, 1] (``ValueError`` / ``TypeError`` naming threshold)."""
+    if threshold is None:
+        return [None] * n_layers
+    if isinstance(threshold, (list, tuple)):
+        if len(threshold) > n_layers:
+            raise ValueError(f"threshold has {len(threshold)} entries for {n_layers} layers")
+        out = list(threshold) + [None] * (n_layers - len(threshold))
+    else:
+        out = [threshold] * n_layers
+    for i, t in enumerate(out):
+        if t is None:
+            continue
+        if isinstance(t, bool) or not isinstance(t, (int, float)):
+            raise TypeError(f"threshold must be a number in [-1, 1] (or a per-layer list of them / None), got "
+                            f"{type(t).__name__} {t!r}" + (f" at layer {i}" if isinstance(threshold, (list, tuple)) else ""))
+        if not -1.0 <= float(t) <= 1.0:  # NaN fails too
+            raise ValueError(f"threshold must be in [-1, 1] (a cosine similarity), got {t!r}"
+                             + (f" at layer {i}" if isinstance(threshold, (list, tuple)) else ""))
+        out[i] = float(t)
+    return out
+
+
+def layer_schedule(config: MergeConfig, n_blocks: int, pyra_r: Optional[List[int]] = None):
+    """Per block ``(r, threshold)``: ``r`` as :func:`schedule` (None: threshold merging without a cap)
+    and the block's threshold (None: merge exactly r)."""
+    ts = check_thresholds(config.threshold, n_blocks)
+    if config.method == "tome" and config.r is None:
+        return [(None, t) for t in ts]
+    return list(zip(schedule(config, n_blocks, pyra_r), ts))
 
 
 # ----------------------------------------------------------------------------- patch arguments
@@ -89,6 +164,8 @@ def method_arguments(method, given: Dict[str, object], call: str) -> Dict[str, o
                              f"{_ARG_ROLE[name]}, used by method={' / '.join(map(repr, users))} only); leave it out")
     out = {name: (ARG_DEFAULTS[name] if given.get(name) is None else given[name])
            for name in METHOD_ARGS[method] if name in given}
+    if method == "tome" and given.get("threshold") is not None and given.get("r") is None:
+        out["r"] = None  # threshold merging without a cap (each layer's own cap, half its tokens)
     for name in ("refine", "binary_refine"):
         if name in out and not isinstance(out[name], bool):
             raise TypeError(f"{call}: {name} must be a bool, got {type(out[name]).__name__}")
@@ -132,7 +209,7 @@ def warn_capped(rs: List[int], n_tokens: Optional[int], config: MergeConfig, r_a
     and the first capped layer, and how many tokens the capped schedule leaves. A cap on the last
     merging layer alone is not said: ToMe's own schedules end that way (r = 16 on ViT-B/16 leaves
     21 tokens for the 12th block, which merges 10)."""
-    if n_tokens is None or config.method == "fpet":
+    if n_tokens is None or config.method == "fpet" or any(r is None for r in rs):
         return
     capped, n_end = capped_layers(rs, n_tokens, config)
     last = max((i for i, r in enumerate(rs) if r > 0), default=-1)
@@ -157,7 +234,7 @@ def check_grid(grid) -> Tuple[int, int]:
 def schedule(config: MergeConfig, n_blocks: int, pyra_r: Optional[List[int]] = None) -> List[int]:
     """Per block: how many tokens it merges (FPET: 1 at ``merge_layer`` = "merge the checkerboard here")."""
     if config.method == "tome":
-        return parse_r(n_blocks, config.r)
+        return [None] * n_blocks if config.r is None else parse_r(n_blocks, config.r)
     if config.method == "fpet":
         return [int(i == config.merge_layer) for i in range(n_blocks)]
     return list(pyra_r)
@@ -206,13 +283,26 @@ def _split_prefix(fn, x, metric, size, p):
             torch.cat([prefix_map, tmap + p], 1))
 
 
-def merge_step(x: Tensor, metric: Tensor, state: MergeState, r: int, refine: Optional[nn.Module] = None,
-               pyra: Optional[nn.Module] = None) -> Tuple[Tensor, MergeState]:
+def _pad_tokens(x: Tensor, metric: Tensor, size: Optional[Tensor], n: int):
+    """``x``, ``metric`` and ``size`` with padding tokens (size 0, values 0) appended up to ``n`` tokens."""
+    extra = n - x.shape[1]
+    if size is None:
+        size = torch.ones(*x.shape[:2], 1, dtype=torch.float32, device=x.device)
+    return (F.pad(x, (0, 0, 0, extra)), F.pad(metric, (0, 0, 0, extra)), F.pad(size, (0, 0, 0, extra)))
+
+
+def merge_step(x: Tensor, metric: Tensor, state: MergeState, r: Optional[int], refine: Optional[nn.Module] = None,
+               pyra: Optional[nn.Module] = None, threshold: Optional[float] = None) -> Tuple[Tensor, MergeState]:
     """One merge after a block's attention: ``(x', state')``. ToMe merges ``r`` tokens; FPET the
     whole checkerboard of ``state.grid`` (square when None; metric refined by ``refine`` when given); PYRA ``r`` tokens
-    modulated by ``pyra`` (a :class:`~fpet_kernels.patch.modules.PyraModulation`, whose forward merges)."""
+    modulated by ``pyra`` (a :class:`~fpet_kernels.patch.modules.PyraModulation`, whose forward merges).
+    ``threshold`` (ToMe, PYRA): threshold merging, ``r`` then a cap (None: the op's own cap). A padded
+    state (``state.padded``) merges per row (the ops' ``padded=True``); after a threshold merge the
+    rows differ in length, so the state is padded from then on."""
     cfg, size = state.config, state.size
     cls, dist, p, backend = cfg.class_token, cfg.distill_token, cfg.num_prefix, cfg.backend
+    padded = state.padded
+    rows = dict(padded=padded, threshold=threshold) if (padded or threshold is not None) else {}
     if cfg.method == "fpet":
         n_grid = None if state.grid is None else state.grid[0] * state.grid[1]
         if n_grid is not None and x.shape[1] != p + n_grid:
@@ -220,23 +310,29 @@ def merge_step(x: Tensor, metric: Tensor, state: MergeState, r: int, refine: Opt
                              f"{x.shape[1]} tokens for {p} prefix tokens (patch dropout or a second merge "
                              "changed the tokens before the FPET layer?)")
         metric = refine(metric) if refine is not None else metric
-        out, out_size, step = fpet_merge(x, metric, size, grid=state.grid, backend=backend,
-                                         return_token_map=True, num_prefix=p)
+        grid = state.grid
+        n_in = x.shape[1]
+        if grid is not None and grid[0] == 1 and grid[1] < 4:  # a sequence too short for FPET's matching:
+            x, metric, size = _pad_tokens(x, metric, size, p + 4)  # padded to 4 tokens, the short-row rule
+            grid, padded = (1, 4), True                              # (docs/semantics.md) merges it
+        out, out_size, step = fpet_merge(x, metric, size, grid=grid, backend=backend,
+                                         return_token_map=True, num_prefix=p, padded=padded)
+        step = step[:, :n_in]
     else:
         if cfg.method == "tome":
             def fn(x_, m_, s_, c=cls, d=dist):
-                out_, out_size_, m = tome_merge(x_, m_, r, s_, c, d, backend=backend)
+                out_, out_size_, m = tome_merge(x_, m_, r, s_, c, d, backend=backend, **rows)
                 return out_, out_size_, m.token_map
         else:
             def fn(x_, m_, s_, c=cls, d=dist):  # the PyraModulation's forward is PYRA's merge (its r rows)
-                out_, out_size_, m = pyra(x_, m_, s_, c, d, backend=backend, return_matching=True)
+                out_, out_size_, m = pyra(x_, m_, s_, c, d, backend=backend, return_matching=True, **rows)
                 return out_, out_size_, m.token_map
         if p == int(cls) + int(dist):  # the flags describe every prefix token
             out, out_size, step = fn(x, metric, size)
         else:
             out, out_size, step = _split_prefix(lambda x_, m_, s_: fn(x_, m_, s_, False, False), x, metric, size, p)
     tmap = None if state.token_map is None else compose_token_map(state.token_map, step)
-    return out, MergeState(out_size, tmap, state.grid, cfg)
+    return out, state._replace(size=out_size, token_map=tmap, padded=padded or threshold is not None)
 
 
 # ----------------------------------------------------------------------------- patchers

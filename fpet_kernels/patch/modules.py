@@ -68,10 +68,11 @@ class PyraModulation(nn.Module):
         return self.norm.bias
 
     def forward(self, x: Tensor, metric: Tensor, size: Optional[Tensor] = None, class_token: bool = False,
-                distill_token: bool = False, backend: Optional[str] = None, return_matching: bool = False):
+                distill_token: bool = False, backend: Optional[str] = None, return_matching: bool = False,
+                padded: bool = False, threshold: Optional[float] = None):
         return pyra_merge(x, metric, self.r, self.a, self.b, self.norm.weight, self.norm.bias, size=size,
                           class_token=class_token, distill_token=distill_token, eps=self.norm.eps,
-                          backend=backend, return_matching=return_matching)
+                          backend=backend, return_matching=return_matching, padded=padded, threshold=threshold)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, dim={self.dim}"

@@ -28,8 +28,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..ops.tome import parse_r, unmerge
-from .core import (MergeConfig, MergeState, Patcher, already_patched, attention_with_metric, check_grid, merge_step,
-                   method_arguments, register_patcher, schedule, warn_capped)
+from .core import (MergeConfig, MergeState, Patcher, already_patched, attention_with_metric, check_grid,
+                   check_thresholds, layer_schedule, merge_step, merges, method_arguments, register_patcher, schedule,
+                   warn_capped)
 from .modules import PyraModulation, RefinementAdapter
 
 
@@ -39,22 +40,24 @@ class FKBlock(Block):
     the MLP (``fk_adapter``). Without ``state`` it is timm's block; with it, ``(x, state)`` in and out."""
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False,
-                state: Optional[MergeState] = None, r: int = 0):
+                state: Optional[MergeState] = None, r: Optional[int] = 0, threshold: Optional[float] = None):
         if state is None:
             if getattr(self, "fk_adapter", None) is None:
                 return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
             x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
             return self._mlp_residual(x)
-        cfg, size = state.config, state.size
-        if r > 0 or (size is not None and cfg.prop_attn):
+        cfg, size = state.config, state.attention_size()
+        merge = merges(r, threshold)
+        if merge or size is not None:
             if attn_mask is not None or is_causal:
                 raise ValueError("token merging does not support attn_mask / is_causal")
-            h, metric = attention_with_metric(self.attn, self.norm1(x), size, cfg.prop_attn, cfg.backend)
+            h, metric = attention_with_metric(self.attn, self.norm1(x), size, size is not None, cfg.backend)
         else:  # timm's own attention, unchanged
             h, metric = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal), None
         x = x + self.drop_path1(self.ls1(h))
-        if r > 0:
-            x, state = merge_step(x, metric, state, r, getattr(self, "fk_refine", None), getattr(self, "fk_pyra", None))
+        if merge:
+            x, state = merge_step(x, metric, state, r, getattr(self, "fk_refine", None), getattr(self, "fk_pyra", None),
+                                  threshold)
         return self._mlp_residual(x), state
 
     def _mlp_residual(self, x: Tensor) -> Tensor:
@@ -92,14 +95,23 @@ class _MergingViT:
             raise ValueError("model.r: a PYRA model's per-layer r is fixed by its learned modulation "
                              "(blocks[i].fk_pyra.a has r rows); fk.patch.remove(model) (dropping the modulation), "
                              "then fk.patch.timm(model, 'pyra', r=...)")
+        if value is None and cfg.threshold is not None:  # threshold merging without a cap
+            cfg.r = None
+            return
         rs = parse_r(len(self.blocks), value)  # validates
         warn_capped(rs, configured_tokens(self), cfg, value, "block", stacklevel=4)
         cfg.r = value
 
     def fk_schedule(self) -> List[int]:
-        """Tokens merged by each block in the next forward (FPET: 1 marks the merging block)."""
+        """Tokens merged by each block in the next forward (FPET: 1 marks the merging block; with a
+        threshold, the cap of each block, None: uncapped)."""
         pyra_r = [getattr(b, "fk_pyra", None) for b in self.blocks]
         return schedule(self.fk_config, len(self.blocks), [0 if m is None else m.r for m in pyra_r])
+
+    def fk_layer_schedule(self) -> list:
+        """Per block ``(r, threshold)`` of the next forward (``core.layer_schedule``)."""
+        pyra_r = [getattr(b, "fk_pyra", None) for b in self.blocks]
+        return layer_schedule(self.fk_config, len(self.blocks), [0 if m is None else m.r for m in pyra_r])
 
     def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         return self.forward_features_with_state(x, attn_mask, is_causal, track_tokens=False)[0]
@@ -175,16 +187,18 @@ class _MergingViT:
     def _fk_blocks(self, x: Tensor, state: MergeState, blocks, attn_mask=None, is_causal=False, take=(),
                    norm: bool = False):
         """Run ``blocks`` passing the state along; returns ``(x, state, [unmerged x of blocks in take])``."""
-        rs = self.fk_schedule()
-        if (attn_mask is not None or is_causal) and any(rs):
+        sched = self.fk_layer_schedule()
+        if (attn_mask is not None or is_causal) and any(merges(r, t) for r, t in sched):
             raise ValueError("token merging does not support attn_mask / is_causal")
         ckpt = self.grad_checkpointing and not torch.jit.is_scripting()
         taken = []
         for i, blk in enumerate(blocks):
+            r, t = sched[i]
             if ckpt:  # non-reentrant: the state (sizes carry FPET's gradient) passes through checkpoint
-                x, state = checkpoint(blk, x, attn_mask, is_causal, state, rs[i], use_reentrant=False)
+                x, state = checkpoint(blk, x, attn_mask, is_causal, state, r, t, use_reentrant=False)
             else:
-                x, state = blk(x, attn_mask, is_causal, state, rs[i])
+                x, state = blk(x, attn_mask, is_causal, state, r, t)
+            state = state.record_kept(x)
             if i in take:
                 taken.append(unmerge(self.norm(x) if norm else x, state.token_map, state.config.backend))
         return x, state, taken
@@ -238,11 +252,11 @@ def configured_tokens(model: nn.Module) -> Optional[int]:
 
 def patch(model: nn.Module, method: str = "tome", r=None, prop_attn: bool = True, merge_layer: Optional[int] = None,
           refine: Optional[bool] = None, binary_refine: Optional[bool] = None, backend: Optional[str] = None,
-          grid=None) -> nn.Module:
+          grid=None, threshold=None) -> nn.Module:
     """See :func:`fpet_kernels.patch.timm`."""
     check_model(model)
     args = method_arguments(method, dict(r=r, merge_layer=merge_layer, refine=refine, binary_refine=binary_refine,
-                                         grid=grid), "fk.patch.timm")
+                                         grid=grid, threshold=threshold), "fk.patch.timm")
     n_blocks = len(model.blocks)
     if method == "fpet":
         merge_layer = args["merge_layer"]
@@ -250,14 +264,15 @@ def patch(model: nn.Module, method: str = "tome", r=None, prop_attn: bool = True
             raise ValueError(f"merge_layer must be an int in [0, {n_blocks}), got {merge_layer!r}")
     else:
         r = args["r"]
-        rs = parse_r(n_blocks, r)  # validates
+        check_thresholds(threshold, n_blocks)  # validates
+        rs = [None] * n_blocks if r is None else parse_r(n_blocks, r)  # validates
     if type(model) in BASES:  # checked after the arguments: a bad argument is named first
         raise already_patched("fk.patch.timm", model.fk_config.method, merge_modules(model))
     cfg = MergeConfig(method=method, prop_attn=bool(prop_attn), backend=backend,
                       class_token=getattr(model, "cls_token", None) is not None,
                       distill_token=getattr(model, "dist_token", None) is not None,
                       num_prefix=int(getattr(model, "num_prefix_tokens", 0)),
-                      grid=None if args.get("grid") is None else check_grid(args["grid"]))
+                      grid=None if args.get("grid") is None else check_grid(args["grid"]), threshold=threshold)
     new = {}
     if method == "fpet":
         cfg.merge_layer = merge_layer
