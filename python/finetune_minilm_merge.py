@@ -78,9 +78,10 @@ def label(method: str, args) -> str:
 class PassageClassifier(nn.Module):
     """Encoder, size-weighted mean pooling, linear ``classifier``: ``forward(input_ids, attention_mask)``.
 
-    A merged encoder's output carries ``size`` (the tokens each output row holds, 0 = padding): the
-    pooled vector is ``sum(size * h) / sum(size)``, the mean over the original tokens of a merge that
-    averages by size; without ``size`` the attention mask weighs (sentence-transformers' mean pooling)."""
+    ``fk.patch.mean_pool``: a merged encoder's output carries ``size`` (the tokens each output row holds,
+    0 = padding), and the pooled vector is ``sum(size * h) / sum(size)``, the mean over the original
+    tokens of a merge that averages by size; an unpatched encoder's rows are weighed by the attention
+    mask (sentence-transformers' mean pooling of all-MiniLM-L6-v2)."""
 
     def __init__(self, encoder: nn.Module, classifier: nn.Linear):
         super().__init__()
@@ -88,10 +89,8 @@ class PassageClassifier(nn.Module):
 
     def pooled(self, input_ids, attention_mask):
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
-        h = out.last_hidden_state
-        size = getattr(out, "size", None)
-        w = (attention_mask if size is None else size).reshape(h.shape[0], h.shape[1], 1).to(h.dtype)
-        return (h * w).sum(1) / w.sum(1).clamp_min(1e-6)
+        size = getattr(out, "size", None)  # a patched encoder's output always carries it
+        return fk.patch.mean_pool(out.last_hidden_state, attention_mask if size is None else size)
 
     def forward(self, input_ids, attention_mask):
         return self.classifier(self.pooled(input_ids, attention_mask))
@@ -152,7 +151,7 @@ def tokens_kept(model, enc, batch_size):
 
 def layer_counts(encoder, ids, mask):
     """Per block, the valid tokens of each row after it (``[B]`` each)."""
-    if fk.patch.patcher_of(encoder) is None:
+    if getattr(encoder, "fk_config", None) is None:  # not patched (fk.patch.patcher_of owns any BertModel)
         return [mask.sum(1)] * encoder.config.num_hidden_layers
     st = fk.patch.merge_state(encoder, ids, attention_mask=mask)
     return [torch.as_tensor(k) for k in st["kept"]]
