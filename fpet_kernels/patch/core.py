@@ -312,12 +312,16 @@ def merge_step(x: Tensor, metric: Tensor, state: MergeState, r: Optional[int], r
         metric = refine(metric) if refine is not None else metric
         grid = state.grid
         n_in = x.shape[1]
-        if grid is not None and grid[0] == 1 and grid[1] < 4:  # a sequence too short for FPET's matching:
-            x, metric, size = _pad_tokens(x, metric, size, p + 4)  # padded to 4 tokens, the short-row rule
-            grid, padded = (1, 4), True                              # (docs/semantics.md) merges it
+        short = grid is not None and grid[0] == 1 and grid[1] < 4  # a sequence too short for FPET's matching:
+        if short:  # padded to 4 tokens, the short-row rule (docs/semantics.md) merges it
+            x, metric, size = _pad_tokens(x, metric, size, p + 4)
+            grid = (1, 4)
         out, out_size, step = fpet_merge(x, metric, size, grid=grid, backend=backend,
-                                         return_token_map=True, num_prefix=p, padded=padded)
+                                         return_token_map=True, num_prefix=p, padded=padded or short)
         step = step[:, :n_in]
+        if short:  # every row keeps its prefix and at most one row (static: no padding row is added)
+            keep = p + min(n_in - p, 1)
+            out, out_size = out[:, :keep], out_size[:, :keep]
     else:
         if cfg.method == "tome":
             def fn(x_, m_, s_, c=cls, d=dist):
@@ -331,6 +335,8 @@ def merge_step(x: Tensor, metric: Tensor, state: MergeState, r: Optional[int], r
             out, out_size, step = fn(x, metric, size)
         else:
             out, out_size, step = _split_prefix(lambda x_, m_, s_: fn(x_, m_, s_, False, False), x, metric, size, p)
+    if out.shape[1] == 0 < x.shape[1]:  # a fully padded batch, trimmed to no row: keep one padding row
+        out, out_size = F.pad(out, (0, 0, 0, 1)), F.pad(out_size, (0, 0, 0, 1))
     tmap = None if state.token_map is None else compose_token_map(state.token_map, step)
     return out, state._replace(size=out_size, token_map=tmap, padded=padded or threshold is not None)
 

@@ -164,7 +164,7 @@ def self_attention_with_metric(sa: nn.Module, x: Tensor, size: Optional[Tensor])
     ``(context [B, N, C], metric [B, N, head_dim])``, the metric the keys averaged over heads; with
     ``size`` the logits get ``+ log(size)`` exactly (``proportional_sdpa``; size 0 masks a key)."""
     bsz, n, _ = x.shape
-    shape = (bsz, n, -1, sa.attention_head_size)
+    shape = (bsz, n, sa.num_attention_heads, sa.attention_head_size)
     q = sa.query(x).view(shape).transpose(1, 2)
     k = sa.key(x).view(shape).transpose(1, 2)
     v = sa.value(x).view(shape).transpose(1, 2)
@@ -174,7 +174,7 @@ def self_attention_with_metric(sa: nn.Module, x: Tensor, size: Optional[Tensor])
         out = proportional_sdpa(q, k, v, size, sa.scaling, dropout_p)
     else:
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=sa.scaling)
-    return out.transpose(1, 2).reshape(bsz, n, -1), metric
+    return out.transpose(1, 2).reshape(bsz, n, sa.all_head_size), metric
 
 
 # ----------------------------------------------------------------------------- patched classes

@@ -39,8 +39,8 @@ from torch import nn
 from ..integrations.peft import register_merge_modules, unwrap_peft
 from ..ops.attention import proportional_sdpa
 from ..ops.tome import parse_r
-from .core import (MergeConfig, MergeState, Patcher, already_patched, merge_step, method_arguments, register_patcher,
-                   schedule, warn_capped)
+from .core import (MergeConfig, MergeState, Patcher, already_patched, check_thresholds, layer_schedule, merge_step,
+                   merges, method_arguments, register_patcher, schedule, warn_capped)
 from .modules import PyraModulation, RefinementAdapter
 
 try:
@@ -62,9 +62,11 @@ SUPPORTED = ("transformers ViTModel, ViTForImageClassification, DeiTModel, DeiTF
 
 @dataclass
 class MergedOutputWithPooling(BaseModelOutputWithPooling):
-    """``BaseModelOutputWithPooling`` plus the merge state (with ``trace_source=True``)."""
+    """``BaseModelOutputWithPooling`` plus the merge state (with ``trace_source=True``): ``size``,
+    ``token_map`` and ``kept`` (per layer, a [B] int64 tensor of the valid tokens each row holds)."""
     size: Optional[torch.Tensor] = None
     token_map: Optional[torch.Tensor] = None
+    kept: Optional[tuple] = None
 
 
 # ----------------------------------------------------------------------------- attention
@@ -93,21 +95,24 @@ class _FKLayer:
     :class:`~fpet_kernels.patch.core.MergeState`) it merges ``r`` tokens after the attention (the shared
     ``merge_step``) when ``r > 0`` and returns ``(x, state)``."""
 
-    def forward(self, hidden_states, attention_mask=None, state: Optional[MergeState] = None, r: int = 0, **kwargs):
+    def forward(self, hidden_states, attention_mask=None, state: Optional[MergeState] = None, r: Optional[int] = 0,
+                threshold: Optional[float] = None, **kwargs):
         if state is None:
             return super().forward(hidden_states, attention_mask, **kwargs)
         if attention_mask is not None:
             raise ValueError("token merging does not support attention_mask")
         cfg = state.config
-        prop_size = state.size if cfg.prop_attn else None
+        prop_size = state.attention_size()  # the sizes (prop_attn), or the padding mask of a threshold merge
+        merge = merges(r, threshold)
         h = self.layernorm_before(hidden_states)
-        if r > 0 or prop_size is not None:
+        if merge or prop_size is not None:
             h, metric = attention_with_metric(self.attention, h, prop_size, cfg.backend)
         else:  # transformers' own attention, unchanged
             h, metric = self.attention(h, None, **kwargs)[0], None
         x = self.dropout(h) + hidden_states
-        if r > 0:
-            x, state = merge_step(x, metric, state, r, getattr(self, "fk_refine", None), getattr(self, "fk_pyra", None))
+        if merge:
+            x, state = merge_step(x, metric, state, r, getattr(self, "fk_refine", None), getattr(self, "fk_pyra", None),
+                                  threshold)
         return self.dropout(self.mlp(self.layernorm_after(x))) + x, state
 
 
@@ -133,6 +138,9 @@ class _FKModel:
             why = ("FPET has no r (it merges every checkerboard A token at merge_layer)" if cfg.method == "fpet"
                    else "PYRA's per-layer r is fixed by its learned modulation (layers[i].fk_pyra.a has r rows)")
             raise ValueError(f"model.r: {why}; fk.patch.remove(model), then patch again with the new setting")
+        if value is None and cfg.threshold is not None:  # threshold merging without a cap
+            cfg.r = None
+            return
         rs = parse_r(len(self.layers), value)  # validates
         warn_capped(rs, configured_tokens(self), cfg, value, "layer", stacklevel=4)
         cfg.r = value
@@ -141,6 +149,11 @@ class _FKModel:
         """Tokens merged by each layer in the next forward (FPET: 1 marks the merging layer)."""
         pyra = [getattr(layer, "fk_pyra", None) for layer in self.layers]
         return schedule(self.fk_config, len(self.layers), [0 if m is None else m.r for m in pyra])
+
+    def fk_layer_schedule(self) -> list:
+        """Per layer ``(r, threshold)`` of the next forward (``core.layer_schedule``)."""
+        pyra = [getattr(layer, "fk_pyra", None) for layer in self.layers]
+        return layer_schedule(self.fk_config, len(self.layers), [0 if m is None else m.r for m in pyra])
 
     def _fk_forward(self, pixel_values=None, bool_masked_pos=None, interpolate_pos_encoding=None,
                     attention_mask=None, **kwargs):
@@ -158,17 +171,20 @@ class _FKModel:
                             interpolate_pos_encoding=interpolate_pos_encoding)
         cfg = self.fk_config
         state = MergeState.start(x, cfg, track_tokens=cfg.trace_source)
-        for layer, r in zip(self.layers, self.fk_schedule()):
-            if r == 0 and state.size is None:  # nothing merged yet: transformers' layer
+        for layer, (r, t) in zip(self.layers, self.fk_layer_schedule()):
+            if not merges(r, t) and state.size is None:  # nothing merged yet: transformers' layer
                 x = layer(x, None, **kwargs)
-                continue
-            x, state = layer(x, None, state, r, **kwargs)
+            else:
+                x, state = layer(x, None, state, r, threshold=t, **kwargs)
+            state = state.record_kept(x)
         seq = self.layernorm(x)
+        if state.padded:  # threshold merging: rows of different lengths, padding rows (size 0) are 0
+            seq = torch.where(state.size > 0, seq, torch.zeros((), dtype=seq.dtype, device=seq.device))
         pooled = self.pooler(seq) if self.pooler is not None else None
         if cfg.trace_source:  # nothing merged: no size, no map (as before any merge)
             merged = state.size is not None
             return MergedOutputWithPooling(last_hidden_state=seq, pooler_output=pooled, size=state.size,
-                                           token_map=state.token_map if merged else None)
+                                           token_map=state.token_map if merged else None, kept=state.kept)
         return BaseModelOutputWithPooling(last_hidden_state=seq, pooler_output=pooled)
 
     if capture_outputs is not None:
@@ -238,9 +254,9 @@ def merge_modules(base: nn.Module) -> list:
 
 def hf(model: nn.Module, method: str = "tome", r=None, prop_attn: bool = True, trace_source: bool = False,
        merge_layer: Optional[int] = None, refine: Optional[bool] = None, binary_refine: Optional[bool] = None,
-       backend: Optional[str] = None):
+       backend: Optional[str] = None, threshold=None):
     """Patch a transformers ViT / DeiT in place for token merging; returns ``model``. Arguments as
-    :func:`fpet_kernels.patch.timm` (``r``, ``merge_layer``, ``refine``, ``binary_refine``,
+    :func:`fpet_kernels.patch.timm` (``r``, ``threshold``, ``merge_layer``, ``refine``, ``binary_refine``,
     ``prop_attn``, ``backend``; ``None``: the method's default), with the same rules: an argument the
     method does not use raises ``ValueError`` naming it, an ``r`` above a layer's cap is said once,
     the merge modules take the mode of their layer, and a patched model raises (call
@@ -248,8 +264,8 @@ def hf(model: nn.Module, method: str = "tome", r=None, prop_attn: bool = True, t
     (``layers[i].fk_refine``, ``layers[i].fk_pyra``). A ``peft.PeftModel`` wrapping one is accepted."""
     outer, model = model, unwrap_peft(model)
     base = _base_model(model)
-    args = method_arguments(method, dict(r=r, merge_layer=merge_layer, refine=refine, binary_refine=binary_refine),
-                            "fk.patch.hf")
+    args = method_arguments(method, dict(r=r, merge_layer=merge_layer, refine=refine, binary_refine=binary_refine,
+                                         threshold=threshold), "fk.patch.hf")
     if not isinstance(trace_source, bool):
         raise TypeError(f"trace_source must be a bool, got {type(trace_source).__name__}")
     layers = base.layers
@@ -257,7 +273,7 @@ def hf(model: nn.Module, method: str = "tome", r=None, prop_attn: bool = True, t
     emb = base.embeddings
     dist = getattr(emb, "distillation_token", None) is not None
     cfg = MergeConfig(method=method, prop_attn=bool(prop_attn), backend=backend, class_token=True, distill_token=dist,
-                      num_prefix=1 + int(dist), r=None, trace_source=trace_source)
+                      num_prefix=1 + int(dist), r=None, trace_source=trace_source, threshold=threshold)
     if method == "fpet":
         merge_layer = args["merge_layer"]
         if isinstance(merge_layer, bool) or not isinstance(merge_layer, int) or not 0 <= merge_layer < n:
@@ -265,7 +281,8 @@ def hf(model: nn.Module, method: str = "tome", r=None, prop_attn: bool = True, t
         cfg.merge_layer = merge_layer
     else:
         r = args["r"]
-        rs = parse_r(n, r)  # validates
+        check_thresholds(threshold, n)  # validates
+        rs = [None] * n if r is None else parse_r(n, r)  # validates
     if is_patched_hf(base):  # checked after the arguments: a bad argument is named first
         raise already_patched("fk.patch.hf", base.fk_config.method, merge_modules(base))
     new = {}

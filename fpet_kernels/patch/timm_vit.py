@@ -122,7 +122,10 @@ class _MergingViT:
         (with ``track_tokens``) the token map of the N0 input tokens onto the N' output rows."""
         x, state = self._fk_embed(x, track_tokens)
         x, state, _ = self._fk_blocks(x, state, self.blocks, attn_mask, is_causal)
-        return self.norm(x), state
+        x = self.norm(x)
+        if state.padded:  # threshold merging: rows of different lengths, padding rows (size 0) are 0
+            x = torch.where(state.size > 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        return x, state
 
     def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, List[int]]] = None,
                               return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
@@ -264,8 +267,15 @@ def patch(model: nn.Module, method: str = "tome", r=None, prop_attn: bool = True
             raise ValueError(f"merge_layer must be an int in [0, {n_blocks}), got {merge_layer!r}")
     else:
         r = args["r"]
-        check_thresholds(threshold, n_blocks)  # validates
+        ts = check_thresholds(threshold, n_blocks)  # validates
         rs = [None] * n_blocks if r is None else parse_r(n_blocks, r)  # validates
+        pool = getattr(model, "global_pool", "token")
+        if any(t is not None for t in ts) and (getattr(model, "attn_pool", None) is not None
+                                               or pool not in ("token", "")):
+            raise ValueError(f"fk.patch.timm: threshold merging leaves padding rows (size 0) in the features, "
+                             f"which the head's global_pool={pool!r} would pool with the tokens; it needs "
+                             "global_pool='token' (the class token) or '' (pool the features yourself, "
+                             "size-weighted: fk.patch.mean_pool(features, merge_state(model, x)['size']))")
     if type(model) in BASES:  # checked after the arguments: a bad argument is named first
         raise already_patched("fk.patch.timm", model.fk_config.method, merge_modules(model))
     cfg = MergeConfig(method=method, prop_attn=bool(prop_attn), backend=backend,

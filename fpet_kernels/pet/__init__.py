@@ -14,7 +14,7 @@ Modules (imports run one way: ``fpet_kernels.layers`` and ``fpet_kernels.patch``
 ``registry`` <- the method modules <- ``model`` / ``state``):
   registry.py    the one method registry (``Method``: apply, accepted keywords, fold, module types, own
                  save form) that ``apply``, ``fold``, ``save`` and ``load`` read; PET module types.
-  lora.py        LoRA on the fused qkv (``LoRAQKV``, ``merge_lora``).
+  lora.py        LoRA on the fused qkv (``LoRAQKV``) or BERT's query / value (``LoRALinear``), ``merge_lora``.
   adaptformer.py AdaptFormer's parallel bottleneck adapter.
   fpet.py        FPET's entry: its merge module (``RefinementAdapter``, from ``fpet_kernels.patch.modules``).
   pyra.py        PYRA's entry: its merge module (``PyraModulation``, from ``fpet_kernels.patch.modules``).
@@ -28,7 +28,7 @@ The 1-bit layers (``binarize``, ``BinaryLinear``, ``pack_binary``) live in ``fpe
 """
 from ..layers import BINARY_LEVEL, BinaryLinear, binarize, pack_binary, unpack_binary
 from .registry import is_pet_module, methods, register_folder, register_method, register_pet_module
-from .lora import LoRAQKV, merge_lora
+from .lora import LoRALinear, LoRAQKV, merge_lora
 from .adaptformer import AdaptFormerAdapter
 from .fpet import RefinementAdapter
 from .pyra import PyraModulation
@@ -41,7 +41,7 @@ from .xpeft import (XPeft, XPeftSite, add_profile, load_profile, mask_weights, p
                     remove_profile, save_profile, set_profiles, train_profile)
 
 __all__ = [
-    "BINARY_LEVEL", "binarize", "BinaryLinear", "pack_binary", "unpack_binary", "AdaptFormerAdapter", "LoRAQKV",
+    "BINARY_LEVEL", "binarize", "BinaryLinear", "pack_binary", "unpack_binary", "AdaptFormerAdapter", "LoRAQKV", "LoRALinear",
     "RefinementAdapter", "PyraModulation", "PET_MODULES", "METHODS", "apply", "merge_lora", "mark_trainable",
     "pet_parameters", "parameter_report", "format_report", "register_method", "methods", "HEAD_NAMES",
     "register_pet_module", "is_pet_module", "register_folder", "fold", "heads",

@@ -20,7 +20,7 @@ from typing import List, Sequence, Tuple, Union
 
 import torch.nn as nn
 
-from .lora import LoRAQKV
+from .lora import LORA_TYPES
 from .registry import FOLDED_ATTR, is_pet_module, mark_folded  # noqa: F401 (FOLDED_ATTR: re-exported)
 
 FFN_PATTERN = re.compile(r"(^|\.)(mlp|ffn|feed_forward)\.|^intermediate\.dense$|^output\.dense$")
@@ -32,7 +32,7 @@ QKV_PATTERN = re.compile(r"(^|\.)(qkv|query|key|value|[qkv]_proj|[qkv]_lin|[qkv]
 PRESETS = ("blocks", "ffn", "attention", "qkv", "qkv_ffn")
 
 #: Method names of the layer types a PET method puts in place of an nn.Linear (for error messages).
-_METHOD_OF_TYPE = {"PaFiLinear": "pafi", "HiWiLinear": "hiwi", "LoRAQKV": "lora"}
+_METHOD_OF_TYPE = {"PaFiLinear": "pafi", "HiWiLinear": "hiwi", "LoRAQKV": "lora", "LoRALinear": "lora"}
 
 
 def _linear_names(mod: nn.Module, wrapped: bool = False) -> List[Tuple[str, nn.Module]]:
@@ -45,7 +45,7 @@ def _linear_names(mod: nn.Module, wrapped: bool = False) -> List[Tuple[str, nn.M
             continue
         if is_pet_module(m) and not isinstance(m, nn.Linear):
             skip.append(name)
-            if wrapped and isinstance(m, LoRAQKV):
+            if wrapped and isinstance(m, LORA_TYPES):
                 out.append((name, m))
             continue
         if isinstance(m, nn.Linear):

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..layers import Bottleneck, check_real
 from ..patch import ensure_block
-from .lora import vit_blocks
+from .lora import text_layers, vit_blocks
 from .registry import Method, register
 
 __all__ = ["AdaptFormerAdapter", "apply_adaptformer"]
@@ -40,7 +40,20 @@ class AdaptFormerAdapter(Bottleneck):
 def apply_adaptformer(model: nn.Module, **kw) -> nn.Module:
     """``pet.apply(model, "adaptformer", ...)``: every block gets ``blk.fk_adapter = AdaptFormerAdapter(dim,
     ...)`` (kw: bottleneck=64, scale=0.1, binary=False, dropout=0.0) and is patched by
-    ``fpet_kernels.patch.ensure_block`` to add it beside the MLP."""
+    ``fpet_kernels.patch.ensure_block`` to add it beside the MLP. A BERT-family encoder (``lora.text_layers``):
+    every layer gets ``layer.fk_adapter = AdaptFormerAdapter(hidden, ...)`` beside its feed-forward, inside
+    the residual: ``output.LayerNorm(ffn(a) + a + adapter(a))`` with ``a`` the attention output."""
+    layers = text_layers(model)
+    if layers and getattr(model, "blocks", None) is None:
+        if any(hasattr(layer, "fk_adapter") for layer in layers):
+            raise ValueError("model already has adapters (layer.fk_adapter); method='adaptformer' was applied twice")
+        ref = layers[0].output.dense.weight
+        new = [AdaptFormerAdapter(layer.output.dense.out_features, **kw).to(device=ref.device, dtype=ref.dtype)
+               for layer in layers]
+        for layer, ad in zip(layers, new):
+            ensure_block(layer)  # checks the class first: nothing set on an unsupported layer
+            layer.fk_adapter = ad
+        return model
     blocks = vit_blocks(model)
     if any(hasattr(blk, "fk_adapter") for blk in blocks):
         raise ValueError("model already has adapters (blk.fk_adapter); method='adaptformer' was applied twice")

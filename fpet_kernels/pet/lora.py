@@ -1,7 +1,13 @@
-"""LoRA on a timm ViT's fused ``qkv`` (query and value): ``pet.apply(model, "lora", rank=8)``.
+"""LoRA on the query and value projections: ``pet.apply(model, "lora", rank=8)``.
 
-:class:`LoRAQKV` wraps each ``blk.attn.qkv``; ``pet.fold`` (or :func:`merge_lora`) folds the deltas into
-plain ``nn.Linear`` layers. ``binary=True`` makes the low-rank factors 1-bit (FPET's ``BinaryLinear``).
+- a timm ViT: :class:`LoRAQKV` wraps each ``blk.attn.qkv`` (the fused projection, its q and v rows);
+- a BERT-family text encoder (transformers ``BertModel`` / ``RobertaModel`` / ``*ForSequenceClassification``,
+  MiniLM, patched for token merging or not; any model whose layers hold ``attention.self.query`` /
+  ``value`` linears beside ``intermediate`` / ``output``): :class:`LoRALinear` wraps each layer's
+  ``attention.self.query`` and ``attention.self.value``.
+
+``pet.fold`` (or :func:`merge_lora`) folds the deltas into plain ``nn.Linear`` layers. ``binary=True``
+makes the low-rank factors 1-bit (FPET's ``BinaryLinear``).
 """
 from __future__ import annotations
 
@@ -15,7 +21,33 @@ from torch import Tensor
 from ..layers import BinaryLinear, check_bool, check_pos_int, check_prob, check_real, make_linear
 from .registry import Method, is_pet_module, mark_folded, register
 
-__all__ = ["LoRAQKV", "apply_lora", "merge_lora", "fold_lora", "vit_blocks"]
+__all__ = ["LoRAQKV", "LoRALinear", "LORA_TYPES", "apply_lora", "merge_lora", "fold_lora", "vit_blocks",
+           "text_layers"]
+
+
+def _load_plain_keys(module, state_dict, prefix):
+    """A plain checkpoint (``weight``/``bias`` of the wrapped linear, as the backbone saves it) loads into the
+    wrapped ``base``; LoRA parameters absent from it keep their current values."""
+    plain = [k for k in ("weight", "bias") if prefix + k in state_dict and prefix + "base." + k not in state_dict]
+    if not plain:
+        return
+    for k in plain:
+        state_dict[prefix + "base." + k] = state_dict.pop(prefix + k)
+    for name, p in module.named_parameters():
+        if not name.startswith("base.") and prefix + name not in state_dict:
+            state_dict[prefix + name] = p.detach()
+
+
+def _folded_linear(b: nn.Linear, weight: Tensor) -> nn.Linear:
+    out = nn.Linear(b.in_features, b.out_features, bias=b.bias is not None, device=b.weight.device,
+                    dtype=b.weight.dtype)
+    out.weight.copy_(weight)
+    if b.bias is not None:
+        out.bias.copy_(b.bias)
+    out.weight.requires_grad_(b.weight.requires_grad)
+    if b.bias is not None:
+        out.bias.requires_grad_(b.bias.requires_grad)
+    return out
 
 
 class LoRAQKV(nn.Module):
@@ -58,14 +90,7 @@ class LoRAQKV(nn.Module):
                          error_msgs):
         """A plain checkpoint (``qkv.weight``/``qkv.bias``, as timm saves it) loads into the wrapped
         ``base``; LoRA parameters absent from it keep their current values."""
-        plain = [k for k in ("weight", "bias") if prefix + k in state_dict and prefix + "base." + k not in state_dict]
-        if not plain:
-            return
-        for k in plain:
-            state_dict[prefix + "base." + k] = state_dict.pop(prefix + k)
-        for name, p in self.named_parameters():
-            if not name.startswith("base.") and prefix + name not in state_dict:
-                state_dict[prefix + name] = p.detach()
+        _load_plain_keys(self, state_dict, prefix)
 
     # delegation to the wrapped linear
     @property
@@ -118,16 +143,7 @@ class LoRAQKV(nn.Module):
     @torch.no_grad()
     def merge(self) -> nn.Linear:
         """A new ``nn.Linear`` with the LoRA deltas folded into the weight (bias copied)."""
-        b = self.base
-        out = nn.Linear(b.in_features, b.out_features, bias=b.bias is not None,
-                        device=b.weight.device, dtype=b.weight.dtype)
-        out.weight.copy_(self.merged_weight())
-        if b.bias is not None:
-            out.bias.copy_(b.bias)
-        out.weight.requires_grad_(b.weight.requires_grad)
-        if b.bias is not None:
-            out.bias.requires_grad_(b.bias.requires_grad)
-        return out
+        return _folded_linear(self.base, self.merged_weight())
 
     fold = merge
 
@@ -135,12 +151,111 @@ class LoRAQKV(nn.Module):
         return f"rank={self.rank}, scale={self.scale}, binary={self.binary}"
 
 
+class LoRALinear(nn.Module):
+    """LoRA on one ``nn.Linear`` (a BERT layer's ``query`` or ``value``): ``base(x) + scale * B A x``.
+
+    ``A`` kaiming-uniform, ``B`` zero (the wrapped layer starts unchanged); ``weight`` / ``bias`` /
+    ``in_features`` / ``out_features`` delegate to the wrapped ``base``; ``merge()`` folds the delta into
+    a plain ``nn.Linear``. ``binary=True``: 1-bit factors."""
+
+    def __init__(self, linear: nn.Linear, rank: int = 8, scale: float = 1.0, binary: bool = False,
+                 dropout: float = 0.0):
+        super().__init__()
+        if not isinstance(linear, nn.Linear) or isinstance(linear, (LoRAQKV, LoRALinear)):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        self.rank, self.scale = check_pos_int("rank", rank), check_real("scale", scale)
+        self.binary = check_bool("binary", binary)
+        self.base = linear
+        self.lora_dropout = nn.Dropout(check_prob("dropout", dropout))
+        self.lora_A = make_linear(linear.in_features, rank, False, binary)
+        self.lora_B = make_linear(rank, linear.out_features, False, binary)
+        dd = dict(device=linear.weight.device, dtype=linear.weight.dtype)
+        self.lora_A.to(**dd)
+        self.lora_B.to(**dd)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self._register_load_state_dict_pre_hook(self._load_plain_keys)  # a bound method: deepcopy / pickle rebind it
+
+    def _load_plain_keys(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                         error_msgs):
+        """A plain checkpoint (``query.weight``/``query.bias``, as transformers saves it) loads into the
+        wrapped ``base``; LoRA parameters absent from it keep their current values."""
+        _load_plain_keys(self, state_dict, prefix)
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        return self.base.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def pet_named_parameters(self) -> Iterator[Tuple[str, nn.Parameter]]:
+        for name, p in self.named_parameters():
+            if not name.startswith("base."):
+                yield name, p
+
+    def lora_parameters(self) -> Iterator[nn.Parameter]:
+        for _, p in self.pet_named_parameters():
+            yield p
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scale
+
+    def delta_weight(self) -> Tensor:
+        def w(lin):
+            return lin.binary_weight() if isinstance(lin, BinaryLinear) else lin.weight
+        return (w(self.lora_B) @ w(self.lora_A)) * self.scale
+
+    def merged_weight(self) -> Tensor:
+        return self.base.weight + self.delta_weight().to(self.base.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> nn.Linear:
+        """A new ``nn.Linear`` with the LoRA delta folded into the weight (bias copied)."""
+        return _folded_linear(self.base, self.merged_weight())
+
+    fold = merge
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scale={self.scale}, binary={self.binary}"
+
+
+#: The LoRA wrapper types (``pet.fold`` folds them, ``pet.save`` names their base layers as the backbone's).
+LORA_TYPES = (LoRAQKV, LoRALinear)
+
+
+def _is_text_layer(m: nn.Module) -> bool:
+    sa = getattr(getattr(m, "attention", None), "self", None)
+    return (isinstance(getattr(sa, "query", None), nn.Linear) and isinstance(getattr(sa, "value", None), nn.Linear)
+            and hasattr(m, "intermediate") and hasattr(getattr(m, "output", None), "LayerNorm"))
+
+
+def text_layers(model: nn.Module) -> List[nn.Module]:
+    """The BERT-family layers of ``model`` (modules with ``attention.self.query`` / ``value`` linears,
+    ``intermediate`` and ``output.LayerNorm``: transformers ``BertLayer`` / ``RobertaLayer``), in order;
+    empty for other models."""
+    if not isinstance(model, nn.Module):
+        return []
+    return [m for m in model.modules() if _is_text_layer(m)]
+
+
 def vit_blocks(model: nn.Module) -> List[nn.Module]:
     """The model's transformer blocks, checking they look like timm ``Block``s."""
     blocks = getattr(model, "blocks", None) if isinstance(model, nn.Module) else None
     if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) == 0:
-        raise TypeError(f"model must be a timm VisionTransformer (a module with .blocks of timm Blocks), "
-                        f"got {type(model).__name__}")
+        raise TypeError(f"model must be a timm VisionTransformer (a module with .blocks of timm Blocks) or a "
+                        f"BERT-family text encoder (transformers BertModel / RobertaModel and their "
+                        f"*ForSequenceClassification: layers with attention.self.query / value), got "
+                        f"{type(model).__name__} (other Hugging Face models: PEFT's LoraConfig on the model)")
     for i, blk in enumerate(blocks):
         qkv = getattr(getattr(blk, "attn", None), "qkv", None)
         if not isinstance(qkv, (nn.Linear, LoRAQKV)) or not hasattr(blk, "mlp") or not hasattr(blk, "norm2"):
@@ -149,9 +264,31 @@ def vit_blocks(model: nn.Module) -> List[nn.Module]:
     return list(blocks)
 
 
+def _apply_lora_text(layers: List[nn.Module], **kw) -> None:
+    sites = [(layer.attention.self, name) for layer in layers for name in ("query", "value")]
+    if any(isinstance(getattr(sa, name), LORA_TYPES) for sa, name in sites):
+        raise ValueError("model already has LoRA (attention.self.query is a LoRALinear); method='lora' was "
+                         "applied twice")
+    held = [(i, name) for i, layer in enumerate(layers) for name in ("query", "value")
+            if type(getattr(layer.attention.self, name)) is not nn.Linear]
+    if held:  # wrapping a PaFi / HiWi layer would leave its trained state untrained and unsaved
+        i, name = held[0]
+        raise ValueError(f"method='lora' would wrap layer {i}'s attention.self.{name}, which another PET method "
+                         f"holds ({type(getattr(layers[i].attention.self, name)).__name__}): PET methods do not "
+                         "stack on one layer; pet.fold(model) first")
+    new = [LoRALinear(getattr(sa, name), **kw) for sa, name in sites]  # all first: no half-applied model
+    for (sa, name), lora in zip(sites, new):
+        setattr(sa, name, lora)
+
+
 def apply_lora(model: nn.Module, **kw) -> nn.Module:
-    """``pet.apply(model, "lora", ...)``: every ``blk.attn.qkv`` becomes a :class:`LoRAQKV` (kw: rank=8,
+    """``pet.apply(model, "lora", ...)``: every ``blk.attn.qkv`` of a timm ViT becomes a :class:`LoRAQKV`;
+    every ``attention.self.query`` / ``value`` of a BERT-family encoder a :class:`LoRALinear` (kw: rank=8,
     scale=1.0, binary=False, dropout=0.0)."""
+    layers = text_layers(model)
+    if layers and getattr(model, "blocks", None) is None:
+        _apply_lora_text(layers, **kw)
+        return model
     blocks = vit_blocks(model)
     if any(isinstance(blk.attn.qkv, LoRAQKV) for blk in blocks):
         raise ValueError("model already has LoRA (attn.qkv is a LoRAQKV); method='lora' was applied twice")
@@ -172,7 +309,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     targets = [(parent, name, child) for parent in model.modules()
-               for name, child in parent.named_children() if isinstance(child, LoRAQKV)]
+               for name, child in parent.named_children() if isinstance(child, LORA_TYPES)]
     for parent, name, child in targets:
         setattr(parent, name, child.merge())
     return model
@@ -180,10 +317,10 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def fold_lora(model: nn.Module) -> nn.Module:
     """``pet.fold``'s LoRA part: record that LoRA is folded (``registry.FOLDED_ATTR``), then :func:`merge_lora`."""
-    if any(isinstance(m, LoRAQKV) for m in model.modules()):
+    if any(isinstance(m, LORA_TYPES) for m in model.modules()):
         mark_folded(model, {"lora"})
     return merge_lora(model)
 
 
 register(Method("lora", apply_lora, frozenset({"rank", "scale", "binary", "dropout"}), fold=fold_lora,
-                module_types=(LoRAQKV,)))
+                module_types=LORA_TYPES))

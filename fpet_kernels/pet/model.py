@@ -10,7 +10,7 @@ import torch.nn as nn
 from ..integrations import peft as _peft
 from ..layers import BinaryLinear, check_bool
 from .adaptformer import AdaptFormerAdapter
-from .lora import LoRAQKV
+from .lora import LoRALinear, LoRAQKV
 from .fpet import RefinementAdapter
 from .pyra import PyraModulation
 from .registry import folders, get, methods, own_parameters, pet_modules
@@ -19,7 +19,7 @@ __all__ = ["PET_MODULES", "METHODS", "apply", "fold", "mark_trainable", "pet_par
            "format_report", "HEAD_NAMES", "heads"]
 
 #: The built-in PET module types (methods register theirs: ``pet.register_pet_module``, ``registry.Method``).
-PET_MODULES = (LoRAQKV, AdaptFormerAdapter, RefinementAdapter, PyraModulation)
+PET_MODULES = (LoRAQKV, LoRALinear, AdaptFormerAdapter, RefinementAdapter, PyraModulation)
 #: The methods of the first PET modules (``pet.methods()`` lists every method ``apply`` accepts).
 METHODS = ("lora", "adaptformer")
 
@@ -28,10 +28,12 @@ def apply(model: nn.Module, method: str, **kw) -> nn.Module:
     """Add PET modules to a model in place and return it: ``pet.methods()`` lists the methods.
 
     * ``method="lora"``: every ``blk.attn.qkv`` becomes a :class:`LoRAQKV` (kw: rank=8, scale=1.0,
-      binary=False, dropout=0.0);
+      binary=False, dropout=0.0); on a BERT-family encoder every ``attention.self.query`` / ``value`` a
+      :class:`LoRALinear`;
     * ``method="adaptformer"``: every block gets ``blk.fk_adapter = AdaptFormerAdapter(dim, ...)`` (kw:
       bottleneck=64, scale=0.1, binary=False, dropout=0.0) and is patched by
-      ``fpet_kernels.patch.ensure_block`` to add it beside the MLP;
+      ``fpet_kernels.patch.ensure_block`` to add it beside the MLP (a BERT-family layer: beside its
+      feed-forward, inside the residual before ``output.LayerNorm``);
     * ``"pafi"``, ``"hiwi"``, ``"xpeft"``, ...: see their modules.
 
     Does not change ``requires_grad``: call :func:`mark_trainable` next."""

@@ -41,7 +41,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..layers import BinaryLinear, pack_binary, unpack_binary
-from .lora import LoRAQKV
+from .lora import LORA_TYPES
 from .model import heads
 from .registry import FOLDED_ATTR, entries, own_parameters, pet_modules
 
@@ -81,7 +81,7 @@ def _generic_pet(model: nn.Module) -> List[Tuple[str, nn.Module]]:
 
 def _norm_names(model: nn.Module) -> Dict[str, str]:
     """Parameter name -> the backbone's name (a LoRAQKV's ``qkv.base.weight`` is ``qkv.weight``)."""
-    lora = [n for n, m in model.named_modules() if isinstance(m, LoRAQKV)]
+    lora = [n for n, m in model.named_modules() if isinstance(m, LORA_TYPES)]
     out = {}
     for name, _ in model.named_parameters():
         norm = name

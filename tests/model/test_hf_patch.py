@@ -157,6 +157,29 @@ def test_equals_timm_patch(kind, method):
     assert (logits(t, x) - ref).abs().max() > 1e-6  # far above the 1e-10 of the equality
 
 
+@pytest.mark.parametrize("kind", ["vit", "deit-teacher"])
+@pytest.mark.parametrize("method, kw", [("tome", dict(threshold=0.995)), ("pyra", dict(r=4, threshold=[0.995, None, 0.99]))],
+                         ids=["tome", "pyra"])
+def test_threshold_equals_timm_patch(kind, method, kw):
+    """Threshold merging (rows of different lengths, issue 21): the HF patch computes the timm patch's
+    logits, features (padding rows 0), sizes and tokens kept per layer (the timm patch is held to
+    per-image equivalence in test_patch_threshold.py)."""
+    t = patch_timm(tiny_timm(distilled=kind.startswith("deit")), method, backend="reference", **kw)
+    h = hf_twin(t, kind)[0]
+    fk.patch.hf(h, method, backend="reference", trace_source=True, **{**KW[method], **kw})
+    load_twin(h, t, kind)
+    x = images(bsz=4)
+    torch.testing.assert_close(logits(h, x), logits(t, x), atol=1e-10, rtol=1e-10)
+    st = fk.patch.merge_state(t, x)
+    assert len(set(st["kept"][-1].tolist())) > 1  # the rows differ in length
+    with torch.no_grad():
+        out = getattr(h, "vit", None) or h.deit
+        out = out(x)
+    torch.testing.assert_close(out.last_hidden_state, st["features"], atol=1e-10, rtol=1e-10)
+    assert torch.equal(out.size, st["size"]) and torch.equal(out.token_map, st["token_map"])
+    assert [k.tolist() for k in out.kept] == [k.tolist() for k in st["kept"]]
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_equals_timm_patch_float32_kernels(method):
     """float32 with the automatic backend (C++ kernels when built): equal token maps and sizes, close logits."""
