@@ -19,8 +19,8 @@ method, 200 test passages) are sized for a shared 2-core CPU, not for the best a
 
 Rows (``--methods``): ``backbone`` (the pre-trained encoder + the linear-probe head, no PET: the latency
 reference), ``head`` (linear probe: the backbone frozen, the head trained on its pooled features,
-full-batch AdamW; every other row starts from this head and trains it on, LP-FT), ``lora`` (rank 8 on query / value), ``hiwi`` (HiWi on the FFN
-biases, folded), ``fpet_lora`` / ``fpet_hiwi`` (FPET's one merge after the attention of block
+full-batch AdamW; every other row starts from this head and trains it on, LP-FT), ``lora`` (rank 8 on
+query / value), ``hiwi`` (HiWi on the FFN biases, folded), ``fpet_lora`` / ``fpet_hiwi`` (FPET's one merge after the attention of block
 ``--fpet-layer``, refinement adapter trained with the PET method; HiWi folded afterwards, the merge
 module stays), ``tome`` (ToMe with ``--r`` tokens per block applied at inference to the LoRA-tuned
 model, no training), ``pyra_lora`` (PYRA, ``--r`` per block, modulation trained with LoRA),
@@ -41,8 +41,9 @@ per-round ratios; batch 1: ``--b1-passages`` test passages one at a time, batch 
 passages right-padded); tokens kept per layer (mean valid tokens per passage: the input, then after
 each block, on the test set, from ``fk.patch.merge_state`` of the same forward that predicts). The CSV
 also has ``fold_agree``: on the first test batch, the share of predictions the folded model shares with
-the trained one before folding (1.0 expected; less is flagged). Everything goes to ``--out`` (default ``results/minilm_merge``, untracked): ``table.md``,
-``table.csv``, the task files.
+the trained one before folding (1.0 expected; less is flagged). Everything goes to ``--out`` (default ``results/minilm_merge``,
+untracked): ``table.md``, ``table.csv``, the task files. ``--timing-only`` skips the training and times
+the rows' untrained models (the step and latency columns with more rounds, docs/minilm_merge.md).
 """
 from __future__ import annotations
 
