@@ -21,6 +21,7 @@ from .._checks import r_cap
 from ..ops.attention import attention_inputs, proportional_sdpa
 from ..ops.fpet import fpet_merge
 from ..ops.tome import compose_token_map, parse_r, tome_merge
+from .modules import PyraModulation, RefinementAdapter
 
 METHODS = ("tome", "fpet", "pyra")
 #: The arguments only some methods use, and their defaults (``None`` passed = not given: the default).
@@ -222,6 +223,43 @@ def warn_capped(rs: List[int], n_tokens: Optional[int], config: MergeConfig, r_a
         f"(half the tokens that may merge; r counts tokens merged per {layer}); the merge caps it there "
         f"({len(capped)} of {len(rs)} {layer}s capped), so the {n_tokens} input tokens end as {n_end} (for the "
         "model's configured input size). Choose a smaller r to keep more tokens.", UserWarning, stacklevel=stacklevel)
+
+
+def layer_settings(method: str, args: dict, threshold, n_layers: int):
+    """The per-layer settings of a patch call, validated (errors name the argument):
+    ``(merge_layer, rs, thresholds)``: FPET's merging layer (None for ToMe / PYRA), or the per-layer r
+    (None entries: uncapped threshold merging) and thresholds (None for FPET)."""
+    if method == "fpet":
+        merge_layer = args["merge_layer"]
+        if isinstance(merge_layer, bool) or not isinstance(merge_layer, int) or not 0 <= merge_layer < n_layers:
+            raise ValueError(f"merge_layer must be an int in [0, {n_layers}), got {merge_layer!r}")
+        return merge_layer, None, None
+    ts = check_thresholds(threshold, n_layers)  # validates
+    rs = [None] * n_layers if args["r"] is None else parse_r(n_layers, args["r"])  # validates
+    return None, rs, ts
+
+
+def attach_merge_modules(model: nn.Module, layers, method: str, args: dict, merge_layer: Optional[int],
+                         rs: Optional[list], head_dim: Optional[int], dim: int) -> dict:
+    """Create the learned merge modules a method owns and put them on their layers: FPET's refinement
+    adapter (``layers[merge_layer].fk_refine``, with ``refine``) and PYRA's modulation
+    (``layers[i].fk_pyra`` where ``rs[i] > 0``). They follow the model's device and dtype and their
+    layer's mode. Returns ``{(i, name): module}``."""
+    new = {}
+    if method == "fpet":
+        if args["refine"]:
+            new[(merge_layer, "fk_refine")] = RefinementAdapter(head_dim, head_dim // 2, binary=args["binary_refine"])
+    elif method == "pyra":
+        for i, rl in enumerate(rs):
+            if rl > 0:
+                new[(i, "fk_pyra")] = PyraModulation(rl, dim)
+    ref = next(model.parameters(), None)
+    for (i, name), mod in new.items():
+        if ref is not None:
+            mod.to(device=ref.device, dtype=ref.dtype)
+        mod.train(layers[i].training)
+        setattr(layers[i], name, mod)
+    return new
 
 
 class MergingModel:

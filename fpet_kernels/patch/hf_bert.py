@@ -48,10 +48,8 @@ from torch import Tensor, nn
 
 from ..integrations.peft import register_merge_modules, unwrap_peft
 from ..ops.attention import proportional_sdpa
-from ..ops.tome import parse_r
-from .core import (MergeConfig, MergeState, MergingModel, Patcher, already_patched, check_thresholds, merge_step,
-                   merges, method_arguments, register_patcher)
-from .modules import PyraModulation, RefinementAdapter
+from .core import (MergeConfig, MergeState, MergingModel, Patcher, already_patched, attach_merge_modules,
+                   layer_settings, merge_step, merges, method_arguments, register_patcher)
 
 try:
     from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
@@ -391,35 +389,15 @@ def hf(model: nn.Module, method: str = "tome", r=None, prop_attn: bool = True, t
     cfg = MergeConfig(method=method, prop_attn=bool(prop_attn), backend=backend, class_token=True,
                       distill_token=False, num_prefix=1, r=None, trace_source=trace_source,
                       threshold=threshold)
+    merge_layer, rs, _ = layer_settings(method, args, threshold, n)
     if method == "fpet":
-        merge_layer = args["merge_layer"]
-        if isinstance(merge_layer, bool) or not isinstance(merge_layer, int) or not 0 <= merge_layer < n:
-            raise ValueError(f"merge_layer must be an int in [0, {n}), got {merge_layer!r}")
         cfg.merge_layer = merge_layer
-    else:
-        r = args["r"]
-        check_thresholds(threshold, n)  # validates
-        rs = [None] * n if r is None else parse_r(n, r)  # validates
     if is_patched(base):  # checked after the arguments: a bad argument is named first
         raise already_patched("fk.patch.hf", base.fk_config.method, merge_modules(base))
-    new = {}
-    if method == "fpet":
-        if args["refine"]:
-            head_dim = layers[merge_layer].attention.self.attention_head_size
-            new[(merge_layer, "fk_refine")] = RefinementAdapter(head_dim, head_dim // 2,
-                                                                binary=args["binary_refine"])
-    elif method == "pyra":
-        for i, rl in enumerate(rs):
-            if rl > 0:
-                new[(i, "fk_pyra")] = PyraModulation(rl, base.config.hidden_size)
-    else:
-        cfg.r = r
-    ref = next(base.parameters(), None)
-    for (i, name), mod in new.items():  # new learned modules follow the model's device, dtype and mode
-        if ref is not None:
-            mod.to(device=ref.device, dtype=ref.dtype)
-        mod.train(layers[i].training)
-        setattr(layers[i], name, mod)
+    head_dim = layers[merge_layer].attention.self.attention_head_size if merge_layer is not None else None
+    new = attach_merge_modules(base, layers, method, args, merge_layer, rs, head_dim, base.config.hidden_size)
+    if method == "tome":
+        cfg.r = args["r"]
     base.fk_config = cfg
     fk_model, _, _ = _PATCHED[type(base)]
     for layer in layers:

@@ -38,10 +38,9 @@ from torch import nn
 
 from ..integrations.peft import register_merge_modules, unwrap_peft
 from ..ops.attention import proportional_sdpa
-from ..ops.tome import parse_r
-from .core import (MergeConfig, MergeState, MergingModel, Patcher, already_patched, check_thresholds, merge_step,
-                   merges, method_arguments, register_patcher, warn_capped)
-from .modules import PyraModulation, RefinementAdapter
+from .core import (MergeConfig, MergeState, MergingModel, Patcher, already_patched, attach_merge_modules,
+                   layer_settings, merge_step, merges, method_arguments, register_patcher, warn_capped)
+from .modules import PyraModulation
 
 try:
     from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -249,37 +248,17 @@ def hf(model: nn.Module, method: str = "tome", r=None, prop_attn: bool = True, t
     dist = getattr(emb, "distillation_token", None) is not None
     cfg = MergeConfig(method=method, prop_attn=bool(prop_attn), backend=backend, class_token=True, distill_token=dist,
                       num_prefix=1 + int(dist), r=None, trace_source=trace_source, threshold=threshold)
+    merge_layer, rs, _ = layer_settings(method, args, threshold, n)
     if method == "fpet":
-        merge_layer = args["merge_layer"]
-        if isinstance(merge_layer, bool) or not isinstance(merge_layer, int) or not 0 <= merge_layer < n:
-            raise ValueError(f"merge_layer must be an int in [0, {n}), got {merge_layer!r}")
         cfg.merge_layer = merge_layer
-    else:
-        r = args["r"]
-        check_thresholds(threshold, n)  # validates
-        rs = [None] * n if r is None else parse_r(n, r)  # validates
     if is_patched_hf(base):  # checked after the arguments: a bad argument is named first
         raise already_patched("fk.patch.hf", base.fk_config.method, merge_modules(base))
-    new = {}
-    if method == "fpet":
-        if args["refine"]:
-            head_dim = layers[merge_layer].attention.head_dim
-            new[(merge_layer, "fk_refine")] = RefinementAdapter(head_dim, head_dim // 2,
-                                                                binary=args["binary_refine"])
-    else:
-        if method == "pyra":
-            for i, rl in enumerate(rs):
-                if rl > 0:
-                    new[(i, "fk_pyra")] = PyraModulation(rl, base.config.hidden_size)
-        warn_capped(rs, configured_tokens(base, cfg), cfg, r, "layer", stacklevel=4)
-    ref = next(base.parameters(), None)
-    for (i, name), mod in new.items():  # new learned modules follow the model's device, dtype and mode
-        if ref is not None:
-            mod.to(device=ref.device, dtype=ref.dtype)
-        mod.train(layers[i].training)
-        setattr(layers[i], name, mod)
+    if method != "fpet":
+        warn_capped(rs, configured_tokens(base, cfg), cfg, args["r"], "layer", stacklevel=4)
+    head_dim = layers[merge_layer].attention.head_dim if merge_layer is not None else None
+    new = attach_merge_modules(base, layers, method, args, merge_layer, rs, head_dim, base.config.hidden_size)
     if method == "tome":
-        cfg.r = r
+        cfg.r = args["r"]
     base.fk_config = cfg
     fk_model, _, fk_layer = _PATCHED[type(base)]
     for layer in layers:

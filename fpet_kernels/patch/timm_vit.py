@@ -27,10 +27,10 @@ from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..ops.tome import parse_r, unmerge
-from .core import (MergeConfig, MergeState, MergingModel, Patcher, already_patched, attention_with_metric, check_grid,
-                   check_thresholds, merge_step, merges, method_arguments, register_patcher, warn_capped)
-from .modules import PyraModulation, RefinementAdapter
+from ..ops.tome import unmerge
+from .core import (MergeConfig, MergeState, MergingModel, Patcher, already_patched, attach_merge_modules,
+                   attention_with_metric, check_grid, layer_settings, merge_step, merges, method_arguments,
+                   register_patcher, warn_capped)
 
 
 # ----------------------------------------------------------------------------- block
@@ -238,14 +238,8 @@ def patch(model: nn.Module, method: str = "tome", r=None, prop_attn: bool = True
     args = method_arguments(method, dict(r=r, merge_layer=merge_layer, refine=refine, binary_refine=binary_refine,
                                          grid=grid, threshold=threshold), "fk.patch.timm")
     n_blocks = len(model.blocks)
-    if method == "fpet":
-        merge_layer = args["merge_layer"]
-        if isinstance(merge_layer, bool) or not isinstance(merge_layer, int) or not 0 <= merge_layer < n_blocks:
-            raise ValueError(f"merge_layer must be an int in [0, {n_blocks}), got {merge_layer!r}")
-    else:
-        r = args["r"]
-        ts = check_thresholds(threshold, n_blocks)  # validates
-        rs = [None] * n_blocks if r is None else parse_r(n_blocks, r)  # validates
+    merge_layer, rs, ts = layer_settings(method, args, threshold, n_blocks)
+    if method != "fpet":
         pool = getattr(model, "global_pool", "token")
         if any(t is not None for t in ts) and (getattr(model, "attn_pool", None) is not None
                                                or pool not in ("token", "")):
@@ -260,28 +254,15 @@ def patch(model: nn.Module, method: str = "tome", r=None, prop_attn: bool = True
                       distill_token=getattr(model, "dist_token", None) is not None,
                       num_prefix=int(getattr(model, "num_prefix_tokens", 0)),
                       grid=None if args.get("grid") is None else check_grid(args["grid"]), threshold=threshold)
-    new = {}
     if method == "fpet":
         cfg.merge_layer = merge_layer
-        if args["refine"]:
-            head_dim = model.blocks[merge_layer].attn.head_dim
-            new[(merge_layer, "fk_refine")] = RefinementAdapter(head_dim, head_dim // 2,
-                                                                binary=args["binary_refine"])
-    elif method == "pyra":
-        dim = model.blocks[0].attn.qkv.in_features
-        for i, rl in enumerate(rs):
-            if rl > 0:
-                new[(i, "fk_pyra")] = PyraModulation(rl, dim)
-    else:
-        cfg.r = r
+    elif method == "tome":
+        cfg.r = args["r"]
     if method != "fpet":
-        warn_capped(rs, configured_tokens(model), cfg, r, "block", stacklevel=4)
-    ref = next((p for p in model.parameters()), None)
-    for (i, name), mod in new.items():  # new learned modules follow the model's device, dtype and mode
-        if ref is not None:
-            mod.to(device=ref.device, dtype=ref.dtype)
-        mod.train(model.blocks[i].training)
-        setattr(model.blocks[i], name, mod)
+        warn_capped(rs, configured_tokens(model), cfg, args["r"], "block", stacklevel=4)
+    head_dim = model.blocks[merge_layer].attn.head_dim if merge_layer is not None else None
+    attach_merge_modules(model, model.blocks, method, args, merge_layer, rs, head_dim,
+                         model.blocks[0].attn.qkv.in_features)
     for blk in model.blocks:
         ensure_block(blk)
     model.fk_config = cfg

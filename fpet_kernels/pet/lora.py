@@ -50,7 +50,49 @@ def _folded_linear(b: nn.Linear, weight: Tensor) -> nn.Linear:
     return out
 
 
-class LoRAQKV(nn.Module):
+class _LoRAWrapper(nn.Module):
+    """What both LoRA wrappers share: the wrapped linear is ``base`` (``weight`` / ``bias`` /
+    ``in_features`` / ``out_features`` delegate to it), a plain checkpoint of it loads into ``base``,
+    and every parameter outside ``base`` is a PET parameter."""
+
+    base: nn.Linear
+
+    def _load_plain_keys(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                         error_msgs):
+        """A plain checkpoint (the wrapped layer's own keys, e.g. ``qkv.weight`` as timm saves it or
+        ``query.weight`` as transformers does) loads into the wrapped ``base``; LoRA parameters absent
+        from it keep their current values. Registered by each wrapper as a bound method (deepcopy and
+        pickle rebind it)."""
+        _load_plain_keys(self, state_dict, prefix)
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        return self.base.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def pet_named_parameters(self) -> Iterator[Tuple[str, nn.Parameter]]:
+        """The PET parameters: all but the wrapped ``base`` layer's (``pet.registry.own_parameters``)."""
+        for name, p in self.named_parameters():
+            if not name.startswith("base."):
+                yield name, p
+
+    def lora_parameters(self) -> Iterator[nn.Parameter]:
+        for _, p in self.pet_named_parameters():
+            yield p
+
+
+class LoRAQKV(_LoRAWrapper):
     """LoRA on a timm Attention's fused ``qkv`` linear (out = 3 * attn_dim), query and value only:
     ``q += scale * B_q A_q x``, ``v += scale * B_v A_v x``; keys are untouched.
 
@@ -86,40 +128,6 @@ class LoRAQKV(nn.Module):
         nn.init.zeros_(self.lora_B_v.weight)
         self._register_load_state_dict_pre_hook(self._load_plain_keys)
 
-    def _load_plain_keys(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                         error_msgs):
-        """A plain checkpoint (``qkv.weight``/``qkv.bias``, as timm saves it) loads into the wrapped
-        ``base``; LoRA parameters absent from it keep their current values."""
-        _load_plain_keys(self, state_dict, prefix)
-
-    # delegation to the wrapped linear
-    @property
-    def weight(self) -> Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> Optional[Tensor]:
-        return self.base.bias
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    def pet_named_parameters(self) -> Iterator[Tuple[str, nn.Parameter]]:
-        """The PET parameters: all but the wrapped ``base`` layer's (``pet.registry.own_parameters``)."""
-        for name, p in self.named_parameters():
-            if not name.startswith("base."):
-                yield name, p
-
-    def lora_parameters(self) -> Iterator[nn.Parameter]:
-        for name, p in self.named_parameters():
-            if not name.startswith("base."):
-                yield p
-
     def forward(self, x: Tensor) -> Tensor:
         out = self.base(x)
         h = self.lora_dropout(x)
@@ -151,7 +159,7 @@ class LoRAQKV(nn.Module):
         return f"rank={self.rank}, scale={self.scale}, binary={self.binary}"
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(_LoRAWrapper):
     """LoRA on one ``nn.Linear`` (a BERT layer's ``query`` or ``value``): ``base(x) + scale * B A x``.
 
     ``A`` kaiming-uniform, ``B`` zero (the wrapped layer starts unchanged); ``weight`` / ``bias`` /
@@ -175,37 +183,6 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self._register_load_state_dict_pre_hook(self._load_plain_keys)  # a bound method: deepcopy / pickle rebind it
-
-    def _load_plain_keys(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                         error_msgs):
-        """A plain checkpoint (``query.weight``/``query.bias``, as transformers saves it) loads into the
-        wrapped ``base``; LoRA parameters absent from it keep their current values."""
-        _load_plain_keys(self, state_dict, prefix)
-
-    @property
-    def weight(self) -> Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> Optional[Tensor]:
-        return self.base.bias
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    def pet_named_parameters(self) -> Iterator[Tuple[str, nn.Parameter]]:
-        for name, p in self.named_parameters():
-            if not name.startswith("base."):
-                yield name, p
-
-    def lora_parameters(self) -> Iterator[nn.Parameter]:
-        for _, p in self.pet_named_parameters():
-            yield p
 
     def forward(self, x: Tensor) -> Tensor:
         return self.base(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scale
