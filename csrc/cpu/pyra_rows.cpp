@@ -18,6 +18,7 @@
 #include <array>
 
 #include "common.h"
+#include "pyra_grad.h"
 
 namespace fpet {
 namespace {
@@ -166,24 +167,10 @@ void rows_backward_image(const AnyRowsRef& go, const float* gos, const T* x, con
   float* gu = gwc;
   for (int64_t c = 0; c < C; ++c) gu[c] = gwc[c] * wc[c] * (1.0f - wc[c] / 2.0f);
   // 2. parameters, and the LayerNorm backward: g_y[k] (kept in Y)
-  const float inv_c = 1.0f / static_cast<float>(C);
   for (int64_t k = 0; k < R; ++k) {
     if (src[k] < 0) continue;
-    float* Yk = sc.Y.data() + k * C;
-    for (int64_t c = 0; c < C; ++c) w[c] = Yk[c] * prm.ln_w[c] + prm.ln_b[c];
-    ga[k] = dot_f32(gu, w, C);
-    const float gvk = sc.gv[k], ak = prm.a[k];
-    for (int64_t c = 0; c < C; ++c) {
-      gb[c] += gvk * w[c];
-      const float gW = ak * gu[c] + gvk * prm.b[c];
-      glw[c] += gW * Yk[c];
-      glb[c] += gW;
-      g[c] = gW * prm.ln_w[c];  // g_yh
-    }
-    const float m1 = sum_f32(g, C) * inv_c;
-    const float m2 = dot_f32(g, Yk, C) * inv_c;
-    const float rstd = sc.rstd[k];
-    for (int64_t c = 0; c < C; ++c) Yk[c] = rstd * (g[c] - m1 - Yk[c] * m2);
+    pyra_grad::rank_backward(sc.Y.data() + k * C, sc.rstd[k], sc.gv[k], prm.a[k], gu, prm.b, prm.ln_w, prm.ln_b,
+                             ga + k, gb, glw, glb, w, g, C);
   }
   // 3. per output row: g_den[m] = -<g_num[m], out[m]> (+ grad_out_size[m])
   for (int64_t m = 0; m < M; ++m) {
