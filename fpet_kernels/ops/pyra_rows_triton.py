@@ -235,11 +235,16 @@ if HAS_TRITON:
             gys = tl.load(gy_ptr + bi * R * C + k[:, None] * C + cc[None, :], mask=src[:, None] & vc[None, :],
                           other=0.0)
             g = tl.where(src[:, None], g * (1.0 + wc[None, :] * wt[:, None]) + gys, g)
-            for t in range(0, maxc):  # a destination: the g_y of its sources, rank order
-                vt = t < cnt
-                kd = tl.load(order_ptr + bi * R + tl.minimum(st + t, R - 1), mask=vt, other=0)
-                g += tl.load(gy_ptr + bi * R * C + kd[:, None] * C + cc[None, :], mask=vt[:, None] & vc[None, :],
-                             other=0.0)
+            # a destination: the g_y of its sources, rank order. Every operand is [BLOCK_N, BLOCK_C] (the
+            # per-token bounds and ranks repeated along C): 1-D masks and gathers inside this loop fail
+            # Triton 3.6's layout pass on sm_90.
+            nb2 = (nn // 2)[:, None] + 0 * cc[None, :]
+            isb2 = is_b[:, None] & vc[None, :]
+            for t in range(0, maxc):
+                pos = tl.load(start_ptr + bi * (NB + 1) + nb2, mask=isb2, other=0) + t
+                vt = isb2 & (pos < tl.load(start_ptr + bi * (NB + 1) + nb2 + 1, mask=isb2, other=0))
+                kd = tl.load(order_ptr + bi * R + tl.minimum(pos, R - 1), mask=vt, other=0)
+                g += tl.load(gy_ptr + bi * R * C + kd * C + cc[None, :], mask=vt, other=0.0)
             xv = tl.load(x_ptr + bi * N * C + nn[:, None] * C + cc[None, :], mask=msk, other=0.0).to(tl.float32)
             dot += tl.sum(tl.where(msk, g * xv, 0.0), 1)
             store_rounded(gx_ptr + bi * N * C + nn[:, None] * C + cc[None, :], g * sv[:, None], msk)
